@@ -1,0 +1,249 @@
+"""Alada: alternating adaptation of a rank-one second moment (He et al.), sharding-aware.
+
+Per parameter, the second moment is p qᵀ over a 2-D view (eq. (12) for rank >= 2, square
+matricization below that). Even steps refit p to the bias-corrected momentum's square with q
+fixed, odd steps refit q (Algorithm 2). The refits need V·q or Vᵀ·p, and the first step ‖G0‖²:
+on a shard those are partial sums, completed by one all_reduce per process group inside the step
+(the update needs them at once, so unlike SMMF nothing can be deferred).
+
+The first moment M is optimizer state by default. With ``momentum_in_grad=True`` it lives in the
+``.grad`` buffers instead (Section IV-A, Listing 1): :meth:`Alada.zero_grad` scales them by β1 instead
+of clearing them and :meth:`Alada.scale_loss` scales the loss by (1 − β1), so that backward leaves
+exactly M_{t+1} = β1·M_t + (1 − β1)·G_t in ``.grad`` and the optimizer keeps no M at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from dist_memopt.optim.base import FactoredOptimizer, ParamPlan, SegmentPlan, StepItem, check_number, chunk_ranges
+from dist_memopt.shard.geometry import balanced_split
+from dist_memopt.shard.reduce import StatReducer
+
+__all__ = ["Alada"]
+
+
+class Alada(FactoredOptimizer):
+    """Alada (Algorithm 2, with M̃ in the update's numerator), exact on sharded parameters.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate.
+        betas: (β1, β2): first-moment decay and the decay of the factors p, q.
+        eps: added to ‖q‖², ‖p‖² and to Ũ under the square root (the paper's 1e-16).
+        weight_decay: decoupled decay, W ← W·(1 − lr·wd) before the update.
+        momentum_in_grad: keep M in ``.grad`` (see the module docstring); the training loop
+            calls ``optimizer.zero_grad()`` as usual and backpropagates
+            ``optimizer.scale_loss(loss)``.
+        check_finite: raise on inf/NaN gradients before any state changes (False skips the check).
+    """
+
+    hyperparameters = ("lr", "betas", "eps", "weight_decay")
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9),
+        eps: float = 1e-16,
+        weight_decay: float = 0.0,
+        *,
+        momentum_in_grad: bool = False,
+        check_finite: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum_in_grad=momentum_in_grad,
+            check_finite=check_finite,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        check_number("lr", group["lr"], where, low=0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas{where}: {betas!r} (must be a pair (beta1, beta2))")
+        check_number("betas[0]", betas[0], where, low=0.0, high=1.0, high_open=True)
+        check_number("betas[1]", betas[1], where, low=0.0, high=1.0, high_open=True)
+        check_number("eps", group["eps"], where, low=0.0)
+        check_number("weight_decay", group["weight_decay"], where, low=0.0)
+        if not isinstance(group["momentum_in_grad"], bool):
+            raise ValueError(f"Invalid momentum_in_grad{where}: {group['momentum_in_grad']!r} (must be a bool)")
+
+    def _matrix_shape(self, group: dict[str, Any], global_shape: torch.Size) -> Optional[tuple[int, int]]:
+        return balanced_split(global_shape)
+
+    def _expected_state(self, group: dict[str, Any], plan: ParamPlan) -> dict[str, tuple[int, torch.dtype]]:
+        f64 = torch.float64  # see _refit_and_update: Ũ cancels p·qᵀ against β2^(t+1)·v0
+        expected = dict(row=(plan.rows, f64), col=(plan.cols, f64), v0=(plan.factored_count, f64))
+        if not group["momentum_in_grad"]:
+            expected["exp_avg"] = (plan.elems, torch.float32)
+        return expected
+
+    # --- the in-gradient first moment ------------------------------------------------------
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients; in ``momentum_in_grad`` groups, decay the momentum they hold by β1.
+
+        A parameter without a gradient there gets a zero one (M_0 = 0), so that backward
+        accumulates into it.
+        """
+        for group in self.param_groups:
+            in_grad = group["momentum_in_grad"]
+            for p in group["params"]:
+                if in_grad:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad.mul_(group["betas"][0])
+                elif p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        if p.grad.grad_fn is not None:
+                            p.grad.detach_()
+                        else:
+                            p.grad.requires_grad_(False)
+                        p.grad.zero_()
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """``loss·(1 − β1)`` for ``momentum_in_grad`` training (``loss`` unchanged otherwise)."""
+        beta1s = {g["betas"][0] for g in self.param_groups if g["momentum_in_grad"]}
+        if not beta1s:
+            return loss
+        if len(beta1s) > 1:
+            raise ValueError(
+                f"scale_loss needs one beta1 across momentum_in_grad param groups, found {sorted(beta1s)}"
+            )
+        return loss * (1.0 - beta1s.pop())
+
+    # --- step ------------------------------------------------------------------------------
+
+    def _run(self, items: list[StepItem]) -> None:
+        reducer = StatReducer()
+        fingerprint: dict[int, int] = {}
+        jobs: list[tuple[StepItem, SegmentPlan, int, int]] = []
+        for item in items:
+            t = int(item.state["step"].item()) if "step" in item.state else 0
+            device = item.weight.device
+            for seg in item.plan.factored:
+                geo = seg.geometry
+                assert geo is not None
+                size = geo.rows if t % 2 == 0 else geo.cols
+                stat = reducer.reserve(seg.group, size, device)
+                norm = reducer.reserve(seg.group, 1, device) if t == 0 else -1
+                if seg.group is not None:
+                    key = id(seg.group)
+                    fingerprint[key] = hash((fingerprint.get(key, 0), geo.rows, geo.cols, t))
+                jobs.append((item, seg, stat, norm))
+        reducer.allocate()
+        self._verify_group_agreement(reducer, fingerprint)
+
+        # State changes start here.
+        steps: dict[int, _Schedule] = {}
+        for item in items:
+            for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
+                self._ensure(item.state, key, numel, dtype, item.weight.device)
+            steps[id(item)] = _Schedule(item.group, self._advance_step(item.state) - 1)
+        for item, seg, stat, norm in jobs:
+            _partial_statistics(item, seg, steps[id(item)], reducer.slot(stat), reducer.slot(norm) if norm >= 0 else None)
+        reducer.reduce(async_op=False)
+        for item in items:
+            hp = steps[id(item)]
+            if hp.weight_decay:
+                item.weight.mul_(1.0 - hp.lr * hp.weight_decay)
+        for item, seg, stat, norm in jobs:
+            _refit_and_update(item, seg, steps[id(item)], reducer.slot(stat), reducer.slot(norm) if norm >= 0 else None)
+        for item in items:
+            item.commit()
+
+
+class _Schedule:
+    """One parameter's hyperparameters at step ``t`` (counting from 0, as in Algorithm 2)."""
+
+    def __init__(self, group: dict[str, Any], t: int) -> None:
+        self.t = t
+        self.lr = group["lr"]
+        self.eps = group["eps"]
+        self.weight_decay = group["weight_decay"]
+        self.beta1, self.beta2 = group["betas"]
+        self.in_grad = group["momentum_in_grad"]
+        self.bias1 = 1.0 - self.beta1 ** (t + 1)
+        self.bias2 = 1.0 - self.beta2 ** (t + 1)
+
+
+def _momentum(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> Tensor:
+    """M_{t+1} for this segment (the state, or the gradient buffer that holds it)."""
+    if hp.in_grad:
+        return seg.local(item.grad)
+    return seg.elems(item.state["exp_avg"])
+
+
+def _partial_statistics(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Tensor, norm: Optional[Tensor]) -> None:
+    """Update M, then add this range's V·q (even t) or Vᵀ·p (odd t), and ‖G0‖² at t = 0."""
+    geo = seg.geometry
+    assert geo is not None
+    grads, momenta = seg.local(item.grad), _momentum(item, seg, hp)
+    if hp.t % 2 == 1:
+        weights = seg.rows(item.state["row"]).float()
+    elif hp.t > 0:
+        weights = seg.cols(item.state["col"]).float()
+    else:
+        # q_0 = sqrt(v0)·1 is not known before ‖G0‖² is complete: send plain row sums of V and
+        # scale them by sqrt(v0) once it is (V·q_0 = sqrt(v0)·rowsum(V)).
+        weights = torch.ones(geo.cols, dtype=torch.float32, device=stat.device)
+    for lo, hi in chunk_ranges(geo.numel, item.chunk):
+        part = geo.sub(lo, hi)
+        grad, momentum = grads[lo:hi], momenta[lo:hi]
+        if not hp.in_grad:
+            momentum.mul_(hp.beta1).add_(grad, alpha=1.0 - hp.beta1)
+        second = momentum.div(hp.bias1).square_()
+        if hp.t % 2 == 1:
+            part.add_weighted_col_sums(second, weights, stat)
+        else:
+            part.add_weighted_row_sums(second, weights, stat)
+        if hp.t == 0:
+            assert norm is not None
+            g0 = grad if not hp.in_grad else grad / (1.0 - hp.beta1)
+            norm += torch.dot(g0, g0)
+
+
+def _refit_and_update(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Tensor, norm: Optional[Tensor]) -> None:
+    """Alternating refit of p or q from the complete statistic, then the preconditioned update.
+
+    Ũ = (p·qᵀ − β2^(t+1)·v0)/(1 − β2^(t+1)) subtracts two nearly equal terms wherever a row or
+    column gets small gradients (early steps, rare embedding rows). In fp32 the difference can
+    lose every digit, clamp to 0 and turn the update into lr·M̃/√eps, so p, q, v0 are kept in
+    float64 and Ũ is formed in float64 (p and q are O(rows + cols), so this costs nothing in
+    memory); M and the update stay fp32.
+    """
+    geo = seg.geometry
+    assert geo is not None
+    state = item.state
+    p, q = seg.rows(state["row"]), seg.cols(state["col"])
+    v0 = state["v0"][seg.factor_index]
+    stat = stat.to(torch.float64)
+    if hp.t == 0:
+        assert norm is not None
+        v0.copy_(norm[0] / (geo.rows * geo.cols))
+        root = v0.sqrt()
+        p.copy_(root.expand_as(p))
+        q.copy_(root.expand_as(q))
+        stat.mul_(root)  # rowsum(V) -> V·q_0
+    if hp.t % 2 == 0:
+        p.mul_(hp.beta2).add_(stat.div_(q.dot(q) + hp.eps), alpha=1.0 - hp.beta2)
+    else:
+        q.mul_(hp.beta2).add_(stat.div_(p.dot(p) + hp.eps), alpha=1.0 - hp.beta2)
+    shift = -float(v0) * hp.beta2 ** (hp.t + 1) / hp.bias2
+    weights, momenta = seg.local(item.weight), _momentum(item, seg, hp)
+    for lo, hi in chunk_ranges(geo.numel, item.chunk):
+        second = geo.sub(lo, hi).outer(p, q, scale=1.0 / hp.bias2, shift=shift)
+        denom = second.clamp_min_(0.0).add_(hp.eps).sqrt_().to(torch.float32)
+        weights[lo:hi].addcdiv_(momenta[lo:hi].div(hp.bias1), denom, value=-hp.lr)

@@ -1,0 +1,498 @@
+"""Machinery shared by SMMF and Alada: layouts, checks, statistic reduction, state dicts.
+
+A subclass writes its math once, per segment, on local fp32 tensors and a
+:class:`~dist_memopt.shard.geometry.RangeGeometry`; this base class finds every parameter's
+segments (plain tensor, DTensor shard, FSDP1 flat shard, ZeRO partition), validates gradients
+before any state changes, hands out statistic slots that a single all_reduce per process group
+completes, and keeps ``state_dict`` / ``load_state_dict`` conventional and safe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from copy import deepcopy
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from dist_memopt.shard.geometry import RangeGeometry
+from dist_memopt.shard.reduce import StatReducer
+from dist_memopt.shard.spec import ParamLayout, Segment, layout_of, local_tensor
+from dist_memopt.optim.bits import packed_numel
+
+__all__ = [
+    "FactoredOptimizer",
+    "SegmentPlan",
+    "ParamPlan",
+    "StepItem",
+    "NonFiniteGradientError",
+    "check_number",
+    "chunk_ranges",
+    "default_chunk_numel",
+]
+
+
+def default_chunk_numel(device: torch.device) -> int:
+    """Elements processed at once per segment (a multiple of 8, so chunks own whole sign bytes).
+
+    On CPU, large temporaries cost a page fault per 4 KiB each step and fall out of cache; 1M-element
+    chunks (4 MiB temporaries) stay in cache and in the allocator's heap, which makes SMMF's many
+    elementwise passes cheap. On accelerators the caching allocator removes that cost, and larger
+    chunks only bound the transient memory.
+    """
+    return 1 << 20 if device.type == "cpu" else 1 << 26
+
+
+def chunk_ranges(numel: int, chunk: int):
+    """``(lo, hi)`` pieces of ``range(numel)``, each ``chunk`` long except the last."""
+    for lo in range(0, numel, chunk):
+        yield lo, min(numel, lo + chunk)
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A gradient holds inf or NaN; raised before any optimizer state or parameter changes."""
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """One segment's 2-D view and where its pieces live in the parameter's concatenated state.
+
+    ``geometry`` is None for segments kept dense (SMMF with ``vector_reshape=False``).
+    ``rows_at``/``cols_at`` index the concatenated row/column factors, ``bits_at`` the packed
+    sign bytes, ``elems_at`` the concatenated per-element state of factored segments and
+    ``dense_at`` that of dense segments; ``factor_index`` counts factored segments before it.
+    """
+
+    segment: Segment
+    geometry: Optional[RangeGeometry]
+    rows_at: int = 0
+    cols_at: int = 0
+    bits_at: int = 0
+    elems_at: int = 0
+    dense_at: int = 0
+    factor_index: int = 0
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        return self.segment.spec.group
+
+    def rows(self, t: Tensor) -> Tensor:
+        assert self.geometry is not None
+        return t[self.rows_at : self.rows_at + self.geometry.rows]
+
+    def cols(self, t: Tensor) -> Tensor:
+        assert self.geometry is not None
+        return t[self.cols_at : self.cols_at + self.geometry.cols]
+
+    def bits(self, t: Tensor) -> Tensor:
+        return t[self.bits_at : self.bits_at + packed_numel(self.segment.numel)]
+
+    def elems(self, t: Tensor) -> Tensor:
+        return t[self.elems_at : self.elems_at + self.segment.numel]
+
+    def dense(self, t: Tensor) -> Tensor:
+        return t[self.dense_at : self.dense_at + self.segment.numel]
+
+    def local(self, flat: Tensor) -> Tensor:
+        """This segment's elements in the parameter's flattened local data (or gradient)."""
+        return flat[self.segment.offset : self.segment.offset + self.segment.numel]
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    segments: tuple[SegmentPlan, ...]
+    rows: int
+    cols: int
+    bits: int
+    elems: int
+    dense: int
+    factored_count: int
+
+    @property
+    def factored(self) -> list[SegmentPlan]:
+        return [s for s in self.segments if s.geometry is not None]
+
+    @property
+    def dense_segments(self) -> list[SegmentPlan]:
+        return [s for s in self.segments if s.geometry is None]
+
+
+@dataclass(eq=False)
+class StepItem:
+    """A parameter taking part in this step, with fp32 flat views of its local data and grad."""
+
+    group: dict
+    param: Tensor
+    name: str
+    plan: ParamPlan
+    state: dict
+    grad: Tensor  # fp32, flat, local
+    weight: Tensor  # fp32, flat, local; written back to the parameter by commit()
+    _data: Tensor
+    chunk: int  # elements per piece when a segment is processed piecewise
+
+    def commit(self) -> None:
+        if self.weight.data_ptr() != self._data.data_ptr():
+            self._data.copy_(self.weight.view_as(self._data))
+
+
+def _flat_fp32(t: Tensor) -> Tensor:
+    """A flat fp32 view of ``t`` when possible, else a flat fp32 copy."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t.view(-1)
+    return t.reshape(-1).to(torch.float32)
+
+
+class FactoredOptimizer(Optimizer):
+    """Base class; subclasses define hyperparameters, the 2-D view and the per-step math."""
+
+    #: hyperparameter keys every param group of this optimizer has (state-dict type check)
+    hyperparameters: tuple[str, ...] = ()
+    #: elements per piece when stepping a segment; None picks :func:`default_chunk_numel`
+    chunk_numel: Optional[int] = None
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        self._validate_group(defaults, where="")
+        super().__init__(params, defaults)
+        self._plans: dict[int, tuple[Any, ParamPlan]] = {}
+        self._pending: Optional[tuple[StatReducer, Callable[[], None]]] = None
+        self._verified_groups: set[int] = set()
+
+    # --- subclass interface ----------------------------------------------------------------
+
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        """Raise ValueError naming any invalid hyperparameter (``where`` locates the group)."""
+        raise NotImplementedError
+
+    def _matrix_shape(self, group: dict[str, Any], global_shape: torch.Size) -> Optional[tuple[int, int]]:
+        """The 2-D view of a parameter of this global shape, or None to keep its state dense."""
+        raise NotImplementedError
+
+    def _plan_key(self, group: dict[str, Any]) -> Any:
+        """Group settings that change the plan (a changed value rebuilds it)."""
+        return None
+
+    def _expected_state(self, group: dict[str, Any], plan: ParamPlan) -> dict[str, tuple[int, torch.dtype]]:
+        """State keys this parameter must hold, with element counts and dtypes."""
+        raise NotImplementedError
+
+    def _run(self, items: list[StepItem]) -> None:
+        """Update the state and weights of ``items`` (grads already validated)."""
+        raise NotImplementedError
+
+    # --- parameter groups ------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        group = self.param_groups[index]
+        self._validate_group(group, where=f" (param group {index})")
+        for i, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise ValueError(
+                    f"{type(self).__name__} does not support complex parameters: "
+                    f"{self._param_name(group, i, index)} is {p.dtype}; optimize "
+                    "torch.view_as_real(param) instead"
+                )
+            if not p.is_floating_point():
+                raise ValueError(
+                    f"{type(self).__name__} needs floating-point parameters: "
+                    f"{self._param_name(group, i, index)} is {p.dtype}"
+                )
+
+    def _param_name(self, group: dict[str, Any], i: int, group_index: Optional[int] = None) -> str:
+        names = group.get("param_names")
+        if names is not None:
+            return f"parameter '{names[i]}'"
+        if group_index is None:
+            group_index = next(k for k, g in enumerate(self.param_groups) if g is group)
+        return f"param_groups[{group_index}]['params'][{i}]"
+
+    def _plan(self, group: dict[str, Any], param: Tensor) -> ParamPlan:
+        key = self._plan_key(group)
+        cached = self._plans.get(id(param))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = self._build_plan(group, layout_of(param))
+        self._plans[id(param)] = (key, plan)
+        return plan
+
+    def _build_plan(self, group: dict[str, Any], layout: ParamLayout) -> ParamPlan:
+        rows = cols = bits = elems = dense = factored = 0
+        segments = []
+        for seg in layout.segments:
+            if seg.spec.global_numel == 0:
+                continue
+            shape = self._matrix_shape(group, seg.spec.global_shape)
+            if shape is None:
+                segments.append(SegmentPlan(seg, None, dense_at=dense))
+                dense += seg.numel
+                continue
+            geometry = RangeGeometry(shape[0], shape[1], seg.spec.start, seg.spec.end)
+            segments.append(SegmentPlan(seg, geometry, rows, cols, bits, elems, factor_index=factored))
+            rows, cols = rows + shape[0], cols + shape[1]
+            bits, elems = bits + packed_numel(seg.numel), elems + seg.numel
+            factored += 1
+        return ParamPlan(tuple(segments), rows, cols, bits, elems, dense, factored)
+
+    # --- step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.synchronize()
+        for index, group in enumerate(self.param_groups):
+            self._validate_group(group, where=f" (param group {index})")
+        items = self._collect()
+        self._check_gradients(items)
+        if items:
+            self._run(items)
+        return loss
+
+    def _collect(self) -> list[StepItem]:
+        items = []
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = self._param_name(group, i)
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients ({name}); "
+                        "use a dense embedding (sparse=False)"
+                    )
+                plan = self._plan(group, p)
+                data = local_tensor(p)
+                grad = local_tensor(p.grad)
+                if grad.shape != data.shape:
+                    raise RuntimeError(
+                        f"gradient of {name} has local shape {tuple(grad.shape)} but the "
+                        f"parameter has {tuple(data.shape)}"
+                    )
+                chunk = self.chunk_numel or default_chunk_numel(data.device)
+                if chunk % 8:
+                    raise ValueError(f"chunk_numel must be a multiple of 8, got {chunk}")
+                items.append(
+                    StepItem(group, p, name, plan, self.state[p], _flat_fp32(grad), _flat_fp32(data), data, chunk)
+                )
+        return items
+
+    def _check_gradients(self, items: list[StepItem]) -> None:
+        """Raise before any state changes if a gradient is not finite, on every rank alike."""
+        checked = [it for it in items if it.group.get("check_finite", True)]
+        nonempty = [i for i, it in enumerate(checked) if it.grad.numel() > 0]
+        bad = math.inf
+        if nonempty:
+            peaks = torch._foreach_norm([checked[i].grad for i in nonempty], math.inf)
+            nonfinite = (~torch.isfinite(torch.stack(peaks))).nonzero()
+            if nonfinite.numel():
+                bad = float(nonempty[int(nonfinite[0])])
+        groups = _distinct_groups(it.plan for it in checked)
+        for group in groups:
+            flag = torch.tensor([bad], dtype=torch.float64, device=_group_device(group))
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            bad = min(bad, float(flag.item()))
+        if bad != math.inf:
+            item = checked[int(bad)]
+            raise NonFiniteGradientError(
+                f"non-finite gradient (inf or NaN) for {item.name} of shape "
+                f"{tuple(item.param.shape)}; no parameter or optimizer state was changed. "
+                "Skip the step, lower the learning rate or use loss scaling; pass "
+                "check_finite=False to skip this check."
+            )
+
+    # --- statistic reduction ---------------------------------------------------------------
+
+    def _verify_group_agreement(self, reducer: StatReducer, fingerprint: dict[int, int]) -> None:
+        """On first use of a process group, check that all its ranks step the same layout.
+
+        A rank stepping different parameters would post collectives of other sizes and hang;
+        comparing a fingerprint of the statistic layout turns that into an error on every rank.
+        """
+        for group in reducer.groups:
+            key = id(group)
+            if key in self._verified_groups:
+                continue
+            value = float(fingerprint.get(key, 0) % (1 << 52))
+            probe = torch.tensor([value, -value], dtype=torch.float64, device=_group_device(group))
+            dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
+            if probe[0].item() != value or -probe[1].item() != value:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the ranks of a process group (this is rank "
+                    f"{dist.get_rank()}) step different parameters or shapes; the optimizer must "
+                    "be built from the same model, wrapped the same way, on every rank"
+                )
+            self._verified_groups.add(key)
+
+    def synchronize(self) -> None:
+        """Finish a reduction left running by the previous step (state_dict() calls this)."""
+        if self._pending is not None:
+            reducer, finish = self._pending
+            self._pending = None
+            reducer.wait()
+            finish()
+
+    def pending_bytes(self) -> int:
+        """Bytes of statistic buffers kept alive until the next step completes them."""
+        return 0 if self._pending is None else self._pending[0].nbytes()
+
+    # --- state dict ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        self.synchronize()
+        return super().state_dict()
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like :meth:`torch.optim.Optimizer.load_state_dict`, keeping fp32 state fp32.
+
+        Checks that the state fits this optimizer type and these parameters' layouts; on any
+        mismatch raises ``ValueError`` and leaves the current state and groups untouched.
+        """
+        self.synchronize()
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        kind = type(self).__name__
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{kind}.load_state_dict expects a dict with 'state' and 'param_groups'")
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, {kind} has {len(groups)}"
+            )
+        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"param group {index} of the loaded state dict has {len(saved['params'])} "
+                    f"parameters, this {kind} has {len(group['params'])}"
+                )
+            missing = [k for k in self.hyperparameters if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"param group {index} of the loaded state dict lacks {missing}: it was not "
+                    f"saved by {kind}"
+                )
+        id_map = dict(
+            zip(chain.from_iterable(g["params"] for g in saved_groups), chain.from_iterable(g["params"] for g in groups))
+        )
+        new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(f"loaded state dict has state for unknown parameter id {key}")
+            param = id_map[key]
+            new_state[param] = {
+                k: (v.to(device=local_tensor(param).device) if isinstance(v, Tensor) else deepcopy(v))
+                for k, v in value.items()
+            }
+        new_groups = []
+        for group, saved in zip(groups, saved_groups):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            new_groups.append(saved)
+        for index, group in enumerate(new_groups):
+            self._validate_group(group, where=f" (param group {index} of the loaded state dict)")
+            for i, p in enumerate(group["params"]):
+                if p in new_state:
+                    self._check_loaded_state(group, p, new_state[p], self._param_name(group, i, index))
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], name: str) -> None:
+        kind = type(self).__name__
+        plan = self._build_plan(group, layout_of(param))
+        expected = dict(self._expected_state(group, plan), step=(1, torch.float32))
+        if set(state) != set(expected):
+            raise ValueError(
+                f"loaded state of {name} has keys {sorted(state)}, {kind} expects {sorted(expected)} "
+                f"for it: the state dict was saved by another optimizer or for another shape"
+            )
+        for key, (numel, dtype) in expected.items():
+            value = state[key]
+            if not isinstance(value, Tensor):
+                raise ValueError(f"loaded state '{key}' of {name} is a {type(value).__name__}, not a tensor")
+            if local_tensor(value).numel() != numel or value.dtype != dtype:
+                raise ValueError(
+                    f"loaded state '{key}' of {name} has {local_tensor(value).numel()} elements of "
+                    f"{value.dtype}, {kind} expects {numel} of {dtype}: saved for another shape, "
+                    "sharding or optimizer"
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_pending", None)
+        self.__dict__.setdefault("_verified_groups", set())
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # --- helpers for subclasses ------------------------------------------------------------
+
+    @staticmethod
+    def _ensure(state: dict[str, Any], key: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        value = state.get(key)
+        if value is None:
+            value = torch.zeros(numel, dtype=dtype, device=device)
+            state[key] = value
+        return value
+
+    @staticmethod
+    def _advance_step(state: dict[str, Any]) -> int:
+        """Increment the per-parameter step counter (a CPU float32 tensor, as in torch.optim)."""
+        step = state.get("step")
+        if step is None:
+            step = state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        step += 1
+        return int(step.item())
+
+
+def _distinct_groups(plans: Iterable[ParamPlan]) -> list[dist.ProcessGroup]:
+    seen: dict[int, dist.ProcessGroup] = {}
+    for plan in plans:
+        for seg in plan.segments:
+            if seg.group is not None:
+                seen.setdefault(id(seg.group), seg.group)
+    return list(seen.values())
+
+
+def _group_device(group: dist.ProcessGroup) -> torch.device:
+    """Where tensors for collectives on ``group`` must live (CPU for gloo, else CUDA)."""
+    backend = dist.get_backend(group)
+    if backend == dist.Backend.GLOO:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_number(
+    name: str,
+    value: Any,
+    where: str = "",
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite real number in the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a finite number)")
+    if low is not None and (value < low or (low_open and value <= low)):
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be {'>' if low_open else '>='} {low})")
+    if high is not None and (value > high or (high_open and value >= high)):
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be {'<' if high_open else '<='} {high})")

@@ -1,0 +1,63 @@
+"""1-bit storage of SMMF's sign matrix: 8 signs per uint8 word, least significant bit first.
+
+The papers' released code keeps one byte per sign; packing is what brings SMMF to its memory
+figures. Element ``k`` of a range lives in byte ``k // 8``, bit ``k % 8``; the unused high bits of
+the last byte are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["packed_numel", "pack_signs", "unpack_signs"]
+
+_WEIGHTS: dict[torch.device, Tensor] = {}
+_SIGN_TABLES: dict[torch.device, Tensor] = {}
+
+
+def packed_numel(numel: int) -> int:
+    """Bytes needed to hold ``numel`` sign bits."""
+    return (numel + 7) // 8
+
+
+def _bit_weights(device: torch.device) -> Tensor:
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = (2 ** torch.arange(8, dtype=torch.int32, device=device)).to(torch.uint8)
+    return _WEIGHTS[device]
+
+
+def _sign_table(device: torch.device) -> Tensor:
+    """(256, 8) float32 table: row b holds +1/-1 for the 8 bits of byte b."""
+    if device not in _SIGN_TABLES:
+        bits = torch.arange(256, dtype=torch.int32, device=device).unsqueeze(1)
+        ones = (bits >> torch.arange(8, dtype=torch.int32, device=device)) & 1
+        _SIGN_TABLES[device] = ones.to(torch.float32) * 2 - 1
+    return _SIGN_TABLES[device]
+
+
+def pack_signs(nonnegative: Tensor, out: Tensor) -> None:
+    """Pack a bool tensor (True = sign bit 1 = non-negative) into ``out`` (uint8, in place)."""
+    numel = nonnegative.numel()
+    if out.numel() != packed_numel(numel):
+        raise ValueError(f"sign buffer holds {out.numel()} bytes, {packed_numel(numel)} needed")
+    if numel == 0:
+        return
+    flat = nonnegative.reshape(-1)
+    full = numel // 8
+    weights = _bit_weights(flat.device)
+    if full:
+        words = flat[: full * 8].view(full, 8).to(torch.uint8).mul_(weights)
+        torch.sum(words, dim=1, dtype=torch.uint8, out=out[:full])
+    rest = numel - full * 8
+    if rest:
+        last = flat[full * 8 :].to(torch.uint8).mul_(weights[:rest])
+        out[full] = last.sum(dtype=torch.uint8)
+
+
+def unpack_signs(packed: Tensor, numel: int) -> Tensor:
+    """Return ``numel`` signs as float32 +1 (bit set) / -1 (bit clear)."""
+    if packed.numel() != packed_numel(numel):
+        raise ValueError(f"sign buffer holds {packed.numel()} bytes, {packed_numel(numel)} needed")
+    table = _sign_table(packed.device)
+    return table[packed.long()].view(-1)[:numel]

@@ -1,0 +1,264 @@
+"""SMMF: square-matricized momentum factorization (Park & Lee, AAAI 2025), sharding-aware.
+
+Per parameter, the moments live in a square-matricized (n, m) view (Algorithm 2). Each step
+decompresses the previous factors (Algorithm 3), folds in the gradient, updates the weight with
+the *uncompressed* moments, then compresses again (Algorithm 4): the sign of M as packed bits and
+row/column sums of |M| and of V, the shorter side normalised by its total. On a shard, the sums are
+partial; one all_reduce per process group, left running until the next step needs the factors,
+completes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from dist_memopt.optim.base import FactoredOptimizer, ParamPlan, SegmentPlan, StepItem, check_number, chunk_ranges
+from dist_memopt.optim.bits import pack_signs, unpack_signs
+from dist_memopt.shard.geometry import square_matricize
+from dist_memopt.shard.reduce import StatReducer
+
+__all__ = ["SMMF", "normalize_factors"]
+
+WEIGHT_DECAY_MODES = ("adam", "adamw")
+
+
+def normalize_factors(rows: Tensor, cols: Tensor) -> None:
+    """Algorithms 4/5: divide the shorter side (rows when n <= m) by its total, if non-zero."""
+    side = rows if rows.numel() <= cols.numel() else cols
+    total = side.sum()
+    # A zero total means a zero side (its entries are non-negative): dividing by 1 keeps it, and
+    # avoids a host sync that an `if` on the total would cost.
+    side.div_(torch.where(total > 0, total, torch.ones_like(total)))
+
+
+class SMMF(FactoredOptimizer):
+    """SMMF with 1-bit sign state, exact on sharded parameters.
+
+    Args:
+        params: parameters or param groups (``model.parameters()`` of a plain, DDP, FSDP2 or
+            FSDP1 model; names from ``named_parameters()`` are used in error messages).
+        lr: learning rate.
+        beta: first-moment coefficient β1; the schedule is β1,t = beta·growth_rate^(t−1).
+            ``None`` turns the first moment off (update G/(√V + eps)).
+        eps: added to √V in the update's denominator.
+        weight_decay: decay coefficient (see ``weight_decay_mode``).
+        decay_rate: γ in the second-moment schedule β2,t = 1 − t^γ (negative).
+        growth_rate: λ in the first-moment schedule.
+        vector_reshape: factorize tensors that are 1-D after squeezing too; with False they keep
+            dense fp32 moments.
+        weight_decay_mode: ``"adamw"`` decays the weight, W ← W·(1 − lr·wd) (Algorithm 7);
+            ``"adam"`` adds wd·W to the gradient (Algorithm 6).
+        check_finite: raise :class:`NonFiniteGradientError` on inf/NaN gradients before any state
+            changes; False skips the check (one pass over the gradients) for speed.
+    """
+
+    hyperparameters = ("lr", "beta", "eps", "weight_decay", "decay_rate", "growth_rate", "vector_reshape", "weight_decay_mode")
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        beta: Optional[float] = 0.9,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decay_rate: float = -0.5,
+        growth_rate: float = 0.999,
+        vector_reshape: bool = True,
+        weight_decay_mode: str = "adamw",
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            beta=beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            decay_rate=decay_rate,
+            growth_rate=growth_rate,
+            vector_reshape=vector_reshape,
+            weight_decay_mode=weight_decay_mode,
+            check_finite=check_finite,
+        )
+        super().__init__(params, defaults)
+
+    # --- configuration ---------------------------------------------------------------------
+
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        check_number("lr", group["lr"], where, low=0.0)
+        beta = group["beta"]
+        if beta is not None:
+            check_number("beta", beta, where, low=0.0, high=1.0, high_open=True)
+        check_number("eps", group["eps"], where, low=0.0)
+        check_number("weight_decay", group["weight_decay"], where, low=0.0)
+        decay_rate = group["decay_rate"]
+        check_number("decay_rate", decay_rate, where)
+        if decay_rate >= 0:
+            raise ValueError(f"Invalid decay_rate{where}: {decay_rate!r} (must be negative, so that β2,t = 1 − t^decay_rate grows towards 1)")
+        check_number("growth_rate", group["growth_rate"], where, low=0.0, high=1.0)
+        if not isinstance(group["vector_reshape"], bool):
+            raise ValueError(f"Invalid vector_reshape{where}: {group['vector_reshape']!r} (must be a bool)")
+        if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
+            raise ValueError(
+                f"Invalid weight_decay_mode{where}: {group['weight_decay_mode']!r} (must be one of {WEIGHT_DECAY_MODES})"
+            )
+
+    def _plan_key(self, group: dict[str, Any]) -> Any:
+        return group["vector_reshape"]
+
+    def _matrix_shape(self, group: dict[str, Any], global_shape: torch.Size) -> Optional[tuple[int, int]]:
+        if not group["vector_reshape"] and sum(1 for d in global_shape if d != 1) <= 1:
+            return None
+        return square_matricize(global_shape.numel())
+
+    def _expected_state(self, group: dict[str, Any], plan: ParamPlan) -> dict[str, tuple[int, torch.dtype]]:
+        f32 = torch.float32
+        expected: dict[str, tuple[int, torch.dtype]] = {}
+        first_moment = group["beta"] is not None
+        if plan.factored_count:
+            expected.update(row_v=(plan.rows, f32), col_v=(plan.cols, f32))
+            if first_moment:
+                expected.update(row_m=(plan.rows, f32), col_m=(plan.cols, f32), sign=(plan.bits, torch.uint8))
+        if plan.dense:
+            expected["exp_avg_sq"] = (plan.dense, f32)
+            if first_moment:
+                expected["exp_avg"] = (plan.dense, f32)
+        return expected
+
+    # --- step ------------------------------------------------------------------------------
+
+    def _run(self, items: list[StepItem]) -> None:
+        reducer = StatReducer()
+        fingerprint: dict[int, int] = {}
+        tickets: list[list[tuple[int, int, int, int]]] = []
+        for item in items:
+            device = item.weight.device
+            with_first = item.group["beta"] is not None
+            per_item = []
+            for seg in item.plan.factored:
+                geo = seg.geometry
+                assert geo is not None
+                per_item.append(
+                    (
+                        reducer.reserve(seg.group, geo.rows, device),
+                        reducer.reserve(seg.group, geo.cols, device),
+                        reducer.reserve(seg.group, geo.rows, device) if with_first else -1,
+                        reducer.reserve(seg.group, geo.cols, device) if with_first else -1,
+                    )
+                )
+                if seg.group is not None:
+                    key = id(seg.group)
+                    fingerprint[key] = hash((fingerprint.get(key, 0), geo.rows, geo.cols, with_first))
+            tickets.append(per_item)
+        reducer.allocate()
+        self._verify_group_agreement(reducer, fingerprint)
+
+        # Nothing below can fail on user input: state changes start here.
+        jobs: list[tuple[StepItem, SegmentPlan, _Schedule, tuple[int, int, int, int]]] = []
+        schedules: list[_Schedule] = []
+        for item, per_item in zip(items, tickets):
+            for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
+                self._ensure(item.state, key, numel, dtype, item.weight.device)
+            hp = _Schedule(item.group, self._advance_step(item.state))
+            schedules.append(hp)
+            jobs.extend((item, seg, hp, t) for seg, t in zip(item.plan.factored, per_item))
+
+        for item, hp in zip(items, schedules):
+            if hp.decoupled_decay:
+                item.weight.mul_(1.0 - hp.lr * hp.weight_decay)
+            for seg in item.plan.dense_segments:
+                _dense_step(item, seg, hp)
+        for item, seg, hp, (t_rv, t_cv, t_rm, t_cm) in jobs:
+            stats_m = (reducer.slot(t_rm), reducer.slot(t_cm)) if t_rm >= 0 else None
+            _factored_step(item, seg, hp, (reducer.slot(t_rv), reducer.slot(t_cv)), stats_m)
+        for item in items:
+            item.commit()
+
+        def finish() -> None:
+            for item, seg, _, (t_rv, t_cv, t_rm, t_cm) in jobs:
+                _store_factors(seg, item.state, "row_v", "col_v", reducer.slot(t_rv), reducer.slot(t_cv))
+                if t_rm >= 0:
+                    _store_factors(seg, item.state, "row_m", "col_m", reducer.slot(t_rm), reducer.slot(t_cm))
+
+        if reducer.groups:
+            reducer.reduce(async_op=True)
+            self._pending = (reducer, finish)
+        else:
+            finish()
+
+
+class _Schedule:
+    """One parameter's hyperparameters at step ``t`` (counting from 1)."""
+
+    def __init__(self, group: dict[str, Any], t: int) -> None:
+        self.lr = group["lr"]
+        self.eps = group["eps"]
+        self.weight_decay = group["weight_decay"]
+        self.decoupled_decay = group["weight_decay_mode"] == "adamw" and self.weight_decay != 0
+        self.coupled_decay = group["weight_decay_mode"] == "adam" and self.weight_decay != 0
+        beta = group["beta"]
+        self.beta1: Optional[float] = None if beta is None else beta * group["growth_rate"] ** (t - 1)
+        self.beta2 = 1.0 - t ** group["decay_rate"]
+
+
+def _dense_step(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> None:
+    """vector_reshape=False: 1-D tensors keep dense moments with the same schedules."""
+    weight = seg.local(item.weight)
+    grad = seg.local(item.grad)
+    if hp.coupled_decay:
+        grad = grad.add(weight, alpha=hp.weight_decay)
+    exp_avg_sq = seg.dense(item.state["exp_avg_sq"])
+    exp_avg_sq.mul_(hp.beta2).addcmul_(grad, grad, value=1.0 - hp.beta2)
+    if hp.beta1 is None:
+        numerator = grad
+    else:
+        numerator = seg.dense(item.state["exp_avg"])
+        numerator.mul_(hp.beta1).add_(grad, alpha=1.0 - hp.beta1)
+    weight.addcdiv_(numerator, exp_avg_sq.sqrt().add_(hp.eps), value=-hp.lr)
+
+
+def _factored_step(
+    item: StepItem,
+    seg: SegmentPlan,
+    hp: _Schedule,
+    stats_v: tuple[Tensor, Tensor],
+    stats_m: Optional[tuple[Tensor, Tensor]],
+) -> None:
+    """Decompress, fold in the gradient, update the weight, add partial factor sums; by chunks."""
+    geo = seg.geometry
+    assert geo is not None
+    state = item.state
+    weights, grads = seg.local(item.weight), seg.local(item.grad)
+    # β·(r ⊗ c) = (β·r) ⊗ c: scale the short factor once instead of every element
+    row_v, col_v = seg.rows(state["row_v"]) * hp.beta2, seg.cols(state["col_v"])
+    if hp.beta1 is not None:
+        row_m, col_m = seg.rows(state["row_m"]) * hp.beta1, seg.cols(state["col_m"])
+        signs = seg.bits(state["sign"])
+    for lo, hi in chunk_ranges(geo.numel, item.chunk):
+        part = geo.sub(lo, hi)
+        weight, grad = weights[lo:hi], grads[lo:hi]
+        if hp.coupled_decay:
+            grad = grad.add(weight, alpha=hp.weight_decay)
+        second = part.outer(row_v, col_v).addcmul_(grad, grad, value=1.0 - hp.beta2)
+        part.add_row_col_sums(second, *stats_v)
+        if hp.beta1 is None:
+            numerator = grad
+        else:
+            assert stats_m is not None
+            bits = signs[lo // 8 : (hi + 7) // 8]
+            first = part.outer(row_m, col_m).mul_(unpack_signs(bits, hi - lo))
+            first.add_(grad, alpha=1.0 - hp.beta1)
+            pack_signs(first >= 0, bits)
+            part.add_row_col_sums(first.abs(), *stats_m)
+            numerator = first
+        weight.addcdiv_(numerator, second.sqrt_().add_(hp.eps), value=-hp.lr)
+
+
+def _store_factors(seg: SegmentPlan, state: dict[str, Tensor], row_key: str, col_key: str, rows: Tensor, cols: Tensor) -> None:
+    """Complete sums → normalised factors in the state."""
+    row_state, col_state = seg.rows(state[row_key]), seg.cols(state[col_key])
+    row_state.copy_(rows)
+    col_state.copy_(cols)
+    normalize_factors(row_state, col_state)

@@ -1,0 +1,1 @@
+"""Entry points for training runs (torchrun, deepspeed, mpirun) and environment set-up."""

@@ -1,0 +1,86 @@
+"""Run a function on N real gloo ranks (separate processes) and collect what each returns.
+
+Failures come back as the failing rank's traceback; a run that outlives its timeout is killed and
+reported, so a hang in the code under test fails the test instead of the CI job.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any, env: dict) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        **env,
+    )
+    torch.set_num_threads(1)  # N ranks share the machine's cores
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 300, env: dict | None = None) -> list:
+    """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each in its own process.
+
+    ``fn`` must be importable (a module-level function); its return value must pickle.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results, env or {}), daemon=True)
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    try:
+        while len(outcomes) < world_size:
+            try:
+                rank, ok, payload = results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(
+                    f"distributed run of {fn.__name__} on {world_size} ranks did not finish within "
+                    f"{timeout}s; ranks done: {sorted(outcomes)}"
+                ) from None
+            outcomes[rank] = (ok, payload)
+            if not ok:
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(outcomes) == world_size else 0.1)
+            if p.is_alive():
+                p.kill()
+    failures = {r: tb for r, (ok, tb) in outcomes.items() if not ok}
+    if failures:
+        rank, tb = min(failures.items())
+        raise AssertionError(f"rank {rank} of {world_size} failed:\n{tb}")
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]

@@ -1,0 +1,42 @@
+"""The multi-process harness itself: results, failures and hangs are reported, not swallowed."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import run_distributed
+
+
+def _sum_ranks(rank, world_size):
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def _fail_on_one(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom on rank 1")
+    return rank
+
+
+def _hang(rank, world_size):
+    if rank == 0:
+        dist.barrier()  # rank 1 never joins
+    else:
+        import time
+
+        time.sleep(60)
+
+
+def test_results_come_back_per_rank():
+    assert run_distributed(_sum_ranks, 3) == [3.0, 3.0, 3.0]
+
+
+def test_a_failing_rank_is_reported():
+    with pytest.raises(AssertionError, match="(?s)rank 1 of 2 failed.*boom on rank 1"):
+        run_distributed(_fail_on_one, 2)
+
+
+def test_a_hang_becomes_a_timeout():
+    with pytest.raises(TimeoutError, match="did not finish"):
+        run_distributed(_hang, 2, timeout=8)

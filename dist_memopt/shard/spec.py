@@ -157,10 +157,7 @@ def _load_builtin_resolvers() -> None:
     """Import the adapters that recognise parameters by type (FSDP2 DTensors, FSDP1)."""
     if not _RESOLVERS_LOADED:
         _RESOLVERS_LOADED.append(True)
-        try:
-            from dist_memopt.integrations import fsdp  # noqa: F401  (registers resolvers)
-        except ImportError:  # the adapter is not written for this torch build
-            pass
+        from dist_memopt.integrations import fsdp  # noqa: F401  (registers its resolvers)
 
 
 _RESOLVERS_LOADED: list[bool] = []

@@ -1,14 +1,25 @@
-"""FSDP2 (and any DTensor parameter): where each rank's shard lies, and over which group.
+"""FSDP2, FSDP1 (and any DTensor parameter): where each rank's shard lies, over which group.
 
 FSDP2's ``fully_shard`` turns parameters into DTensors placed ``Shard(0)`` on its mesh (HSDP:
 ``(Replicate(), Shard(0))``). A ``Shard(0)`` block of rows is one contiguous range of the
 parameter's row-major flattening, so each parameter is a single segment; its statistics are reduced
 over the mesh dimension that shards it, never over a replicate dimension.
+
+FSDP1 flattens the parameters of each wrapped module into one ``FlatParameter`` and gives each rank
+a contiguous slice of it. With ``use_orig_params=False`` the optimizer sees that slice: one segment
+per original parameter, empty where the parameter lies on other ranks, alignment padding excluded.
+With ``use_orig_params=True`` it sees each original parameter as a 1-D view of its piece (shape
+``(0,)`` when it lies elsewhere). Either way the global shapes and ranges come from the flat
+parameter's ``_shard_param_infos`` and the group from its ``FlatParamHandle``, which the
+parameters do not reference; the live handles are found once, by a scan of the garbage
+collector's objects, the first time an FSDP1 parameter reaches an optimizer.
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from typing import Optional
 
 from torch import Tensor
@@ -17,7 +28,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from dist_memopt.shard.spec import ParamLayout, Segment, ShardSpec, register_layout_resolver
 
-__all__ = ["dtensor_layout"]
+__all__ = ["dtensor_layout", "fsdp1_layout"]
 
 
 def dtensor_layout(param: Tensor) -> Optional[ParamLayout]:
@@ -46,4 +57,70 @@ def dtensor_layout(param: Tensor) -> Optional[ParamLayout]:
     return ParamLayout((Segment(0, ShardSpec(shape, start, start + numel, group)),))
 
 
+# id(FSDP1 parameter) -> (weak reference to it, its layout); filled from FlatParamHandles.
+# (Tensors compare elementwise, so they cannot be keys of a WeakKeyDictionary.)
+_FSDP1_LAYOUTS: dict[int, tuple[weakref.ref, ParamLayout]] = {}
+
+
+def _remember(param: Tensor, layout: ParamLayout) -> None:
+    key = id(param)
+    _FSDP1_LAYOUTS[key] = (weakref.ref(param, lambda _: _FSDP1_LAYOUTS.pop(key, None)), layout)
+
+
+def _recall(param: Tensor) -> Optional[ParamLayout]:
+    entry = _FSDP1_LAYOUTS.get(id(param))
+    return entry[1] if entry is not None and entry[0]() is param else None
+_FLATTENED_ATTR = "_fsdp_flattened"  # FSDP1 marks original parameters it has flattened
+
+
+def _is_fsdp1_parameter(param: Tensor) -> bool:
+    return getattr(param, _FLATTENED_ATTR, False) or type(param).__name__ == "FlatParameter"
+
+
+def _index_fsdp1_handles() -> None:
+    """Describe every FSDP1 flat parameter and original parameter view alive in this process."""
+    from torch.distributed.fsdp._flat_param import FlatParamHandle
+
+    for handle in (o for o in gc.get_objects() if type(o) is FlatParamHandle):
+        flat = handle.flat_param
+        if _recall(flat) is not None:
+            continue
+        # NO_SHARD keeps whole parameters whose gradients are all-reduced: exact replicas
+        group = handle.process_group if handle.uses_sharded_strategy else None
+        pieces = []
+        for shape, info in zip(flat._shapes, flat._shard_param_infos):
+            if info.in_shard:
+                end = info.intra_param_end_idx + 1  # FSDP's end index is inclusive
+                pieces.append((info.offset_in_shard, ShardSpec(shape, info.intra_param_start_idx, end, group)))
+            else:
+                pieces.append((None, ShardSpec(shape, 0, 0, group)))
+        # the flat parameter: one segment per original parameter (empty ones where they sit)
+        segments, position = [], 0
+        for name, (offset, spec) in zip(flat._fqns, pieces):
+            offset = position if offset is None else offset
+            segments.append(Segment(offset, spec, name))
+            position = offset + spec.numel
+        _remember(flat, ParamLayout(tuple(segments)))
+        # use_orig_params=True: each original parameter is its own piece
+        for original, name, (_, spec) in zip(flat._params or (), flat._fqns, pieces):
+            _remember(original, ParamLayout((Segment(0, spec, name),)))
+
+
+def fsdp1_layout(param: Tensor) -> Optional[ParamLayout]:
+    """The layout of an FSDP1 FlatParameter or flattened original parameter (None otherwise)."""
+    if not _is_fsdp1_parameter(param):
+        return None
+    layout = _recall(param)
+    if layout is None:
+        _index_fsdp1_handles()
+        layout = _recall(param)
+    if layout is None:
+        raise ValueError(
+            "an FSDP1-flattened parameter without a live FlatParamHandle reached the optimizer: "
+            "build the optimizer after wrapping the model with FullyShardedDataParallel"
+        )
+    return layout
+
+
 register_layout_resolver(dtensor_layout)
+register_layout_resolver(fsdp1_layout)

@@ -42,6 +42,7 @@ class Alada(FactoredOptimizer):
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
+    elementwise_state = {"exp_avg": "values"}
 
     def __init__(
         self,
@@ -126,27 +127,21 @@ class Alada(FactoredOptimizer):
 
     # --- step ------------------------------------------------------------------------------
 
-    def _run(self, items: list[StepItem]) -> None:
-        reducer = StatReducer()
-        fingerprint: dict[int, int] = {}
-        jobs: list[tuple[StepItem, SegmentPlan, int, int]] = []
+    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[tuple[StepItem, SegmentPlan, int, int]]:
+        """Per factored segment: V·q (even t) or Vᵀ·p (odd t), and ‖G0‖² at t = 0."""
+        jobs = []
         for item in items:
             t = int(item.state["step"].item()) if "step" in item.state else 0
             device = item.weight.device
             for seg in item.plan.factored:
                 geo = seg.geometry
                 assert geo is not None
-                size = geo.rows if t % 2 == 0 else geo.cols
-                stat = reducer.reserve(seg.group, size, device)
+                stat = reducer.reserve(seg.group, geo.rows if t % 2 == 0 else geo.cols, device)
                 norm = reducer.reserve(seg.group, 1, device) if t == 0 else -1
-                if seg.group is not None:
-                    key = id(seg.group)
-                    fingerprint[key] = hash((fingerprint.get(key, 0), geo.rows, geo.cols, t))
                 jobs.append((item, seg, stat, norm))
-        reducer.allocate()
-        self._verify_group_agreement(reducer, fingerprint)
+        return jobs
 
-        # State changes start here.
+    def _apply(self, items: list[StepItem], reducer: StatReducer, jobs: list[tuple[StepItem, SegmentPlan, int, int]]) -> None:
         steps: dict[int, _Schedule] = {}
         for item in items:
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.reduce import StatReducer
 from dist_memopt.shard.spec import ParamLayout, Segment, layout_of, local_tensor
-from dist_memopt.optim.bits import packed_numel
+from dist_memopt.optim.bits import pack_signs, packed_numel, unpack_signs
 
 __all__ = [
     "FactoredOptimizer",
@@ -156,13 +156,14 @@ class FactoredOptimizer(Optimizer):
     hyperparameters: tuple[str, ...] = ()
     #: elements per piece when stepping a segment; None picks :func:`default_chunk_numel`
     chunk_numel: Optional[int] = None
+    #: state keys with one entry per local element: "bits" (packed signs) or "values" (fp32)
+    elementwise_state: dict[str, str] = {}
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._validate_group(defaults, where="")
         super().__init__(params, defaults)
         self._plans: dict[int, tuple[Any, ParamPlan]] = {}
         self._pending: Optional[tuple[StatReducer, Callable[[], None]]] = None
-        self._verified_groups: set[int] = set()
 
     # --- subclass interface ----------------------------------------------------------------
 
@@ -182,8 +183,12 @@ class FactoredOptimizer(Optimizer):
         """State keys this parameter must hold, with element counts and dtypes."""
         raise NotImplementedError
 
-    def _run(self, items: list[StepItem]) -> None:
-        """Update the state and weights of ``items`` (grads already validated)."""
+    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> Any:
+        """Reserve statistic slots for this step; must not change any state."""
+        raise NotImplementedError
+
+    def _apply(self, items: list[StepItem], reducer: StatReducer, reserved: Any) -> None:
+        """Update state and weights (gradients and layouts already checked on every rank)."""
         raise NotImplementedError
 
     # --- parameter groups ------------------------------------------------------------------
@@ -253,26 +258,37 @@ class FactoredOptimizer(Optimizer):
         for index, group in enumerate(self.param_groups):
             self._validate_group(group, where=f" (param group {index})")
         items = self._collect()
-        self._check_gradients(items)
-        if items:
-            self._run(items)
+        if not items:
+            return loss
+        reducer = StatReducer()
+        reserved = self._reserve(items, reducer)
+        reducer.allocate()
+        self._preflight(items, reducer)
+        for item in items:
+            self.state[item.param] = item.state
+        self._apply(items, reducer, reserved)
         return loss
 
     def _collect(self) -> list[StepItem]:
         items = []
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
+                data = local_tensor(p)
                 if p.grad is None:
-                    continue
+                    # A rank whose shard of a parameter is empty gets no gradient from FSDP1
+                    # (use_orig_params=True); it must still post that parameter's statistics.
+                    if data.numel() or not any(s.group is not None for s in self._plan(group, p).segments):
+                        continue
+                    grad = data
+                else:
+                    grad = local_tensor(p.grad)
                 name = self._param_name(group, i)
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients ({name}); "
                         "use a dense embedding (sparse=False)"
                     )
                 plan = self._plan(group, p)
-                data = local_tensor(p)
-                grad = local_tensor(p.grad)
                 if grad.shape != data.shape:
                     raise RuntimeError(
                         f"gradient of {name} has local shape {tuple(grad.shape)} but the "
@@ -281,28 +297,33 @@ class FactoredOptimizer(Optimizer):
                 chunk = self.chunk_numel or default_chunk_numel(data.device)
                 if chunk % 8:
                     raise ValueError(f"chunk_numel must be a multiple of 8, got {chunk}")
-                items.append(
-                    StepItem(group, p, name, plan, self.state[p], _flat_fp32(grad), _flat_fp32(data), data, chunk)
-                )
+                state = self.state[p] if p in self.state else {}  # stored once the step commits
+                items.append(StepItem(group, p, name, plan, state, _flat_fp32(grad), _flat_fp32(data), data, chunk))
         return items
 
-    def _check_gradients(self, items: list[StepItem]) -> None:
-        """Raise before any state changes if a gradient is not finite, on every rank alike."""
-        checked = [it for it in items if it.group.get("check_finite", True)]
-        nonempty = [i for i, it in enumerate(checked) if it.grad.numel() > 0]
-        bad = math.inf
-        if nonempty:
-            peaks = torch._foreach_norm([checked[i].grad for i in nonempty], math.inf)
-            nonfinite = (~torch.isfinite(torch.stack(peaks))).nonzero()
-            if nonfinite.numel():
-                bad = float(nonempty[int(nonfinite[0])])
-        groups = _distinct_groups(it.plan for it in checked)
-        for group in groups:
-            flag = torch.tensor([bad], dtype=torch.float64, device=_group_device(group))
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-            bad = min(bad, float(flag.item()))
+    def _preflight(self, items: list[StepItem], reducer: StatReducer) -> None:
+        """Raise, on every rank alike and before any state changes, on bad gradients or layouts.
+
+        Locally: the first non-finite gradient. Then one small all_reduce per process group carries
+        that verdict and a fingerprint of the statistic layout: a rank stepping other parameters
+        would post collectives of other sizes and hang, so a mismatch becomes an error instead.
+        """
+        bad = self._first_nonfinite(items)
+        fingerprints = reducer.fingerprints()
+        for group in _distinct_groups(it.plan for it in items):
+            value = float(fingerprints.get(id(group), 0))
+            probe = torch.tensor([bad, value, -value], dtype=torch.float64, device=_group_device(group))
+            dist.all_reduce(probe, op=dist.ReduceOp.MIN, group=group)
+            low, high = probe[1].item(), -probe[2].item()
+            if low != high:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the ranks of a process group (this is rank "
+                    f"{dist.get_rank()}) step different parameters or shapes; build the optimizer "
+                    "from the same model, wrapped the same way, on every rank"
+                )
+            bad = min(bad, probe[0].item())
         if bad != math.inf:
-            item = checked[int(bad)]
+            item = items[int(bad)]
             raise NonFiniteGradientError(
                 f"non-finite gradient (inf or NaN) for {item.name} of shape "
                 f"{tuple(item.param.shape)}; no parameter or optimizer state was changed. "
@@ -310,28 +331,17 @@ class FactoredOptimizer(Optimizer):
                 "check_finite=False to skip this check."
             )
 
+    @staticmethod
+    def _first_nonfinite(items: list[StepItem]) -> float:
+        """Index (as a float, inf if none) of the first checked item with an inf/NaN gradient."""
+        checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
+        if not checked:
+            return math.inf
+        peaks = torch._foreach_norm([items[i].grad for i in checked], math.inf)
+        nonfinite = (~torch.isfinite(torch.stack(peaks))).nonzero()
+        return float(checked[int(nonfinite[0])]) if nonfinite.numel() else math.inf
+
     # --- statistic reduction ---------------------------------------------------------------
-
-    def _verify_group_agreement(self, reducer: StatReducer, fingerprint: dict[int, int]) -> None:
-        """On first use of a process group, check that all its ranks step the same layout.
-
-        A rank stepping different parameters would post collectives of other sizes and hang;
-        comparing a fingerprint of the statistic layout turns that into an error on every rank.
-        """
-        for group in reducer.groups:
-            key = id(group)
-            if key in self._verified_groups:
-                continue
-            value = float(fingerprint.get(key, 0) % (1 << 52))
-            probe = torch.tensor([value, -value], dtype=torch.float64, device=_group_device(group))
-            dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
-            if probe[0].item() != value or -probe[1].item() != value:
-                raise RuntimeError(
-                    f"{type(self).__name__}: the ranks of a process group (this is rank "
-                    f"{dist.get_rank()}) step different parameters or shapes; the optimizer must "
-                    "be built from the same model, wrapped the same way, on every rank"
-                )
-            self._verified_groups.add(key)
 
     def synchronize(self) -> None:
         """Finish a reduction left running by the previous step (state_dict() calls this)."""
@@ -348,8 +358,58 @@ class FactoredOptimizer(Optimizer):
     # --- state dict ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict()``, with per-element state of DTensor parameters as
+        DTensors shaped and placed like the parameter (see :meth:`_state_to_checkpoint`)."""
         self.synchronize()
-        return super().state_dict()
+        sd = super().state_dict()
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        sd["state"] = {index: self._state_to_checkpoint(params[index], state) for index, state in sd["state"].items()}
+        return sd
+
+    def _state_to_checkpoint(self, param: Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        """Per-element state (packed signs, dense moments) of a sharded DTensor parameter becomes
+        a DTensor like the parameter, so that torch.distributed.checkpoint can save it sharded and
+        load it on another number of ranks; signs are unpacked to bool for that (transiently, one
+        byte per local element). Row/column factors are global-size and the same on every rank."""
+        state = dict(state)
+        if not _is_dtensor(param) or not self.elementwise_state:
+            return state
+        from torch.distributed.tensor import DTensor
+
+        local = local_tensor(param)
+        for key, kind in self.elementwise_state.items():
+            value = state.get(key)
+            if value is None or value.numel() != (packed_numel(local.numel()) if kind == "bits" else local.numel()):
+                continue
+            if kind == "bits":
+                value = unpack_signs(value, local.numel()) > 0
+            state[key] = DTensor.from_local(
+                value.view(local.shape), param.device_mesh, param.placements, run_check=False,
+                shape=param.shape, stride=param.stride(),
+            )
+        return state
+
+    def _state_from_checkpoint(self, param: Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        """Inverse of :meth:`_state_to_checkpoint`; also accepts full (gathered) tensors."""
+        state = dict(state)
+        local = local_tensor(param)
+        for key, kind in self.elementwise_state.items():
+            value = state.get(key)
+            if not isinstance(value, Tensor) or not (_is_dtensor(value) or value.dtype == torch.bool):
+                continue
+            if _is_dtensor(value):
+                value = local_tensor(value)
+            elif value.numel() == param.numel() and value.numel() != local.numel():
+                segments = layout_of(param).segments
+                value = value.reshape(-1)[segments[0].spec.start : segments[0].spec.end]
+            flat = value.reshape(-1)
+            if kind == "bits":
+                packed = torch.empty(packed_numel(flat.numel()), dtype=torch.uint8, device=flat.device)
+                pack_signs(flat.to(torch.bool), packed)
+                state[key] = packed
+            else:
+                state[key] = flat.to(torch.float32)
+        return state
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -393,6 +453,7 @@ class FactoredOptimizer(Optimizer):
             if key not in id_map:
                 raise ValueError(f"loaded state dict has state for unknown parameter id {key}")
             param = id_map[key]
+            value = self._state_from_checkpoint(param, value)
             new_state[param] = {
                 k: (v.to(device=local_tensor(param).device) if isinstance(v, Tensor) else deepcopy(v))
                 for k, v in value.items()
@@ -414,6 +475,8 @@ class FactoredOptimizer(Optimizer):
 
     def _check_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], name: str) -> None:
         kind = type(self).__name__
+        if not state:
+            return  # a parameter that has not been stepped yet
         plan = self._build_plan(group, layout_of(param))
         expected = dict(self._expected_state(group, plan), step=(1, torch.float32))
         if set(state) != set(expected):
@@ -436,7 +499,6 @@ class FactoredOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_pending", None)
-        self.__dict__.setdefault("_verified_groups", set())
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -459,6 +521,10 @@ class FactoredOptimizer(Optimizer):
             step = state["step"] = torch.tensor(0.0, dtype=torch.float32)
         step += 1
         return int(step.item())
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "_local_tensor")
 
 
 def _distinct_groups(plans: Iterable[ParamPlan]) -> list[dist.ProcessGroup]:

@@ -56,6 +56,7 @@ class SMMF(FactoredOptimizer):
     """
 
     hyperparameters = ("lr", "beta", "eps", "weight_decay", "decay_rate", "growth_rate", "vector_reshape", "weight_decay_mode")
+    elementwise_state = {"sign": "bits", "exp_avg": "values", "exp_avg_sq": "values"}
 
     def __init__(
         self,
@@ -129,10 +130,9 @@ class SMMF(FactoredOptimizer):
 
     # --- step ------------------------------------------------------------------------------
 
-    def _run(self, items: list[StepItem]) -> None:
-        reducer = StatReducer()
-        fingerprint: dict[int, int] = {}
-        tickets: list[list[tuple[int, int, int, int]]] = []
+    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[list[tuple[int, int, int, int]]]:
+        """Slots per factored segment: row/col sums of V, and of |M| when there is a first moment."""
+        tickets = []
         for item in items:
             device = item.weight.device
             with_first = item.group["beta"] is not None
@@ -148,14 +148,10 @@ class SMMF(FactoredOptimizer):
                         reducer.reserve(seg.group, geo.cols, device) if with_first else -1,
                     )
                 )
-                if seg.group is not None:
-                    key = id(seg.group)
-                    fingerprint[key] = hash((fingerprint.get(key, 0), geo.rows, geo.cols, with_first))
             tickets.append(per_item)
-        reducer.allocate()
-        self._verify_group_agreement(reducer, fingerprint)
+        return tickets
 
-        # Nothing below can fail on user input: state changes start here.
+    def _apply(self, items: list[StepItem], reducer: StatReducer, tickets: list[list[tuple[int, int, int, int]]]) -> None:
         jobs: list[tuple[StepItem, SegmentPlan, _Schedule, tuple[int, int, int, int]]] = []
         schedules: list[_Schedule] = []
         for item, per_item in zip(items, tickets):

@@ -66,6 +66,15 @@ class StatReducer:
         assert buffer is not None, "allocate() first"
         return buffer[offset : offset + size]
 
+    def fingerprints(self) -> dict[int, int]:
+        """Per process group (by id), a hash of the slot sizes: equal on ranks that agree."""
+        result: dict[int, int] = {}
+        for buf in self._buffers.values():
+            if buf.group is not None:
+                key = id(buf.group)
+                result[key] = hash((result.get(key, 0), tuple(buf.sizes))) % (1 << 52)
+        return result
+
     @property
     def groups(self) -> list[dist.ProcessGroup]:
         return [b.group for b in self._buffers.values() if b.group is not None]

@@ -10,6 +10,7 @@ import os
 import pickle
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -62,15 +63,23 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     for p in procs:
         p.start()
     outcomes: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(outcomes) < world_size:
             try:
-                rank, ok, payload = results.get(timeout=timeout)
+                rank, ok, payload = results.get(timeout=1.0)
             except queue.Empty:
-                raise TimeoutError(
-                    f"distributed run of {fn.__name__} on {world_size} ranks did not finish within "
-                    f"{timeout}s; ranks done: {sorted(outcomes)}"
-                ) from None
+                dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None]
+                if dead:
+                    raise AssertionError(
+                        f"rank {dead[0]} of {world_size} exited (code {procs[dead[0]].exitcode}) without a result"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"distributed run of {fn.__name__} on {world_size} ranks did not finish within "
+                        f"{timeout}s; ranks done: {sorted(outcomes)}"
+                    ) from None
+                continue
             outcomes[rank] = (ok, payload)
             if not ok:
                 break

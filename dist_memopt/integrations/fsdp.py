@@ -41,7 +41,7 @@ def dtensor_layout(param: Tensor) -> Optional[ParamLayout]:
         raise ValueError(f"parameter DTensor with placements {placements}: Partial parameters cannot be optimized")
     sharded = [(mesh_dim, p) for mesh_dim, p in enumerate(placements) if p.is_shard()]
     if not sharded:
-        return ParamLayout((Segment(0, ShardSpec.full(shape)),))
+        return ParamLayout((Segment(0, ShardSpec.full(shape)),), checkpoint="dtensor")
     if len(sharded) > 1 or type(sharded[0][1]).__name__ != "Shard" or sharded[0][1].dim != 0:
         raise ValueError(
             f"parameter DTensor with placements {tuple(placements)} is not supported: dist_memopt "
@@ -54,7 +54,7 @@ def dtensor_layout(param: Tensor) -> Optional[ParamLayout]:
     start = offset[0] * row_numel if len(shape) else 0
     numel = math.prod(local_shape)
     group = param.device_mesh.get_group(mesh_dim)
-    return ParamLayout((Segment(0, ShardSpec(shape, start, start + numel, group)),))
+    return ParamLayout((Segment(0, ShardSpec(shape, start, start + numel, group)),), checkpoint="dtensor")
 
 
 # id(FSDP1 parameter) -> (weak reference to it, its layout); filled from FlatParamHandles.
@@ -100,10 +100,10 @@ def _index_fsdp1_handles() -> None:
             offset = position if offset is None else offset
             segments.append(Segment(offset, spec, name))
             position = offset + spec.numel
-        _remember(flat, ParamLayout(tuple(segments)))
+        _remember(flat, ParamLayout(tuple(segments), checkpoint="fsdp1"))
         # use_orig_params=True: each original parameter is its own piece
         for original, name, (_, spec) in zip(flat._params or (), flat._fqns, pieces):
-            _remember(original, ParamLayout((Segment(0, spec, name),)))
+            _remember(original, ParamLayout((Segment(0, spec, name),), checkpoint="fsdp1"))
 
 
 def fsdp1_layout(param: Tensor) -> Optional[ParamLayout]:

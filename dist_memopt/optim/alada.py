@@ -42,7 +42,7 @@ class Alada(FactoredOptimizer):
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
-    elementwise_state = {"exp_avg": "values"}
+    elementwise_state = {"exp_avg": ("values", "factored")}
 
     def __init__(
         self,
@@ -127,35 +127,51 @@ class Alada(FactoredOptimizer):
 
     # --- step ------------------------------------------------------------------------------
 
-    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[tuple[StepItem, SegmentPlan, int, int]]:
-        """Per factored segment: V·q (even t) or Vᵀ·p (odd t), and ‖G0‖² at t = 0."""
+    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[tuple[StepItem, SegmentPlan, tuple[int, int, int]]]:
+        """Per factored segment, slots for V·q, Vᵀ·p and ‖G0‖², whatever the step.
+
+        Only one statistic is needed per step (and ‖G0‖² only at t = 0), but a layout that does
+        not depend on the step count keeps the collective identical on every rank even where a
+        rank's count differs: FSDP1's optim_state_dict_to_load gives a rank whose shard of a
+        parameter is empty no state for it, so that rank restarts the parameter at t = 0 (harmless:
+        it updates no element of it).
+        """
         jobs = []
         for item in items:
-            t = int(item.state["step"].item()) if "step" in item.state else 0
             device = item.weight.device
             for seg in item.plan.factored:
                 geo = seg.geometry
                 assert geo is not None
-                stat = reducer.reserve(seg.group, geo.rows if t % 2 == 0 else geo.cols, device)
-                norm = reducer.reserve(seg.group, 1, device) if t == 0 else -1
-                jobs.append((item, seg, stat, norm))
+                slots = (
+                    reducer.reserve(seg.group, geo.rows, device),
+                    reducer.reserve(seg.group, geo.cols, device),
+                    reducer.reserve(seg.group, 1, device),
+                )
+                jobs.append((item, seg, slots))
         return jobs
 
-    def _apply(self, items: list[StepItem], reducer: StatReducer, jobs: list[tuple[StepItem, SegmentPlan, int, int]]) -> None:
+    def _apply(self, items: list[StepItem], reducer: StatReducer, jobs: list[tuple[StepItem, SegmentPlan, tuple[int, int, int]]]) -> None:
         steps: dict[int, _Schedule] = {}
         for item in items:
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
             steps[id(item)] = _Schedule(item.group, self._advance_step(item.state) - 1)
-        for item, seg, stat, norm in jobs:
-            _partial_statistics(item, seg, steps[id(item)], reducer.slot(stat), reducer.slot(norm) if norm >= 0 else None)
+
+        def slots(job_slots: tuple[int, int, int], hp: "_Schedule") -> tuple[Tensor, Tensor]:
+            rows, cols, norm = job_slots
+            return reducer.slot(cols if hp.t % 2 == 1 else rows), reducer.slot(norm)
+
+        for item, seg, job_slots in jobs:
+            hp = steps[id(item)]
+            _partial_statistics(item, seg, hp, *slots(job_slots, hp))
         reducer.reduce(async_op=False)
         for item in items:
             hp = steps[id(item)]
             if hp.weight_decay:
                 item.weight.mul_(1.0 - hp.lr * hp.weight_decay)
-        for item, seg, stat, norm in jobs:
-            _refit_and_update(item, seg, steps[id(item)], reducer.slot(stat), reducer.slot(norm) if norm >= 0 else None)
+        for item, seg, job_slots in jobs:
+            hp = steps[id(item)]
+            _refit_and_update(item, seg, hp, *slots(job_slots, hp))
         for item in items:
             item.commit()
 
@@ -181,7 +197,7 @@ def _momentum(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> Tensor:
     return seg.elems(item.state["exp_avg"])
 
 
-def _partial_statistics(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Tensor, norm: Optional[Tensor]) -> None:
+def _partial_statistics(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Tensor, norm: Tensor) -> None:
     """Update M, then add this range's V·q (even t) or Vᵀ·p (odd t), and ‖G0‖² at t = 0."""
     geo = seg.geometry
     assert geo is not None
@@ -205,12 +221,11 @@ def _partial_statistics(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: T
         else:
             part.add_weighted_row_sums(second, weights, stat)
         if hp.t == 0:
-            assert norm is not None
             g0 = grad if not hp.in_grad else grad / (1.0 - hp.beta1)
             norm += torch.dot(g0, g0)
 
 
-def _refit_and_update(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Tensor, norm: Optional[Tensor]) -> None:
+def _refit_and_update(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Tensor, norm: Tensor) -> None:
     """Alternating refit of p or q from the complete statistic, then the preconditioned update.
 
     Ũ = (p·qᵀ − β2^(t+1)·v0)/(1 − β2^(t+1)) subtracts two nearly equal terms wherever a row or
@@ -226,7 +241,6 @@ def _refit_and_update(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Ten
     v0 = state["v0"][seg.factor_index]
     stat = stat.to(torch.float64)
     if hp.t == 0:
-        assert norm is not None
         v0.copy_(norm[0] / (geo.rows * geo.cols))
         root = v0.sqrt()
         p.copy_(root.expand_as(p))

@@ -24,7 +24,8 @@ from torch.optim import Optimizer
 from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.reduce import StatReducer
 from dist_memopt.shard.spec import ParamLayout, Segment, layout_of, local_tensor
-from dist_memopt.optim.bits import pack_signs, packed_numel, unpack_signs
+from dist_memopt.checkpoint import compact_state, expand_state
+from dist_memopt.optim.bits import packed_numel
 
 __all__ = [
     "FactoredOptimizer",
@@ -156,8 +157,9 @@ class FactoredOptimizer(Optimizer):
     hyperparameters: tuple[str, ...] = ()
     #: elements per piece when stepping a segment; None picks :func:`default_chunk_numel`
     chunk_numel: Optional[int] = None
-    #: state keys with one entry per local element: "bits" (packed signs) or "values" (fp32)
-    elementwise_state: dict[str, str] = {}
+    #: state keys with one entry per element: (kind, segments covered); kind is "bits" (packed
+    #: signs) or "values" (fp32), the segments "factored" or "dense"
+    elementwise_state: dict[str, tuple[str, str]] = {}
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._validate_group(defaults, where="")
@@ -358,58 +360,19 @@ class FactoredOptimizer(Optimizer):
     # --- state dict ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.Optimizer.state_dict()``, with per-element state of DTensor parameters as
-        DTensors shaped and placed like the parameter (see :meth:`_state_to_checkpoint`)."""
+        """``torch.optim.Optimizer.state_dict()``, with the state of sharded parameters in the form
+        their framework's checkpoint code expects (see :mod:`dist_memopt.checkpoint`)."""
         self.synchronize()
         sd = super().state_dict()
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        sd["state"] = {index: self._state_to_checkpoint(params[index], state) for index, state in sd["state"].items()}
+        index = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                if index in sd["state"]:
+                    plan = self._plan(group, param)
+                    style = layout_of(param).checkpoint
+                    sd["state"][index] = expand_state(plan, param, sd["state"][index], self.elementwise_state, style)
+                index += 1
         return sd
-
-    def _state_to_checkpoint(self, param: Tensor, state: dict[str, Any]) -> dict[str, Any]:
-        """Per-element state (packed signs, dense moments) of a sharded DTensor parameter becomes
-        a DTensor like the parameter, so that torch.distributed.checkpoint can save it sharded and
-        load it on another number of ranks; signs are unpacked to bool for that (transiently, one
-        byte per local element). Row/column factors are global-size and the same on every rank."""
-        state = dict(state)
-        if not _is_dtensor(param) or not self.elementwise_state:
-            return state
-        from torch.distributed.tensor import DTensor
-
-        local = local_tensor(param)
-        for key, kind in self.elementwise_state.items():
-            value = state.get(key)
-            if value is None or value.numel() != (packed_numel(local.numel()) if kind == "bits" else local.numel()):
-                continue
-            if kind == "bits":
-                value = unpack_signs(value, local.numel()) > 0
-            state[key] = DTensor.from_local(
-                value.view(local.shape), param.device_mesh, param.placements, run_check=False,
-                shape=param.shape, stride=param.stride(),
-            )
-        return state
-
-    def _state_from_checkpoint(self, param: Tensor, state: dict[str, Any]) -> dict[str, Any]:
-        """Inverse of :meth:`_state_to_checkpoint`; also accepts full (gathered) tensors."""
-        state = dict(state)
-        local = local_tensor(param)
-        for key, kind in self.elementwise_state.items():
-            value = state.get(key)
-            if not isinstance(value, Tensor) or not (_is_dtensor(value) or value.dtype == torch.bool):
-                continue
-            if _is_dtensor(value):
-                value = local_tensor(value)
-            elif value.numel() == param.numel() and value.numel() != local.numel():
-                segments = layout_of(param).segments
-                value = value.reshape(-1)[segments[0].spec.start : segments[0].spec.end]
-            flat = value.reshape(-1)
-            if kind == "bits":
-                packed = torch.empty(packed_numel(flat.numel()), dtype=torch.uint8, device=flat.device)
-                pack_signs(flat.to(torch.bool), packed)
-                state[key] = packed
-            else:
-                state[key] = flat.to(torch.float32)
-        return state
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -445,33 +408,40 @@ class FactoredOptimizer(Optimizer):
                     f"param group {index} of the loaded state dict lacks {missing}: it was not "
                     f"saved by {kind}"
                 )
-        id_map = dict(
-            zip(chain.from_iterable(g["params"] for g in saved_groups), chain.from_iterable(g["params"] for g in groups))
-        )
-        new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
-        for key, value in state_dict["state"].items():
-            if key not in id_map:
-                raise ValueError(f"loaded state dict has state for unknown parameter id {key}")
-            param = id_map[key]
-            value = self._state_from_checkpoint(param, value)
-            new_state[param] = {
-                k: (v.to(device=local_tensor(param).device) if isinstance(v, Tensor) else deepcopy(v))
-                for k, v in value.items()
-            }
+        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
         new_groups = []
         for group, saved in zip(groups, saved_groups):
             saved["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
             new_groups.append(saved)
+        owners = {saved_id: (group, i, index) for index, group in enumerate(new_groups) for i, saved_id in enumerate(
+            saved_ids[sum(len(g["params"]) for g in new_groups[:index]) :][: len(group["params"])])}
+        unknown = [key for key in state_dict["state"] if key not in owners]
+        if unknown:
+            raise ValueError(f"loaded state dict has state for unknown parameter ids {unknown}")
         for index, group in enumerate(new_groups):
             self._validate_group(group, where=f" (param group {index} of the loaded state dict)")
-            for i, p in enumerate(group["params"]):
-                if p in new_state:
-                    self._check_loaded_state(group, p, new_state[p], self._param_name(group, i, index))
+        new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            group, i, index = owners[key]
+            param = group["params"][i]
+            value = self._compact_loaded(group, param, value)
+            self._check_loaded_state(group, param, value, self._param_name(group, i, index))
+            new_state[param] = {
+                k: (v.to(device=local_tensor(param).device) if isinstance(v, Tensor) else deepcopy(v))
+                for k, v in value.items()
+            }
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _compact_loaded(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        """Loaded state in any checkpoint form -> the compact form held in ``self.state``."""
+        layout = layout_of(param)
+        single = layout.segments[0].spec if len(layout.segments) == 1 else None
+        full_range = (single.start, single.end) if single is not None else None
+        return compact_state(self._build_plan(group, layout), param, state, self.elementwise_state, full_range)
 
     def _check_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], name: str) -> None:
         kind = type(self).__name__
@@ -521,10 +491,6 @@ class FactoredOptimizer(Optimizer):
             step = state["step"] = torch.tensor(0.0, dtype=torch.float32)
         step += 1
         return int(step.item())
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return hasattr(t, "device_mesh") and hasattr(t, "_local_tensor")
 
 
 def _distinct_groups(plans: Iterable[ParamPlan]) -> list[dist.ProcessGroup]:

@@ -56,7 +56,7 @@ class SMMF(FactoredOptimizer):
     """
 
     hyperparameters = ("lr", "beta", "eps", "weight_decay", "decay_rate", "growth_rate", "vector_reshape", "weight_decay_mode")
-    elementwise_state = {"sign": "bits", "exp_avg": "values", "exp_avg_sq": "values"}
+    elementwise_state = {"sign": ("bits", "factored"), "exp_avg": ("values", "dense"), "exp_avg_sq": ("values", "dense")}
 
     def __init__(
         self,

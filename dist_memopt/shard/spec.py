@@ -90,9 +90,14 @@ class Segment:
 
 @dataclass(frozen=True)
 class ParamLayout:
-    """All segments of one optimizer tensor, ordered by offset, not overlapping."""
+    """All segments of one optimizer tensor, ordered by offset, not overlapping.
+
+    ``checkpoint`` names the form the sharding framework's checkpoint code expects optimizer state
+    in ("compact", "dtensor", "fsdp1"; see :mod:`dist_memopt.checkpoint`).
+    """
 
     segments: tuple[Segment, ...]
+    checkpoint: str = "compact"
 
     def __post_init__(self) -> None:
         position = 0

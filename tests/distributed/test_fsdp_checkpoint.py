@@ -2,47 +2,143 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import dist_memopt as dm
 from harness import run_distributed
+from models import AwkwardModel
 from test_fsdp import CONFIGS, STEPS, TOLERANCE, _full, _single_process, _train, fsdp2_model
 
 SAVED_AT = 4
 
 
-def _save(rank, world_size, name, path):
-    cls_name, config = CONFIGS[name]
-    model = fsdp2_model()
-    optimizer = getattr(dm, cls_name)(model.parameters(), **config)
-    _train(model, optimizer, range(SAVED_AT))
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    return sorted(optim_sd["state"]["proj.weight"])
+NAMES = ["smmf-adamw", "alada"]
 
 
-def _load_and_continue(rank, world_size, name, path):
-    cls_name, config = CONFIGS[name]
-    model = fsdp2_model()
-    optimizer = getattr(dm, cls_name)(model.parameters(), **config)
-    model_sd, optim_sd = get_state_dict(model, optimizer)  # initializes state to load into
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    steps = {int(s["step"].item()) for s in optimizer.state.values()}
+def _assert_matches(reference, full, label):
+    for param, expected in reference.items():
+        error = (full[param] - expected).abs().max().item()
+        assert error <= TOLERANCE * max(1.0, expected.abs().max().item()), f"{label} {param}: off by {error:.3g}"
+
+
+def _dcp_save(rank, world_size, path):
+    saved = {}
+    for name in NAMES:
+        cls_name, config = CONFIGS[name]
+        model = fsdp2_model()
+        optimizer = getattr(dm, cls_name)(model.parameters(), **config)
+        _train(model, optimizer, range(SAVED_AT))
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{path}/{name}")
+        saved[name] = {k: type(v).__name__ for k, v in optim_sd["state"]["proj.weight"].items()}
+    return saved
+
+
+def _dcp_load_and_continue(rank, world_size, path):
+    results = {}
+    for name in NAMES:
+        cls_name, config = CONFIGS[name]
+        model = fsdp2_model()
+        optimizer = getattr(dm, cls_name)(model.parameters(), **config)
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # initializes state to load into
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{path}/{name}")
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        steps = {int(s["step"].item()) for s in optimizer.state.values()}
+        _train(model, optimizer, range(SAVED_AT, STEPS))
+        results[name] = (_full(model), steps)
+    return results
+
+
+def test_dcp_save_on_2_ranks_load_on_3_continues_exactly(tmp_path):
+    saved = run_distributed(_dcp_save, 2, str(tmp_path))[0]
+    # per-element state is sharded like the parameter; factors are plain (replicated) tensors
+    assert saved["smmf-adamw"]["sign"] == "DTensor" and saved["smmf-adamw"]["row_m"] == "Tensor"
+    assert saved["alada"]["exp_avg"] == "DTensor" and saved["alada"]["row"] == "Tensor"
+    for results in run_distributed(_dcp_load_and_continue, 3, str(tmp_path)):
+        for name in NAMES:
+            full, steps = results[name]
+            assert steps == {SAVED_AT}
+            _assert_matches(_single_process(name), full, name)
+
+
+def _fsdp1(use_orig_params):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.manual_seed(0)
+    inner = AwkwardModel()
+    return FSDP(inner, device_id=torch.device("cpu"), use_orig_params=use_orig_params, ignored_states=[inner.scale])
+
+
+def _fsdp1_state_dict_type(model, full):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import (
+        FullOptimStateDictConfig,
+        FullStateDictConfig,
+        ShardedOptimStateDictConfig,
+        ShardedStateDictConfig,
+        StateDictType,
+    )
+
+    if full:
+        FSDP.set_state_dict_type(
+            model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False), FullOptimStateDictConfig(rank0_only=False)
+        )
+    else:
+        FSDP.set_state_dict_type(model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(), ShardedOptimStateDictConfig())
+
+
+def _fsdp1_resume(model, optimizer, model_sd, optim_sd, full):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    _fsdp1_state_dict_type(model, full)
+    model.load_state_dict(model_sd)
+    optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, optim_sd))
     _train(model, optimizer, range(SAVED_AT, STEPS))
-    return _full(model), steps
+    with FSDP.summon_full_params(model):
+        return _full(model)
 
 
-@pytest.mark.parametrize("name", ["smmf-adamw", "alada"])
-def test_dcp_save_on_2_ranks_load_on_3_continues_exactly(name, tmp_path):
-    keys = run_distributed(_save, 2, name, str(tmp_path))[0]
-    assert ("sign" in keys) if name.startswith("smmf") else ("exp_avg" in keys)
-    reference = _single_process(name)
-    for full, steps in run_distributed(_load_and_continue, 3, name, str(tmp_path)):
-        assert steps == {SAVED_AT}
-        for param, expected in reference.items():
-            error = (full[param] - expected).abs().max().item()
-            assert error <= TOLERANCE * max(1.0, expected.abs().max().item()), f"{param}: off by {error:.3g}"
+def _fsdp1_save(rank, world_size, path):
+    """Sharded optim_state_dict: resume in memory. Full: also write it for another world size."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    results = {}
+    for name, use_orig_params in [(name, orig) for name in NAMES for orig in (False, True)]:
+        cls_name, config = CONFIGS[name]
+        for full in (False, True):
+            model = _fsdp1(use_orig_params)
+            optimizer = getattr(dm, cls_name)(model.parameters(), **config)
+            _train(model, optimizer, range(SAVED_AT))
+            _fsdp1_state_dict_type(model, full)
+            model_sd, optim_sd = model.state_dict(), FSDP.optim_state_dict(model, optimizer)
+            if full and rank == 0:
+                torch.save({"model": model_sd, "optim": optim_sd}, f"{path}/{name}-{use_orig_params}.pt")
+            fresh = _fsdp1(use_orig_params)
+            fresh_optimizer = getattr(dm, cls_name)(fresh.parameters(), **config)
+            results[name, use_orig_params, full] = _fsdp1_resume(fresh, fresh_optimizer, model_sd, optim_sd, full)
+    return results
+
+
+def _fsdp1_load_full(rank, world_size, path):
+    results = {}
+    for name, use_orig_params in [(name, orig) for name in NAMES for orig in (False, True)]:
+        cls_name, config = CONFIGS[name]
+        checkpoint = torch.load(f"{path}/{name}-{use_orig_params}.pt", weights_only=True)
+        model = _fsdp1(use_orig_params)
+        optimizer = getattr(dm, cls_name)(model.parameters(), **config)
+        results[name, use_orig_params] = _fsdp1_resume(model, optimizer, checkpoint["model"], checkpoint["optim"], True)
+    return results
+
+
+def test_fsdp1_optim_state_dict_full_and_sharded(tmp_path):
+    """FSDP1's optim_state_dict / optim_state_dict_to_load, flat and orig-params, full and sharded
+    (each resumed in memory on 2 ranks); the full ones also written on 2 ranks, loaded on 3."""
+    references = {name: _single_process(name) for name in NAMES}
+    for rank_results in run_distributed(_fsdp1_save, 2, str(tmp_path)):
+        for (name, orig, full), params in rank_results.items():
+            _assert_matches(references[name], params, f"2 ranks {name} orig={orig} full={full}")
+    for rank_results in run_distributed(_fsdp1_load_full, 3, str(tmp_path)):
+        for (name, orig), params in rank_results.items():
+            _assert_matches(references[name], params, f"3 ranks {name} orig={orig}")

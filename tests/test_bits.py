@@ -31,3 +31,21 @@ def test_wrong_buffer_size_is_an_error():
         pack_signs(torch.ones(9, dtype=torch.bool), torch.empty(1, dtype=torch.uint8))
     with pytest.raises(ValueError, match="bytes"):
         unpack_signs(torch.empty(1, dtype=torch.uint8), 9)
+
+
+def test_every_byte_value_round_trips():
+    """The multiply-shift packing, checked exhaustively over all 256 sign patterns."""
+    patterns = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+    packed = torch.empty(256, dtype=torch.uint8)
+    pack_signs(patterns.reshape(-1), packed)
+    assert packed.tolist() == list(range(256))
+    assert torch.equal(unpack_signs(packed, 256 * 8) > 0, patterns.reshape(-1))
+
+
+def test_unaligned_views_pack_like_aligned_ones():
+    values = torch.randn(1003) >= 0
+    aligned = torch.empty(125, dtype=torch.uint8)
+    pack_signs(values[3:].clone(), aligned)
+    unaligned = torch.empty(125, dtype=torch.uint8)
+    pack_signs(values[3:], unaligned)  # storage offset 3: not readable as int64
+    assert torch.equal(aligned, unaligned)

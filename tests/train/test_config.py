@@ -1,9 +1,16 @@
 """Configs: Table 18 values, composition, overrides, and errors raised before any process group."""
 
-import pytest
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from paths import MEGATRON_CONFIGS, TINY_CONFIGS
+import pytest
+import torch.distributed as dist
+
+from paths import MEGATRON_CONFIGS, REPO, TINY_CONFIGS
 from dist_memopt.train.config import ConfigError, config_to_dict, load_config, to_yaml
+from launch import pretrain
 
 MEGATRON = MEGATRON_CONFIGS
 TINY = TINY_CONFIGS
@@ -34,6 +41,29 @@ def test_megatron_configs_reproduce_table_18(model):
     assert (m.type, m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size, m.seq_length, m.vocab_size) == (model, *MODEL_SIZES[model])
     if model == "t5":
         assert (m.encoder_num_layers, m.decoder_num_layers, m.decoder_seq_length, m.vocab_extra_ids) == (12, 12, 128, 100)
+
+
+def test_megatron_models_have_the_papers_sizes():
+    """megatron-core builds BERT-base (110M), GPT-2 (124M) and T5-base (224M with tied embeddings)."""
+    import torch
+
+    from dist_memopt.train.distributed import free_port
+    from dist_memopt.train.models import build_model, init_megatron
+    from megatron.core import parallel_state
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)  # Megatron's parallel state needs one
+    try:
+        init_megatron(0)
+        millions = {}
+        for model in ("bert", "gpt2", "t5"):
+            with torch.device("meta"):  # shapes only: no memory, no initialization cost
+                built = build_model(load_config(MEGATRON / f"{model}.yaml"))
+            millions[model] = round(sum(p.numel() for p in built.parameters()) / 1e6)
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    assert millions == {"bert": 110, "gpt2": 124, "t5": 224}
 
 
 @pytest.mark.parametrize("model", sorted(TABLE_18))
@@ -112,3 +142,45 @@ def test_unknown_key_in_a_file_and_broken_base(tmp_path):
         load_config(loop)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_pretrain_rejects_bad_config_before_any_process_group(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = pretrain.main(["--config", str(TINY / "gpt2.yaml"), "--set", "train.lr=fast", "--set", f"log.run_dir={run_dir}"])
+    assert code == 2
+    assert "config error: train.lr: expected float, got str 'fast'" in capsys.readouterr().err
+    assert not dist.is_initialized() and not run_dir.exists()
+
+
+def test_torchrun_fails_fast_on_a_bad_override(tmp_path):
+    """Two ranks under torchrun both stop at validation: exit code 2, no run directory, no hang."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node=2", "-m", "launch.pretrain", "--config", str(TINY / "bert.yaml"),
+         "--set", "model.nheads=4", "--set", f"log.run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("config error: model: unknown key 'nheads'") == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config_prints_yaml_and_exits(capsys):
+    assert pretrain.main(["--config", str(TINY / "bert.yaml"), "--print-config", "--set", "train.seed=5"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 5" in out and "type: bert" in out and not dist.is_initialized()
+
+
+def test_run_wrapper_builds_each_launchers_command(capsys):
+    from launch import run
+
+    args = ["--config", "c.yaml", "--set=train.lr=1e-3"]
+    torchrun = run.launch_command("torchrun", 2, args, port=1234)
+    assert torchrun[0].endswith("torchrun") and torchrun[1:5] == ["--nproc_per_node=2", "--master_port=1234", "-m", "launch.pretrain"]
+    deepspeed = run.launch_command("deepspeed", 2, args, port=1234)
+    assert deepspeed[0].endswith("deepspeed") and "--num_gpus=2" in deepspeed and "--module" in deepspeed
+    mpirun = run.launch_command("mpirun", 3, args)
+    assert mpirun[0].endswith("mpirun") and mpirun[1:] == ["-n", "3", sys.executable, "-m", "launch.pretrain", *args]
+    assert run.main(["--config", str(TINY / "gpt2.yaml"), "--set", "parallel.launcher=mpirun", "--dry-run"]) == 0
+    assert "mpirun -n 2" in capsys.readouterr().out
+    assert run.main(["--config", str(TINY / "gpt2.yaml"), "--set", "parallel.nproc=3", "--dry-run"]) == 2  # 8 % (4 x 3)

@@ -1,0 +1,67 @@
+"""What the training loop needs from a backend, whatever wraps the model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from dist_memopt.memory import state_bytes
+from dist_memopt.shard.spec import local_tensor
+from dist_memopt.train import optimizers
+
+__all__ = ["Engine", "no_decay_names", "make_optimizer"]
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Megatron's rule, decided on the unwrapped model: no weight decay for biases and 1-D tensors."""
+    return {n for n, p in model.named_parameters() if n.endswith(".bias") or p.dim() == 1}
+
+
+def make_optimizer(config, named_params: Iterable[tuple[str, nn.Parameter]], no_decay: set[str]) -> torch.optim.Optimizer:
+    groups = optimizers.param_groups(named_params, config.train.weight_decay, no_decay)
+    return optimizers.build_optimizer(config.optimizer.type, config.optimizer.params, groups, config.train.lr)
+
+
+class Engine(ABC):
+    """A wrapped model and its optimizer: forward, backward per micro-batch, one step per iteration.
+
+    ``optimizer`` is the user-level optimizer (ours or a baseline): its ``param_groups`` carry the
+    learning rate and its ``state`` is what :meth:`state_bytes` counts.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, last_micro: bool, num_micro: int) -> None:
+        """Backpropagate one micro-batch's mean loss; gradients average over micro-batches."""
+
+    @abstractmethod
+    def step(self) -> None:
+        """Clip (``train.clip_grad``), step the optimizer, clear gradients."""
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def state_bytes(self) -> int:
+        return state_bytes(self.optimizer)
+
+    def local_numel(self) -> int:
+        """Elements this rank's optimizer steps on (AdamW would keep 8 bytes for each)."""
+        return sum(local_tensor(p).numel() for g in self.optimizer.param_groups for p in g["params"])
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write model and optimizer state under ``path`` (a directory; collective)."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None:
+        """Restore what :meth:`save` wrote (collective)."""

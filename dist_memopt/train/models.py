@@ -1,0 +1,121 @@
+"""Megatron-core GPTModel, BertModel and T5Model from a config, and their pre-training losses.
+
+Local layer specs (no Transformer Engine), ``use_cpu_initialization=True`` (weights are created
+on the CPU from the seeded generator, identically on every rank, then moved to the device).
+Megatron's parallel state is initialized with tensor/pipeline size 1: data parallelism belongs to
+the backend (FSDP or DeepSpeed). On CPU, :mod:`dist_memopt.integrations.megatron.cpu_shims`
+replaces megatron-core's CUDA assumptions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_memopt.integrations.megatron.cpu_shims import install_cpu_shims, model_parallel_manual_seed
+from dist_memopt.train.data import ByteTokenizer
+
+__all__ = ["padded_vocab_size", "init_megatron", "build_model", "compute_loss"]
+
+
+def padded_vocab_size(config) -> int:
+    """Megatron's rule: the vocabulary rounded up to ``make_vocab_size_divisible_by``."""
+    m = config.model
+    size = m.vocab_size or ByteTokenizer(m.vocab_extra_ids).vocab_size
+    multiple = m.make_vocab_size_divisible_by
+    return int(math.ceil(size / multiple) * multiple)
+
+
+def init_megatron(seed: int) -> None:
+    """Megatron's parallel state (TP = PP = 1) and seeded RNGs; needs the default process group."""
+    from megatron.core import parallel_state
+
+    install_cpu_shims()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    torch.manual_seed(seed)
+    model_parallel_manual_seed(seed)
+
+
+def _transformer_config(config, num_layers: int) -> Any:
+    from megatron.core.transformer import TransformerConfig
+
+    m = config.model
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.kv_channels,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        use_cpu_initialization=True,
+        bf16=config.train.bf16,
+        params_dtype=torch.float32,
+    )
+
+
+def build_model(config) -> nn.Module:
+    """The configured megatron-core model, in fp32 on the CPU."""
+    m = config.model
+    vocab = padded_vocab_size(config)
+    max_positions = m.max_position_embeddings or max(m.seq_length, m.decoder_seq_length or 0)
+    common = dict(
+        vocab_size=vocab,
+        max_sequence_length=max_positions,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type=m.position_embedding_type,
+    )
+    if m.type == "gpt2":
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        return GPTModel(config=_transformer_config(config, m.num_layers), transformer_layer_spec=get_gpt_layer_local_spec(), **common)
+    if m.type == "bert":
+        from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
+        from megatron.core.models.bert.bert_model import BertModel
+
+        return BertModel(
+            config=_transformer_config(config, m.num_layers),
+            num_tokentypes=0,
+            transformer_layer_spec=bert_layer_local_spec,
+            add_binary_head=False,  # masked LM only: the corpus has no sentence-order pairs
+            **common,
+        )
+    from megatron.core.models.T5 import T5Model
+    from megatron.core.models.T5.t5_spec import get_t5_decoder_with_local_block_spec, get_t5_encoder_with_local_block_spec
+
+    encoder_layers = m.encoder_num_layers or m.num_layers
+    decoder_layers = m.decoder_num_layers or m.num_layers
+    return T5Model(
+        config=_transformer_config(config, decoder_layers),
+        encoder_config=_transformer_config(config, encoder_layers),
+        transformer_encoder_layer_spec=get_t5_encoder_with_local_block_spec(encoder_layers),
+        transformer_decoder_layer_spec=get_t5_decoder_with_local_block_spec(decoder_layers),
+        **common,
+    )
+
+
+def compute_loss(engine, kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean token loss of one micro-batch (masked-token mean for BERT/T5, as Megatron's)."""
+    if kind == "gpt2":
+        tokens = batch["tokens"]
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        losses = engine.forward(tokens, positions, batch["attention_mask"], labels=batch["labels"])
+    elif kind == "bert":
+        losses, _ = engine.forward(batch["tokens"], batch["padding_mask"], lm_labels=batch["labels"])
+    else:
+        losses = engine.forward(
+            batch["encoder_tokens"],
+            batch["decoder_tokens"],
+            None,  # encoder self-attention: no padding
+            batch["decoder_attention_mask"],
+            None,  # cross-attention: no padding
+            lm_labels=batch["labels"],
+        )
+    mask = batch["loss_mask"]
+    return (losses.float() * mask).sum() / mask.sum()

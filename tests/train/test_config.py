@@ -1,0 +1,186 @@
+"""Configs: Table 18 values, composition, overrides, and errors raised before any process group."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from paths import MEGATRON_CONFIGS, REPO, TINY_CONFIGS
+from dist_memopt.train.config import ConfigError, config_to_dict, load_config, to_yaml
+from launch import pretrain
+
+MEGATRON = MEGATRON_CONFIGS
+TINY = TINY_CONFIGS
+
+# Table 18 of the SMMF paper: scheduler, iterations, micro-batch, global batch, warmup, lr, weight decay.
+TABLE_18 = {
+    "bert": ("linear", 1_000_000, 4, 32, 10_000, 1e-4, 0.01),
+    "gpt2": ("cosine", 500_000, 4, 64, 5_000, 1.5e-4, 0.01),
+    "t5": ("linear", 1_000_000, 16, 128, 10_000, 1e-4, 0.01),
+}
+SMMF_TABLE_18 = {"beta": 0.9, "decay_rate": -0.5, "growth_rate": 0.999, "eps": 1e-8}
+# BERT-base, GPT-2 124M, T5-base: layers, hidden, heads, ffn, sequence length, vocabulary.
+MODEL_SIZES = {
+    "bert": (12, 768, 12, 3072, 512, 30522),
+    "gpt2": (12, 768, 12, 3072, 1024, 50257),
+    "t5": (12, 768, 12, 3072, 512, 32128),
+}
+
+
+@pytest.mark.parametrize("model", sorted(TABLE_18))
+def test_megatron_configs_reproduce_table_18(model):
+    config = load_config(MEGATRON / f"{model}.yaml")
+    t = config.train
+    assert (t.lr_decay_style, t.train_iters, t.micro_batch_size, t.global_batch_size, t.lr_warmup_iters, t.lr, t.weight_decay) == TABLE_18[model]
+    assert config.optimizer.type == "SMMF"
+    assert config.optimizer.params == SMMF_TABLE_18
+    m = config.model
+    assert (m.type, m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size, m.seq_length, m.vocab_size) == (model, *MODEL_SIZES[model])
+    if model == "t5":
+        assert (m.encoder_num_layers, m.decoder_num_layers, m.decoder_seq_length, m.vocab_extra_ids) == (12, 12, 128, 100)
+
+
+def test_megatron_models_have_the_papers_sizes():
+    """megatron-core builds BERT-base (110M), GPT-2 (124M) and T5-base (224M with tied embeddings)."""
+    import torch
+
+    from dist_memopt.train.distributed import free_port
+    from dist_memopt.train.models import build_model, init_megatron
+    from megatron.core import parallel_state
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)  # Megatron's parallel state needs one
+    try:
+        init_megatron(0)
+        millions = {}
+        for model in ("bert", "gpt2", "t5"):
+            with torch.device("meta"):  # shapes only: no memory, no initialization cost
+                built = build_model(load_config(MEGATRON / f"{model}.yaml"))
+            millions[model] = round(sum(p.numel() for p in built.parameters()) / 1e6)
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    assert millions == {"bert": 110, "gpt2": 124, "t5": 224}
+
+
+@pytest.mark.parametrize("model", sorted(TABLE_18))
+@pytest.mark.parametrize("variant, optimizer", [("alada", "Alada"), ("adamw", "AdamW")])
+def test_variants_differ_only_in_the_optimizer(model, variant, optimizer):
+    base = config_to_dict(load_config(MEGATRON / f"{model}.yaml"))
+    other = config_to_dict(load_config(MEGATRON / f"{model}-{variant}.yaml"))
+    assert other["optimizer"]["type"] == optimizer
+    assert "decay_rate" not in other["optimizer"]["params"]  # SMMF's arguments are not inherited
+    base.pop("optimizer"), other.pop("optimizer")
+    assert base == other
+    text = (MEGATRON / f"{model}-{variant}.yaml").read_text()
+    assert "base:" in text and "model:" not in text and "train:" not in text  # composed, not copied
+
+
+@pytest.mark.parametrize("model", sorted(TABLE_18))
+def test_tiny_configs_are_the_same_models_shrunk(model):
+    tiny, full = load_config(TINY / f"{model}.yaml"), load_config(MEGATRON / f"{model}.yaml")
+    assert tiny.model.type == full.model.type and tiny.optimizer == full.optimizer
+    assert tiny.train.lr_decay_style == full.train.lr_decay_style
+    assert tiny.model.hidden_size < full.model.hidden_size and tiny.train.train_iters == 100
+    assert tiny.parallel.nproc == 2
+
+
+def test_overrides_are_typed_from_the_schema():
+    config = load_config(TINY / "gpt2.yaml", ["train.lr=3e-4", "train.train_iters=1e3", "parallel.backend=deepspeed", "model.vocab_size=null"])
+    assert config.train.lr == 3e-4 and isinstance(config.train.lr, float)
+    assert config.train.train_iters == 1000 and isinstance(config.train.train_iters, int)
+    assert config.parallel.backend == "deepspeed" and config.model.vocab_size is None
+    alada = load_config(TINY / "gpt2.yaml", ["optimizer.type=Alada"])
+    assert alada.optimizer.params == {"betas": [0.9, 0.9], "eps": 1e-16}  # SMMF's params dropped, Alada's defaults
+    tuned = load_config(TINY / "gpt2.yaml", ["optimizer.params.beta=0.95"])
+    assert tuned.optimizer.params["beta"] == 0.95 and tuned.optimizer.params["decay_rate"] == -0.5
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = load_config(TINY / "t5.yaml", ["train.seed=7"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(config))
+    again = load_config(path)
+    assert config_to_dict(again) == config_to_dict(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lrr=1e-3"], r"train: unknown key 'lrr'"),
+        (["train.train_iters=many"], r"train.train_iters: expected int, got str 'many'"),
+        (["train.lr=[1, 2]"], r"train.lr: expected float, got list"),
+        (["train.clip_grad=true"], r"train.clip_grad: expected float, got bool"),
+        (["train.lr"], r"expected KEY=VALUE"),
+        (["lr=1e-3"], r"KEY must be section.name"),
+        (["nosuch.key=1"], r"unknown key 'nosuch'"),
+        (["train.lr_decay_style=exponential"], r"'exponential' is not one of constant, linear, cosine"),
+        (["optimizer.params.betas=[0.9, 0.99]"], r"'betas' not accepted by SMMF"),
+        (["optimizer.params.decay_rate=0.5"], r"optimizer.params for SMMF: Invalid decay_rate"),
+        (["optimizer.params.lr=1.0"], r"set train.lr instead"),
+        (["parallel.backend=megatron"], r"not available in this build"),
+        (["train.global_batch_size=6"], r"not a multiple of train.micro_batch_size"),
+        (["model.decoder_seq_length=64"], r"only for model.type t5"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY / "gpt2.yaml", overrides)
+
+
+def test_unknown_key_in_a_file_and_broken_base(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {TINY / 'gpt2.yaml'}\nmodel:\n  hiden_size: 32\n")
+    with pytest.raises(ConfigError, match=r"model: unknown key 'hiden_size'"):
+        load_config(bad)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="chain loops"):
+        load_config(loop)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_pretrain_rejects_bad_config_before_any_process_group(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = pretrain.main(["--config", str(TINY / "gpt2.yaml"), "--set", "train.lr=fast", "--set", f"log.run_dir={run_dir}"])
+    assert code == 2
+    assert "config error: train.lr: expected float, got str 'fast'" in capsys.readouterr().err
+    assert not dist.is_initialized() and not run_dir.exists()
+
+
+def test_torchrun_fails_fast_on_a_bad_override(tmp_path):
+    """Two ranks under torchrun both stop at validation: exit code 2, no run directory, no hang."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node=2", "-m", "launch.pretrain", "--config", str(TINY / "bert.yaml"),
+         "--set", "model.nheads=4", "--set", f"log.run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("config error: model: unknown key 'nheads'") == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config_prints_yaml_and_exits(capsys):
+    assert pretrain.main(["--config", str(TINY / "bert.yaml"), "--print-config", "--set", "train.seed=5"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 5" in out and "type: bert" in out and not dist.is_initialized()
+
+
+def test_run_wrapper_builds_each_launchers_command(capsys):
+    from launch import run
+
+    args = ["--config", "c.yaml", "--set=train.lr=1e-3"]
+    torchrun = run.launch_command("torchrun", 2, args, port=1234)
+    assert torchrun[0].endswith("torchrun") and torchrun[1:5] == ["--nproc_per_node=2", "--master_port=1234", "-m", "launch.pretrain"]
+    deepspeed = run.launch_command("deepspeed", 2, args, port=1234)
+    assert deepspeed[0].endswith("deepspeed") and "--num_gpus=2" in deepspeed and "--module" in deepspeed
+    mpirun = run.launch_command("mpirun", 3, args)
+    assert mpirun[0].endswith("mpirun") and mpirun[1:] == ["-n", "3", sys.executable, "-m", "launch.pretrain", *args]
+    assert run.main(["--config", str(TINY / "gpt2.yaml"), "--set", "parallel.launcher=mpirun", "--dry-run"]) == 0
+    assert "mpirun -n 2" in capsys.readouterr().out
+    assert run.main(["--config", str(TINY / "gpt2.yaml"), "--set", "parallel.nproc=3", "--dry-run"]) == 2  # 8 % (4 x 3)

@@ -5,15 +5,10 @@ optimizers take ``model.parameters()`` of the wrapped model as any torch optimiz
 hands them DTensors, FSDP1 flat-parameter views). DDP replicates whole parameters: the reference
 for optimizers that only handle whole tensors (the baselines in ``dist_memopt.bench.quality``).
 
-Checkpoints use torch.distributed.checkpoint (DCP) with ``get_state_dict``/``set_state_dict``.
-That handles optimizer state shaped like its parameter (DTensors under FSDP2, flat-parameter
-pieces under FSDP1) and scalars. SMMF's and Alada's state (packed signs, row/column factors, flat
-moments) is neither: under FSDP2 ``get_state_dict`` returns it as plain tensors, which DCP takes
-for replicas (``dcp.save`` keeps one rank's copy, ``dcp.load`` fails with a size mismatch or, when
-shard sizes agree, silently hands every rank that copy); under FSDP1 ``get_state_dict`` itself
-fails (FSDP1 expects one dtype per flat parameter's state). Until those optimizers provide
-DCP-shardable state, their state is saved rank by rank (``optimizer_rank_N.pt``) next to the DCP
-model checkpoint (see :func:`dcp_can_reshard`), and a resume needs the same number of ranks.
+Checkpoints use torch.distributed.checkpoint (DCP) with ``get_state_dict``/``set_state_dict``, for
+our optimizers as for torch's: SMMF and Alada hand DCP their per-element state as DTensors placed
+like the parameters under FSDP2, and in FSDP1's own form under FSDP1 (see
+:mod:`dist_memopt.checkpoint`), so a checkpoint loads on another number of ranks.
 """
 
 from __future__ import annotations
@@ -21,20 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
-from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dist_memopt.train.backends.base import Engine, make_optimizer, no_decay_names
 
-__all__ = ["FSDP2Engine", "FSDP1Engine", "DDPEngine", "build", "dcp_can_reshard"]
+__all__ = ["FSDP2Engine", "FSDP1Engine", "DDPEngine", "build"]
 
 _FSDP1_PREFIX = "_fsdp_wrapped_module."
 
@@ -60,50 +48,14 @@ class _DCPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, path: Path) -> None:
-        if dcp_can_reshard(self.optimizer):
-            model_state, optim_state = get_state_dict(self.model, self.optimizer)
-            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
-            return
-        dcp.save({"model": get_model_state_dict(self.model)}, checkpoint_id=str(path))
-        torch.save(self.optimizer.state_dict(), _rank_file(path))
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
-        rank_file = _rank_file(path)
-        if not (path / _RANK_FILE.format(rank=0)).exists():
-            model_state, optim_state = get_state_dict(self.model, self.optimizer)
-            state = {"model": model_state, "optimizer": optim_state}
-            dcp.load(state, checkpoint_id=str(path))
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-            return
-        if not rank_file.exists() or (path / _RANK_FILE.format(rank=dist.get_world_size())).exists():
-            raise RuntimeError(
-                f"{path}: its per-rank optimizer state was written by a different number of ranks than "
-                f"{dist.get_world_size()}; resume with the world size that saved it"
-            )
-        state = {"model": get_model_state_dict(self.model)}
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(self.model, state["model"])
-        self.optimizer.load_state_dict(torch.load(rank_file, weights_only=False))
-
-
-_RANK_FILE = "optimizer_rank_{rank}.pt"
-
-
-def _rank_file(path: Path) -> Path:
-    return path / _RANK_FILE.format(rank=dist.get_rank())
-
-
-def dcp_can_reshard(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether DCP can save this optimizer's state: every tensor a DTensor, a scalar or param-shaped.
-
-    Any other plain tensor differs per rank but would be deduplicated as a replica (see module doc).
-    """
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for value in optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.dim() and not isinstance(value, DTensor) and value.shape != param.shape:
-                    return False
-    return True
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 class FSDP2Engine(_DCPEngine):

@@ -70,3 +70,16 @@ def test_no_state_yet_gives_no_views():
     optimizer = dm.SMMF([flat], lr=1e-2)
     pieces = optimizer.segment_states(optimizer.param_groups[0], layout_of(flat), {})
     assert [views for _, views in pieces] == [{}, {}, {}]
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_new_state_has_the_shape_of_a_stepped_one(make):
+    flat = _flat_holding_three_parameters()
+    optimizer = make([flat])
+    fresh = optimizer.new_state(optimizer.param_groups[0], layout_of(flat), flat.device)
+    flat.grad = torch.randn_like(flat)
+    optimizer.step()
+    stepped = optimizer.state[flat]
+    assert fresh.keys() == stepped.keys()
+    for key in fresh:
+        assert fresh[key].shape == stepped[key].shape and fresh[key].dtype == stepped[key].dtype, key

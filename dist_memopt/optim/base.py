@@ -470,6 +470,15 @@ class FactoredOptimizer(Optimizer):
             pieces.append((seg.segment, views))
         return pieces
 
+    def new_state(self, group: dict[str, Any], layout: ParamLayout, device: torch.device) -> dict[str, Tensor]:
+        """Zero state, sized for a tensor of ``layout``, for :meth:`segment_states` to fill
+        (restoring state saved in another layout); ``step`` is 0."""
+        plan = self._build_plan(group, layout)
+        state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        for key, (numel, dtype) in self._expected_state(group, plan).items():
+            state[key] = torch.zeros(numel, dtype=dtype, device=device)
+        return state
+
     # --- helpers for subclasses ------------------------------------------------------------
 
     @staticmethod

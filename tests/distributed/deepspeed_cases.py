@@ -71,6 +71,7 @@ def reference_run(
     scheduler: Optional[Callable[[torch.optim.Optimizer], Any]] = None,
     dtype: torch.dtype = torch.float32,
     grad_dtype: torch.dtype = torch.float32,
+    fresh_state_at: Optional[int] = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The optimizer stepping the plain model, one step per entry of ``world_sizes`` (the data of
     that many ranks), on the mean gradient of the ranks' (and micro-batches') losses.
@@ -78,8 +79,18 @@ def reference_run(
     With ``dtype`` bf16 the forward/backward run on a bf16 copy of the fp32 master weights, as
     DeepSpeed's mixed precision does (master weights start from the bf16-rounded model), and each
     rank's gradient is averaged in fp32. ``grad_dtype`` bf16 rounds the averaged gradient to
-    bf16, as ZeRO does when it keeps gradients in bf16.
+    bf16, as ZeRO does when it keeps gradients in bf16. ``fresh_state_at`` restarts the optimizer
+    (state lost, weights kept) before that step.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as on the ranks; tiny ops on a shared 2-core machine are faster so
+    try:
+        return _reference_run(name, world_sizes, accumulation, clip, scheduler, dtype, grad_dtype, fresh_state_at)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_run(name, world_sizes, accumulation, clip, scheduler, dtype, grad_dtype, fresh_state_at):
     master = ds_model()
     lowp = master
     if dtype != torch.float32:  # DeepSpeed casts the model first, then copies its fp32 master weights
@@ -88,6 +99,8 @@ def reference_run(
     optimizer = make_optimizer(name, master.parameters())
     sched = scheduler(optimizer) if scheduler else None
     for step, world in enumerate(world_sizes):
+        if step == fresh_state_at:
+            optimizer = make_optimizer(name, master.parameters())
         grads = [torch.zeros_like(p) for p in master.parameters()]
         if lowp is not master:
             with torch.no_grad():

@@ -216,7 +216,32 @@ def state_helpers(rank: int, world: int, workdir: str, name: str, stage: int) ->
     return result
 
 
+def universal_resume(rank: int, world: int, workdir: str, name: str, stage: int, folder: str, tag: str) -> dict:
+    """Load a universal checkpoint written from another DP size (and ZeRO stage); steps 5..9."""
+    engine, model = _engine(ds_config(stage, name, checkpoint={"load_universal": True}))
+    engine.load_checkpoint(folder, tag=tag)
+    loaded_step = engine.global_steps
+    _train(engine, rank, range(5, 10))
+    result = {"full": _full_fp32(engine, model), "global_steps": loaded_step}
+    engine.destroy()
+    return result
+
+
+def plain_load_on_other_size(rank: int, world: int, workdir: str, name: str, stage: int, folder: str, tag: str) -> str:
+    """A plain ZeRO checkpoint of another DP size: the error must say how to convert it."""
+    engine, _ = _engine(ds_config(stage, name))
+    try:
+        engine.load_checkpoint(folder, tag=tag)
+    except Exception as error:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(error).__name__}: {error}"
+    finally:
+        engine.destroy()
+    return "no error"
+
+
 CASES: dict[str, Callable[..., Any]] = {
+    "universal_resume": universal_resume,
+    "plain_load_on_other_size": plain_load_on_other_size,
     "fp16_overflow": fp16_overflow,
     "resume": resume,
     "state_helpers": state_helpers,

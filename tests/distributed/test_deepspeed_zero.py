@@ -6,6 +6,8 @@ its results against single-process runs of the same optimizer (deepspeed_cases.r
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -69,7 +71,13 @@ TWO_RANK_CASES += [
     ("state-Alada-3", "state_helpers", dict(name="Alada", stage=3)),
     ("state-SMMF-2", "state_helpers", dict(name="SMMF", stage=2)),
 ]
-THREE_RANK_CASES = _exact_cases(3)
+# Checkpoints saved at step 5 on 2 ranks, converted, resumed on 3 ranks (at the same or another stage)
+UNIVERSAL_CASES = {
+    "universal-SMMF-2to2": ("resume-SMMF-2", dict(name="SMMF", stage=2)),
+    "universal-SMMF-2to3": ("resume-SMMF-2", dict(name="SMMF", stage=3)),
+    "universal-Alada-3to1": ("resume-Alada-3", dict(name="Alada", stage=1)),
+    "universal-Alada-3to3": ("resume-Alada-3", dict(name="Alada", stage=3)),
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +87,29 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def three_ranks(tmp_path_factory):
+def converted(two_ranks):
+    """The 2-rank step-5 checkpoints of the resume cases, converted to universal checkpoints."""
+    from dist_memopt.integrations.deepspeed.universal import main as convert
+
+    folders = {}
+    for key in {source for source, _ in UNIVERSAL_CASES.values()}:
+        folder = _results(two_ranks, key)[0]["folder"]
+        convert(["--input_folder", os.path.join(folder, "step5"), "--output_folder", os.path.join(folder, "step5_universal")])
+        folders[key] = folder
+    return folders
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory, converted):
     workdir = str(tmp_path_factory.mktemp("ds3"))
-    return run_distributed(run_cases, 3, THREE_RANK_CASES, workdir, env=DS_ENV, timeout=400)
+    cases = _exact_cases(3)
+    for key, (source, kwargs) in UNIVERSAL_CASES.items():
+        tag = None if key.endswith("2to2") else "step5_universal"  # None: the latest_universal file
+        cases.append((key, "universal_resume", dict(folder=converted[source], tag=tag, **kwargs)))
+    folder = converted["resume-SMMF-2"]
+    cases.append(("plain-load", "plain_load_on_other_size", dict(name="SMMF", stage=2, folder=folder, tag="step5")))
+    cases.append(("wrong-optimizer", "universal_resume", dict(name="Alada", stage=2, folder=folder, tag="step5_universal")))
+    return run_distributed(run_cases, 3, cases, workdir, env=DS_ENV, timeout=400)
 
 
 def _results(ranks: list[dict], key: str) -> list:
@@ -233,3 +261,27 @@ def test_full_optimizer_state_helpers_return_per_element_state(two_ranks, stage)
 def test_factor_state_is_refused_on_every_rank(two_ranks):
     for result in _results(two_ranks, "state-SMMF-2"):
         assert all(message and "not laid out per element" in message for message in result["errors"].values())
+
+
+@pytest.mark.parametrize("key", UNIVERSAL_CASES)
+def test_universal_checkpoint_resumes_on_another_dp_size_and_stage(three_ranks, key):
+    name = UNIVERSAL_CASES[key][1]["name"]
+    results = _results(three_ranks, key)
+    assert all(result["global_steps"] == 5 for result in results)
+    reference = reference_run(name, [2] * 5 + [3] * 5)[0]  # 5 steps on 2 ranks' data, 5 on 3 ranks'
+    _assert_close(results, reference, FP32_TOLERANCE)
+    without_state = reference_run(name, [2] * 5 + [3] * 5, fresh_state_at=5)[0]
+    diffs = max_relative_diff(results[0]["full"], without_state)
+    assert max(diffs.values()) > 100 * FP32_TOLERANCE, "the loaded optimizer state must matter here"
+
+
+def test_plain_checkpoint_on_another_dp_size_says_how_to_convert(three_ranks):
+    message = _results(three_ranks, "plain-load")[0]
+    assert "DP world size of 2" in message and "dist_memopt.integrations.deepspeed.universal" in message
+    assert '"load_universal": true' in message
+
+
+def test_universal_checkpoint_of_another_optimizer_is_refused(three_ranks):
+    for ranks in three_ranks:  # a case that raised on every rank: its traceback is the result
+        message = ranks["wrong-optimizer"]
+        assert isinstance(message, CaseFailure) and "holds SMMF state, this engine runs Alada" in message

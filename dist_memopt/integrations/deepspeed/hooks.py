@@ -17,7 +17,8 @@ parameters). :func:`install` therefore
    * ``_configure_optimizer(client_optimizer, model_parameters)``: after DeepSpeed has wrapped the
      optimizer (ZeRO 1/2/3, BF16, fp16), declares where every parameter's fragment lies in the
      tensors DeepSpeed will step (:mod:`.layouts`) and links DeepSpeed's state helpers and
-     universal-checkpoint loading to them (per instance: :mod:`.state`, :mod:`.universal`).
+     checkpoint loading to them (per engine instance, nothing global: :mod:`.state`,
+     :mod:`.universal`).
 
 It is idempotent: a second call changes nothing. Torch's ``torch.optim`` namespace is not touched.
 """
@@ -30,6 +31,7 @@ from typing import Any, Callable
 from dist_memopt.integrations.deepspeed.layouts import describe_partitions
 from dist_memopt.integrations.deepspeed.registry import OPTIMIZERS, build_optimizer, optimizer_class
 from dist_memopt.integrations.deepspeed.state import link_state_helpers
+from dist_memopt.integrations.deepspeed.universal import enable_universal
 from dist_memopt.optim.base import FactoredOptimizer
 
 __all__ = ["install", "installed", "attach"]
@@ -100,5 +102,7 @@ def attach(engine: Any) -> None:
     if not isinstance(optimizer, FactoredOptimizer):
         return
     layouts = describe_partitions(engine.optimizer, engine.param_names)
-    link_state_helpers(engine.optimizer, optimizer, layouts)
+    if layouts:
+        link_state_helpers(engine.optimizer, optimizer, layouts)
+        enable_universal(engine, optimizer, layouts)
     engine.dist_memopt_layouts = layouts

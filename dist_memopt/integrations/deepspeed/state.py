@@ -58,8 +58,6 @@ def _unsupported_key(optimizer: FactoredOptimizer, key: str, available: list[str
 
 def link_state_helpers(wrapper: Any, optimizer: FactoredOptimizer, layouts: list[PartitionLayout]) -> None:
     """Install the per-instance links described in the module docstring on ``wrapper``."""
-    if not layouts:
-        return
     if hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_partitioned_groups_flat"):
         _link_zero3(wrapper, optimizer, layouts)
     else:

@@ -239,7 +239,51 @@ def plain_load_on_other_size(rank: int, world: int, workdir: str, name: str, sta
     return "no error"
 
 
+def moe(rank: int, world: int, workdir: str, name: str, stage: int, ep_size: int) -> dict:
+    """A DeepSpeed MoE layer: experts in their own param group, partitioned over the expert
+    data-parallel group. Stage ``stage`` against stage 0 (whole parameters, plain data parallel)."""
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.utils import groups
+
+    import dist_memopt.integrations.deepspeed  # noqa: F401
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = torch.nn.Linear(8, 16)
+            self.moe = MoE(hidden_size=16, expert=torch.nn.Linear(16, 16), num_experts=2, ep_size=ep_size, k=1, min_capacity=16)
+            self.out = torch.nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.moe(torch.tanh(self.inp(x)))[0]).squeeze(-1)
+
+    result: dict[str, Any] = {}
+    for zero_stage in (0, stage):
+        torch.manual_seed(0)
+        model = Net()
+        params = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "dense"})
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config(zero_stage, name))
+        for step in range(6):
+            generator = torch.Generator().manual_seed(100 * step + rank)
+            x, y = torch.randn(16, 8, generator=generator), torch.randn(16, generator=generator)
+            engine.backward((engine(x) - y).pow(2).mean())
+            engine.step()
+        result[zero_stage] = _full_fp32(engine, model)
+        if zero_stage:
+            expert_group = groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
+            result["groups"] = []
+            for layout in engine.dist_memopt_layouts:  # (which are experts, reduced over, its size)
+                group = layout.segments[0].spec.group
+                experts = ["experts" in segment.name for segment in layout.segments]
+                result["groups"].append((experts, group is expert_group, dist.get_world_size(group)))
+        engine.destroy()
+    return result
+
+
 CASES: dict[str, Callable[..., Any]] = {
+    "moe": moe,
     "universal_resume": universal_resume,
     "plain_load_on_other_size": plain_load_on_other_size,
     "fp16_overflow": fp16_overflow,

@@ -70,6 +70,8 @@ TWO_RANK_CASES += [
     ("state-Alada-2", "state_helpers", dict(name="Alada", stage=2)),
     ("state-Alada-3", "state_helpers", dict(name="Alada", stage=3)),
     ("state-SMMF-2", "state_helpers", dict(name="SMMF", stage=2)),
+    ("moe-ep1", "moe", dict(name="SMMF", stage=2, ep_size=1)),
+    ("moe-ep2", "moe", dict(name="Alada", stage=2, ep_size=2)),
 ]
 # Checkpoints saved at step 5 on 2 ranks, converted, resumed on 3 ranks (at the same or another stage)
 UNIVERSAL_CASES = {
@@ -285,3 +287,13 @@ def test_universal_checkpoint_of_another_optimizer_is_refused(three_ranks):
     for ranks in three_ranks:  # a case that raised on every rank: its traceback is the result
         message = ranks["wrong-optimizer"]
         assert isinstance(message, CaseFailure) and "holds SMMF state, this engine runs Alada" in message
+
+
+@pytest.mark.parametrize("ep_size", (1, 2))
+def test_moe_experts_are_reduced_over_their_own_group(two_ranks, ep_size):
+    for result in _results(two_ranks, f"moe-ep{ep_size}"):
+        dense, experts = result["groups"]
+        assert not any(dense[0]) and dense[1] is False and dense[2] == 2
+        assert all(experts[0]) and experts[1] is True and experts[2] == 2 // ep_size
+        diffs = {n: (result[2][n] - w).abs().max().item() / max(1.0, w.abs().max().item()) for n, w in result[0].items()}
+        assert max(diffs.values()) <= FP32_TOLERANCE, diffs

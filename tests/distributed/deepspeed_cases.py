@@ -77,8 +77,8 @@ def reference_run(
     that many ranks), on the mean gradient of the ranks' (and micro-batches') losses.
 
     With ``dtype`` bf16 the forward/backward run on a bf16 copy of the fp32 master weights, as
-    DeepSpeed's mixed precision does (master weights start from the bf16-rounded model), and each
-    rank's gradient is averaged in fp32. ``grad_dtype`` bf16 rounds the averaged gradient to
+    DeepSpeed's mixed precision does (ZeRO copies its fp32 master weights from the bf16-cast
+    model), and each rank's gradient is averaged in fp32. ``grad_dtype`` bf16 rounds the averaged gradient to
     bf16, as ZeRO does when it keeps gradients in bf16. ``fresh_state_at`` restarts the optimizer
     (state lost, weights kept) before that step.
     """
@@ -93,7 +93,7 @@ def reference_run(
 def _reference_run(name, world_sizes, accumulation, clip, scheduler, dtype, grad_dtype, fresh_state_at):
     master = ds_model()
     lowp = master
-    if dtype != torch.float32:  # DeepSpeed casts the model first, then copies its fp32 master weights
+    if dtype != torch.float32:
         lowp = copy.deepcopy(master).to(dtype)
         master = copy.deepcopy(lowp).float()
     optimizer = make_optimizer(name, master.parameters())

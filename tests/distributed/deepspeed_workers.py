@@ -41,10 +41,12 @@ def _full_fp32(engine, model) -> dict[str, torch.Tensor]:
     """Every parameter's full fp32 master weights, through DeepSpeed's own helper."""
     from deepspeed.utils import safe_get_full_fp32_param
 
+    wrapper = engine.optimizer  # stage 0 fp16/bf16: FP16_UnfusedOptimizer keeps whole fp32 copies
+    masters = {id(lp): hp for lps, hps in zip(getattr(wrapper, "fp16_groups", []), getattr(wrapper, "fp32_groups", [])) for lp, hp in zip(lps, hps)}
     out = {}
     for name, p in model.named_parameters():
         full = safe_get_full_fp32_param(p)
-        out[name] = (p if full is None else full).detach().float().clone()
+        out[name] = (masters.get(id(p), p) if full is None else full).detach().float().clone()
     return out
 
 

@@ -70,6 +70,7 @@ TWO_RANK_CASES += [
     ("state-Alada-2", "state_helpers", dict(name="Alada", stage=2)),
     ("state-Alada-3", "state_helpers", dict(name="Alada", stage=3)),
     ("state-SMMF-2", "state_helpers", dict(name="SMMF", stage=2)),
+    ("round-robin", "exact", dict(name="SMMF", stage=2, zero_optimization={"stage": 2, "round_robin_gradients": True})),
     ("moe-ep1", "moe", dict(name="SMMF", stage=2, ep_size=1)),
     ("moe-ep2", "moe", dict(name="Alada", stage=2, ep_size=2)),
 ]
@@ -297,3 +298,11 @@ def test_moe_experts_are_reduced_over_their_own_group(two_ranks, ep_size):
         assert all(experts[0]) and experts[1] is True and experts[2] == 2 // ep_size
         diffs = {n: (result[2][n] - w).abs().max().item() / max(1.0, w.abs().max().item()) for n, w in result[0].items()}
         assert max(diffs.values()) <= FP32_TOLERANCE, diffs
+
+
+def test_a_wrong_deepspeed_mapping_fails_on_every_rank(two_ranks):
+    """DeepSpeed 0.19.8 maps fragments in the original parameter order while round_robin_gradients
+    flattens them reordered; the layout check catches it, on every rank (none is left hanging)."""
+    for ranks in two_ranks:
+        message = ranks["round-robin"]
+        assert isinstance(message, CaseFailure) and "round_robin_gradients=true; turn it off" in message

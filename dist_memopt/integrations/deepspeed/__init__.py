@@ -10,6 +10,15 @@ With the ``deepspeed``/``torchrun`` launchers, let every rank import it before b
 engine: either ``import dist_memopt.integrations.deepspeed`` in the training script, or launch the
 unchanged script through :mod:`.run` (``deepspeed --module dist_memopt.integrations.deepspeed.run
 train.py ...``, or the ``dist-memopt-deepspeed`` console script).
+
+Non-finite gradients: DeepSpeed checks for overflow before it calls the optimizer and skips the
+step (fp16 always, bf16 with ``check_grad_overflow`` (default), fp32 ZeRO through its invalid-norm
+check), so the optimizers' own ``check_finite`` never fires under it and the skipped step leaves
+their state untouched. It stays on as a safety net where DeepSpeed would step on inf/NaN (bf16
+with ``check_grad_overflow: false``, stage 0 fp32): it then raises ``NonFiniteGradientError``
+before that call changes anything (with several param groups ZeRO 1/2 step them one by one, so
+groups stepped earlier in that step have moved). ``"check_finite": false`` in the optimizer's
+``params`` drops the redundant pass over the gradients.
 """
 
 from dist_memopt.integrations.deepspeed.version import (

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -109,7 +110,7 @@ def _fragment_segments(
     every rank). ``flat_offsets`` (where each starts in the flat buffer) lets us check that
     DeepSpeed's mapping agrees with the buffer it describes.
     """
-    params, segments = [], []
+    params, segments, wrong = [], [], []
     position = 0
     for index, (param, shape) in enumerate(zip(flat_order, shapes)):
         numel = shape.numel()
@@ -129,15 +130,27 @@ def _fragment_segments(
             if flat_offsets is not None:
                 misplaced |= flat_offsets[index] + start != partition_start + offset
             if misplaced:
-                raise RuntimeError(
-                    f"DeepSpeed's _hp_mapping of parameter '{name or index}' does not match its flat "
-                    "fp32 partition, so its optimizer state would be laid out wrongly. This happens "
-                    "with zero_optimization.round_robin_gradients=true in DeepSpeed 0.19.8; turn it off."
-                )
+                wrong.append(name or str(index))
             segments.append(Segment(offset, ShardSpec(shape, start, start + count, group), name))
             position = offset + count
         params.append(param)
+    _agree_on_mapping(wrong, group)
     return tuple(params), tuple(segments)
+
+
+def _agree_on_mapping(wrong: list[str], group: dist.ProcessGroup) -> None:
+    """Raise on every rank of ``group`` if DeepSpeed's mapping is wrong on any (no rank hangs)."""
+    from deepspeed.accelerator import get_accelerator
+
+    flag = torch.tensor([float(bool(wrong))], device=get_accelerator().current_device_name())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if flag.item():
+        where = f"parameters {wrong}" if wrong else "parameters held by other ranks"
+        raise RuntimeError(
+            f"DeepSpeed's _hp_mapping of {where} does not match the flat fp32 partition it describes, so "
+            "their optimizer state would be laid out wrongly. DeepSpeed 0.19.8 does this with "
+            "zero_optimization.round_robin_gradients=true; turn it off."
+        )
 
 
 def _zero12_layouts(zero: Any, names: dict[Tensor, str]) -> list[PartitionLayout]:

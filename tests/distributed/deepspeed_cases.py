@@ -9,7 +9,7 @@ summation order (~1e-7 relative), while a bug that used one rank's gradient woul
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -70,7 +70,7 @@ def reference_run(
     clip: float = 0.0,
     scheduler: Optional[Callable[[torch.optim.Optimizer], Any]] = None,
     dtype: torch.dtype = torch.float32,
-    grad_dtype: torch.dtype = torch.float32,
+    grad_dtype: torch.dtype | Sequence[torch.dtype] = torch.float32,
     fresh_state_at: Optional[int] = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The optimizer stepping the plain model, one step per entry of ``world_sizes`` (the data of
@@ -79,7 +79,7 @@ def reference_run(
     With ``dtype`` bf16 the forward/backward run on a bf16 copy of the fp32 master weights, as
     DeepSpeed's mixed precision does (ZeRO copies its fp32 master weights from the bf16-cast
     model), and each rank's gradient is averaged in fp32. ``grad_dtype`` bf16 rounds the averaged gradient to
-    bf16, as ZeRO does when it keeps gradients in bf16. ``fresh_state_at`` restarts the optimizer
+    bf16, as ZeRO does when it keeps gradients in bf16 (one dtype, or one per step). ``fresh_state_at`` restarts the optimizer
     (state lost, weights kept) before that step.
     """
     threads = torch.get_num_threads()
@@ -113,7 +113,8 @@ def _reference_run(name, world_sizes, accumulation, clip, scheduler, dtype, grad
                 for g, p in zip(grads, lowp.parameters()):
                     g += p.grad.float()
         for g, p in zip(grads, master.parameters()):
-            p.grad = (g / (world * accumulation)).to(grad_dtype).float()
+            rounding = grad_dtype if isinstance(grad_dtype, torch.dtype) else grad_dtype[step]
+            p.grad = (g / (world * accumulation)).to(rounding).float()
         if clip:
             torch.nn.utils.clip_grad_norm_(master.parameters(), clip)
         optimizer.step()

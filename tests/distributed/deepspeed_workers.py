@@ -218,13 +218,13 @@ def state_helpers(rank: int, world: int, workdir: str, name: str, stage: int) ->
     return result
 
 
-def universal_resume(rank: int, world: int, workdir: str, name: str, stage: int, folder: str, tag: str) -> dict:
+def universal_resume(rank: int, world: int, workdir: str, name: str, stage: int, folder: str, tag: str, **extra: Any) -> dict:
     """Load a universal checkpoint written from another DP size (and ZeRO stage); steps 5..9."""
-    engine, model = _engine(ds_config(stage, name, checkpoint={"load_universal": True}))
+    engine, model = _engine(ds_config(stage, name, checkpoint={"load_universal": True}, **extra))
     engine.load_checkpoint(folder, tag=tag)
     loaded_step = engine.global_steps
     _train(engine, rank, range(5, 10))
-    result = {"full": _full_fp32(engine, model), "global_steps": loaded_step}
+    result = {"full": _full_fp32(engine, model), "global_steps": loaded_step, "wrapper": type(engine.optimizer).__name__}
     engine.destroy()
     return result
 

@@ -21,6 +21,7 @@ OPTIMIZERS = ("SMMF", "Alada")
 STAGES = (1, 2, 3)
 STEPS = 10
 FP32_TOLERANCE = 1e-6  # × parameter scale (max |w|, at least 1)
+BF16_OPTIMIZER = dict(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})  # ZeRO-1 → BF16_Optimizer
 
 
 def _exact_cases(world: int) -> list:
@@ -60,7 +61,7 @@ RESUME_CASES = {
     "resume-SMMF-2": dict(name="SMMF", stage=2),
     "resume-Alada-1": dict(name="Alada", stage=1),
     "resume-Alada-3": dict(name="Alada", stage=3),
-    "resume-SMMF-1-bf16opt": dict(name="SMMF", stage=1, bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"}),
+    "resume-SMMF-1-bf16opt": dict(name="SMMF", stage=1, **BF16_OPTIMIZER),
 }
 TWO_RANK_CASES += [(key, "resume", kwargs) for key, kwargs in RESUME_CASES.items()]
 TWO_RANK_CASES += [
@@ -74,12 +75,20 @@ TWO_RANK_CASES += [
     ("moe-ep1", "moe", dict(name="SMMF", stage=2, ep_size=1)),
     ("moe-ep2", "moe", dict(name="Alada", stage=2, ep_size=2)),
 ]
-# Checkpoints saved at step 5 on 2 ranks, converted, resumed on 3 ranks (at the same or another stage)
+# Checkpoints saved at step 5 on 2 ranks, converted, resumed on 3 ranks (at the same or another
+# stage): (saved by, engine kwargs, reference kwargs)
 UNIVERSAL_CASES = {
-    "universal-SMMF-2to2": ("resume-SMMF-2", dict(name="SMMF", stage=2)),
-    "universal-SMMF-2to3": ("resume-SMMF-2", dict(name="SMMF", stage=3)),
-    "universal-Alada-3to1": ("resume-Alada-3", dict(name="Alada", stage=1)),
-    "universal-Alada-3to3": ("resume-Alada-3", dict(name="Alada", stage=3)),
+    "universal-SMMF-2to2": ("resume-SMMF-2", dict(name="SMMF", stage=2), {}),
+    "universal-SMMF-2to3": ("resume-SMMF-2", dict(name="SMMF", stage=3), {}),
+    "universal-Alada-3to1": ("resume-Alada-3", dict(name="Alada", stage=1), {}),
+    "universal-Alada-3to3": ("resume-Alada-3", dict(name="Alada", stage=3), {}),
+    # bf16: saved with bf16 gradient communication (2 ranks: one rounding), resumed with fp32
+    # communication (3 ranks in bf16 would round in DeepSpeed's summation order)
+    "universal-SMMF-1-bf16opt": (
+        "resume-SMMF-1-bf16opt",
+        dict(name="SMMF", stage=1, communication_data_type="fp32", **BF16_OPTIMIZER),
+        dict(dtype=torch.bfloat16, grad_dtype=[torch.bfloat16] * 5 + [torch.float32] * 5),
+    ),
 }
 
 
@@ -95,7 +104,7 @@ def converted(two_ranks):
     from dist_memopt.integrations.deepspeed.universal import main as convert
 
     folders = {}
-    for key in {source for source, _ in UNIVERSAL_CASES.values()}:
+    for key in {source for source, _, _ in UNIVERSAL_CASES.values()}:
         folder = _results(two_ranks, key)[0]["folder"]
         convert(["--input_folder", os.path.join(folder, "step5"), "--output_folder", os.path.join(folder, "step5_universal")])
         folders[key] = folder
@@ -106,7 +115,7 @@ def converted(two_ranks):
 def three_ranks(tmp_path_factory, converted):
     workdir = str(tmp_path_factory.mktemp("ds3"))
     cases = _exact_cases(3)
-    for key, (source, kwargs) in UNIVERSAL_CASES.items():
+    for key, (source, kwargs, _) in UNIVERSAL_CASES.items():
         tag = None if key.endswith("2to2") else "step5_universal"  # None: the latest_universal file
         cases.append((key, "universal_resume", dict(folder=converted[source], tag=tag, **kwargs)))
     folder = converted["resume-SMMF-2"]
@@ -268,12 +277,16 @@ def test_factor_state_is_refused_on_every_rank(two_ranks):
 
 @pytest.mark.parametrize("key", UNIVERSAL_CASES)
 def test_universal_checkpoint_resumes_on_another_dp_size_and_stage(three_ranks, key):
-    name = UNIVERSAL_CASES[key][1]["name"]
+    _, engine_kwargs, reference_kwargs = UNIVERSAL_CASES[key]
+    name = engine_kwargs["name"]
     results = _results(three_ranks, key)
     assert all(result["global_steps"] == 5 for result in results)
-    reference = reference_run(name, [2] * 5 + [3] * 5)[0]  # 5 steps on 2 ranks' data, 5 on 3 ranks'
+    if "bf16opt" in key:
+        assert results[0]["wrapper"] == "BF16_Optimizer"
+    worlds = [2] * 5 + [3] * 5  # 5 steps on 2 ranks' data, 5 on 3 ranks'
+    reference = reference_run(name, worlds, **reference_kwargs)[0]
     _assert_close(results, reference, FP32_TOLERANCE)
-    without_state = reference_run(name, [2] * 5 + [3] * 5, fresh_state_at=5)[0]
+    without_state = reference_run(name, worlds, fresh_state_at=5, **reference_kwargs)[0]
     diffs = max_relative_diff(results[0]["full"], without_state)
     assert max(diffs.values()) > 100 * FP32_TOLERANCE, "the loaded optimizer state must matter here"
 

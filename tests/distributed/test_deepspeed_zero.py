@@ -52,6 +52,9 @@ BF16_CASES = {
     ),
     "bf16-SMMF-2": ("SMMF", 2, {}, torch.bfloat16),
     "bf16-Alada-3": ("Alada", 3, {"zero_optimization": {"stage": 3, "sub_group_size": 200}}, torch.bfloat16),
+    # stage 0: DeepSpeed's FP16_UnfusedOptimizer, whose zero-gradient priming step must be undone
+    "bf16-SMMF-0": ("SMMF", 0, {}, torch.bfloat16),
+    "bf16-Alada-0": ("Alada", 0, {}, torch.bfloat16),
 }
 TWO_RANK_CASES += [
     (key, "exact", dict(name=name, stage=stage, bf16={"enabled": True}, **extra))
@@ -234,9 +237,10 @@ def test_bf16_matches_single_process_with_the_same_roundings(two_ranks, key):
     catch a misplaced fragment."""
     name, stage, _, grad_dtype = BF16_CASES[key]
     results = _results(two_ranks, key)
-    expected_wrapper = "BF16_Optimizer" if "bf16opt" in key else None
-    if expected_wrapper:
-        assert results[0]["wrapper"] == expected_wrapper
+    expected = {"bf16opt": "BF16_Optimizer", "-0": "FP16_UnfusedOptimizer"}
+    for marker, wrapper in expected.items():
+        if marker in key:
+            assert results[0]["wrapper"] == wrapper
     reference = _reference(name, 2, dtype=torch.bfloat16, grad_dtype=grad_dtype)
     _assert_close(results, reference, FP32_TOLERANCE)
 

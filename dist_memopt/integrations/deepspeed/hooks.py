@@ -16,7 +16,8 @@ parameters). :func:`install` therefore
      checked, see :func:`~dist_memopt.integrations.deepspeed.registry.build_optimizer`);
    * ``_configure_optimizer(client_optimizer, model_parameters)``: after DeepSpeed has wrapped the
      optimizer (ZeRO 1/2/3, BF16, fp16), declares where every parameter's fragment lies in the
-     tensors DeepSpeed will step (:mod:`.layouts`) and links DeepSpeed's state helpers and
+     tensors DeepSpeed will step (:mod:`.layouts`), undoes the state-priming step of its
+     stage-0 fp16/bf16 wrapper, and links DeepSpeed's state helpers and
      checkpoint loading to them (per engine instance, nothing global: :mod:`.state`,
      :mod:`.universal`).
 
@@ -30,7 +31,7 @@ from typing import Any, Callable
 
 from dist_memopt.integrations.deepspeed.layouts import describe_partitions
 from dist_memopt.integrations.deepspeed.registry import OPTIMIZERS, build_optimizer, optimizer_class
-from dist_memopt.integrations.deepspeed.state import link_state_helpers
+from dist_memopt.integrations.deepspeed.state import link_state_helpers, undo_state_priming
 from dist_memopt.integrations.deepspeed.universal import enable_universal
 from dist_memopt.optim.base import FactoredOptimizer
 
@@ -101,6 +102,7 @@ def attach(engine: Any) -> None:
     optimizer = engine.basic_optimizer
     if not isinstance(optimizer, FactoredOptimizer):
         return
+    undo_state_priming(engine.optimizer, optimizer)
     layouts = describe_partitions(engine.optimizer, engine.param_names)
     if layouts:
         link_state_helpers(engine.optimizer, optimizer, layouts)

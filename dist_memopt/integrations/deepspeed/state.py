@@ -27,7 +27,7 @@ from dist_memopt.integrations.deepspeed.layouts import PartitionLayout
 from dist_memopt.optim.base import FactoredOptimizer
 from dist_memopt.shard.spec import layout_of
 
-__all__ = ["ELEMENT_KINDS", "link_state_helpers"]
+__all__ = ["ELEMENT_KINDS", "link_state_helpers", "undo_state_priming"]
 
 #: state kinds that hold one value per element of a segment, stored unpacked
 ELEMENT_KINDS = ("elems", "dense")
@@ -62,6 +62,23 @@ def link_state_helpers(wrapper: Any, optimizer: FactoredOptimizer, layouts: list
         _link_zero3(wrapper, optimizer, layouts)
     else:
         _link_fragments(wrapper, optimizer, layouts)
+
+
+def undo_state_priming(wrapper: Any, optimizer: FactoredOptimizer) -> None:
+    """Undo the zero-gradient step DeepSpeed's stage-0 fp16/bf16 wrapper takes at construction.
+
+    ``FP16_UnfusedOptimizer`` primes Adam's state with ``optimizer.step()`` on zero gradients.
+    For SMMF and Alada that step is not neutral: it counts as step 1 (shifting the schedules),
+    applies weight decay to the fp32 masters, and gives Alada ``v0 = 0`` (p = q = 0: the next
+    update divides by sqrt(eps)). Both keep no state before their first real step, so dropping
+    what the priming step created and restoring the masters from the model is exact.
+    """
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(wrapper, FP16_UnfusedOptimizer) and wrapper.optimizer is optimizer:
+        optimizer.synchronize()
+        optimizer.state.clear()
+        wrapper.refresh_fp32_params()
 
 
 # --- ZeRO 1/2 and BF16_Optimizer: _hp_mapping.optim_fragment --------------------------------

@@ -68,6 +68,7 @@ RESUME_CASES = {
 }
 TWO_RANK_CASES += [(key, "resume", kwargs) for key, kwargs in RESUME_CASES.items()]
 TWO_RANK_CASES += [
+    ("overflow-Alada-0", "fp16_overflow", dict(name="Alada", stage=0)),
     ("overflow-SMMF-2", "fp16_overflow", dict(name="SMMF", stage=2)),
     ("overflow-Alada-3", "fp16_overflow", dict(name="Alada", stage=3)),
     ("state-Alada-1", "state_helpers", dict(name="Alada", stage=1)),
@@ -252,7 +253,7 @@ def test_save_load_continue_equals_uninterrupted(two_ranks, key):
             assert torch.equal(result["resumed"][name], value), name
 
 
-@pytest.mark.parametrize("key", ["overflow-SMMF-2", "overflow-Alada-3"])
+@pytest.mark.parametrize("key", ["overflow-Alada-0", "overflow-SMMF-2", "overflow-Alada-3"])
 def test_fp16_overflow_step_leaves_optimizer_state_untouched(two_ranks, key):
     for result in _results(two_ranks, key):
         assert result["state_unchanged"] and result["weights_unchanged"]

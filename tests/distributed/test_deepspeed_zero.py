@@ -76,6 +76,7 @@ TWO_RANK_CASES += [
     ("state-Alada-3", "state_helpers", dict(name="Alada", stage=3)),
     ("state-SMMF-2", "state_helpers", dict(name="SMMF", stage=2)),
     ("round-robin", "exact", dict(name="SMMF", stage=2, zero_optimization={"stage": 2, "round_robin_gradients": True})),
+    ("elastic", "exact", dict(name="Alada", stage=1, zero_optimization={"stage": 1, "elastic_checkpoint": True})),
     ("moe-ep1", "moe", dict(name="SMMF", stage=2, ep_size=1)),
     ("moe-ep2", "moe", dict(name="Alada", stage=2, ep_size=2)),
 ]
@@ -324,3 +325,9 @@ def test_a_wrong_deepspeed_mapping_fails_on_every_rank(two_ranks):
     for ranks in two_ranks:
         message = ranks["round-robin"]
         assert isinstance(message, CaseFailure) and "round_robin_gradients=true; turn it off" in message
+
+
+def test_elastic_checkpoints_are_refused(two_ranks):
+    for ranks in two_ranks:
+        message = ranks["elastic"]
+        assert isinstance(message, CaseFailure) and "elastic_checkpoint=true" in message and "universal" in message

@@ -154,6 +154,12 @@ def _agree_on_mapping(wrong: list[str], group: dist.ProcessGroup) -> None:
 
 
 def _zero12_layouts(zero: Any, names: dict[Tensor, str]) -> list[PartitionLayout]:
+    if zero.elastic_checkpoint:
+        raise NotImplementedError(
+            "zero_optimization.elastic_checkpoint=true cuts every optimizer-state tensor by the "
+            "partition's padding, which assumes Adam's per-element state and would corrupt SMMF/Alada "
+            "factors; leave it off and use universal checkpoints (dist_memopt.integrations.deepspeed.universal)"
+        )
     layouts = []
     for i, partition in enumerate(zero.single_partition_of_fp32_groups):
         group = zero.real_dp_process_group[i]

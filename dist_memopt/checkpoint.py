@@ -59,11 +59,19 @@ def _decode(blob: bytes) -> dict[str, Tensor]:
     return tensors
 
 
-def _segments(plan: Any, covers: str) -> list:
-    return plan.factored if covers == "factored" else plan.dense_segments
+#: per-element state kinds (see STATE_KINDS in dist_memopt.optim.base) and the segments they cover
+_PER_ELEMENT = {"bits": "factored", "elems": "factored", "dense": "dense"}
 
 
-def expand_state(plan: Any, param: Tensor, state: dict[str, Any], elementwise: dict[str, tuple[str, str]], style: str) -> dict[str, Any]:
+def _per_element(state_kinds: dict[str, str]) -> dict[str, str]:
+    return {key: kind for key, kind in state_kinds.items() if kind in _PER_ELEMENT}
+
+
+def _segments(plan: Any, kind: str) -> list:
+    return plan.factored if _PER_ELEMENT[kind] == "factored" else plan.dense_segments
+
+
+def expand_state(plan: Any, param: Tensor, state: dict[str, Any], state_kinds: dict[str, str], style: str) -> dict[str, Any]:
     """Compact state -> the checkpoint form of ``style`` (a new dict; the input is not changed)."""
     state = dict(state)
     if style == "compact":
@@ -71,43 +79,41 @@ def expand_state(plan: Any, param: Tensor, state: dict[str, Any], elementwise: d
     if style not in EXPANDED_SIGN_DTYPES:
         raise ValueError(f"unknown checkpoint style {style!r}")
     local = local_tensor(param)
-    for key, (kind, covers) in elementwise.items():
+    per_element = _per_element(state_kinds)
+    for key, kind in per_element.items():
         value = state.get(key)
         if value is None:
             continue
         dtype = EXPANDED_SIGN_DTYPES[style] if kind == "bits" else torch.float32
         out = torch.zeros(local.numel(), dtype=dtype, device=value.device)
-        for seg in _segments(plan, covers):
+        for seg in _segments(plan, kind):
             n = seg.segment.numel
-            if kind == "bits":
-                piece = (unpack_signs(seg.bits(value), n) > 0).to(dtype)
-            else:
-                piece = seg.elems(value) if covers == "factored" else seg.dense(value)
+            piece = (unpack_signs(seg.bits(value), n) > 0).to(dtype) if kind == "bits" else getattr(seg, kind)(value)
             out[seg.segment.offset : seg.segment.offset + n] = piece
         state[key] = out
     if style == "dtensor":
         from torch.distributed.tensor import DTensor
 
-        for key in elementwise:
+        for key in per_element:
             if key in state:
                 state[key] = DTensor.from_local(
                     state[key].view(local.shape), param.device_mesh, param.placements, run_check=False,
                     shape=param.shape, stride=param.stride(),
                 )
     elif style == "fsdp1":
-        factor_keys = [k for k, v in state.items() if isinstance(v, Tensor) and k not in elementwise and k != "step"]
+        factor_keys = [k for k, v in state.items() if isinstance(v, Tensor) and k not in per_element and k != "step"]
         state[FACTORS_KEY] = _encode({k: state.pop(k) for k in factor_keys})
     return state
 
 
-def compact_state(plan: Any, param: Tensor, state: dict[str, Any], elementwise: dict[str, tuple[str, str]], full_range: Optional[tuple[int, int]] = None) -> dict[str, Any]:
+def compact_state(plan: Any, param: Tensor, state: dict[str, Any], state_kinds: dict[str, str], full_range: Optional[tuple[int, int]] = None) -> dict[str, Any]:
     """Any checkpoint form -> compact state. ``full_range`` slices gathered full tensors."""
     state = dict(state)
     factors = state.pop(FACTORS_KEY, None)
     if isinstance(factors, bytes):
         state.update(_decode(factors))
     local = local_tensor(param)
-    for key, (kind, covers) in elementwise.items():
+    for key, kind in _per_element(state_kinds).items():
         value = state.get(key)
         if not isinstance(value, Tensor):
             continue
@@ -117,11 +123,11 @@ def compact_state(plan: Any, param: Tensor, state: dict[str, Any], elementwise: 
         if value.numel() != local.numel():
             if full_range is not None and value.numel() == param.numel():
                 value = value[full_range[0] : full_range[1]]  # a gathered full tensor
-            elif kind == "values":
+            elif kind != "bits":
                 continue  # the compact concatenation of segments
             else:
                 raise ValueError(f"checkpointed '{key}' has {value.numel()} elements, expected {local.numel()}")
-        segments = _segments(plan, covers)
+        segments = _segments(plan, kind)
         if kind == "bits":
             packed = torch.zeros(sum(packed_numel(s.segment.numel) for s in segments), dtype=torch.uint8, device=value.device)
             for seg in segments:

@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import gc
 import math
-import weakref
 from typing import Optional
 
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from dist_memopt.shard.spec import ParamLayout, Segment, ShardSpec, register_layout_resolver
+from dist_memopt.shard.spec import (
+    ParamLayout,
+    Segment,
+    ShardSpec,
+    declare_layout,
+    declared_layout,
+    register_layout_resolver,
+)
 
 __all__ = ["dtensor_layout", "fsdp1_layout"]
 
@@ -57,19 +63,6 @@ def dtensor_layout(param: Tensor) -> Optional[ParamLayout]:
     return ParamLayout((Segment(0, ShardSpec(shape, start, start + numel, group)),), checkpoint="dtensor")
 
 
-# id(FSDP1 parameter) -> (weak reference to it, its layout); filled from FlatParamHandles.
-# (Tensors compare elementwise, so they cannot be keys of a WeakKeyDictionary.)
-_FSDP1_LAYOUTS: dict[int, tuple[weakref.ref, ParamLayout]] = {}
-
-
-def _remember(param: Tensor, layout: ParamLayout) -> None:
-    key = id(param)
-    _FSDP1_LAYOUTS[key] = (weakref.ref(param, lambda _: _FSDP1_LAYOUTS.pop(key, None)), layout)
-
-
-def _recall(param: Tensor) -> Optional[ParamLayout]:
-    entry = _FSDP1_LAYOUTS.get(id(param))
-    return entry[1] if entry is not None and entry[0]() is param else None
 _FLATTENED_ATTR = "_fsdp_flattened"  # FSDP1 marks original parameters it has flattened
 
 
@@ -83,7 +76,7 @@ def _index_fsdp1_handles() -> None:
 
     for handle in (o for o in gc.get_objects() if type(o) is FlatParamHandle):
         flat = handle.flat_param
-        if _recall(flat) is not None:
+        if declared_layout(flat) is not None:
             continue
         # NO_SHARD keeps whole parameters whose gradients are all-reduced: exact replicas
         group = handle.process_group if handle.uses_sharded_strategy else None
@@ -100,20 +93,18 @@ def _index_fsdp1_handles() -> None:
             offset = position if offset is None else offset
             segments.append(Segment(offset, spec, name))
             position = offset + spec.numel
-        _remember(flat, ParamLayout(tuple(segments), checkpoint="fsdp1"))
+        declare_layout(flat, ParamLayout(tuple(segments), checkpoint="fsdp1"))
         # use_orig_params=True: each original parameter is its own piece
         for original, name, (_, spec) in zip(flat._params or (), flat._fqns, pieces):
-            _remember(original, ParamLayout((Segment(0, spec, name),), checkpoint="fsdp1"))
+            declare_layout(original, ParamLayout((Segment(0, spec, name),), checkpoint="fsdp1"))
 
 
 def fsdp1_layout(param: Tensor) -> Optional[ParamLayout]:
     """The layout of an FSDP1 FlatParameter or flattened original parameter (None otherwise)."""
     if not _is_fsdp1_parameter(param):
         return None
-    layout = _recall(param)
-    if layout is None:
-        _index_fsdp1_handles()
-        layout = _recall(param)
+    _index_fsdp1_handles()  # only reached by FSDP1 parameters not declared yet
+    layout = declared_layout(param)
     if layout is None:
         raise ValueError(
             "an FSDP1-flattened parameter without a live FlatParamHandle reached the optimizer: "

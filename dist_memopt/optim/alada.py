@@ -42,7 +42,7 @@ class Alada(FactoredOptimizer):
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
-    elementwise_state = {"exp_avg": ("values", "factored")}
+    state_kinds = dict(exp_avg="elems", row="rows", col="cols", v0="factor")
 
     def __init__(
         self,

@@ -29,6 +29,7 @@ from dist_memopt.optim.bits import packed_numel
 
 __all__ = [
     "FactoredOptimizer",
+    "STATE_KINDS",
     "SegmentPlan",
     "ParamPlan",
     "StepItem",
@@ -157,9 +158,8 @@ class FactoredOptimizer(Optimizer):
     hyperparameters: tuple[str, ...] = ()
     #: elements per piece when stepping a segment; None picks :func:`default_chunk_numel`
     chunk_numel: Optional[int] = None
-    #: state keys with one entry per element: (kind, segments covered); kind is "bits" (packed
-    #: signs) or "values" (fp32), the segments "factored" or "dense"
-    elementwise_state: dict[str, tuple[str, str]] = {}
+    #: how each per-parameter state key is laid out (see :data:`STATE_KINDS`)
+    state_kinds: dict[str, str] = {}
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._validate_group(defaults, where="")
@@ -374,7 +374,7 @@ class FactoredOptimizer(Optimizer):
                 if index in sd["state"]:
                     plan = self._plan(group, param)
                     style = layout_of(param).checkpoint
-                    sd["state"][index] = expand_state(plan, param, sd["state"][index], self.elementwise_state, style)
+                    sd["state"][index] = expand_state(plan, param, sd["state"][index], self.state_kinds, style)
                 index += 1
         return sd
 
@@ -445,7 +445,7 @@ class FactoredOptimizer(Optimizer):
         layout = layout_of(param)
         single = layout.segments[0].spec if len(layout.segments) == 1 else None
         full_range = (single.start, single.end) if single is not None else None
-        return compact_state(self._build_plan(group, layout), param, state, self.elementwise_state, full_range)
+        return compact_state(self._build_plan(group, layout), param, state, self.state_kinds, full_range)
 
     def _check_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], name: str) -> None:
         kind = type(self).__name__
@@ -477,6 +477,41 @@ class FactoredOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    # --- state per segment -----------------------------------------------------------------
+
+    def segment_states(
+        self, group: dict[str, Any], layout: ParamLayout, state: dict[str, Any]
+    ) -> list[tuple[Segment, dict[str, Tensor]]]:
+        """Views of ``state`` (one optimizer tensor's) split by the segments of ``layout``.
+
+        Per-element kinds give the segment's range of the parameter; ``rows``/``cols`` give the
+        whole parameter's factors (identical on every rank that holds a piece of it). Adapters use
+        this to move state between layouts (checkpoint conversion, framework introspection)
+        without knowing the optimizer's math. Keys not (yet) in ``state`` are left out.
+        """
+        pieces = []
+        for seg in self._build_plan(group, layout).segments:
+            views = {}
+            for key, kind in self.state_kinds.items():
+                value = state.get(key)
+                if not isinstance(value, Tensor) or (kind == "dense") != (seg.geometry is None):
+                    continue
+                if kind == "factor":
+                    views[key] = value[seg.factor_index : seg.factor_index + 1]
+                else:
+                    views[key] = getattr(seg, kind)(value)
+            pieces.append((seg.segment, views))
+        return pieces
+
+    def new_state(self, group: dict[str, Any], layout: ParamLayout, device: torch.device) -> dict[str, Tensor]:
+        """Zero state, sized for a tensor of ``layout``, for :meth:`segment_states` to fill
+        (restoring state saved in another layout); ``step`` is 0."""
+        plan = self._build_plan(group, layout)
+        state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        for key, (numel, dtype) in self._expected_state(group, plan).items():
+            state[key] = torch.zeros(numel, dtype=dtype, device=device)
+        return state
+
     # --- helpers for subclasses ------------------------------------------------------------
 
     @staticmethod
@@ -495,6 +530,14 @@ class FactoredOptimizer(Optimizer):
             step = state["step"] = torch.tensor(0.0, dtype=torch.float32)
         step += 1
         return int(step.item())
+
+
+#: The layouts a state key can have, named after the :class:`SegmentPlan` accessor that slices
+#: one segment's part out of the concatenated tensor. Per element of the segment's range:
+#: ``elems`` (factored segments), ``dense`` (segments kept dense), ``bits`` (packed sign bits of
+#: factored segments, 8 per byte, each segment starting on a fresh byte). Per parameter, whole:
+#: ``rows`` and ``cols`` (the 2-D view's factors), ``factor`` (one value per factored segment).
+STATE_KINDS = ("elems", "dense", "bits", "rows", "cols", "factor")
 
 
 def _distinct_groups(plans: Iterable[ParamPlan]) -> list[dist.ProcessGroup]:

@@ -56,7 +56,9 @@ class SMMF(FactoredOptimizer):
     """
 
     hyperparameters = ("lr", "beta", "eps", "weight_decay", "decay_rate", "growth_rate", "vector_reshape", "weight_decay_mode")
-    elementwise_state = {"sign": ("bits", "factored"), "exp_avg": ("values", "dense"), "exp_avg_sq": ("values", "dense")}
+    state_kinds = dict(
+        sign="bits", row_m="rows", col_m="cols", row_v="rows", col_v="cols", exp_avg="dense", exp_avg_sq="dense"
+    )
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "ShardSpec",
@@ -23,6 +24,8 @@ __all__ = [
     "ParamLayout",
     "local_tensor",
     "set_layout",
+    "declare_layout",
+    "declared_layout",
     "layout_of",
     "register_layout_resolver",
 ]
@@ -121,14 +124,21 @@ def local_tensor(t: Tensor) -> Tensor:
     return local if local is not None else t
 
 
-_LAYOUT_ATTR = "_dist_memopt_layout"
 Resolver = Callable[[Tensor], Optional[ParamLayout]]
 _RESOLVERS: list[Resolver] = []
+# Declared layouts live in a weak, identity-keyed table rather than on the tensors: torch.save
+# pickles a tensor's attributes, and a process group cannot be pickled.
+_DECLARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def set_layout(param: Tensor, segments: Sequence[Segment]) -> None:
-    """Declare by hand where ``param``'s local elements lie (framework adapters use this)."""
-    layout = ParamLayout(tuple(segments))
+def set_layout(param: Tensor, segments: Sequence[Segment], checkpoint: str = "compact") -> None:
+    """Declare where ``param``'s local elements lie (framework adapters and users with their own
+    sharding use this); ``checkpoint`` is the state form their checkpoint code expects."""
+    declare_layout(param, ParamLayout(tuple(segments), checkpoint=checkpoint))
+
+
+def declare_layout(param: Tensor, layout: ParamLayout) -> None:
+    """:func:`set_layout` for a ready :class:`ParamLayout`."""
     local_numel = local_tensor(param).numel()
     for seg in layout.segments:
         if seg.offset + seg.numel > local_numel:
@@ -136,7 +146,12 @@ def set_layout(param: Tensor, segments: Sequence[Segment]) -> None:
                 f"segment {seg.name or seg.offset} ends at {seg.offset + seg.numel}, past the "
                 f"{local_numel} local elements of its tensor"
             )
-    setattr(param, _LAYOUT_ATTR, layout)
+    _DECLARED[param] = layout
+
+
+def declared_layout(param: Tensor) -> Optional[ParamLayout]:
+    """The layout declared for ``param``, if any."""
+    return _DECLARED.get(param)
 
 
 def register_layout_resolver(resolver: Resolver) -> None:
@@ -147,7 +162,7 @@ def register_layout_resolver(resolver: Resolver) -> None:
 
 def layout_of(param: Tensor) -> ParamLayout:
     """Where ``param``'s local elements lie: declared, recognised by a resolver, or whole."""
-    declared = getattr(param, _LAYOUT_ATTR, None)
+    declared = _DECLARED.get(param)
     if declared is not None:
         return declared
     _load_builtin_resolvers()

@@ -1,0 +1,48 @@
+"""The optimizer names a ds_config may use, and building one from its ``params``."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable, Optional
+
+from dist_memopt.optim import SMMF, Alada, FactoredOptimizer
+
+__all__ = ["OPTIMIZERS", "optimizer_class", "build_optimizer"]
+
+#: ds_config ``"optimizer": {"type": ...}`` names (matched case-insensitively) → classes.
+OPTIMIZERS: dict[str, type[FactoredOptimizer]] = {"SMMF": SMMF, "Alada": Alada}
+
+
+def optimizer_class(name: Optional[str]) -> Optional[type[FactoredOptimizer]]:
+    """The class a ds_config optimizer ``type`` names, or None if it is not one of ours."""
+    if not isinstance(name, str):
+        return None
+    for key, cls in OPTIMIZERS.items():
+        if key.lower() == name.lower():
+            return cls
+    return None
+
+
+def constructor_arguments(cls: type[FactoredOptimizer]) -> list[str]:
+    """Keyword arguments ``cls`` accepts besides ``params``, in signature order."""
+    return [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "params")]
+
+
+def build_optimizer(name: str, model_parameters: Iterable, params: Optional[dict[str, Any]]) -> FactoredOptimizer:
+    """``cls(model_parameters, **params)`` for the class ``name`` names, after checking the names.
+
+    JSON has no tuples, so list values (``"betas": [0.9, 0.9]``) become tuples.
+    """
+    cls = optimizer_class(name)
+    if cls is None:
+        raise ValueError(f"unknown dist_memopt optimizer {name!r}; known: {sorted(OPTIMIZERS)}")
+    params = dict(params or {})
+    valid = constructor_arguments(cls)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(
+            f'ds_config "optimizer" of type "{name}" has unknown params {unknown}; {cls.__name__} accepts '
+            f"{', '.join(valid)}. (Gradient clipping is DeepSpeed's \"gradient_clipping\" setting.)"
+        )
+    kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in params.items()}
+    return cls(model_parameters, **kwargs)

@@ -16,8 +16,9 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state this process holds (what the papers call optimizer memory).
 
     Sums the storage of every tensor in ``optimizer.state`` (a DTensor counts its local shard;
-    tensors sharing a storage count once), plus statistic buffers that a dist_memopt optimizer keeps
-    alive between steps while a reduction is in flight. Works for any ``torch.optim.Optimizer``.
+    tensors sharing a storage count once). Works for any ``torch.optim.Optimizer``. Not included:
+    the communication buffer an SMMF step leaves in flight on sharded parameters until the next
+    step completes it (the size of the row/column sums; see ``optimizer.pending_bytes()``).
     """
     seen: set[tuple[torch.device, int]] = set()
     total = 0
@@ -40,7 +41,4 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
     for param_state in optimizer.state.values():
         visit(param_state)
-    pending = getattr(optimizer, "pending_bytes", None)
-    if callable(pending):
-        total += pending()
     return total

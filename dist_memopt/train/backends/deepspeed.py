@@ -36,7 +36,9 @@ def ds_config(config, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": config.num_microbatches(world_size),
         "gradient_clipping": t.clip_grad,
         "zero_optimization": {"stage": config.parallel.zero_stage},
-        "zero_allow_untested_optimizer": True,
+        # SMMF/Alada are registered by dist_memopt.integrations.deepspeed; the baselines CAME and
+        # SM3 are not in ZeRO's list and would be factorized per flat partition (not exact)
+        "zero_allow_untested_optimizer": config.optimizer.type not in ("SMMF", "Alada"),
         "bf16": {"enabled": t.bf16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -45,11 +47,14 @@ def ds_config(config, world_size: int) -> dict[str, Any]:
 
 
 def initialize_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
-    """``deepspeed.initialize`` with a client optimizer instance (ZeRO allows it untested)."""
-    # integration point: dist_memopt.integrations.deepspeed
-    # Once that module lands, importing it here makes ZeRO's flat partitions known to SMMF/Alada
-    # (and lets ds_config name them: "optimizer": {"type": "SMMF", "params": {...}}).
+    """``deepspeed.initialize`` with a client optimizer instance (param groups from the run config).
+
+    Importing the integration tells SMMF/Alada where each parameter's fragment lies in ZeRO's
+    partitions, so the sharded run gives the single-process numbers.
+    """
     import deepspeed
+
+    import dist_memopt.integrations.deepspeed  # noqa: F401  (registers SMMF/Alada with ZeRO)
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine

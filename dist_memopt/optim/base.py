@@ -35,6 +35,7 @@ __all__ = [
     "check_number",
     "chunk_ranges",
     "default_chunk_numel",
+    "first_nonfinite",
 ]
 
 
@@ -291,11 +292,9 @@ class FactoredOptimizer(Optimizer):
         checked = [it for it in items if it.group.get("check_finite", True)]
         nonempty = [i for i, it in enumerate(checked) if it.grad.numel() > 0]
         bad = math.inf
-        if nonempty:
-            peaks = torch._foreach_norm([checked[i].grad for i in nonempty], math.inf)
-            nonfinite = (~torch.isfinite(torch.stack(peaks))).nonzero()
-            if nonfinite.numel():
-                bad = float(nonempty[int(nonfinite[0])])
+        first = first_nonfinite([checked[i].grad for i in nonempty])
+        if first is not None:
+            bad = float(nonempty[first])
         groups = _distinct_groups(it.plan for it in checked)
         for group in groups:
             flag = torch.tensor([bad], dtype=torch.float64, device=_group_device(group))
@@ -459,6 +458,24 @@ class FactoredOptimizer(Optimizer):
             step = state["step"] = torch.tensor(0.0, dtype=torch.float32)
         step += 1
         return int(step.item())
+
+
+def first_nonfinite(tensors: list[Tensor]) -> Optional[int]:
+    """Index of the first tensor holding an inf or NaN, else None.
+
+    One fused 2-norm per tensor clears almost every tensor: any inf or NaN element makes the norm
+    inf or NaN, so a finite norm proves the tensor finite. Only tensors whose norm is not finite
+    (a real inf/NaN, or finite values whose squares overflow) get the exact elementwise test.
+    The inf-norm would be exact in one pass but is about 6x slower on CPU (200 ms for GPT-2
+    small, half an AdamW step).
+    """
+    if not tensors:
+        return None
+    norms = torch.stack(torch._foreach_norm(tensors, 2))
+    for index in (~torch.isfinite(norms)).nonzero().flatten().tolist():
+        if not bool(torch.isfinite(tensors[index]).all()):
+            return index
+    return None
 
 
 def _distinct_groups(plans: Iterable[ParamPlan]) -> list[dist.ProcessGroup]:

@@ -175,6 +175,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--baselines", action="store_true", help=f"also time {', '.join(BASELINES)} (slower)")
     group.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first (default 2)")
     group.add_argument("--device", default="cpu", help="device for the step benchmark (default cpu)")
+    group.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads while timing (default: torch's own choice)"
+    )
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
@@ -183,7 +186,15 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         optimizers += [name for name in BASELINES if name not in optimizers]
     check_optimizer_names(optimizers)
     models = [model_shapes(key) for key in options.models]
-    results = step_benchmark(models, optimizers, options.repeats, options.warmup, options.device, echo=True)
+    threads = torch.get_num_threads()
+    if options.threads is not None:
+        if options.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {options.threads}")
+        torch.set_num_threads(options.threads)
+    try:
+        results = step_benchmark(models, optimizers, options.repeats, options.warmup, options.device, echo=True)
+    finally:
+        torch.set_num_threads(threads)
     print("\n".join(p for p in (format_verdicts(results), format_paper()) if p), flush=True)
     print("Optimizers: " + "; ".join(f"{n} = {OPTIMIZERS[n].source}" for n in optimizers), flush=True)
     return results

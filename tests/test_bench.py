@@ -103,7 +103,7 @@ def test_step_benchmark_interleaves_and_reports_ratios(tiny):
     rows = results["models"]["tiny"]["optimizers"]
     assert list(rows) == ["AdamW", "SMMF", "Alada"]
     assert all(len(r["samples_ms"]) == 2 and r["min_ms"] > 0 for r in rows.values())
-    assert rows["AdamW"]["ratio_to_adamw"] == 1.0
+    assert rows["AdamW"]["ratio_to_adamw"] == 1.0 and rows["AdamW"]["min_ratio_to_adamw"] == 1.0
     assert results["verdicts"] == []  # the 1.5x target is for GPT-2-small shapes only
     text = format_step(results)
     assert "Transformer-base" in text and "1.33x" in text  # Table 5: 171 / 129
@@ -156,7 +156,10 @@ def test_all_runs_every_registered_benchmark_and_writes_json(tmp_path, monkeypat
 
     monkeypatch.setitem(registry._REGISTRY, "plugin", Benchmark("plugin", "a later benchmark", plugged_in))
     path = tmp_path / "out" / "results.json"
-    assert main(["all", "--models", "tiny", "--repeats", "1", "--warmup", "0", "--json", str(path)]) == 0
+    threads = torch.get_num_threads()
+    argv = ["all", "--models", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(path)]
+    assert main(argv) == 0
+    assert torch.get_num_threads() == threads
     out = capsys.readouterr().out
     assert "=== memory" in out and "=== step" in out and "plugged-in benchmark ran" in out
     assert seen == [(["tiny"], 1)]

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["format_table", "environment", "write_json"]
+__all__ = ["format_table", "environment", "load_average", "write_json"]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -32,6 +32,14 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): timings on a busy machine inflate."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def environment() -> dict[str, Any]:
     """Where and with what the numbers were measured."""
     import dist_memopt
@@ -43,6 +51,7 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1min": load_average(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "argv": sys.argv,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

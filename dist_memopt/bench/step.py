@@ -9,6 +9,7 @@ time and the median over repeats of the paired ratio t(optimizer) / t(AdamW) of 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ from dist_memopt.bench.models import ModelShapes, materialize, model_shapes
 from dist_memopt.bench.optimizers import OPTIMIZERS, build_optimizer, check_optimizer_names
 from dist_memopt.bench.paper import STEP_MS
 from dist_memopt.bench.registry import Benchmark, register
-from dist_memopt.bench.report import format_table
+from dist_memopt.bench.report import format_table, load_average
 
 __all__ = ["DEFAULT_OPTIMIZERS", "BASELINES", "TARGET_RATIO", "time_steps", "step_benchmark", "format_step", "run"]
 
@@ -114,8 +115,14 @@ def step_benchmark(
         "verdicts": [],
     }
     for shapes in models:
+        load_before = load_average()
         rows = _summary(time_steps(shapes, optimizers, repeats, warmup, device))
-        result = {"title": shapes.title, "numel": shapes.numel, "optimizers": rows}
+        result = {
+            "title": shapes.title,
+            "numel": shapes.numel,
+            "load_average_1min": [load_before, load_average()],
+            "optimizers": rows,
+        }
         results["models"][shapes.key] = result
         smmf = rows.get("SMMF", {}).get("ratio_to_adamw")
         if device.type == "cpu" and shapes.key == TARGET_MODEL and smmf is not None:
@@ -146,8 +153,16 @@ def format_model(result: dict[str, Any], run: dict[str, Any]) -> str:
         )
         rows.append([name, f"{row['median_ms']:.1f}", f"{row['min_ms']:.1f}–{row['max_ms']:.1f}", paired, fastest])
     headers = ["optimizer", "median ms", "min–max ms", "vs AdamW", "min vs min"]
-    note = "vs AdamW: median over repeats of t/t(AdamW) in the same repeat (the target's measure)"
-    return "\n".join([header, format_table(headers, rows), note]) + "\n"
+    lines = [header, format_table(headers, rows)]
+    lines.append("vs AdamW: median over repeats of t/t(AdamW) in the same repeat (the target's measure)")
+    loads = [x for x in result["load_average_1min"] if x is not None]
+    cores = os.cpu_count() or 1
+    if run["device"] == "cpu" and loads and max(loads) > cores:
+        lines.append(
+            f"WARNING: busy machine (load average {max(loads):.1f} on {cores} cores): each parallel op waits for "
+            "preempted threads, which inflates SMMF's many chunk-sized ops most; rerun when idle or with --threads 1"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def format_paper() -> str:

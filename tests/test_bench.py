@@ -170,6 +170,15 @@ def test_all_runs_every_registered_benchmark_and_writes_json(tmp_path, monkeypat
     assert list(memory) == list(DEFAULT_OPTIMIZERS)
 
 
+@pytest.mark.parametrize("timing, status", [(False, 1), (True, 0)])
+def test_exit_status_reports_failed_exact_checks_only(timing, status, monkeypatch, capsys):
+    verdict = {"check": "a check", "measured": 2.0, "limit": 1.0, "ok": False, "timing": timing}
+    plugin = Benchmark("plugin", "a benchmark with a failing check", lambda options: {"verdicts": [verdict]})
+    monkeypatch.setitem(registry._REGISTRY, "plugin", plugin)
+    assert main(["plugin"]) == status
+    assert "a check" in capsys.readouterr().err
+
+
 def test_registry_refuses_duplicates_and_the_reserved_name():
     def run(options):
         return {}

@@ -2,7 +2,8 @@
 
 Shared options: ``--models`` and ``--optimizers`` (comma-separated), ``--repeats`` and
 ``--json PATH``; a benchmark fills the ones not given from its own defaults. The exit status is 1
-when a benchmark reports a failed check (e.g. SMMF over the paper's memory figure), else 0.
+when a deterministic check fails (e.g. SMMF over the paper's memory figure), else 0; timing checks
+(``"timing": true``) are printed but do not set it, because a shared machine makes them flaky.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if options.json:
         write_json(options.json, results)
         print(f"results written to {options.json}")
-    failed = [v["check"] for r in results.values() for v in r.get("verdicts", []) if not v["ok"]]
-    for check in failed:
-        print(f"FAILED: {check}", file=sys.stderr)
-    return 1 if failed else 0
+    verdicts = [v for r in results.values() for v in r.get("verdicts", [])]
+    for verdict in verdicts:
+        if not verdict["ok"]:
+            kind = "timing check over target (exit status unaffected)" if verdict.get("timing") else "FAILED"
+            print(f"{kind}: {verdict['check']}", file=sys.stderr)
+    return 1 if any(not v["ok"] and not v.get("timing") for v in verdicts) else 0

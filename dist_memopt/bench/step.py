@@ -132,6 +132,7 @@ def step_benchmark(
                     "measured": smmf,
                     "limit": TARGET_RATIO,
                     "ok": smmf <= TARGET_RATIO,
+                    "timing": True,
                 }
             )
         if echo:

@@ -136,7 +136,9 @@ def test_cli_help_lists_every_benchmark(capsys):
         (["nonsense"], "invalid choice: 'nonsense' (choose from 'memory', 'step'"),
         (["memory", "--models", "gpt2,gpt5"], "unknown model(s) gpt5"),
         (["step", "--optimizers", "Adam"], "unknown optimizer(s) ['Adam']"),
-        (["step", "--repeats", "0"], "must be a positive integer"),
+        (["step", "--repeats", "0"], "must be an integer >= 1, got '0'"),
+        (["step", "--threads", "two"], "must be an integer >= 1, got 'two'"),
+        (["all", "--warmup", "-1"], "must be an integer >= 0"),
     ],
 )
 def test_cli_bad_input_is_a_clear_error(argv, message, capsys):

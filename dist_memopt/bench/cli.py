@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 from dist_memopt.bench.models import MODELS, parse_models
 from dist_memopt.bench.optimizers import OPTIMIZERS, check_optimizer_names
-from dist_memopt.bench.registry import benchmarks
+from dist_memopt.bench.registry import benchmarks, int_at_least
 from dist_memopt.bench.report import write_json
 
 __all__ = ["build_parser", "main"]
@@ -34,22 +34,12 @@ def _optimizers(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _shared_options() -> argparse.ArgumentParser:
     shared = argparse.ArgumentParser(add_help=False)
     group = shared.add_argument_group("shared options (defaults depend on the benchmark)")
     group.add_argument("--models", type=_models, help=f"comma-separated, from: {', '.join(MODELS)}")
     group.add_argument("--optimizers", type=_optimizers, help=f"comma-separated, from: {', '.join(OPTIMIZERS)}")
-    group.add_argument("--repeats", type=_positive_int, help="timed repeats (benchmarks that time)")
+    group.add_argument("--repeats", type=int_at_least(1), help="timed repeats (benchmarks that time)")
     group.add_argument("--json", metavar="PATH", help="write {environment, benchmarks: {name: results}} here")
     return shared
 

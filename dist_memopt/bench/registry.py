@@ -13,7 +13,15 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-__all__ = ["Benchmark", "register", "get_benchmark", "benchmarks", "load_builtin_benchmarks", "BUILTIN_MODULES"]
+__all__ = [
+    "Benchmark",
+    "register",
+    "get_benchmark",
+    "benchmarks",
+    "load_builtin_benchmarks",
+    "BUILTIN_MODULES",
+    "int_at_least",
+]
 
 #: modules imported by the CLI; each calls :func:`register` at import time
 BUILTIN_MODULES: tuple[str, ...] = (
@@ -51,6 +59,21 @@ class Benchmark:
 
 
 _REGISTRY: dict[str, Benchmark] = {}
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers >= ``low`` (a clear usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
 
 
 def register(benchmark: Benchmark) -> Benchmark:

@@ -20,7 +20,7 @@ from torch import Tensor
 from dist_memopt.bench.models import ModelShapes, materialize, model_shapes
 from dist_memopt.bench.optimizers import OPTIMIZERS, build_optimizer, check_optimizer_names
 from dist_memopt.bench.paper import STEP_MS
-from dist_memopt.bench.registry import Benchmark, register
+from dist_memopt.bench.registry import Benchmark, int_at_least, register
 from dist_memopt.bench.report import format_table, load_average
 
 __all__ = ["DEFAULT_OPTIMIZERS", "BASELINES", "TARGET_RATIO", "time_steps", "step_benchmark", "format_step", "run"]
@@ -197,10 +197,10 @@ def format_step(results: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("step")
     group.add_argument("--baselines", action="store_true", help=f"also time {', '.join(BASELINES)} (slower)")
-    group.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first (default 2)")
+    group.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed steps per optimizer first (default 2)")
     group.add_argument("--device", default="cpu", help="device for the step benchmark (default cpu)")
     group.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads while timing (default: torch's own choice)"
+        "--threads", type=int_at_least(1), default=None, help="torch CPU threads while timing (default: torch's own choice)"
     )
 
 
@@ -212,8 +212,6 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     models = [model_shapes(key) for key in options.models]
     threads = torch.get_num_threads()
     if options.threads is not None:
-        if options.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {options.threads}")
         torch.set_num_threads(options.threads)
     try:
         results = step_benchmark(models, optimizers, options.repeats, options.warmup, options.device, echo=True)

@@ -5,7 +5,9 @@ Baselines use the first-moment setting of the SMMF paper's fine-tuning configura
 memory figures include that momentum. Learning rates only matter for timing stability here.
 Quirks handled as a user would: ``came_pytorch.CAME`` has ``lr=None`` as default but asserts
 ``lr > 0`` (so ``lr`` is always given); ``torch.optim.Adafactor`` has no first moment at all, so
-the paper's β1 = 0.9 Adafactor is also shown through ``pytorch_optimizer.AdaFactor``.
+the paper's β1 = 0.9 Adafactor is also shown through ``pytorch_optimizer.AdaFactor``;
+``pytorch_optimizer.SM3`` allocates its momentum buffer even with ``momentum=0``. All baselines step
+0-d, 1-d and 4-d parameters as they are (tested on the AwkwardModel shapes).
 """
 
 from __future__ import annotations

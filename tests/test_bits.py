@@ -33,19 +33,24 @@ def test_wrong_buffer_size_is_an_error():
         unpack_signs(torch.empty(1, dtype=torch.uint8), 9)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3, 8, 13])
+def test_packing_a_view_at_any_offset_or_stride(offset):
+    g = torch.Generator().manual_seed(offset)
+    values = torch.randn(offset + 1003, generator=g)
+    view = (values >= 0)[offset:]  # storage offset not a multiple of 8
+    strided = (values[: 2 * 400] >= 0)[::2]  # non-contiguous
+    for signs in (view, strided):
+        packed = torch.empty(packed_numel(signs.numel()), dtype=torch.uint8)
+        pack_signs(signs, packed)
+        expected = torch.empty_like(packed)
+        pack_signs(signs.contiguous().clone(), expected)
+        assert torch.equal(packed, expected)
+        assert torch.equal(unpack_signs(packed, signs.numel()), torch.where(signs, 1.0, -1.0))
+
+
 def test_every_byte_value_round_trips():
-    """The multiply-shift packing, checked exhaustively over all 256 sign patterns."""
-    patterns = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+    bits = torch.arange(256).unsqueeze(1).bitwise_right_shift(torch.arange(8)).bitwise_and(1).bool()
     packed = torch.empty(256, dtype=torch.uint8)
-    pack_signs(patterns.reshape(-1), packed)
+    pack_signs(bits.reshape(-1), packed)
     assert packed.tolist() == list(range(256))
-    assert torch.equal(unpack_signs(packed, 256 * 8) > 0, patterns.reshape(-1))
-
-
-def test_unaligned_views_pack_like_aligned_ones():
-    values = torch.randn(1003) >= 0
-    aligned = torch.empty(125, dtype=torch.uint8)
-    pack_signs(values[3:].clone(), aligned)
-    unaligned = torch.empty(125, dtype=torch.uint8)
-    pack_signs(values[3:], unaligned)  # storage offset 3: not readable as int64
-    assert torch.equal(aligned, unaligned)
+    assert torch.equal(unpack_signs(packed, 2048), torch.where(bits.reshape(-1), 1.0, -1.0))

@@ -7,6 +7,7 @@ import torch
 
 import dist_memopt as dm
 from dist_memopt import NonFiniteGradientError
+from dist_memopt.optim.base import first_nonfinite
 from models import AwkwardModel, loss_fn
 
 
@@ -108,6 +109,29 @@ def test_non_finite_gradient_names_the_parameter_and_changes_nothing(cls, bad):
     for p, s in optimizer.state.items():
         for k, v in s.items():
             assert torch.equal(v, state[id(p)][k]), k
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("numel", [1, 7, 8, 33, 4099])
+def test_first_nonfinite_finds_a_bad_element_anywhere(numel, bad):
+    for position in sorted({0, numel // 2, numel - 1}):
+        tensors = [torch.randn(5), torch.tensor(0.5), torch.randn(numel), torch.randn(3, 3)]
+        tensors[2][position] = bad
+        assert first_nonfinite(tensors) == 2, position
+    scalar = torch.tensor(bad)
+    assert first_nonfinite([torch.randn(3), scalar]) == 1
+
+
+def test_first_nonfinite_is_exact_when_squares_overflow():
+    huge = torch.full((1000,), 3e38)  # finite, but its squares overflow float32
+    assert first_nonfinite([huge, -huge, torch.randn(4)]) is None
+    with_nan = torch.randn(4)
+    with_nan[1] = math.nan
+    assert first_nonfinite([huge, torch.randn(4), with_nan]) == 2
+    assert first_nonfinite([]) is None
+    p = _param()
+    p.grad = torch.full_like(p, 1e30)
+    dm.SMMF([p]).step()  # finite, so no NonFiniteGradientError
 
 
 def test_non_finite_check_can_be_switched_off():

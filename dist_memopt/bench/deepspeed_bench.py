@@ -20,11 +20,13 @@ import os
 import socket
 import statistics
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
-__all__ = ["DEFAULT_OPTIMIZERS", "OPTIMIZER_CONFIGS", "add_arguments", "run", "main", "format_results"]
+from dist_memopt.bench.registry import Benchmark, register
+
+__all__ = ["DEFAULT_OPTIMIZERS", "OPTIMIZER_CONFIGS", "add_arguments", "run", "format_results"]
 
 #: ds_config "optimizer" entries by benchmark name
 OPTIMIZER_CONFIGS: dict[str, dict[str, Any]] = {
@@ -218,12 +220,12 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Stand-alone entry until the registry lists this benchmark:
-    ``python -c "from dist_memopt.bench.deepspeed_bench import main; main()" [--ds-stages 1,2]``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=lambda s: s.split(","), default=None)
-    parser.add_argument("--optimizers", type=lambda s: s.split(","), default=None)
-    parser.add_argument("--repeats", type=int, default=None)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+register(
+    Benchmark(
+        name="deepspeed",
+        summary="per-rank optimizer state and engine.step() time vs DeepSpeed's AdamW at ZeRO-1/2/3, 2 CPU ranks",
+        run=run,
+        add_arguments=add_arguments,
+        defaults={"models": ["gpt2"], "optimizers": list(DEFAULT_OPTIMIZERS), "repeats": 5},
+    )
+)

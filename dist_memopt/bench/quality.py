@@ -8,7 +8,7 @@ backend is DDP, because the baselines only handle whole tensors (our optimizers 
 numbers on FSDP2, sharded). Prints a table of final loss and optimizer-state MiB and writes
 ``quality.json``, ``quality.md`` and ``quality.png`` (loss curves) under ``--out``.
 
-    python -m dist_memopt.bench quality [--steps 100] [--models gpt2 bert t5] [--optimizers ...]
+    python -m dist_memopt.bench quality [--steps 100] [--models gpt2,bert,t5] [--optimizers AdamW,SMMF,...]
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dist_memopt.bench.registry import Benchmark, register
+
 __all__ = ["add_arguments", "run", "OPTIMIZERS", "MODELS"]
 
 OPTIMIZERS = ("AdamW", "Adafactor", "CAME", "SM3", "SMMF", "Alada")
@@ -31,8 +33,7 @@ MiB = 2**20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    """Options of its own; --models and --optimizers are the CLI's shared ones."""
     parser.add_argument("--steps", type=int, default=100, help="iterations per run (default 100)")
     parser.add_argument("--backend", default="ddp", help="parallel.backend for every run (default ddp)")
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (default 2)")
@@ -123,6 +124,9 @@ def _plot(path: Path, results: dict[str, dict[str, dict]], models: list[str], st
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train every (model, optimizer) pair, then print and write the table and the curves."""
+    unknown = [m for m in args.models if m not in MODELS] + [o for o in args.optimizers if o not in OPTIMIZERS]
+    if unknown:
+        raise ValueError(f"quality benchmark: no tiny config or trainer option for {unknown}; models {MODELS}, optimizers {OPTIMIZERS}")
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict]] = {m: {} for m in args.models}
     began = time.time()
@@ -142,12 +146,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_memopt.bench.quality", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    results = run(parser.parse_args(argv))
-    return 1 if any("error" in r for per_model in results.values() for r in per_model.values()) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+register(
+    Benchmark(
+        name="quality",
+        summary="tiny GPT-2, BERT and T5 trained with AdamW, Adafactor, CAME, SM3, SMMF and Alada: final loss, state MiB, curves",
+        run=run,
+        add_arguments=add_arguments,
+        defaults={"models": list(MODELS), "optimizers": list(OPTIMIZERS)},
+    )
+)

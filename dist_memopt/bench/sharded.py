@@ -9,7 +9,6 @@ the median optimizer.step() time relative to AdamW under the same wrapping.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -17,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dist_memopt.bench.registry import Benchmark, register
 
 OPTIMIZERS = ("AdamW", "SMMF", "Alada")
 
@@ -129,7 +130,7 @@ def _spawn(world_size: int, args: argparse.Namespace) -> list[dict]:
         p.start()
     results: dict[int, dict] = {}
     while len(results) < world_size:
-        rank, value = queue.get(timeout=args.timeout)
+        rank, value = queue.get(timeout=args.rank_timeout)
         results[rank] = value
     for p in procs:
         p.join()
@@ -137,11 +138,9 @@ def _spawn(world_size: int, args: argparse.Namespace) -> list[dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world-sizes", default="2,4", help="comma-separated numbers of CPU ranks")
-    parser.add_argument("--seq-length", type=int, default=32, help="tokens in the one measured batch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed optimizer steps per optimizer")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the ranks")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--world-sizes", default="2,4", help="comma-separated numbers of CPU ranks (default 2,4)")
+    parser.add_argument("--seq-length", type=int, default=32, help="tokens in the one measured batch (default 32)")
+    parser.add_argument("--rank-timeout", type=float, default=3600, help="seconds to wait for the ranks")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -174,17 +173,15 @@ def run(args: argparse.Namespace) -> dict:
         report[str(world_size)] = summary
     lines.append("target: the optimizer's extra communication under 1% of the gradient reduce-scatter bytes")
     print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+register(
+    Benchmark(
+        name="sharded",
+        summary="GPT-2 small under FSDP2 at 2 and 4 CPU ranks: per-rank state, optimizer vs reduce-scatter bytes, step time",
+        run=run,
+        add_arguments=add_arguments,
+        defaults={"repeats": 3},
+    )
+)

@@ -37,6 +37,7 @@ __all__ = [
     "check_number",
     "chunk_ranges",
     "default_chunk_numel",
+    "first_nonfinite",
 ]
 
 
@@ -335,17 +336,10 @@ class FactoredOptimizer(Optimizer):
 
     @staticmethod
     def _first_nonfinite(items: list[StepItem]) -> float:
-        """Index (as a float, inf if none) of the first checked item with an inf/NaN gradient.
-
-        min and max propagate NaN and inf and, unlike a sum or a norm, cannot overflow on finite
-        values; one aminmax per gradient is about ten times faster on CPU than an inf-norm.
-        """
+        """Index (as a float, inf if none) of the first checked item with an inf/NaN gradient."""
         checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
-        if not checked:
-            return math.inf
-        extremes = torch.stack([torch.stack(torch.aminmax(items[i].grad)) for i in checked])
-        nonfinite = (~torch.isfinite(extremes).all(dim=1)).nonzero()
-        return float(checked[int(nonfinite[0])]) if nonfinite.numel() else math.inf
+        first = first_nonfinite([items[i].grad for i in checked])
+        return math.inf if first is None else float(checked[first])
 
     # --- statistic reduction ---------------------------------------------------------------
 
@@ -538,6 +532,24 @@ class FactoredOptimizer(Optimizer):
 #: factored segments, 8 per byte, each segment starting on a fresh byte). Per parameter, whole:
 #: ``rows`` and ``cols`` (the 2-D view's factors), ``factor`` (one value per factored segment).
 STATE_KINDS = ("elems", "dense", "bits", "rows", "cols", "factor")
+
+
+def first_nonfinite(tensors: list[Tensor]) -> Optional[int]:
+    """Index of the first tensor holding an inf or NaN, else None.
+
+    One fused 2-norm per tensor clears almost every tensor: any inf or NaN element makes the norm
+    inf or NaN, so a finite norm proves the tensor finite. Only tensors whose norm is not finite
+    (a real inf/NaN, or finite values whose squares overflow) get the exact elementwise test.
+    The inf-norm would be exact in one pass but is about 6x slower on CPU (200 ms for GPT-2
+    small, half an AdamW step).
+    """
+    if not tensors:
+        return None
+    norms = torch.stack(torch._foreach_norm(tensors, 2))
+    for index in (~torch.isfinite(norms)).nonzero().flatten().tolist():
+        if not bool(torch.isfinite(tensors[index]).all()):
+            return index
+    return None
 
 
 def _distinct_groups(plans: Iterable[ParamPlan]) -> list[dist.ProcessGroup]:

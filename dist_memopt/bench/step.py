@@ -1,0 +1,233 @@
+"""``step``: time per optimizer step of SMMF and Alada relative to AdamW (foreach).
+
+All optimizers step the same real parameters of a model's shapes with the same fixed random
+gradients, interleaved (A B C A B C ...) so that machine noise hits them alike; each gets
+``warmup`` untimed steps first (state allocation, Alada's first step). Reported: the median step
+time and the median over repeats of the paired ratio t(optimizer) / t(AdamW) of the same repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from dist_memopt.bench.models import ModelShapes, materialize, model_shapes
+from dist_memopt.bench.optimizers import OPTIMIZERS, build_optimizer, check_optimizer_names
+from dist_memopt.bench.paper import STEP_MS
+from dist_memopt.bench.registry import Benchmark, int_at_least, register
+from dist_memopt.bench.report import format_table, load_average
+
+__all__ = ["DEFAULT_OPTIMIZERS", "BASELINES", "TARGET_RATIO", "time_steps", "step_benchmark", "format_step", "run"]
+
+DEFAULT_OPTIMIZERS = ("AdamW", "SMMF", "Alada", "SMMF-nocheck", "Alada-nocheck")
+BASELINES = ("Adafactor", "CAME", "SM3")
+REFERENCE = "AdamW"
+TARGET_RATIO = 1.5  # issue 2: SMMF <= 1.5x AdamW on CPU, on GPT-2-small shapes
+TARGET_MODEL = "gpt2"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fingerprint(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.stack([t.double().sum() for t in tensors]).cpu()
+
+
+def time_steps(
+    shapes: ModelShapes,
+    optimizers: Sequence[str],
+    repeats: int,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
+    """Seconds of each timed ``step()`` per optimizer, ``repeats`` samples each, interleaved."""
+    check_optimizer_names(optimizers)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    device = torch.device(device)
+    params = materialize(shapes, device)
+    grads = [p.grad for p in params]
+    before = _fingerprint(grads)
+    built = {name: build_optimizer(name, params) for name in optimizers}
+    for _ in range(warmup):
+        for optimizer in built.values():
+            optimizer.step()
+    samples: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(repeats):
+        for name, optimizer in built.items():
+            _synchronize(device)
+            started = time.perf_counter()
+            optimizer.step()
+            _synchronize(device)
+            samples[name].append(time.perf_counter() - started)
+    if not torch.equal(before, _fingerprint(grads)) or any(p.grad is not g for p, g in zip(params, grads)):
+        raise RuntimeError("an optimizer changed the shared gradients; the timings would not be comparable")
+    return samples
+
+
+def _summary(samples: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    reference = samples.get(REFERENCE)
+    rows = {}
+    for name, times in samples.items():
+        paired = fastest = None
+        if reference is not None:
+            paired = statistics.median(t / r for t, r in zip(times, reference))
+            fastest = min(times) / min(reference)
+        rows[name] = {
+            "median_ms": 1e3 * statistics.median(times),
+            "min_ms": 1e3 * min(times),
+            "max_ms": 1e3 * max(times),
+            "samples_ms": [1e3 * t for t in times],
+            "ratio_to_adamw": paired,
+            "min_ratio_to_adamw": fastest,
+        }
+    return rows
+
+
+def step_benchmark(
+    models: Sequence[ModelShapes],
+    optimizers: Sequence[str],
+    repeats: int,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+    echo: bool = False,
+) -> dict[str, Any]:
+    """Time every optimizer on every model; with ``echo``, print each model's table when done."""
+    device = torch.device(device)
+    results: dict[str, Any] = {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "warmup": warmup,
+        "ratio": "ratio_to_adamw: median over repeats of t(optimizer)/t(AdamW) in the same repeat; "
+        "min_ratio_to_adamw: fastest step / fastest AdamW step",
+        "models": {},
+        "verdicts": [],
+    }
+    for shapes in models:
+        load_before = load_average()
+        rows = _summary(time_steps(shapes, optimizers, repeats, warmup, device))
+        result = {
+            "title": shapes.title,
+            "numel": shapes.numel,
+            "load_average_1min": [load_before, load_average()],
+            "optimizers": rows,
+        }
+        results["models"][shapes.key] = result
+        smmf = rows.get("SMMF", {}).get("ratio_to_adamw")
+        if device.type == "cpu" and shapes.key == TARGET_MODEL and smmf is not None:
+            results["verdicts"].append(
+                {
+                    "check": f"SMMF (check_finite=True) step on {shapes.key} <= {TARGET_RATIO}x AdamW(foreach) on CPU",
+                    "measured": smmf,
+                    "limit": TARGET_RATIO,
+                    "ok": smmf <= TARGET_RATIO,
+                    "timing": True,
+                }
+            )
+        if echo:
+            print(format_model(result, results), flush=True)
+    return results
+
+
+def format_model(result: dict[str, Any], run: dict[str, Any]) -> str:
+    header = (
+        f"{result['title']}: {result['numel']:,} parameters; {run['device']}, {run['torch_threads']} threads, "
+        f"{run['repeats']} interleaved repeats after {run['warmup']} warm-up steps"
+    )
+    rows = []
+    for name, row in result["optimizers"].items():
+        paired, fastest = (
+            ("—", "—")
+            if row["ratio_to_adamw"] is None
+            else (f"{row['ratio_to_adamw']:.2f}x", f"{row['min_ratio_to_adamw']:.2f}x")
+        )
+        rows.append([name, f"{row['median_ms']:.1f}", f"{row['min_ms']:.1f}–{row['max_ms']:.1f}", paired, fastest])
+    headers = ["optimizer", "median ms", "min–max ms", "vs AdamW", "min vs min"]
+    lines = [header, format_table(headers, rows)]
+    lines.append("vs AdamW: median over repeats of t/t(AdamW) in the same repeat (the target's measure)")
+    loads = [x for x in result["load_average_1min"] if x is not None]
+    cores = os.cpu_count() or 1
+    if run["device"] == "cpu" and loads and max(loads) > cores:
+        lines.append(
+            f"WARNING: busy machine (load average {max(loads):.1f} on {cores} cores): each parallel op waits for "
+            "preempted threads, which inflates SMMF's many chunk-sized ops most; rerun when idle or with --threads 1"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_paper() -> str:
+    rows = []
+    for model, times in STEP_MS.items():
+        adam = times["Adam"][0]
+        rows.append(
+            [model]
+            + [f"{mean:g}±{std:g}" for mean, std in times.values()]
+            + [f"{times['SMMF'][0] / adam:.2f}x"]
+        )
+    headers = ["SMMF paper, Table 5 (GPU, ms)"] + list(next(iter(STEP_MS.values()))) + ["SMMF/Adam"]
+    note = "(per training step on GPUs, SMMF with an 8-bit sign matrix: only the ratios compare)"
+    return format_table(headers, rows) + "\n" + note + "\n"
+
+
+def format_verdicts(results: dict[str, Any]) -> str:
+    lines = []
+    for verdict in results["verdicts"]:
+        status = "OK" if verdict["ok"] else "OVER"
+        lines.append(f"{status}: {verdict['check']}: measured {verdict['measured']:.2f}x")
+    return "\n".join(lines)
+
+
+def format_step(results: dict[str, Any]) -> str:
+    parts = [format_model(r, results) for r in results["models"].values()]
+    parts += [format_verdicts(results), format_paper()]
+    return "\n".join(p for p in parts if p)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("step")
+    group.add_argument("--baselines", action="store_true", help=f"also time {', '.join(BASELINES)} (slower)")
+    group.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed steps per optimizer first (default 2)")
+    group.add_argument("--device", default="cpu", help="device for the step benchmark (default cpu)")
+    group.add_argument(
+        "--threads", type=int_at_least(1), default=None, help="torch CPU threads while timing (default: torch's own choice)"
+    )
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    optimizers = list(options.optimizers)
+    if options.baselines:
+        optimizers += [name for name in BASELINES if name not in optimizers]
+    check_optimizer_names(optimizers)
+    models = [model_shapes(key) for key in options.models]
+    threads = torch.get_num_threads()
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    try:
+        results = step_benchmark(models, optimizers, options.repeats, options.warmup, options.device, echo=True)
+    finally:
+        torch.set_num_threads(threads)
+    print("\n".join(p for p in (format_verdicts(results), format_paper()) if p), flush=True)
+    print("Optimizers: " + "; ".join(f"{n} = {OPTIMIZERS[n].source}" for n in optimizers), flush=True)
+    return results
+
+
+register(
+    Benchmark(
+        name="step",
+        summary="time per optimizer step of SMMF and Alada relative to AdamW(foreach) on GPT-2-small shapes",
+        run=run,
+        add_arguments=add_arguments,
+        defaults={"models": ["gpt2"], "repeats": 10, "optimizers": list(DEFAULT_OPTIMIZERS)},
+    )
+)

@@ -1,0 +1,204 @@
+"""The benchmark package on tiny models: exact byte counts, table contents, CLI dispatch.
+
+Timings are measured but never asserted (the machine is shared); byte counts are exact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_memopt.bench import Benchmark, benchmarks, registry
+from dist_memopt.bench.cli import main
+from dist_memopt.bench.memory import DEFAULT_OPTIMIZERS, _model_result, format_memory, measure_state_bytes, memory_benchmark
+from dist_memopt.bench.models import ModelShapes, model_shapes, shapes_of
+from dist_memopt.bench.optimizers import OPTIMIZERS, OptimizerSpec
+from dist_memopt.bench.step import format_step, step_benchmark, time_steps
+from models import AwkwardModel
+
+MIB = 2**20
+
+
+def _square(numel: int) -> tuple[int, int]:
+    """SMMF Algorithm 2, written out here independently: (N // i, i), i the largest divisor <= sqrt(N)."""
+    i = max(d for d in range(1, math.isqrt(numel) + 1) if numel % d == 0)
+    return numel // i, i
+
+
+def _smmf_bytes(shapes: ModelShapes) -> int:
+    total = 0
+    for _, shape in shapes.params:
+        n, m = _square(shape.numel())
+        total += math.ceil(shape.numel() / 8) + 4 * (2 * n + 2 * m) + 4  # signs, r/c of M and V, step
+    return total
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ModelShapes:
+    return model_shapes("tiny")
+
+
+def test_tiny_shapes_count_the_tied_head_once(tiny):
+    assert ("lm_head.weight", "transformer.wte.weight") in tiny.tied
+    assert "lm_head.weight" not in dict(tiny.params)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    real = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=101))
+    assert tiny.numel == sum(p.numel() for p in real.parameters())  # parameters() deduplicates too
+    assert all(shape == dict(real.named_parameters())[name].shape for name, shape in tiny.params)
+
+
+def test_smmf_and_adamw_state_bytes_match_the_formulas(tiny):
+    measured = measure_state_bytes(tiny, ["AdamW", "SMMF"])
+    assert measured["SMMF"] == _smmf_bytes(tiny)
+    assert measured["AdamW"] == 8 * tiny.numel + 4 * len(tiny.params)  # exp_avg, exp_avg_sq, fp32 step
+
+
+def test_baselines_step_on_scalar_vector_and_conv_parameters():
+    shapes = shapes_of("awkward", "AwkwardModel", AwkwardModel())
+    assert any(len(shape) == 0 for _, shape in shapes.params) and any(len(s) == 4 for _, s in shapes.params)
+    measured = measure_state_bytes(shapes, list(DEFAULT_OPTIMIZERS))
+    assert measured["SMMF"] == _smmf_bytes(shapes)
+    # the baselines with a first moment keep one fp32 value per element, plus their statistics
+    for name in ("Adafactor-b1", "CAME", "SM3", "Alada"):
+        assert measured[name] > 4 * shapes.numel
+    assert measured["Adafactor"] < 4 * shapes.numel and measured["Alada-M-in-grad"] < 4 * shapes.numel
+
+
+def test_memory_table_has_every_optimizer_and_the_paper_column(tiny):
+    stand_in = ModelShapes("gpt2", "tiny stand-in for GPT-2", tiny.params, tiny.tied)
+    results = memory_benchmark([stand_in], list(DEFAULT_OPTIMIZERS))
+    text = format_memory(results)
+    for name in DEFAULT_OPTIMIZERS:
+        assert f"\n{name} " in text
+    assert "paper MiB (source)" in text
+    assert "861–973 (Table 4)" in text and "16 (Table 4)" in text
+    row = results["models"]["gpt2"]["optimizers"]["SMMF"]
+    assert row["bits_per_param"] == pytest.approx(row["bytes"] * 8 / tiny.numel)
+    assert results["verdicts"] == [
+        {
+            "check": "SMMF state for gpt2 <= paper's 16 MiB (Table 4)",
+            "measured": row["bytes"] / MIB,
+            "limit": 16,
+            "ok": True,
+        }
+    ]
+    assert "OK: SMMF state for gpt2" in text
+
+
+def test_memory_verdict_fails_over_the_paper_figure(tiny):
+    result = _model_result(ModelShapes("t5", "stand-in", tiny.params), {"SMMF": int(8.4 * MIB)})
+    assert [v["ok"] for v in result["verdicts"]] == [False]
+    assert "Tables 10–11" in result["verdicts"][0]["check"]
+
+
+def test_step_benchmark_interleaves_and_reports_ratios(tiny):
+    results = step_benchmark([tiny], ["AdamW", "SMMF", "Alada"], repeats=2, warmup=1)
+    rows = results["models"]["tiny"]["optimizers"]
+    assert list(rows) == ["AdamW", "SMMF", "Alada"]
+    assert all(len(r["samples_ms"]) == 2 and r["min_ms"] > 0 for r in rows.values())
+    assert rows["AdamW"]["ratio_to_adamw"] == 1.0 and rows["AdamW"]["min_ratio_to_adamw"] == 1.0
+    assert results["verdicts"] == []  # the 1.5x target is for GPT-2-small shapes only
+    text = format_step(results)
+    assert "Transformer-base" in text and "1.33x" in text  # Table 5: 171 / 129
+
+
+def test_step_benchmark_rejects_optimizers_that_change_gradients(tiny, monkeypatch):
+    class GradScaling(torch.optim.SGD):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad.mul_(2.0)
+
+    monkeypatch.setitem(OPTIMIZERS, "GradScaling", OptimizerSpec("GradScaling", lambda p: GradScaling(p, lr=0.1), "test"))
+    with pytest.raises(RuntimeError, match="changed the shared gradients"):
+        time_steps(tiny, ["AdamW", "GradScaling"], repeats=1, warmup=0)
+
+
+def test_cli_help_lists_every_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in list(benchmarks()) + ["all"]:
+        assert re.search(rf"^ +{name}\b", out, re.MULTILINE), name
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nonsense"], "invalid choice: 'nonsense' (choose from 'memory', 'step'"),
+        (["memory", "--models", "gpt2,gpt5"], "unknown model(s) gpt5"),
+        (["step", "--optimizers", "Adam"], "unknown optimizer(s) ['Adam']"),
+        (["step", "--repeats", "0"], "must be an integer >= 1, got '0'"),
+        (["step", "--threads", "two"], "must be an integer >= 1, got 'two'"),
+        (["all", "--warmup", "-1"], "must be an integer >= 0"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_all_runs_every_registered_benchmark_and_writes_json(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def plugged_in(options):
+        seen.append((options.models, options.repeats))
+        print("plugged-in benchmark ran")
+        return {"verdicts": []}
+
+    # the light benchmarks plus a plugged-in one (the multi-process ones take minutes)
+    registry.load_builtin_benchmarks()
+    light = {name: registry._REGISTRY[name] for name in ("memory", "step")}
+    monkeypatch.setattr(registry, "_REGISTRY", {**light, "plugin": Benchmark("plugin", "a later benchmark", plugged_in)})
+    path = tmp_path / "out" / "results.json"
+    threads = torch.get_num_threads()
+    argv = ["all", "--models", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(path)]
+    assert main(argv) == 0
+    assert torch.get_num_threads() == threads
+    out = capsys.readouterr().out
+    assert "=== memory" in out and "=== step" in out and "plugged-in benchmark ran" in out
+    assert seen == [(["tiny"], 1)]
+    document = json.loads(path.read_text())
+    assert set(document["benchmarks"]) == {"memory", "step", "plugin"}
+    assert document["environment"]["torch"] == torch.__version__
+    memory = document["benchmarks"]["memory"]["models"]["tiny"]["optimizers"]
+    assert list(memory) == list(DEFAULT_OPTIMIZERS)
+
+
+@pytest.mark.parametrize("timing, status", [(False, 1), (True, 0)])
+def test_exit_status_reports_failed_exact_checks_only(timing, status, monkeypatch, capsys):
+    verdict = {"check": "a check", "measured": 2.0, "limit": 1.0, "ok": False, "timing": timing}
+    plugin = Benchmark("plugin", "a benchmark with a failing check", lambda options: {"verdicts": [verdict]})
+    monkeypatch.setitem(registry._REGISTRY, "plugin", plugin)
+    assert main(["plugin"]) == status
+    assert "a check" in capsys.readouterr().err
+
+
+def test_registry_refuses_duplicates_and_the_reserved_name():
+    def run(options):
+        return {}
+
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(Benchmark("memory", "another memory benchmark", run))
+    with pytest.raises(ValueError, match="reserved"):
+        registry.register(Benchmark("all", "x", run))
+
+
+def test_module_entry_point_runs():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "dist_memopt.bench", "--help"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "memory" in done.stdout and "step" in done.stdout

@@ -8,13 +8,17 @@ sharding frameworks expects otherwise, so each layout names a style (``ParamLayo
 - ``"dtensor"`` (FSDP2, HSDP): per-element state becomes a DTensor shaped and placed like the
   parameter (signs as int8, one per element), so torch.distributed.checkpoint saves it sharded and
   reshards it on load; row/column factors are global-size, identical on every rank, saved as is.
+- ``"megatron"`` (Megatron-core's DistributedOptimizer, FP32 and mixed-precision optimizers):
+  per-element state is laid out like the optimizer tensor's local data (signs as int8, one per
+  element), so it maps onto the model parameter's elements as Adam's moments do; the factors,
+  identical on every rank of the group, are kept as they are.
 - ``"fsdp1"``: per-element state is laid out like the optimizer tensor's local data (a flat
   shard, padding included, or an original parameter's 1-D view), the form FSDP1's
   ``optim_state_dict`` all-gathers and unflattens; the factors, identical on every rank, travel as
   one opaque ``bytes`` value (a JSON header and the raw data, byte-identical across ranks), the
   kind of value FSDP1 and its state-dict utilities pass through unchanged.
 
-Expanded signs are 1 (M >= 0) or 0, int8 for DTensors and float32 for FSDP1 (which flattens only
+Expanded signs are 1 (M >= 0) or 0, int8 for DTensors and Megatron, float32 for FSDP1 (which flattens only
 floating-point state); either way never the packed uint8 form, which is how they are told apart.
 """
 
@@ -33,7 +37,7 @@ __all__ = ["expand_state", "compact_state", "FACTORS_KEY"]
 
 FACTORS_KEY = "factors"
 PACKED_SIGN_DTYPE = torch.uint8
-EXPANDED_SIGN_DTYPES = {"dtensor": torch.int8, "fsdp1": torch.float32}
+EXPANDED_SIGN_DTYPES = {"dtensor": torch.int8, "megatron": torch.int8, "fsdp1": torch.float32}
 
 
 def _encode(tensors: dict[str, Tensor]) -> bytes:

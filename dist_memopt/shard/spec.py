@@ -126,9 +126,13 @@ Resolver = Callable[[Tensor], Optional[ParamLayout]]
 _RESOLVERS: list[Resolver] = []
 
 
-def set_layout(param: Tensor, segments: Sequence[Segment]) -> None:
-    """Declare by hand where ``param``'s local elements lie (framework adapters use this)."""
-    layout = ParamLayout(tuple(segments))
+def set_layout(param: Tensor, segments: Sequence[Segment], checkpoint: str = "compact") -> None:
+    """Declare by hand where ``param``'s local elements lie (framework adapters use this).
+
+    ``checkpoint`` names the form ``state_dict()`` gives its state in (see
+    :mod:`dist_memopt.checkpoint`).
+    """
+    layout = ParamLayout(tuple(segments), checkpoint)
     local_numel = local_tensor(param).numel()
     for seg in layout.segments:
         if seg.offset + seg.numel > local_numel:

@@ -97,16 +97,18 @@ def _flat(meta: Any, key: str, data: Tensor, start: int, global_numel: int, repl
     """``data`` as elements ``[start, start + data.numel())`` of a flat tensor of ``global_numel``
     elements, stacked (and keyed) like the model parameter ``meta`` describes.
 
-    Flat ranges at any offset are an uneven 1-D sharding, which Megatron hands to
-    torch.distributed.checkpoint (its ``flattened_range`` is no longer supported).
+    Flat ranges at any offset are an uneven sharding (no regular grid), which Megatron hands to
+    torch.distributed.checkpoint as is (its ``flattened_range`` is no longer supported). Megatron
+    translates only the local shape of such tensors, so the stacking axes are explicit size-1 axes
+    of the data rather than prepended ones.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     k, lead_shape, lead_offset = _stacking(meta)
-    data = data.reshape(-1)
+    data = data.reshape((1,) * k + (-1,))
     return ShardedTensor(
-        f"{PREFIX}.{key}.{meta.key}", data, data.dtype, (data.numel(),), (*lead_shape, global_numel),
-        (*lead_offset, start), None, replica_id, prepend_axis_num=k,
+        f"{PREFIX}.{key}.{meta.key}", data, data.dtype, tuple(data.shape), (*lead_shape, global_numel),
+        (*lead_offset, start), None, replica_id,
     )
 
 
@@ -157,7 +159,9 @@ def load_param_state(optimizer: FactoredOptimizer, entries: list[StateEntry], pa
         missing = sorted(set(template) - set(saved) - set(optimizer.elementwise_state))
         if missing:
             raise ValueError(f"the checkpoint lacks optimizer state {missing} of parameter {index} (saved by another optimizer?)")
-        state = {key: saved.get(key, value) for key, value in template.items()}  # empty ranges: nothing saved
+        # flat, as the optimizer holds them (saved with the stacking axes of a layer's parameters);
+        # per-element state of an empty range was not saved: the template's empty tensor stands in
+        state = {key: saved.get(key, value).reshape(-1) for key, value in template.items()}
         state["step"] = state["step"].reshape(()).to("cpu", torch.float32)
         if float(state["step"]) > 0:
             loaded[index] = state

@@ -135,7 +135,7 @@ def train_reference(name: str, steps: int, dtype: torch.dtype = torch.float32, d
         with torch.no_grad():
             for master, p in zip(masters, model.parameters()):
                 p.copy_(master)
-    return {n: m.detach() for (n, _), m in zip(model.named_parameters(), masters)}, norms
+    return {n: m.detach().cpu() for (n, _), m in zip(model.named_parameters(), masters)}, norms
 
 
 def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -148,15 +148,16 @@ def main_weights(ddp: nn.Module, optimizer: Any) -> dict[str, torch.Tensor]:
 
     from dist_memopt.shard.spec import layout_of
 
-    full = {n: torch.zeros(p.numel()) for n, p in model_weights(ddp).items()}
+    device = next(ddp.parameters()).device
+    full = {n: torch.zeros(p.numel(), device=device) for n, p in model_weights(ddp).items()}
     for inner in _inner_optimizers(optimizer):
         for group in inner.param_groups:
             for name, tensor in zip(group["param_names"], group["params"]):
                 spec = layout_of(tensor).segments[0].spec
-                full[name.removeprefix("module.").removeprefix("inner.")][spec.start : spec.end] = tensor.detach().float().cpu()
+                full[name.removeprefix("module.").removeprefix("inner.")][spec.start : spec.end] = tensor.detach().float()
     for value in full.values():
         dist.all_reduce(value)
-    return {n: full[n].view(p.shape) for n, p in model_weights(ddp).items()}
+    return {n: full[n].cpu().view(p.shape) for n, p in model_weights(ddp).items()}
 
 
 def _inner_optimizers(optimizer: Any) -> list:

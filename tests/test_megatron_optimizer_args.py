@@ -6,6 +6,7 @@ pytest.importorskip("megatron.core")
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
 from dist_memopt.integrations.megatron import get_megatron_optimizer, optimizer_arguments  # noqa: E402
+from dist_memopt.integrations.megatron.factory import _requested  # noqa: E402
 
 
 def test_smmf_takes_adams_names_from_the_config():
@@ -39,3 +40,24 @@ def test_bad_arguments_are_named(fields, kwargs, error, match):
 def test_keyword_arguments_are_refused_for_megatrons_own_optimizers():
     with pytest.raises(TypeError, match="for optimizer 'smmf' or 'alada', not 'adam'"):
         get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3), [], beta=0.9)
+
+
+def test_environment_names_the_optimizer_in_place_of_adam(monkeypatch):
+    """Megatron-LM's parser knows only its own names: --optimizer adam plus DIST_MEMOPT_OPTIMIZER."""
+    adam = OptimizerConfig(optimizer="adam", lr=1e-3)
+    assert _requested(adam, {}) == ("adam", {})
+    monkeypatch.setenv("DIST_MEMOPT_OPTIMIZER", "SMMF")
+    monkeypatch.setenv("DIST_MEMOPT_OPTIMIZER_ARGS", '{"decay_rate": -0.8, "growth_rate": 0.99}')
+    assert _requested(adam, {"growth_rate": 0.9}) == ("smmf", {"decay_rate": -0.8, "growth_rate": 0.9})
+    monkeypatch.setenv("DIST_MEMOPT_OPTIMIZER", "alada")
+    monkeypatch.setenv("DIST_MEMOPT_OPTIMIZER_ARGS", '{"betas": [0.9, 0.9]}')
+    assert _requested(adam, {}) == ("alada", {"betas": (0.9, 0.9)})
+    with pytest.raises(ValueError, match="replaces optimizer 'adam'.*not 'sgd'"):
+        _requested(OptimizerConfig(optimizer="sgd", lr=1e-3), {})
+    monkeypatch.setenv("DIST_MEMOPT_OPTIMIZER", "lion")
+    with pytest.raises(ValueError, match="expected one of smmf, alada"):
+        _requested(adam, {})
+    monkeypatch.setenv("DIST_MEMOPT_OPTIMIZER", "smmf")
+    monkeypatch.setenv("DIST_MEMOPT_OPTIMIZER_ARGS", "decay_rate=-0.8")
+    with pytest.raises(ValueError, match="DIST_MEMOPT_OPTIMIZER_ARGS is not JSON"):
+        _requested(adam, {})

@@ -24,7 +24,13 @@ adam_eps               eps                                          eps
 decoupled_weight_decay weight_decay_mode "adamw" (True) / "adam"    must be True (decoupled only)
 =====================  ===========================================  ===============================
 
-Keyword-only: SMMF ``decay_rate``, ``growth_rate``, ``vector_reshape``, ``weight_decay_mode``,
+Megatron-LM's ``--optimizer`` accepts only Megatron's names, so a launch can also name the
+optimizer in the environment: ``DIST_MEMOPT_OPTIMIZER=smmf`` (or ``alada``) builds it where the
+config says 'adam' (the config's Adam fields still map as above), and
+``DIST_MEMOPT_OPTIMIZER_ARGS='{"decay_rate": -0.8}'`` adds keyword arguments (explicit keyword
+arguments win).
+
+Keyword arguments only: SMMF ``decay_rate``, ``growth_rate``, ``vector_reshape``, ``weight_decay_mode``,
 ``beta`` (None: no first moment); Alada ``betas``, ``eps``; both ``check_finite``. Megatron's
 defaults (adam_beta2 0.999, adam_eps 1e-8) are Adam's: Alada's paper recommends
 ``betas=(0.9, 0.9)`` and ``eps=1e-16``, which must be passed (or set in the config) explicitly.
@@ -35,21 +41,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
+import os
 from typing import Any, Iterator, Optional
 
 import torch
 
 from dist_memopt.optim import SMMF, Alada
 
-__all__ = ["get_megatron_optimizer", "OPTIMIZERS", "optimizer_arguments", "check_supported"]
+__all__ = ["get_megatron_optimizer", "OPTIMIZERS", "optimizer_arguments", "check_supported", "ENV_OPTIMIZER", "ENV_ARGUMENTS"]
 
 OPTIMIZERS: dict[str, type] = {"smmf": SMMF, "alada": Alada}
+ENV_OPTIMIZER = "DIST_MEMOPT_OPTIMIZER"  # smmf or alada, built where the config says 'adam'
+ENV_ARGUMENTS = "DIST_MEMOPT_OPTIMIZER_ARGS"  # JSON object of keyword arguments for it
 
 
-def optimizer_arguments(config: Any, **overrides: Any) -> dict[str, Any]:
-    """Constructor arguments of ``config.optimizer`` (smmf or alada) from the config and overrides."""
-    name = config.optimizer.lower()
-    cls = OPTIMIZERS[name]
+def optimizer_arguments(config: Any, name: Optional[str] = None, /, **overrides: Any) -> dict[str, Any]:
+    """Constructor arguments of optimizer ``name`` (default ``config.optimizer``: smmf or alada)
+    from the config's Adam-named fields and ``overrides``."""
+    cls = OPTIMIZERS[(name or config.optimizer).lower()]
     if config.lr is None and "lr" not in overrides:
         raise ValueError("OptimizerConfig.lr is None: set the learning rate (Megatron-LM's --lr)")
     arguments: dict[str, Any] = dict(lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
@@ -67,6 +77,27 @@ def optimizer_arguments(config: Any, **overrides: Any) -> dict[str, Any]:
         raise ValueError("momentum_in_grad is not supported with Megatron: its gradient buffers are zeroed every step")
     arguments.update(overrides)
     return arguments
+
+
+def _requested(config: Any, optimizer_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The optimizer to build and its keyword arguments: ``config.optimizer``, or SMMF/Alada named by
+    :data:`ENV_OPTIMIZER` in place of 'adam' (with :data:`ENV_ARGUMENTS`, JSON, under the keywords)."""
+    name = config.optimizer.lower()
+    chosen = os.environ.get(ENV_OPTIMIZER, "").strip().lower()
+    if not chosen:
+        return name, optimizer_kwargs
+    if chosen not in OPTIMIZERS:
+        raise ValueError(f"{ENV_OPTIMIZER}={chosen!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if name not in ("adam", chosen):
+        raise ValueError(f"{ENV_OPTIMIZER}={chosen} replaces optimizer 'adam' (Megatron-LM's --optimizer adam), not {config.optimizer!r}")
+    try:
+        from_env = json.loads(os.environ.get(ENV_ARGUMENTS) or "{}")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{ENV_ARGUMENTS} is not JSON: {error}") from None
+    if not isinstance(from_env, dict):
+        raise ValueError(f"{ENV_ARGUMENTS} must be a JSON object of keyword arguments, got {from_env!r}")
+    from_env = {k: tuple(v) if isinstance(v, list) else v for k, v in from_env.items()}
+    return chosen, {**from_env, **optimizer_kwargs}
 
 
 def _group_size(group: Any) -> int:
@@ -198,6 +229,8 @@ def get_megatron_optimizer(
 
     ``optimizer_kwargs`` are SMMF/Alada constructor arguments that override those taken from
     ``config`` (see the module docstring for the mapping); they are an error for other optimizers.
+    The environment variable ``DIST_MEMOPT_OPTIMIZER=smmf|alada`` builds that optimizer in place of
+    'adam', for training scripts whose argument parser only knows Megatron's names.
     With ``config.use_distributed_optimizer`` SMMF/Alada step Megatron's fp32 main-parameter
     shards, their statistics completed over each buffer's data-parallel group; without it, whole
     parameters. Returns what Megatron returns (a ``ChainedOptimizer``).
@@ -205,13 +238,13 @@ def get_megatron_optimizer(
     import megatron.core.optimizer as megatron_optimizer
 
     megatron_arguments = (config, model_chunks, config_overrides, use_gloo_process_groups, pg_collection, dump_param_to_param_group_map)
-    name = config.optimizer.lower()
+    name, optimizer_kwargs = _requested(config, optimizer_kwargs)
     if name not in OPTIMIZERS:
         if optimizer_kwargs:
             raise TypeError(f"keyword arguments {sorted(optimizer_kwargs)} are for optimizer 'smmf' or 'alada', not {config.optimizer!r}")
         return megatron_optimizer.get_megatron_optimizer(*megatron_arguments)
     check_supported(config, model_chunks, pg_collection)
-    arguments = optimizer_arguments(config, **optimizer_kwargs)
+    arguments = optimizer_arguments(config, name, **optimizer_kwargs)
     OPTIMIZERS[name]([torch.nn.Parameter(torch.zeros(2, 3))], **arguments)  # invalid values fail here, by name
     with _building_with(functools.partial(_build, OPTIMIZERS[name], arguments)):
         return megatron_optimizer.get_megatron_optimizer(*megatron_arguments)

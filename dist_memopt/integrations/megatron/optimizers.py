@@ -161,6 +161,10 @@ class FactoredDistributedOptimizer(_FactoredCheckpointing, DistributedOptimizer)
     def _state_entries(self) -> list[StateEntry]:
         return self._entries
 
+    def _collect_main_grad_data_for_unscaling(self) -> list[Tensor]:
+        """Megatron's list of gradients to unscale, without the empty stand-ins (they have none)."""
+        return [p.grad.data for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+
     def _instance_id(self) -> int:
         return self.distributed_optimizer_instance_id
 
@@ -184,11 +188,10 @@ class FactoredDistributedOptimizer(_FactoredCheckpointing, DistributedOptimizer)
 def _empty_shard(model_param: Tensor) -> Tensor:
     """An empty fp32 tensor standing for a parameter of which this rank owns no element.
 
-    It carries an empty gradient: Megatron unscales the gradient of every optimizer tensor.
+    It has no gradient (so it stays out of Megatron's norm, clipping and zero counting); SMMF and
+    Alada step an empty sharded tensor without one.
     """
-    shard = torch.zeros(0, dtype=torch.float32, device=model_param.device)
-    shard.grad = torch.zeros(0, dtype=torch.float32, device=model_param.device)
-    return shard
+    return torch.zeros(0, dtype=torch.float32, device=model_param.device)
 
 
 class FactoredFloat16Optimizer(_FactoredCheckpointing, Float16OptimizerWithFloat16Params):

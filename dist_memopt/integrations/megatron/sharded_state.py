@@ -5,15 +5,16 @@ metadata; the distributed optimizer's shard of a parameter is a flattened range 
 Alada hold two kinds of state per parameter, and each maps onto a checkpoint like this:
 
 - per-element state (SMMF's signs, one int8 per element, and the dense moments of vectors kept
-  with ``vector_reshape=False``; Alada's momentum) and the fp32 main parameter: exactly like
-  Adam's moments, under ``optimizer.state.<name>.<model key>``, holding this rank's range of the
-  parameter's elements (or the whole parameter, replicated like it, without the distributed
-  optimizer);
+  with ``vector_reshape=False``; Alada's momentum) and the fp32 main parameter: a flat tensor of
+  the parameter's size under ``optimizer.state.<name>.<model key>``, of which each rank holds its
+  range of elements (without the distributed optimizer: all of it, replicated like the parameter);
 - the row/column factors, Alada's ``v0`` and the step: sized by the parameter's *global* shape and
-  identical on every rank of its data-parallel group, a whole ShardedTensor under the same naming,
+  identical on every rank of its data-parallel group, a whole flat tensor under the same naming,
   replicated exactly as the model parameter is (one rank writes it).
 
-The format depends only on the model's parameters, not on the data-parallel layout.
+Parameters Megatron stacks under one key (a transformer block's layers) keep its stacking axes. The
+format depends only on the model's parameters: a checkpoint loads on another number of
+data-parallel ranks, and into the distributed optimizer or a whole-parameter one.
 """
 
 from __future__ import annotations

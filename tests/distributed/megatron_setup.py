@@ -138,8 +138,13 @@ def train_reference(name: str, steps: int, dtype: torch.dtype = torch.float32, d
     return {n: m.detach().cpu() for (n, _), m in zip(model.named_parameters(), masters)}, norms
 
 
+def model_weights_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``named_parameters()`` with the names of the plain AwkwardModel."""
+    return [(n.removeprefix("module.").removeprefix("inner."), p) for n, p in model.named_parameters()]
+
+
 def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n.removeprefix("module.").removeprefix("inner."): p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().float().cpu().clone() for n, p in model_weights_named(model)}
 
 
 def main_weights(ddp: nn.Module, optimizer: Any) -> dict[str, torch.Tensor]:

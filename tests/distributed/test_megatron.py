@@ -10,7 +10,7 @@ ranks the splits differ. Every rank trains on the same batches, so after 10 step
 equal one process running the same optimizer with the same clipping (tolerance 1e-6 of the
 parameter scale). Two processes: 2 ranks (exactness, layouts, checkpoint/resume, an expert-parallel
 parameter), then 3 ranks (the 2-rank checkpoint resharded, bf16 with loss scaling and a skipped
-step, the non-distributed optimizer, tensor parallelism rejected).
+step, the whole-parameter fp32 and bf16 optimizers, tensor parallelism rejected).
 """
 
 from __future__ import annotations
@@ -149,6 +149,19 @@ def _three_ranks(rank: int, world_size: int, root: str) -> dict:
     _load(ddp, optimizer, f"{root}/whole")
     ms.train_megatron(ddp, optimizer, range(SAVE_AT, STEPS))
     results["whole_into_distributed"] = ms.model_weights(ddp)
+    # bf16 without the distributed optimizer: Megatron's Float16OptimizerWithFloat16Params
+    ddp, optimizer = _build("alada", torch.bfloat16, distributed=False, bf16=True)
+    ms.train_megatron(ddp, optimizer, range(STEPS), torch.bfloat16)
+    wrapper = optimizer.chained_optimizers[0]
+    names = {id(p): n for n, p in ms.model_weights_named(ddp)}
+    results["whole_bf16"] = dict(
+        wrapper=type(wrapper).__name__,
+        main={
+            names[id(model)]: main.detach().clone()
+            for models, mains in zip(wrapper.float16_groups, wrapper.fp32_from_float16_groups)
+            for model, main in zip(models, mains)
+        },
+    )
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(3, 1)
@@ -262,6 +275,14 @@ def test_without_distributed_optimizer(runs):
         assert result["whole"]["wrapper"] == "FactoredFP32Optimizer"
         _assert_close(result["whole"]["weights"], reference, "FP32Optimizer")
         _assert_close(result["whole_into_distributed"], reference, "FP32Optimizer checkpoint in DistributedOptimizer")
+
+
+def test_bf16_without_distributed_optimizer(runs):
+    _, three = runs
+    reference, _ = ms.train_reference("alada", STEPS, torch.bfloat16)
+    for result in three:
+        assert result["whole_bf16"]["wrapper"] == "FactoredFloat16Optimizer"
+        _assert_close(result["whole_bf16"]["main"], reference, "Float16OptimizerWithFloat16Params")
 
 
 def test_tensor_parallelism_is_rejected(runs):

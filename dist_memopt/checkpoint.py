@@ -8,13 +8,17 @@ sharding frameworks expects otherwise, so each layout names a style (``ParamLayo
 - ``"dtensor"`` (FSDP2, HSDP): per-element state becomes a DTensor shaped and placed like the
   parameter (signs as int8, one per element), so torch.distributed.checkpoint saves it sharded and
   reshards it on load; row/column factors are global-size, identical on every rank, saved as is.
+- ``"megatron"`` (Megatron-core's DistributedOptimizer, FP32 and mixed-precision optimizers):
+  per-element state is laid out like the optimizer tensor's local data (signs as int8, one per
+  element), so it maps onto the model parameter's elements as Adam's moments do; the factors,
+  identical on every rank of the group, are kept as they are.
 - ``"fsdp1"``: per-element state is laid out like the optimizer tensor's local data (a flat
   shard, padding included, or an original parameter's 1-D view), the form FSDP1's
   ``optim_state_dict`` all-gathers and unflattens; the factors, identical on every rank, travel as
   one opaque ``bytes`` value (a JSON header and the raw data, byte-identical across ranks), the
   kind of value FSDP1 and its state-dict utilities pass through unchanged.
 
-Expanded signs are 1 (M >= 0) or 0, int8 for DTensors and float32 for FSDP1 (which flattens only
+Expanded signs are 1 (M >= 0) or 0, int8 for DTensors and Megatron, float32 for FSDP1 (which flattens only
 floating-point state); either way never the packed uint8 form, which is how they are told apart.
 """
 
@@ -29,11 +33,11 @@ from torch import Tensor
 from dist_memopt.optim.bits import pack_signs, packed_numel, unpack_signs
 from dist_memopt.shard.spec import local_tensor
 
-__all__ = ["expand_state", "compact_state", "FACTORS_KEY"]
+__all__ = ["expand_state", "compact_state", "per_element_keys", "FACTORS_KEY"]
 
 FACTORS_KEY = "factors"
 PACKED_SIGN_DTYPE = torch.uint8
-EXPANDED_SIGN_DTYPES = {"dtensor": torch.int8, "fsdp1": torch.float32}
+EXPANDED_SIGN_DTYPES = {"dtensor": torch.int8, "megatron": torch.int8, "fsdp1": torch.float32}
 
 
 def _encode(tensors: dict[str, Tensor]) -> bytes:
@@ -63,7 +67,8 @@ def _decode(blob: bytes) -> dict[str, Tensor]:
 _PER_ELEMENT = {"bits": "factored", "elems": "factored", "dense": "dense"}
 
 
-def _per_element(state_kinds: dict[str, str]) -> dict[str, str]:
+def per_element_keys(state_kinds: dict[str, str]) -> dict[str, str]:
+    """The state keys holding one entry per element (signs, moments), with their kinds."""
     return {key: kind for key, kind in state_kinds.items() if kind in _PER_ELEMENT}
 
 
@@ -79,7 +84,7 @@ def expand_state(plan: Any, param: Tensor, state: dict[str, Any], state_kinds: d
     if style not in EXPANDED_SIGN_DTYPES:
         raise ValueError(f"unknown checkpoint style {style!r}")
     local = local_tensor(param)
-    per_element = _per_element(state_kinds)
+    per_element = per_element_keys(state_kinds)
     for key, kind in per_element.items():
         value = state.get(key)
         if value is None:
@@ -113,7 +118,7 @@ def compact_state(plan: Any, param: Tensor, state: dict[str, Any], state_kinds: 
     if isinstance(factors, bytes):
         state.update(_decode(factors))
     local = local_tensor(param)
-    for key, kind in _per_element(state_kinds).items():
+    for key, kind in per_element_keys(state_kinds).items():
         value = state.get(key)
         if not isinstance(value, Tensor):
             continue

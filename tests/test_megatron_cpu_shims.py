@@ -1,5 +1,7 @@
 """The megatron-core CPU shims: explicit, idempotent, CPU-only, and faithful to what they replace."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -10,6 +12,12 @@ from megatron.core.utils import GlobalMemoryBuffer  # noqa: E402
 from dist_memopt.integrations.megatron import cpu_shims  # noqa: E402
 
 
+def _type_name_sites():
+    for module_name, owner_name, attr in cpu_shims.CUDA_TYPE_NAME_SITES:
+        owner = importlib.import_module(module_name)
+        yield (getattr(owner, owner_name) if owner_name else owner), attr
+
+
 @pytest.fixture
 def pristine(monkeypatch):
     """Megatron's originals for the test's duration (restored afterwards, whatever it installs)."""
@@ -17,14 +25,62 @@ def pristine(monkeypatch):
     monkeypatch.setattr(GlobalMemoryBuffer, "get_tensor", original)
     monkeypatch.setattr(mrandom, "_CUDA_RNG_STATE_TRACKER", None)
     monkeypatch.setattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False)
+    for name in cpu_shims.CUDA_DEVICE_MODULES:
+        monkeypatch.setattr(importlib.import_module(name), "torch", torch)
+    for owner, attr in _type_name_sites():
+        fn = getattr(owner, attr)
+        monkeypatch.setattr(owner, attr, getattr(fn, "__wrapped__", fn))
     return original
 
 
 def test_shims_do_nothing_when_cuda_is_present(pristine, monkeypatch):
+    sites = {(owner, attr): getattr(owner, attr) for owner, attr in _type_name_sites()}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cpu_shims.install_cpu_shims()
     assert GlobalMemoryBuffer.get_tensor is pristine
     assert mrandom._CUDA_RNG_STATE_TRACKER is None
+    assert all(importlib.import_module(name).torch is torch for name in cpu_shims.CUDA_DEVICE_MODULES)
+    assert all(getattr(owner, attr) is fn for (owner, attr), fn in sites.items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for CPU-only machines")
+def test_cuda_allocations_land_on_the_cpu(pristine):
+    from megatron.core.distributed import param_and_grad_buffer
+
+    cpu_shims.install_cpu_shims()
+    proxy = param_and_grad_buffer.torch
+    cpu_shims.install_cpu_shims()
+    assert param_and_grad_buffer.torch is proxy and proxy.__wrapped__ is torch  # idempotent
+    assert torch.zeros(1).device.type == "cpu"  # torch itself is untouched
+    for device in ("cuda", "cuda:0", 0, torch.device("cuda"), proxy.cuda.current_device()):
+        buffer = proxy.zeros(4, dtype=torch.bfloat16, device=device)
+        assert buffer.device.type == "cpu" and buffer.dtype == torch.bfloat16 and buffer.shape == (4,)
+    assert proxy.tensor([1.0], device="cuda").item() == 1.0 and proxy.empty(2, device="cuda").device.type == "cpu"
+    assert proxy.Tensor is torch.Tensor and proxy.distributed is torch.distributed and proxy.float is torch.float
+    proxy.cuda.synchronize()  # nothing to wait for on the CPU
+    assert proxy.cuda.is_available() is False  # everything else is torch.cuda's own
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for CPU-only machines")
+def test_type_names_read_cuda_only_inside_the_shimmed_sites(pristine):
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    t = torch.zeros(2)
+    with cpu_shims.cuda_type_names():
+        assert t.type() == "torch.cuda.FloatTensor" and t.bfloat16().type() == "torch.cuda.BFloat16Tensor"
+        assert t.type(torch.float64).dtype == torch.float64  # conversions unchanged
+    assert t.type() == "torch.FloatTensor" and "type" not in torch.Tensor.__dict__
+    cpu_shims.install_cpu_shims()
+    init = distrib_optimizer.DistributedOptimizer.__init__
+    cpu_shims.install_cpu_shims()
+    assert distrib_optimizer.DistributedOptimizer.__init__ is init  # wrapped once
+    assert t.type() == "torch.FloatTensor"
+    grad = torch.ones(3)
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = grad
+    for module in (clip_grads, optimizer):  # asserts fp32 "CUDA" gradients, then scales them
+        module.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=2.0)
+    assert torch.allclose(grad, torch.full((3,), 0.25), rtol=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for CPU-only machines")

@@ -3,7 +3,7 @@
 Local layer specs (no Transformer Engine), ``use_cpu_initialization=True`` (weights are created
 on the CPU from the seeded generator, identically on every rank, then moved to the device).
 Megatron's parallel state is initialized with tensor/pipeline size 1: data parallelism belongs to
-the backend (FSDP or DeepSpeed). On CPU, :mod:`dist_memopt.integrations.megatron.cpu_shims`
+the backend (FSDP, DeepSpeed or Megatron DDP). On CPU, :mod:`dist_memopt.integrations.megatron.cpu_shims`
 replaces megatron-core's CUDA assumptions.
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -26,7 +27,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any, env: dict) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any, env: dict, backend: str) -> None:
+    os.setpgrp()  # the rank and any process it starts form one group, killed together
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -38,7 +40,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     )
     torch.set_num_threads(1)  # N ranks share the machine's cores
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         value = fn(rank, world_size, *args)
         results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -48,16 +52,36 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 300, env: dict | None = None) -> list:
+def _kill_group(process: Any) -> None:
+    """Kill a rank and what it started (Megatron's checkpoint writers would outlive a killed rank)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.join(timeout=5)
+
+
+def run_distributed(
+    fn: Callable,
+    world_size: int,
+    *args: Any,
+    timeout: float = 300,
+    env: dict | None = None,
+    daemon: bool = True,
+    backend: str = "gloo",
+) -> list:
     """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each in its own process.
 
-    ``fn`` must be importable (a module-level function); its return value must pickle.
+    ``fn`` must be importable (a module-level function); its return value must pickle. Ranks that
+    start processes of their own (Megatron's checkpoint writers) need ``daemon=False``; they are
+    killed like the others when the run fails or times out. With ``backend="nccl"`` rank r uses
+    CUDA device r (modulo the device count).
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results, env or {}), daemon=True)
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results, env or {}, backend), daemon=daemon)
         for rank in range(world_size)
     ]
     for p in procs:
@@ -86,8 +110,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     finally:
         for p in procs:
             p.join(timeout=5 if len(outcomes) == world_size else 0.1)
-            if p.is_alive():
-                p.kill()
+            if p.is_alive() or not daemon:
+                _kill_group(p)
     failures = {r: tb for r, (ok, tb) in outcomes.items() if not ok}
     if failures:
         rank, tb = min(failures.items())

@@ -121,7 +121,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         (["optimizer.params.betas=[0.9, 0.99]"], r"'betas' not accepted by SMMF"),
         (["optimizer.params.decay_rate=0.5"], r"optimizer.params for SMMF: Invalid decay_rate"),
         (["optimizer.params.lr=1.0"], r"set train.lr instead"),
-        (["parallel.backend=megatron"], r"not available in this build"),
+        (["parallel.backend=megatron", "optimizer.type=CAME"], r"parallel.backend megatron builds Megatron's optimizers"),
         (["train.global_batch_size=6"], r"not a multiple of train.micro_batch_size"),
         (["model.decoder_seq_length=64"], r"only for model.type t5"),
     ],

@@ -1,9 +1,10 @@
 """Real 2-process pre-training runs of the tiny configs, started by each launcher.
 
-Six runs cover tiny GPT-2, BERT and T5 under FSDP2 and DeepSpeed ZeRO-2 (20 iterations each,
-SMMF); they are started through torchrun, mpirun, the deepspeed launcher and ``launch.run`` so
-each launcher is exercised once by a run whose result is checked anyway. The GPT-2/FSDP2 run
-saves at iteration 10; a second run resumes there and must repeat iterations 11-20 exactly.
+Eight runs cover tiny GPT-2, BERT and T5 under FSDP2 and DeepSpeed ZeRO-2, and GPT-2 and T5 under
+Megatron's DDP + DistributedOptimizer (20 iterations each, SMMF); they are started through torchrun,
+mpirun, the deepspeed launcher and ``launch.run`` so each launcher is exercised once by a run whose
+result is checked anyway. The GPT-2 runs under FSDP2 and Megatron save at iteration 10; a second
+run resumes there and must repeat iterations 11-20 exactly.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ RUNS = {
     ("bert", "deepspeed"): "launch.run",
     ("t5", "fsdp2"): "torchrun",
     ("t5", "deepspeed"): "deepspeed",
+    ("gpt2", "megatron"): "torchrun",
+    ("t5", "megatron"): "mpirun",
 }
+RESUMED = ("fsdp2", "megatron")  # backends whose GPT-2 run saves at iteration 10
 LAUNCHER_SEEN = {"torchrun": "torchrun", "launch.run": "torchrun", "mpirun": "mpi", "deepspeed": "deepspeed"}
 
 
@@ -68,7 +72,7 @@ def runs(tmp_path_factory, data_cache):
     def get(config: str, backend: str) -> dict:
         if (config, backend) not in done:
             overrides = [f"parallel.backend={backend}", "parallel.zero_stage=2"]
-            if (config, backend) == ("gpt2", "fsdp2"):
+            if config == "gpt2" and backend in RESUMED:
                 overrides.append("checkpoint.save_interval=10")
             run_dir = tmp_path_factory.mktemp(f"{config}-{backend}")
             done[config, backend] = _launch(RUNS[config, backend], config, overrides, run_dir, data_cache)
@@ -92,11 +96,12 @@ def test_two_process_run_trains(runs, config, backend):
     assert "optimizer state per rank" in log["output"] and "tokens/s" in log["output"]
 
 
-def test_resume_continues_the_same_loss_curve(runs, tmp_path, data_cache):
-    """Resume the GPT-2/FSDP2 run from its iteration-10 checkpoint: iterations 11-20 repeat exactly."""
-    original = runs("gpt2", "fsdp2")
+@pytest.mark.parametrize("backend", RESUMED)
+def test_resume_continues_the_same_loss_curve(runs, tmp_path, data_cache, backend):
+    """Resume the GPT-2 run from its iteration-10 checkpoint: iterations 11-20 repeat exactly."""
+    original = runs("gpt2", backend)
     checkpoint = original["run_dir"] / "checkpoints" / "iter_0000010"
     assert (original["run_dir"] / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "20"
-    resumed = _launch("torchrun", "gpt2", ["parallel.backend=fsdp2"], tmp_path / "resumed", data_cache, ["--resume", str(checkpoint)])
+    resumed = _launch("torchrun", "gpt2", [f"parallel.backend={backend}"], tmp_path / "resumed", data_cache, ["--resume", str(checkpoint)])
     assert f"resumed from {checkpoint} at iteration 10" in resumed["output"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in original["history"]]

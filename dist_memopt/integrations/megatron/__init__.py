@@ -1,5 +1,13 @@
-"""Megatron-core integration: CPU shims for megatron-core's CUDA assumptions (``cpu_shims``).
+"""Megatron-core integration: SMMF and Alada inside Megatron's optimizers, and CPU shims.
 
-Megatron's own DDP + DistributedOptimizer support (the inner optimizer on
-``param_range_map`` shards) belongs in this package too.
+``get_megatron_optimizer`` (:mod:`.factory`) is a drop-in for
+``megatron.core.optimizer.get_megatron_optimizer`` that also accepts ``optimizer='smmf'`` and
+``'alada'``; with ``use_distributed_optimizer=True`` they step Megatron's data-parallel shards
+(:mod:`.optimizers`) and checkpoint through Megatron's distributed checkpointing
+(:mod:`.sharded_state`). :mod:`.cpu_shims` replaces megatron-core's CUDA assumptions on CPU-only
+machines. Importing this package needs megatron-core only when ``get_megatron_optimizer`` is used.
 """
+
+from dist_memopt.integrations.megatron.factory import OPTIMIZERS, get_megatron_optimizer, optimizer_arguments
+
+__all__ = ["get_megatron_optimizer", "optimizer_arguments", "OPTIMIZERS"]

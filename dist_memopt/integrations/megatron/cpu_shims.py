@@ -1,23 +1,31 @@
 """The few places where megatron-core 0.16 assumes CUDA, replaced for CPU-only machines.
 
 Megatron-core's ``GPTModel``, ``BertModel`` and ``T5Model`` with the local layer specs and
-``use_cpu_initialization=True`` run forward and backward on CPU except for these assumptions. Each
-shim below is an explicit function: it names the assumption it replaces, changes nothing when
-CUDA is available (megatron-core's own code runs there), and is idempotent. Call
-:func:`install_cpu_shims` once before building a model and :func:`model_parallel_manual_seed`
-where Megatron would call ``model_parallel_cuda_manual_seed``.
+``use_cpu_initialization=True`` run forward and backward on CPU except for these assumptions, and
+so do its ``DistributedDataParallel`` (contiguous grad buffers, bucketed reduce-scatter over gloo),
+``DistributedOptimizer``, ``Float16OptimizerWithFloat16Params``, ``FP32Optimizer``, gradient
+clipping, loss scaling and distributed checkpoint saving. Each shim below is an explicit function:
+it names the assumptions it replaces, changes nothing when CUDA is available (megatron-core's own
+code runs there), and is idempotent. Call :func:`install_cpu_shims` once before building a model
+and :func:`model_parallel_manual_seed` where Megatron would call ``model_parallel_cuda_manual_seed``.
 
 Not shimmed, because callers can avoid them: ``transformer.utils.get_default_causal_mask``
 (allocates on ``"cuda"`` when a causal layer gets ``attention_mask=None``): pass an explicit mask.
+``MegatronGradScaler.load_state_dict`` (``.cuda()``), DDP with
+``num_distributed_optimizer_instances > 1`` (CUDA streams) and the fully parallel checkpoint
+exchange strategies (``.cuda()``) still need CUDA.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import operator
+import types
 from contextlib import nullcontext
 from functools import reduce
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -25,6 +33,8 @@ __all__ = [
     "install_cpu_shims",
     "shim_global_memory_buffer",
     "shim_rng_tracker",
+    "shim_cuda_allocations",
+    "shim_cuda_type_names",
     "model_parallel_manual_seed",
     "CPURNGStatesTracker",
 ]
@@ -40,6 +50,8 @@ def install_cpu_shims() -> None:
     """Install every shim (no-op with CUDA, safe to call repeatedly)."""
     shim_global_memory_buffer()
     shim_rng_tracker()
+    shim_cuda_allocations()
+    shim_cuda_type_names()
 
 
 def shim_global_memory_buffer() -> None:
@@ -156,3 +168,150 @@ def model_parallel_manual_seed(seed: int) -> None:
     tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp)
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep + etp)
+
+
+# megatron-core modules that allocate tensors with ``device="cuda"`` or
+# ``device=torch.cuda.current_device()`` (or call ``torch.cuda.synchronize()``), and what for.
+CUDA_DEVICE_MODULES: dict[str, str] = {
+    "megatron.core.distributed.param_and_grad_buffer": "DDP's contiguous param and grad buffers",
+    "megatron.core.optimizer.optimizer": "loss-scale, found-inf and overflow flags of the optimizers",
+    "megatron.core.optimizer.clip_grads": "gradient-norm and zero-count scalars",
+    "megatron.core.optimizer.grad_scaler": "constant and dynamic loss scales",
+    "megatron.core.optimizer.distrib_optimizer": "state shards allocated to load an Adam checkpoint",
+    "megatron.core.utils": "the local multi-tensor l2 norm's result",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "the failure flag of a save",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize after staging tensors to save",
+}
+
+_TENSOR_FACTORIES = ("tensor", "zeros", "ones", "empty", "full")
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # a CUDA ordinal
+
+
+class _CPUCuda:
+    """``torch.cuda`` whose ``current_device()`` is the CPU and whose ``synchronize()`` has nothing
+    to wait for; everything else is ``torch.cuda``."""
+
+    def current_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def synchronize(self, device: Any = None) -> None:
+        """CPU work is synchronous."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+class _CPUTorch(types.ModuleType):
+    """``torch`` as one megatron-core module sees it on a CPU-only machine.
+
+    The same module, except that tensor factories (``tensor``, ``zeros``, ``ones``, ``empty``,
+    ``full``) put tensors asked for on a CUDA device on the CPU, and ``torch.cuda.current_device()``
+    names the CPU (whose ``synchronize()`` returns at once). Tensors built any other way, and every
+    other attribute, are torch's own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch", "torch, with CUDA tensor factories redirected to the CPU")
+        self.cuda = _CPUCuda()
+        for name in _TENSOR_FACTORIES:
+            setattr(self, name, self._on_cpu(getattr(torch, name)))
+
+    @staticmethod
+    def _on_cpu(factory: Callable) -> Callable:
+        @functools.wraps(factory)
+        def create(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return factory(*args, **kwargs)
+
+        return create
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def shim_cuda_allocations() -> None:
+    """Replaces: CUDA allocations and synchronization in the modules of :data:`CUDA_DEVICE_MODULES`.
+
+    Each of those modules gets a :class:`_CPUTorch` as its ``torch`` global, so DDP's buffers, the
+    optimizers' flags and scales, gradient clipping and the checkpoint saver allocate on the CPU.
+    The original module stays reachable as ``module.torch.__wrapped__``.
+    """
+    if _cuda():
+        return
+    for name in CUDA_DEVICE_MODULES:
+        module = importlib.import_module(name)
+        if not isinstance(module.torch, _CPUTorch):
+            proxy = _CPUTorch()
+            proxy.__wrapped__ = module.torch
+            module.torch = proxy
+
+
+@contextlib.contextmanager
+def cuda_type_names():
+    """While active, ``tensor.type()`` names CPU tensors as CUDA ones (``torch.cuda.FloatTensor``).
+
+    Only the no-argument form changes; ``tensor.type(dtype)`` conversions are untouched.
+    """
+    saved = torch.Tensor.__dict__.get("type")
+    original = torch._C.TensorBase.type
+
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        if saved is None:
+            del torch.Tensor.type
+        else:
+            torch.Tensor.type = saved
+
+
+# (module, class or None, function) whose dtype checks compare ``param.type()`` with
+# ``'torch.cuda.FloatTensor'``/``'torch.cuda.HalfTensor'``/``'torch.cuda.BFloat16Tensor'``.
+CUDA_TYPE_NAME_SITES: tuple[tuple[str, Optional[str], str], ...] = (
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+    ("megatron.core.optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", None, "clip_grad_by_total_norm_fp32"),  # imported by name
+)
+
+
+def _with_cuda_type_names(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with cuda_type_names():
+            return fn(*args, **kwargs)
+
+    setattr(call, _MARK, True)
+    return call
+
+
+def shim_cuda_type_names() -> None:
+    """Replaces: the ``param.type() == 'torch.cuda.*Tensor'`` checks of :data:`CUDA_TYPE_NAME_SITES`.
+
+    ``DistributedOptimizer`` and ``Float16OptimizerWithFloat16Params`` sort parameters into fp32
+    and 16-bit groups by those names (and reject anything else); gradient clipping asserts fp32
+    CUDA gradients. Each site runs inside :func:`cuda_type_names`; the original function is its
+    ``__wrapped__``.
+    """
+    if _cuda():
+        return
+    for module_name, owner_name, attr in CUDA_TYPE_NAME_SITES:
+        owner = importlib.import_module(module_name)
+        if owner_name is not None:
+            owner = getattr(owner, owner_name)
+        fn = getattr(owner, attr)
+        if not getattr(fn, _MARK, False):
+            setattr(owner, attr, _with_cuda_type_names(fn))

@@ -25,15 +25,10 @@ class BackendSpec:
     check: Callable[["RunConfig"], None] = lambda config: None
 
 
-def _megatron_unavailable(config: "RunConfig") -> None:
-    from dist_memopt.train.config import ConfigError
+def _check_megatron(config: "RunConfig") -> None:
+    from dist_memopt.train.backends.megatron import check as check_megatron  # light: megatron-core loads on build
 
-    raise ConfigError(
-        "parallel.backend megatron (Megatron DDP + DistributedOptimizer) is not available in this "
-        "build: megatron-core 0.16's DDP buffers and DistributedOptimizer need CUDA, and its "
-        "dist_memopt adapter (dist_memopt.integrations.megatron) has not landed yet. Use fsdp2, "
-        "fsdp1, deepspeed or ddp."
-    )
+    check_megatron(config)
 
 
 BACKENDS: dict[str, BackendSpec] = {
@@ -41,8 +36,7 @@ BACKENDS: dict[str, BackendSpec] = {
     "fsdp1": BackendSpec("native"),
     "ddp": BackendSpec("native"),
     "deepspeed": BackendSpec("deepspeed"),
-    # Seam for the next issue: register the real builder here and drop the check.
-    "megatron": BackendSpec("megatron", _megatron_unavailable),
+    "megatron": BackendSpec("megatron", _check_megatron),
 }
 
 

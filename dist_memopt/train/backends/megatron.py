@@ -1,7 +1,126 @@
-"""Megatron-core DDP + DistributedOptimizer backend: the next issue's (see ``BACKENDS``)."""
+"""Megatron-core's own data parallelism: ``DistributedDataParallel`` + ``DistributedOptimizer``.
+
+What Megatron-LM runs: the model (in ``Float16Module`` for bf16) is wrapped in Megatron's DDP
+(contiguous fp32 gradient buffers reduce-scattered over the data-parallel group) and the optimizer
+comes from :func:`dist_memopt.integrations.megatron.get_megatron_optimizer` with
+``use_distributed_optimizer=True``: SMMF and Alada on the distributed optimizer's fp32 shards, or
+AdamW through Megatron's own Adam. Clipping is Megatron's (``train.clip_grad``); biases and 1-D
+parameters get no weight decay (Megatron's ``wd_mult``). Checkpoints are Megatron distributed
+checkpoints (``torch_dist``). On CPU, :mod:`dist_memopt.integrations.megatron.cpu_shims` (installed
+with the model) puts megatron-core's buffers on the CPU and the collectives go over gloo.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
 
-def build(model, config, context):
-    raise NotImplementedError("parallel.backend megatron is not available in this build (see dist_memopt.train.backends)")
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_memopt.memory import state_bytes
+from dist_memopt.train.backends.base import Engine
+
+__all__ = ["MegatronEngine", "build", "check", "MEGATRON_OPTIMIZERS"]
+
+# optimizer.type -> Megatron's OptimizerConfig.optimizer
+MEGATRON_OPTIMIZERS = {"SMMF": "smmf", "Alada": "alada", "AdamW": "adam"}
+# Megatron-LM's --dist-ckpt-optim sharding for its own Adam (SMMF/Alada have one format)
+_CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def check(config) -> None:
+    """Raise ConfigError for what this backend cannot build (called while the config is validated)."""
+    from dist_memopt.train.config import ConfigError
+
+    if config.optimizer.type not in MEGATRON_OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer.type {config.optimizer.type}: parallel.backend megatron builds Megatron's "
+            f"optimizers, which are {', '.join(MEGATRON_OPTIMIZERS)} (SMMF and Alada through dist_memopt)"
+        )
+    unknown = sorted(set(config.optimizer.params) - {"betas", "eps"}) if config.optimizer.type == "AdamW" else []
+    if unknown:
+        raise ConfigError(f"optimizer.params {unknown}: Megatron's Adam takes betas and eps only")
+
+
+def _optimizer_setup(config) -> tuple[Any, dict]:
+    """Megatron's OptimizerConfig for this run, and the SMMF/Alada keyword arguments."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    t, params = config.train, dict(config.optimizer.params)
+    fields: dict[str, Any] = dict(
+        optimizer=MEGATRON_OPTIMIZERS[config.optimizer.type], lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        clip_grad=t.clip_grad, bf16=t.bf16, use_distributed_optimizer=True,
+    )
+    if config.optimizer.type == "AdamW":
+        beta1, beta2 = params.pop("betas", (0.9, 0.999))
+        fields.update(adam_beta1=beta1, adam_beta2=beta2, adam_eps=params.pop("eps", 1e-8), decoupled_weight_decay=True)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    return OptimizerConfig(**fields), kwargs
+
+
+class MegatronEngine(Engine):
+    def __init__(self, model: nn.Module, config, context) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer.module import Float16Module
+
+        from dist_memopt.integrations.megatron import get_megatron_optimizer
+
+        module = Float16Module(model.config, model) if config.train.bf16 else model
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True)
+        self.model = DistributedDataParallel(model.config, ddp_config, module)
+        optimizer_config, kwargs = _optimizer_setup(config)
+        self.megatron_optimizer = get_megatron_optimizer(optimizer_config, [self.model], **kwargs)
+        self.optimizer = self.megatron_optimizer  # its param_groups are the inner optimizers' groups
+        self.weight_decay = config.train.weight_decay
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+
+    def _inner(self) -> list[torch.optim.Optimizer]:
+        return [o.optimizer for o in self.megatron_optimizer.chained_optimizers if o.optimizer is not None]
+
+    def backward(self, loss: torch.Tensor, last_micro: bool, num_micro: int) -> None:
+        # gradients accumulate in DDP's buffers; they are reduced once, in step()
+        self.megatron_optimizer.scale_loss(loss / num_micro).backward()
+
+    def step(self) -> None:
+        self.model.finish_grad_sync()
+        success, _, _ = self.megatron_optimizer.step()
+        if not success:
+            raise FloatingPointError("Megatron skipped the optimizer step: non-finite gradients")
+        self.model.zero_grad_buffer()
+        self.megatron_optimizer.zero_grad()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+
+    def state_bytes(self) -> int:
+        return sum(state_bytes(inner) for inner in self._inner())
+
+    def local_numel(self) -> int:
+        return sum(p.numel() for inner in self._inner() for group in inner.param_groups for p in group["params"])
+
+    def _sharded_state(self, is_loading: bool) -> dict[str, Any]:
+        model_state = self.model.module.sharded_state_dict()
+        optimizer_state = self.megatron_optimizer.sharded_state_dict(model_state, is_loading, metadata=_CHECKPOINT_METADATA)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def save(self, path: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        path.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state(is_loading=False), str(path))
+
+    def load(self, path: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        loaded = dist_checkpointing.load(self._sharded_state(is_loading=True), str(path))
+        self.model.module.load_state_dict(loaded["model"])
+        self.megatron_optimizer.load_state_dict(loaded["optimizer"])
+
+
+def build(model: nn.Module, config, context) -> Engine:
+    return MegatronEngine(model, config, context)

@@ -1,0 +1,193 @@
+"""Megatron distributed checkpointing (``sharded_state_dict``) of SMMF and Alada state.
+
+Megatron saves Adam's moments as ShardedTensors that borrow the model parameter's sharding
+metadata; the distributed optimizer's shard of a parameter is a flattened range of it. SMMF and
+Alada hold two kinds of state per parameter, and each maps onto a checkpoint like this:
+
+- per-element state (SMMF's signs, one int8 per element, and the dense moments of vectors kept
+  with ``vector_reshape=False``; Alada's momentum) and the fp32 main parameter: a flat tensor of
+  the parameter's size under ``optimizer.state.<name>.<model key>``, of which each rank holds its
+  range of elements (without the distributed optimizer: all of it, replicated like the parameter);
+- the row/column factors, Alada's ``v0`` and the step: sized by the parameter's *global* shape and
+  identical on every rank of its data-parallel group, a whole flat tensor under the same naming,
+  replicated exactly as the model parameter is (one rank writes it).
+
+Parameters Megatron stacks under one key (a transformer block's layers) keep its stacking axes. The
+format depends only on the model's parameters: a checkpoint loads on another number of
+data-parallel ranks, and into the distributed optimizer or a whole-parameter one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from dist_memopt.checkpoint import expand_state, per_element_keys
+from dist_memopt.optim.base import FactoredOptimizer
+
+__all__ = ["StateEntry", "SHARDING_TYPE", "sharded_param_state", "load_param_state", "group_settings", "restore_group_settings"]
+
+SHARDING_TYPE = "dist_memopt_model_space"
+PREFIX = "optimizer.state"
+MAIN_PARAM_KEY = "fp32_param"
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    """One tensor the inner optimizer steps, and which elements of which model parameter it holds.
+
+    ``elements`` is the range of ``model_param``'s row-major flattening held here, or None for the
+    whole parameter replicated over data-parallel ranks. ``tensor`` (the fp32 main parameter, or
+    the model parameter itself in fp32 training) is saved as ``fp32_param`` so that a checkpoint
+    loads into any of Megatron's optimizer wrappers.
+    """
+
+    tensor: Tensor
+    model_param: Tensor
+    elements: Optional[tuple[int, int]]
+
+
+def _checkpoint_states(optimizer: FactoredOptimizer) -> list[dict[str, Any]]:
+    """Each optimizer tensor's state in its checkpoint form, in ``param_groups`` order.
+
+    A tensor not stepped yet gets zeros and step 0, which the optimizers treat exactly as no state.
+    """
+    saved = optimizer.state_dict()["state"]
+    states, index = [], 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = saved.get(index)
+            if state is None:
+                plan = optimizer._plan(group, param)
+                zeros = {
+                    key: torch.zeros(numel, dtype=dtype, device=param.device)
+                    for key, (numel, dtype) in optimizer._expected_state(group, plan).items()
+                }
+                zeros["step"] = torch.tensor(0.0)
+                state = expand_state(plan, param, zeros, optimizer.state_kinds, "megatron")
+            states.append(state)
+            index += 1
+    return states
+
+
+def _model_metadata(model_sharded_state_dict: dict) -> dict[int, Any]:
+    """id(model parameter) -> its ShardedTensor (or ShardedTensorFactory) in the model's state dict."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+
+    sharded, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
+    return {id(sh.data): sh for sh in nested_values(sharded)}
+
+
+def _stacking(meta: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """The axes Megatron prepends to a parameter's key (e.g. the layer index of a transformer
+    block): their number, global sizes and this parameter's offsets along them."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    if isinstance(meta, ShardedTensorFactory):  # e.g. a fused gate/up projection: ask what it builds
+        meta = next(iter(nested_values(meta.build())))
+    k = meta.prepend_axis_num
+    return k, tuple(meta.global_shape[:k]), tuple(meta.global_offset[:k])
+
+
+def _flat(meta: Any, key: str, data: Tensor, start: int, global_numel: int, replica_id: Any) -> Any:
+    """``data`` as elements ``[start, start + data.numel())`` of a flat tensor of ``global_numel``
+    elements, stacked (and keyed) like the model parameter ``meta`` describes.
+
+    Flat ranges at any offset are an uneven sharding (no regular grid), which Megatron hands to
+    torch.distributed.checkpoint as is (its ``flattened_range`` is no longer supported). Megatron
+    translates only the local shape of such tensors, so the stacking axes are explicit size-1 axes
+    of the data rather than prepended ones.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    k, lead_shape, lead_offset = _stacking(meta)
+    data = data.reshape((1,) * k + (-1,))
+    return ShardedTensor(
+        f"{PREFIX}.{key}.{meta.key}", data, data.dtype, tuple(data.shape), (*lead_shape, global_numel),
+        (*lead_offset, start), None, replica_id,
+    )
+
+
+def sharded_param_state(
+    optimizer: FactoredOptimizer, entries: list[StateEntry], model_sharded_state_dict: dict, instance_id: int = 0
+) -> dict[int, dict[str, Any]]:
+    """Per entry (in ``param_groups`` order), its state as ShardedTensors (see the module docstring).
+
+    ``entries`` must list every tensor of ``optimizer.param_groups``, in order. Ranks that hold no
+    element of a parameter still describe its factors (one of them writes them).
+    """
+    from megatron.core.dist_checkpointing.optimizer import KEEP_VARS_HINT
+
+    metadata = _model_metadata(model_sharded_state_dict)
+    elementwise = per_element_keys(optimizer.state_kinds)
+    result: dict[int, dict[str, Any]] = {}
+    for index, (entry, state) in enumerate(zip(entries, _checkpoint_states(optimizer), strict=True)):
+        meta = metadata.get(id(entry.model_param))
+        if meta is None:
+            raise ValueError(f"a parameter of shape {tuple(entry.model_param.shape)} is not in the model's sharded state dict.{KEEP_VARS_HINT}")
+        numel = entry.model_param.numel()
+        if entry.elements is None:  # the whole parameter, replicated like it
+            start, end, replica_id = 0, numel, meta.replica_id
+        else:  # a distinct range on each data-parallel rank: replicated only across optimizer instances
+            (start, end), replica_id = entry.elements, (*meta.replica_id[:2], instance_id)
+        tensors: dict[str, Any] = {}
+        for key, value in dict(state, **{MAIN_PARAM_KEY: entry.tensor.detach()}).items():
+            if key in elementwise or key == MAIN_PARAM_KEY:
+                if end > start:
+                    tensors[key] = _flat(meta, key, value, start, numel, replica_id)
+            else:  # factors, v0, step: identical wherever the parameter is, saved once
+                tensors[key] = _flat(meta, key, value, 0, value.numel(), meta.replica_id)
+        result[index] = tensors
+    return result
+
+
+@torch.no_grad()
+def load_param_state(optimizer: FactoredOptimizer, entries: list[StateEntry], param_state: dict) -> None:
+    """Inverse of :func:`sharded_param_state`: main parameters and optimizer state, from loaded tensors."""
+    templates = _checkpoint_states(optimizer)
+    state_dict = optimizer.state_dict()
+    loaded: dict[int, dict[str, Any]] = {}
+    for index, (entry, template) in enumerate(zip(entries, templates, strict=True)):
+        saved = dict(param_state.get(index) or {})
+        main = saved.pop(MAIN_PARAM_KEY, None)
+        if main is not None:
+            entry.tensor.copy_(main.reshape(entry.tensor.shape))
+        missing = sorted(set(template) - set(saved) - set(per_element_keys(optimizer.state_kinds)))
+        if missing:
+            raise ValueError(f"the checkpoint lacks optimizer state {missing} of parameter {index} (saved by another optimizer?)")
+        # flat, as the optimizer holds them (saved with the stacking axes of a layer's parameters);
+        # per-element state of an empty range was not saved: the template's empty tensor stands in
+        state = {key: saved.get(key, value).reshape(-1) for key, value in template.items()}
+        state["step"] = state["step"].reshape(()).to("cpu", torch.float32)
+        if float(state["step"]) > 0:
+            loaded[index] = state
+    state_dict["state"] = loaded
+    optimizer.load_state_dict(state_dict)
+
+
+def group_settings(optimizer: FactoredOptimizer) -> list[dict[str, Any]]:
+    """The param groups' hyperparameters (without their tensors): the non-sharded part of a checkpoint."""
+    return [{k: v for k, v in group.items() if k not in ("params", "param_names")} for group in optimizer.param_groups]
+
+
+def restore_group_settings(optimizer: FactoredOptimizer, saved_groups: list[dict[str, Any]]) -> None:
+    """Put saved hyperparameters back, matching groups as Megatron does (wd_mult, lr_mult, ...)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    def identity(group: dict[str, Any]) -> tuple:
+        return tuple(group.get(key, group.get(f"pre_{key}")) for key in param_group_identifier_keys)
+
+    by_identity = {identity(group): group for group in saved_groups}
+    for group in optimizer.param_groups:
+        saved = by_identity.get(identity(group))
+        if saved is None:
+            raise ValueError(
+                f"no saved parameter group matches {dict(zip(param_group_identifier_keys, identity(group)))}; "
+                f"the checkpoint has {sorted(by_identity)}"
+            )
+        group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})

@@ -31,6 +31,7 @@ def _param():
         (dict(growth_rate=math.inf), "growth_rate"),
         (dict(vector_reshape="yes"), "vector_reshape"),
         (dict(weight_decay_mode="l2"), "weight_decay_mode"),
+        (dict(foreach="auto"), "foreach"),
     ],
 )
 def test_smmf_invalid_hyperparameters(kwargs, name):

@@ -31,10 +31,10 @@ ALADA_CONFIGS = {
 }
 
 
-def _compare(optimizer_cls, reference_cls, config, chunk_numel=None):
+def _compare(optimizer_cls, reference_cls, config, chunk_numel=None, **options):
     model = AwkwardModel()
     names = [n for n, _ in model.named_parameters()]
-    optimizer = optimizer_cls(model.named_parameters(), **config)
+    optimizer = optimizer_cls(model.named_parameters(), **config, **options)
     optimizer.chunk_numel = chunk_numel
     references = [reference_cls(p, **config) for p in model.parameters()]
     for step in range(STEPS):
@@ -55,9 +55,10 @@ CHUNKS = pytest.mark.parametrize("chunk_numel", [None, 40], ids=["whole", "chunk
 
 
 @CHUNKS
+@pytest.mark.parametrize("foreach", [None, False], ids=["fast-path", "per-tensor"])
 @pytest.mark.parametrize("config", SMMF_CONFIGS.values(), ids=SMMF_CONFIGS.keys())
-def test_smmf_matches_reference(config, chunk_numel):
-    _compare(dm.SMMF, SMMFReference, config, chunk_numel)
+def test_smmf_matches_reference(config, chunk_numel, foreach):
+    _compare(dm.SMMF, SMMFReference, config, chunk_numel, foreach=foreach)
 
 
 @CHUNKS

@@ -60,6 +60,7 @@ _SPECS = (
     OptimizerSpec("Alada-M-in-grad", lambda p: dm.Alada(p, momentum_in_grad=True), "dist_memopt.Alada(momentum_in_grad=True): M lives in .grad"),
     OptimizerSpec("SMMF-nocheck", lambda p: dm.SMMF(p, check_finite=False), "dist_memopt.SMMF(check_finite=False)", "SMMF"),
     OptimizerSpec("Alada-nocheck", lambda p: dm.Alada(p, check_finite=False), "dist_memopt.Alada(check_finite=False)"),
+    OptimizerSpec("SMMF-per-tensor", lambda p: dm.SMMF(p, foreach=False), "dist_memopt.SMMF(foreach=False): no batched fast path for small tensors", "SMMF"),
 )
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in _SPECS}

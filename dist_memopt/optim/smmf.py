@@ -10,6 +10,8 @@ completes them.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
@@ -53,8 +55,14 @@ class SMMF(FactoredOptimizer):
             ``"adam"`` adds wd·W to the gradient (Algorithm 6).
         check_finite: raise :class:`NonFiniteGradientError` on inf/NaN gradients before any state
             changes; False skips the check (one pass over the gradients) for speed.
+        foreach: None or True steps small, whole (unsharded) tensors of the same 2-D view
+            together, a few batched ops for all of them instead of a few dozen per tensor
+            (vectors, biases, norms: most of a transformer's tensors, little of its size); False
+            keeps the plain per-tensor path, the reference the fast path is tested against.
     """
 
+    #: largest segment (elements) the fast path stacks with others; bigger ones gain nothing
+    batch_numel = 1 << 16
     hyperparameters = ("lr", "beta", "eps", "weight_decay", "decay_rate", "growth_rate", "vector_reshape", "weight_decay_mode")
     state_kinds = dict(
         sign="bits", row_m="rows", col_m="cols", row_v="rows", col_v="cols", exp_avg="dense", exp_avg_sq="dense"
@@ -73,6 +81,7 @@ class SMMF(FactoredOptimizer):
         weight_decay_mode: str = "adamw",
         *,
         check_finite: bool = True,
+        foreach: Optional[bool] = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -84,6 +93,7 @@ class SMMF(FactoredOptimizer):
             vector_reshape=vector_reshape,
             weight_decay_mode=weight_decay_mode,
             check_finite=check_finite,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
 
@@ -103,6 +113,8 @@ class SMMF(FactoredOptimizer):
         check_number("growth_rate", group["growth_rate"], where, low=0.0, high=1.0)
         if not isinstance(group["vector_reshape"], bool):
             raise ValueError(f"Invalid vector_reshape{where}: {group['vector_reshape']!r} (must be a bool)")
+        if group.get("foreach") not in (None, True, False):
+            raise ValueError(f"Invalid foreach{where}: {group['foreach']!r} (must be None, True or False)")
         if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
             raise ValueError(
                 f"Invalid weight_decay_mode{where}: {group['weight_decay_mode']!r} (must be one of {WEIGHT_DECAY_MODES})"
@@ -132,16 +144,28 @@ class SMMF(FactoredOptimizer):
 
     # --- step ------------------------------------------------------------------------------
 
-    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[list[tuple[int, int, int, int]]]:
-        """Slots per factored segment: row/col sums of V, and of |M| when there is a first moment."""
+    def _batched(self, group: dict[str, Any], seg: SegmentPlan) -> bool:
+        """Whether ``seg`` takes the fast path: small, whole and unsharded (no statistics to reduce)."""
+        geo = seg.geometry
+        assert geo is not None
+        return group.get("foreach") is not False and seg.group is None and geo.is_full and geo.numel <= self.batch_numel
+
+    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[list[Optional[tuple[int, int, int, int]]]]:
+        """Slots per factored segment: row/col sums of V, and of |M| when there is a first moment.
+
+        Segments on the fast path get None: their sums never leave the process.
+        """
         tickets = []
         for item in items:
             device = item.weight.device
             with_first = item.group["beta"] is not None
-            per_item = []
+            per_item: list[Optional[tuple[int, int, int, int]]] = []
             for seg in item.plan.factored:
                 geo = seg.geometry
                 assert geo is not None
+                if self._batched(item.group, seg):
+                    per_item.append(None)
+                    continue
                 per_item.append(
                     (
                         reducer.reserve(seg.group, geo.rows, device),
@@ -153,21 +177,34 @@ class SMMF(FactoredOptimizer):
             tickets.append(per_item)
         return tickets
 
-    def _apply(self, items: list[StepItem], reducer: StatReducer, tickets: list[list[tuple[int, int, int, int]]]) -> None:
+    def _apply(self, items: list[StepItem], reducer: StatReducer, tickets: list[list[Optional[tuple[int, int, int, int]]]]) -> None:
         jobs: list[tuple[StepItem, SegmentPlan, _Schedule, tuple[int, int, int, int]]] = []
+        batches: dict[tuple, list[tuple[StepItem, SegmentPlan]]] = defaultdict(list)
+        decays: dict[tuple[float, torch.device], list[Tensor]] = defaultdict(list)
         schedules: list[_Schedule] = []
         for item, per_item in zip(items, tickets):
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
-            hp = _Schedule(item.group, self._advance_step(item.state))
+            hp = _Schedule.at(item.group, self._advance_step(item.state))
             schedules.append(hp)
-            jobs.extend((item, seg, hp, t) for seg, t in zip(item.plan.factored, per_item))
-
-        for item, hp in zip(items, schedules):
             if hp.decoupled_decay:
-                item.weight.mul_(1.0 - hp.lr * hp.weight_decay)
+                decays[(1.0 - hp.lr * hp.weight_decay, item.weight.device)].append(item.weight)
+            for seg, t in zip(item.plan.factored, per_item):
+                if t is None:
+                    assert seg.geometry is not None
+                    batches[(seg.geometry.rows, seg.geometry.cols, item.weight.device, hp)].append((item, seg))
+                else:
+                    jobs.append((item, seg, hp, t))
+
+        for (factor, _), weights in decays.items():
+            torch._foreach_mul_(weights, factor)  # W ← W·(1 − lr·wd) before any update
+        for item, hp in zip(items, schedules):
             for seg in item.plan.dense_segments:
                 _dense_step(item, seg, hp)
+        for (rows, cols, _, hp), batch in batches.items():
+            per_call = max(1, batch[0][0].chunk // (rows * cols))  # temporaries stay chunk-sized
+            for lo in range(0, len(batch), per_call):
+                _factored_batch_step(batch[lo : lo + per_call], hp)
         for item, seg, hp, (t_rv, t_cv, t_rm, t_cm) in jobs:
             stats_m = (reducer.slot(t_rm), reducer.slot(t_cm)) if t_rm >= 0 else None
             _factored_step(item, seg, hp, (reducer.slot(t_rv), reducer.slot(t_cv)), stats_m)
@@ -187,18 +224,30 @@ class SMMF(FactoredOptimizer):
             finish()
 
 
+@dataclass(frozen=True)
 class _Schedule:
-    """One parameter's hyperparameters at step ``t`` (counting from 1)."""
+    """One parameter's hyperparameters at step ``t`` (counting from 1); equal ones batch together."""
 
-    def __init__(self, group: dict[str, Any], t: int) -> None:
-        self.lr = group["lr"]
-        self.eps = group["eps"]
-        self.weight_decay = group["weight_decay"]
-        self.decoupled_decay = group["weight_decay_mode"] == "adamw" and self.weight_decay != 0
-        self.coupled_decay = group["weight_decay_mode"] == "adam" and self.weight_decay != 0
-        beta = group["beta"]
-        self.beta1: Optional[float] = None if beta is None else beta * group["growth_rate"] ** (t - 1)
-        self.beta2 = 1.0 - t ** group["decay_rate"]
+    lr: float
+    eps: float
+    weight_decay: float
+    decoupled_decay: bool
+    coupled_decay: bool
+    beta1: Optional[float]
+    beta2: float
+
+    @classmethod
+    def at(cls, group: dict[str, Any], t: int) -> "_Schedule":
+        wd, mode, beta = group["weight_decay"], group["weight_decay_mode"], group["beta"]
+        return cls(
+            lr=group["lr"],
+            eps=group["eps"],
+            weight_decay=wd,
+            decoupled_decay=mode == "adamw" and wd != 0,
+            coupled_decay=mode == "adam" and wd != 0,
+            beta1=None if beta is None else beta * group["growth_rate"] ** (t - 1),
+            beta2=1.0 - t ** group["decay_rate"],
+        )
 
 
 def _dense_step(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> None:
@@ -252,6 +301,62 @@ def _factored_step(
             part.add_row_col_sums(first.abs(), *stats_m)
             numerator = first
         weight.addcdiv_(numerator, second.sqrt_().add_(hp.eps), value=-hp.lr)
+
+
+def _factored_batch_step(batch: list[tuple[StepItem, SegmentPlan]], hp: _Schedule) -> None:
+    """The fast path: :func:`_factored_step` for whole, unsharded segments of one (n, m) view.
+
+    The segments are stacked into (B, n, m) tensors, so that each op of the step runs once for
+    the batch; states and weights are read and written through lists of views (foreach ops).
+    """
+    geo = batch[0][1].geometry
+    assert geo is not None
+    n, m, count = geo.rows, geo.cols, len(batch)
+    weights = [seg.local(item.weight) for item, seg in batch]
+    grads = torch.stack([seg.local(item.grad) for item, seg in batch]).view(count, n, m)
+    if hp.coupled_decay:
+        grads.add_(torch.stack(weights).view(count, n, m), alpha=hp.weight_decay)
+
+    def factors(row_key: str, col_key: str) -> tuple[Tensor, Tensor]:
+        rows = torch.stack([seg.rows(item.state[row_key]) for item, seg in batch])
+        return rows, torch.stack([seg.cols(item.state[col_key]) for item, seg in batch])
+
+    row_v, col_v = factors("row_v", "col_v")
+    second = torch.mul((row_v * hp.beta2).unsqueeze(2), col_v.unsqueeze(1))
+    second.addcmul_(grads, grads, value=1.0 - hp.beta2)
+    _store_batch_factors(batch, "row_v", "col_v", second.sum(2), second.sum(1))
+    if hp.beta1 is None:
+        numerator = grads
+    else:
+        row_m, col_m = factors("row_m", "col_m")
+        sign_views = [seg.bits(item.state["sign"]) for item, seg in batch]
+        words = sign_views[0].numel()
+        signs = unpack_signs(torch.stack(sign_views).view(-1), count * words * 8).view(count, words * 8)
+        first = torch.mul((row_m * hp.beta1).unsqueeze(2), col_m.unsqueeze(1))
+        first.mul_(signs[:, : n * m].view(count, n, m)).add_(grads, alpha=1.0 - hp.beta1)
+        nonnegative = signs.new_zeros(count, words * 8, dtype=torch.bool)  # padding bits stay 0
+        nonnegative[:, : n * m] = (first >= 0).view(count, n * m)
+        packed = sign_views[0].new_empty(count * words)
+        pack_signs(nonnegative, packed)
+        torch._foreach_copy_(sign_views, list(packed.view(count, words).unbind(0)))
+        magnitude = first.abs()
+        _store_batch_factors(batch, "row_m", "col_m", magnitude.sum(2), magnitude.sum(1))
+        numerator = first
+    denominator = second.sqrt_().add_(hp.eps)
+    torch._foreach_addcdiv_(
+        weights, list(numerator.view(count, -1).unbind(0)), list(denominator.view(count, -1).unbind(0)), value=-hp.lr
+    )
+
+
+def _store_batch_factors(
+    batch: list[tuple[StepItem, SegmentPlan]], row_key: str, col_key: str, rows: Tensor, cols: Tensor
+) -> None:
+    """:func:`_store_factors` for a batch: (B, n) row and (B, m) column sums, normalised per segment."""
+    side = rows if rows.shape[1] <= cols.shape[1] else cols
+    total = side.sum(1, keepdim=True)
+    side.div_(torch.where(total > 0, total, torch.ones_like(total)))
+    torch._foreach_copy_([seg.rows(item.state[row_key]) for item, seg in batch], list(rows.unbind(0)))
+    torch._foreach_copy_([seg.cols(item.state[col_key]) for item, seg in batch], list(cols.unbind(0)))
 
 
 def _store_factors(seg: SegmentPlan, state: dict[str, Tensor], row_key: str, col_key: str, rows: Tensor, cols: Tensor) -> None:

@@ -28,6 +28,7 @@ class _GroupBuffer:
     group: Optional[dist.ProcessGroup]
     device: torch.device
     sizes: list[int] = field(default_factory=list)
+    total: int = 0
     buffer: Optional[Tensor] = None
     works: list = field(default_factory=list)
 
@@ -50,14 +51,15 @@ class StatReducer:
             raise RuntimeError("reserve() after allocate()")
         key = (0 if group is None else id(group), device)
         buf = self._buffers.setdefault(key, _GroupBuffer(group, device))
-        offset = sum(buf.sizes)
+        offset = buf.total
         buf.sizes.append(size)
+        buf.total += size
         self._tickets.append((key, offset, size))
         return len(self._tickets) - 1
 
     def allocate(self) -> None:
         for buf in self._buffers.values():
-            buf.buffer = torch.zeros(sum(buf.sizes), dtype=torch.float32, device=buf.device)
+            buf.buffer = torch.zeros(buf.total, dtype=torch.float32, device=buf.device)
         self._allocated = True
 
     def slot(self, ticket: int) -> Tensor:

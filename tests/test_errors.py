@@ -49,6 +49,7 @@ def test_smmf_invalid_hyperparameters(kwargs, name):
         (dict(eps=-1.0), "eps"),
         (dict(weight_decay=-1.0), "weight_decay"),
         (dict(momentum_in_grad=1), "momentum_in_grad"),
+        (dict(foreach=1), "foreach"),
     ],
 )
 def test_alada_invalid_hyperparameters(kwargs, name):

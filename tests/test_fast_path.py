@@ -1,98 +1,113 @@
-"""SMMF's fast path (small whole tensors stepped as a batch) against its per-tensor path.
+"""The fast path (small whole tensors stepped as a batch) against the per-tensor path.
 
-The per-tensor path (``foreach=False``) is the one the float64 references check in
-test_fidelity.py; here the fast path must reach the same parameters and state on a model where
-several tensors share a 2-D view (so batches hold more than one), sizes are not multiples of 8
-(padding bits in the packed signs), and one tensor is too large for the fast path.
+The per-tensor path (``foreach=False``) and the fast path both meet the float64 references in
+test_fidelity.py, where every tensor has its own 2-D view. Here several tensors share a view, so
+batches hold more than one; sizes that are not multiples of 8 put padding bits in SMMF's packed
+signs, and one tensor is too large for the fast path. Both paths must reach the same parameters
+and state.
 """
 
 import pytest
 import torch
 
 import dist_memopt as dm
+import dist_memopt.optim.alada as alada_module
 import dist_memopt.optim.smmf as smmf_module
 
 STEPS = 12
-# same-view tensors: three (24,) biases, two (7,) vectors, two scalars, two conv kernels
+# same-view tensors: three (24,) biases with a (6, 4) matrix, two (7,) vectors, two scalars, two conv kernels
 SHAPES = [(24,), (24,), (24,), (7,), (7,), (), (), (4, 3, 3, 3), (4, 3, 3, 3), (13,), (40, 30), (6, 4)]
 LARGE = (40, 30)  # 1200 elements: over the batch_numel set below, so it takes the per-tensor path
-CONFIGS = {
-    "adamw-decay": dict(weight_decay=0.1),
-    "adam-decay": dict(weight_decay=0.1, weight_decay_mode="adam"),
-    "no-first-moment": dict(beta=None),
-    "dense-vectors": dict(vector_reshape=False, weight_decay=0.05),
+BATCH_FUNCTION = {dm.SMMF: (smmf_module, "_factored_batch_step"), dm.Alada: (alada_module, "_batch_step")}
+CASES = {
+    "smmf-adamw-decay": (dm.SMMF, dict(weight_decay=0.1)),
+    "smmf-adam-decay": (dm.SMMF, dict(weight_decay=0.1, weight_decay_mode="adam")),
+    "smmf-no-first-moment": (dm.SMMF, dict(beta=None)),
+    "smmf-dense-vectors": (dm.SMMF, dict(vector_reshape=False, weight_decay=0.05)),
+    "alada": (dm.Alada, dict()),
+    "alada-decay-betas": (dm.Alada, dict(weight_decay=0.1, betas=(0.8, 0.95))),
+    "alada-momentum-in-grad": (dm.Alada, dict(momentum_in_grad=True)),
 }
 
 
-def _run(foreach, config, monkeypatch, dtype=torch.float32):
+def _run(cls, foreach, config, monkeypatch, dtype=torch.float32):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in SHAPES]
-    optimizer = dm.SMMF(params, lr=1e-2, foreach=foreach, **config)
+    optimizer = cls(params, lr=1e-2, foreach=foreach, **config)
     optimizer.batch_numel = 1000
     batched = []
-    original = smmf_module._factored_batch_step
+    module, function = BATCH_FUNCTION[cls]
+    original = getattr(module, function)
 
     def counting(batch, hp):
         batched.append(sorted(tuple(item.param.shape) for item, _ in batch))
         original(batch, hp)
 
-    monkeypatch.setattr(smmf_module, "_factored_batch_step", counting)
+    monkeypatch.setattr(module, function, counting)
     generator = torch.Generator().manual_seed(1)
+    in_grad = config.get("momentum_in_grad", False)
     for _ in range(STEPS):
+        optimizer.zero_grad()  # momentum_in_grad: M ← β1·M in .grad
         for p in params:
-            p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+            grad = torch.randn(p.shape, generator=generator).to(dtype)
+            if in_grad:
+                p.grad.add_(grad, alpha=1 - optimizer.defaults["betas"][0])
+            else:
+                p.grad = grad
         optimizer.step()
     return params, optimizer, batched
 
 
-@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_fast_path_equals_per_tensor_path(config, monkeypatch):
-    fast, fast_opt, batched = _run(None, config, monkeypatch)
-    plain, plain_opt, plain_batched = _run(False, config, monkeypatch)
+@pytest.mark.parametrize("cls, config", CASES.values(), ids=CASES.keys())
+def test_fast_path_equals_per_tensor_path(cls, config, monkeypatch):
+    fast, fast_opt, batched = _run(cls, None, config, monkeypatch)
+    plain, plain_opt, plain_batched = _run(cls, False, config, monkeypatch)
     assert plain_batched == []
-    # every factored tensor but the large one went through a batch, same views together
+    # every factored tensor but the large one went through a batch, tensors of one view together
     per_step = batched[: len(batched) // STEPS]
     vectors_factored = config.get("vector_reshape", True)
     factored = [s for s in SHAPES if s != LARGE and (vectors_factored or sum(d != 1 for d in s) > 1)]
     assert sorted(s for b in per_step for s in b) == sorted(factored)
-    if vectors_factored:  # (6, 4) and the (24,) vectors share the (6, 4) view
+    if vectors_factored and cls is dm.SMMF:  # square matricization: (24,) is viewed as (6, 4)
         assert [(6, 4), (24,), (24,), (24,)] in per_step and [(), ()] in per_step
+    if cls is dm.Alada:  # eq. (12) splits (6, 4) as it is and (24,) by square matricization
+        assert [(6, 4), (24,), (24,), (24,)] in per_step
     assert [(4, 3, 3, 3), (4, 3, 3, 3)] in per_step
     for a, b in zip(fast, plain):
         scale = max(1.0, b.abs().max().item())
         assert (a - b).abs().max().item() <= 1e-6 * scale
-        assert not torch.equal(a, torch.zeros_like(a))
     for a, b in zip(fast, plain):
         sa, sb = fast_opt.state[a], plain_opt.state[b]
         assert sa.keys() == sb.keys()
         for key in sa:
             if key == "sign":
                 # a sign can only differ where M is within rounding of 0: allow a stray bit or two
-                diff = (sa[key] ^ sb[key]).count_nonzero().item()
-                assert diff <= 2, f"{key} of {tuple(a.shape)}"
+                assert (sa[key] ^ sb[key]).count_nonzero().item() <= 2, f"{key} of {tuple(a.shape)}"
             elif key != "step":
                 torch.testing.assert_close(sa[key], sb[key], rtol=1e-6, atol=1e-7)
 
 
-def test_fast_path_keeps_bf16_parameters_and_fp32_state(monkeypatch):
-    fast, fast_opt, batched = _run(None, {}, monkeypatch, dtype=torch.bfloat16)
-    plain, _, _ = _run(False, {}, monkeypatch, dtype=torch.bfloat16)
+@pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
+def test_fast_path_keeps_bf16_parameters_and_fp32_state(cls, monkeypatch):
+    fast, fast_opt, batched = _run(cls, None, {}, monkeypatch, dtype=torch.bfloat16)
+    plain, _, _ = _run(cls, False, {}, monkeypatch, dtype=torch.bfloat16)
     assert batched
     for a, b in zip(fast, plain):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a, b, rtol=0, atol=1e-2)  # within one bf16 rounding of the weight
-        state = fast_opt.state[a]
-        assert state["row_v"].dtype == torch.float32
+        assert fast_opt.state[a]["row_v" if cls is dm.SMMF else "exp_avg"].dtype == torch.float32
 
 
-def test_batches_are_cut_to_the_chunk_size(monkeypatch):
+@pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
+def test_batches_are_cut_to_the_chunk_size(cls, monkeypatch):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(24)) for _ in range(10)]
-    optimizer = dm.SMMF(params, lr=1e-2)
+    optimizer = cls(params, lr=1e-2)
     optimizer.chunk_numel = 48  # two (24,) tensors per batch
     sizes = []
-    original = smmf_module._factored_batch_step
-    monkeypatch.setattr(smmf_module, "_factored_batch_step", lambda batch, hp: (sizes.append(len(batch)), original(batch, hp)))
+    module, function = BATCH_FUNCTION[cls]
+    original = getattr(module, function)
+    monkeypatch.setattr(module, function, lambda batch, hp: (sizes.append(len(batch)), original(batch, hp)))
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()

@@ -62,9 +62,10 @@ def test_smmf_matches_reference(config, chunk_numel, foreach):
 
 
 @CHUNKS
+@pytest.mark.parametrize("foreach", [None, False], ids=["fast-path", "per-tensor"])
 @pytest.mark.parametrize("config", ALADA_CONFIGS.values(), ids=ALADA_CONFIGS.keys())
-def test_alada_matches_reference(config, chunk_numel):
-    _compare(dm.Alada, AladaReference, config, chunk_numel)
+def test_alada_matches_reference(config, chunk_numel, foreach):
+    _compare(dm.Alada, AladaReference, config, chunk_numel, foreach=foreach)
 
 
 @pytest.mark.parametrize("cls, config", [(dm.SMMF, {}), (dm.Alada, {})])

@@ -61,6 +61,7 @@ _SPECS = (
     OptimizerSpec("SMMF-nocheck", lambda p: dm.SMMF(p, check_finite=False), "dist_memopt.SMMF(check_finite=False)", "SMMF"),
     OptimizerSpec("Alada-nocheck", lambda p: dm.Alada(p, check_finite=False), "dist_memopt.Alada(check_finite=False)"),
     OptimizerSpec("SMMF-per-tensor", lambda p: dm.SMMF(p, foreach=False), "dist_memopt.SMMF(foreach=False): no batched fast path for small tensors", "SMMF"),
+    OptimizerSpec("Alada-per-tensor", lambda p: dm.Alada(p, foreach=False), "dist_memopt.Alada(foreach=False): no batched fast path for small tensors"),
 )
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in _SPECS}

@@ -25,7 +25,7 @@ from dist_memopt.bench.report import format_table, load_average
 
 __all__ = ["DEFAULT_OPTIMIZERS", "BASELINES", "TARGET_RATIO", "time_steps", "step_benchmark", "format_step", "run"]
 
-DEFAULT_OPTIMIZERS = ("AdamW", "SMMF", "Alada", "SMMF-nocheck", "Alada-nocheck", "SMMF-per-tensor")
+DEFAULT_OPTIMIZERS = ("AdamW", "SMMF", "Alada", "SMMF-nocheck", "Alada-nocheck", "SMMF-per-tensor", "Alada-per-tensor")
 BASELINES = ("Adafactor", "CAME", "SM3")
 REFERENCE = "AdamW"
 TARGET_RATIO = 1.5  # issue 2: SMMF <= 1.5x AdamW on CPU, on GPT-2-small shapes

@@ -14,12 +14,22 @@ exactly M_{t+1} = β1·M_t + (1 − β1)·G_t in ``.grad`` and the optimizer kee
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from dist_memopt.optim.base import FactoredOptimizer, ParamPlan, SegmentPlan, StepItem, check_number, chunk_ranges
+from dist_memopt.optim.base import (
+    FactoredOptimizer,
+    ParamPlan,
+    SegmentPlan,
+    StepItem,
+    check_foreach,
+    check_number,
+    chunk_ranges,
+)
 from dist_memopt.shard.geometry import balanced_split
 from dist_memopt.shard.reduce import StatReducer
 
@@ -39,6 +49,8 @@ class Alada(FactoredOptimizer):
             calls ``optimizer.zero_grad()`` as usual and backpropagates
             ``optimizer.scale_loss(loss)``.
         check_finite: raise on inf/NaN gradients before any state changes (False skips the check).
+        foreach: None or True steps small, whole (unsharded) tensors of the same 2-D view
+            together in batched ops; False keeps the plain per-tensor path (see :class:`SMMF`).
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
@@ -54,6 +66,7 @@ class Alada(FactoredOptimizer):
         *,
         momentum_in_grad: bool = False,
         check_finite: bool = True,
+        foreach: Optional[bool] = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -62,6 +75,7 @@ class Alada(FactoredOptimizer):
             weight_decay=weight_decay,
             momentum_in_grad=momentum_in_grad,
             check_finite=check_finite,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
 
@@ -76,6 +90,7 @@ class Alada(FactoredOptimizer):
         check_number("weight_decay", group["weight_decay"], where, low=0.0)
         if not isinstance(group["momentum_in_grad"], bool):
             raise ValueError(f"Invalid momentum_in_grad{where}: {group['momentum_in_grad']!r} (must be a bool)")
+        check_foreach(group, where)
 
     def _matrix_shape(self, group: dict[str, Any], global_shape: torch.Size) -> Optional[tuple[int, int]]:
         return balanced_split(global_shape)
@@ -127,21 +142,24 @@ class Alada(FactoredOptimizer):
 
     # --- step ------------------------------------------------------------------------------
 
-    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[tuple[StepItem, SegmentPlan, tuple[int, int, int]]]:
+    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[tuple[StepItem, SegmentPlan, Optional[tuple[int, int, int]]]]:
         """Per factored segment, slots for V·q, Vᵀ·p and ‖G0‖², whatever the step.
 
         Only one statistic is needed per step (and ‖G0‖² only at t = 0), but a layout that does
         not depend on the step count keeps the collective identical on every rank even where a
         rank's count differs: FSDP1's optim_state_dict_to_load gives a rank whose shard of a
         parameter is empty no state for it, so that rank restarts the parameter at t = 0 (harmless:
-        it updates no element of it).
+        it updates no element of it). Segments on the fast path get None (nothing to reduce).
         """
-        jobs = []
+        jobs: list[tuple[StepItem, SegmentPlan, Optional[tuple[int, int, int]]]] = []
         for item in items:
             device = item.weight.device
             for seg in item.plan.factored:
                 geo = seg.geometry
                 assert geo is not None
+                if self._batched(item.group, seg):
+                    jobs.append((item, seg, None))
+                    continue
                 slots = (
                     reducer.reserve(seg.group, geo.rows, device),
                     reducer.reserve(seg.group, geo.cols, device),
@@ -150,44 +168,72 @@ class Alada(FactoredOptimizer):
                 jobs.append((item, seg, slots))
         return jobs
 
-    def _apply(self, items: list[StepItem], reducer: StatReducer, jobs: list[tuple[StepItem, SegmentPlan, tuple[int, int, int]]]) -> None:
+    def _apply(self, items: list[StepItem], reducer: StatReducer, jobs: list[tuple[StepItem, SegmentPlan, Optional[tuple[int, int, int]]]]) -> None:
         steps: dict[int, _Schedule] = {}
+        decays: dict[tuple[float, torch.device], list[Tensor]] = defaultdict(list)
         for item in items:
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
-            steps[id(item)] = _Schedule(item.group, self._advance_step(item.state) - 1)
+            hp = steps[id(item)] = _Schedule.at(item.group, self._advance_step(item.state) - 1)
+            if hp.weight_decay:
+                decays[(1.0 - hp.lr * hp.weight_decay, item.weight.device)].append(item.weight)
+        batches: dict[tuple, list[tuple[StepItem, SegmentPlan]]] = defaultdict(list)
+        reduced = []
+        for item, seg, job_slots in jobs:
+            assert seg.geometry is not None
+            hp = steps[id(item)]
+            if job_slots is None:
+                batches[(seg.geometry.rows, seg.geometry.cols, item.weight.device, hp)].append((item, seg))
+            else:
+                reduced.append((item, seg, hp, job_slots))
 
         def slots(job_slots: tuple[int, int, int], hp: "_Schedule") -> tuple[Tensor, Tensor]:
             rows, cols, norm = job_slots
             return reducer.slot(cols if hp.t % 2 == 1 else rows), reducer.slot(norm)
 
-        for item, seg, job_slots in jobs:
-            hp = steps[id(item)]
+        for item, seg, hp, job_slots in reduced:
             _partial_statistics(item, seg, hp, *slots(job_slots, hp))
         reducer.reduce(async_op=False)
-        for item in items:
-            hp = steps[id(item)]
-            if hp.weight_decay:
-                item.weight.mul_(1.0 - hp.lr * hp.weight_decay)
-        for item, seg, job_slots in jobs:
-            hp = steps[id(item)]
+        for (factor, _), weights in decays.items():
+            torch._foreach_mul_(weights, factor)  # W ← W·(1 − lr·wd) before the update
+        for (rows, cols, _, hp), batch in batches.items():
+            per_call = max(1, batch[0][0].chunk // (rows * cols))  # temporaries stay chunk-sized
+            for lo in range(0, len(batch), per_call):
+                _batch_step(batch[lo : lo + per_call], hp)
+        for item, seg, hp, job_slots in reduced:
             _refit_and_update(item, seg, hp, *slots(job_slots, hp))
         for item in items:
             item.commit()
 
 
+@dataclass(frozen=True)
 class _Schedule:
     """One parameter's hyperparameters at step ``t`` (counting from 0, as in Algorithm 2)."""
 
-    def __init__(self, group: dict[str, Any], t: int) -> None:
-        self.t = t
-        self.lr = group["lr"]
-        self.eps = group["eps"]
-        self.weight_decay = group["weight_decay"]
-        self.beta1, self.beta2 = group["betas"]
-        self.in_grad = group["momentum_in_grad"]
-        self.bias1 = 1.0 - self.beta1 ** (t + 1)
-        self.bias2 = 1.0 - self.beta2 ** (t + 1)
+    t: int
+    lr: float
+    eps: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    in_grad: bool
+    bias1: float
+    bias2: float
+
+    @classmethod
+    def at(cls, group: dict[str, Any], t: int) -> "_Schedule":
+        beta1, beta2 = group["betas"]
+        return cls(
+            t=t,
+            lr=group["lr"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            beta1=beta1,
+            beta2=beta2,
+            in_grad=group["momentum_in_grad"],
+            bias1=1.0 - beta1 ** (t + 1),
+            bias2=1.0 - beta2 ** (t + 1),
+        )
 
 
 def _momentum(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> Tensor:
@@ -256,3 +302,54 @@ def _refit_and_update(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Ten
         second = geo.sub(lo, hi).outer(p, q, scale=1.0 / hp.bias2, shift=shift)
         denom = second.clamp_min_(0.0).add_(hp.eps).sqrt_().to(torch.float32)
         weights[lo:hi].addcdiv_(momenta[lo:hi].div(hp.bias1), denom, value=-hp.lr)
+
+
+def _batch_step(batch: list[tuple[StepItem, SegmentPlan]], hp: _Schedule) -> None:
+    """The fast path: both halves of the step for whole, unsharded segments of one (n, m) view.
+
+    Stacked into (B, n, m) tensors, the statistics are complete locally, so the refit and the
+    update follow at once; states and weights are read and written through lists of views.
+    """
+    geo = batch[0][1].geometry
+    assert geo is not None
+    n, m, count = geo.rows, geo.cols, len(batch)
+    grad_views = [seg.local(item.grad) for item, seg in batch]
+    momentum_views = [_momentum(item, seg, hp) for item, seg in batch]
+    if not hp.in_grad:
+        torch._foreach_mul_(momentum_views, hp.beta1)
+        torch._foreach_add_(momentum_views, grad_views, alpha=1.0 - hp.beta1)
+    corrected = torch.stack(momentum_views).view(count, n, m).div_(hp.bias1)  # M̃
+    second = corrected.square()
+    p = torch.stack([seg.rows(item.state["row"]) for item, seg in batch])  # (B, n) float64
+    q = torch.stack([seg.cols(item.state["col"]) for item, seg in batch])  # (B, m)
+    v0_views = [item.state["v0"][seg.factor_index] for item, seg in batch]
+    if hp.t == 0:
+        g0 = torch.stack(grad_views)
+        if hp.in_grad:
+            g0 = g0 / (1.0 - hp.beta1)
+        v0 = ((g0 * g0).sum(1) / (n * m)).to(torch.float64)  # ‖G0‖²/(mn)
+        root = v0.sqrt().unsqueeze(1)
+        p, q = root.expand(count, n).clone(), root.expand(count, m).clone()
+    else:
+        v0 = torch.stack(v0_views)
+    if hp.t % 2 == 0:  # p ← β2·p + (1 − β2)·V q/(‖q‖² + eps); at t = 0, V·q_0 = sqrt(v0)·rowsum(V)
+        weights = second.new_ones(count, m) if hp.t == 0 else q.float()
+        stat = torch.bmm(second, weights.unsqueeze(2)).squeeze(2).to(torch.float64)
+        if hp.t == 0:
+            stat.mul_(root)
+        p.mul_(hp.beta2).add_(stat.div_((q * q).sum(1, keepdim=True) + hp.eps), alpha=1.0 - hp.beta2)
+    else:  # q ← β2·q + (1 − β2)·Vᵀ p/(‖p‖² + eps)
+        stat = torch.bmm(second.transpose(1, 2), p.float().unsqueeze(2)).squeeze(2).to(torch.float64)
+        q.mul_(hp.beta2).add_(stat.div_((p * p).sum(1, keepdim=True) + hp.eps), alpha=1.0 - hp.beta2)
+    shift = (-v0 * hp.beta2 ** (hp.t + 1) / hp.bias2).view(count, 1, 1)
+    refit = torch.mul(p.unsqueeze(2), q.unsqueeze(1)).mul_(1.0 / hp.bias2).add_(shift)  # Ũ, float64
+    denominator = refit.clamp_min_(0.0).add_(hp.eps).sqrt_().to(torch.float32)
+    torch._foreach_addcdiv_(
+        [seg.local(item.weight) for item, seg in batch],
+        list(corrected.view(count, -1).unbind(0)),
+        list(denominator.view(count, -1).unbind(0)),
+        value=-hp.lr,
+    )
+    torch._foreach_copy_([seg.rows(item.state["row"]) for item, seg in batch], list(p.unbind(0)))
+    torch._foreach_copy_([seg.cols(item.state["col"]) for item, seg in batch], list(q.unbind(0)))
+    torch._foreach_copy_(v0_views, list(v0.unbind(0)))

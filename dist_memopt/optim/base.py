@@ -35,6 +35,7 @@ __all__ = [
     "StepItem",
     "NonFiniteGradientError",
     "check_number",
+    "check_foreach",
     "chunk_ranges",
     "default_chunk_numel",
     "first_nonfinite",
@@ -161,6 +162,8 @@ class FactoredOptimizer(Optimizer):
     chunk_numel: Optional[int] = None
     #: how each per-parameter state key is laid out (see :data:`STATE_KINDS`)
     state_kinds: dict[str, str] = {}
+    #: largest segment (elements) the fast path stacks with others; bigger ones gain nothing
+    batch_numel: int = 1 << 16
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._validate_group(defaults, where="")
@@ -193,6 +196,12 @@ class FactoredOptimizer(Optimizer):
     def _apply(self, items: list[StepItem], reducer: StatReducer, reserved: Any) -> None:
         """Update state and weights (gradients and layouts already checked on every rank)."""
         raise NotImplementedError
+
+    def _batched(self, group: dict[str, Any], seg: SegmentPlan) -> bool:
+        """Whether ``seg`` takes the fast path: small, whole and unsharded (no statistics to reduce)."""
+        geo = seg.geometry
+        assert geo is not None
+        return group.get("foreach") is not False and seg.group is None and geo.is_full and geo.numel <= self.batch_numel
 
     # --- parameter groups ------------------------------------------------------------------
 
@@ -569,6 +578,13 @@ def _group_device(group: dist.ProcessGroup) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def check_foreach(group: dict[str, Any], where: str = "") -> None:
+    """ValueError unless the group's ``foreach`` is None, True or False."""
+    foreach = group.get("foreach")
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(f"Invalid foreach{where}: {group['foreach']!r} (must be None, True or False)")
 
 
 def check_number(

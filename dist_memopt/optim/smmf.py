@@ -17,7 +17,15 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
-from dist_memopt.optim.base import FactoredOptimizer, ParamPlan, SegmentPlan, StepItem, check_number, chunk_ranges
+from dist_memopt.optim.base import (
+    FactoredOptimizer,
+    ParamPlan,
+    SegmentPlan,
+    StepItem,
+    check_foreach,
+    check_number,
+    chunk_ranges,
+)
 from dist_memopt.optim.bits import pack_signs, unpack_signs
 from dist_memopt.shard.geometry import square_matricize
 from dist_memopt.shard.reduce import StatReducer
@@ -61,8 +69,6 @@ class SMMF(FactoredOptimizer):
             keeps the plain per-tensor path, the reference the fast path is tested against.
     """
 
-    #: largest segment (elements) the fast path stacks with others; bigger ones gain nothing
-    batch_numel = 1 << 16
     hyperparameters = ("lr", "beta", "eps", "weight_decay", "decay_rate", "growth_rate", "vector_reshape", "weight_decay_mode")
     state_kinds = dict(
         sign="bits", row_m="rows", col_m="cols", row_v="rows", col_v="cols", exp_avg="dense", exp_avg_sq="dense"
@@ -113,8 +119,7 @@ class SMMF(FactoredOptimizer):
         check_number("growth_rate", group["growth_rate"], where, low=0.0, high=1.0)
         if not isinstance(group["vector_reshape"], bool):
             raise ValueError(f"Invalid vector_reshape{where}: {group['vector_reshape']!r} (must be a bool)")
-        if group.get("foreach") not in (None, True, False):
-            raise ValueError(f"Invalid foreach{where}: {group['foreach']!r} (must be None, True or False)")
+        check_foreach(group, where)
         if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
             raise ValueError(
                 f"Invalid weight_decay_mode{where}: {group['weight_decay_mode']!r} (must be one of {WEIGHT_DECAY_MODES})"
@@ -143,12 +148,6 @@ class SMMF(FactoredOptimizer):
         return expected
 
     # --- step ------------------------------------------------------------------------------
-
-    def _batched(self, group: dict[str, Any], seg: SegmentPlan) -> bool:
-        """Whether ``seg`` takes the fast path: small, whole and unsharded (no statistics to reduce)."""
-        geo = seg.geometry
-        assert geo is not None
-        return group.get("foreach") is not False and seg.group is None and geo.is_full and geo.numel <= self.batch_numel
 
     def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[list[Optional[tuple[int, int, int, int]]]]:
         """Slots per factored segment: row/col sums of V, and of |M| when there is a first moment.

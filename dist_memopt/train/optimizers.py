@@ -16,11 +16,12 @@ Baselines and what Table 18's rows map to:
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+
+from dist_memopt.optim.arguments import as_call_arguments, constructor_arguments
 
 __all__ = ["OPTIMIZERS", "resolve_params", "build_optimizer", "param_groups"]
 
@@ -67,16 +68,6 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 _FROM_TRAIN = ("lr", "weight_decay")
 
 
-def _constructor_args(cls: type) -> set[str]:
-    signature = inspect.signature(cls.__init__)
-    return {n for n, p in signature.parameters.items() if n not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-
-
-def _as_call_args(params: dict) -> dict:
-    """YAML lists become tuples (``betas``, ``eps`` pairs): what constructors expect."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-
-
 def resolve_params(name: str, params: dict, lr: float) -> dict:
     """Table 18 defaults overlaid with ``params``; checked by building the optimizer on a dummy tensor.
 
@@ -92,7 +83,7 @@ def resolve_params(name: str, params: dict, lr: float) -> dict:
     for key in _FROM_TRAIN:
         if key in params:
             raise ConfigError(f"optimizer.params.{key}: set train.{key} instead (it drives the schedule)")
-    known = _constructor_args(cls)
+    known = set(constructor_arguments(cls))
     unknown = sorted(set(params) - known)
     if unknown:
         raise ConfigError(
@@ -106,7 +97,7 @@ def resolve_params(name: str, params: dict, lr: float) -> dict:
         )
     resolved = {**spec.paper_params, **params}
     try:
-        cls([torch.nn.Parameter(torch.zeros(2, 3))], lr=lr, **_as_call_args(resolved))
+        cls([torch.nn.Parameter(torch.zeros(2, 3))], lr=lr, **as_call_arguments(resolved))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"optimizer.params for {name}: {e}") from None
     return resolved
@@ -124,4 +115,4 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
 
 def build_optimizer(name: str, params: dict, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     """The named optimizer over ``groups`` (each carries its own weight_decay)."""
-    return OPTIMIZERS[name].load()(groups, lr=lr, **_as_call_args(params))
+    return OPTIMIZERS[name].load()(groups, lr=lr, **as_call_arguments(params))

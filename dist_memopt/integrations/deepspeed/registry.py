@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Iterable, Optional
 
 from dist_memopt.optim import SMMF, Alada, FactoredOptimizer
+from dist_memopt.optim.arguments import as_call_arguments, constructor_arguments
 
 __all__ = ["OPTIMIZERS", "optimizer_class", "build_optimizer"]
 
@@ -21,11 +21,6 @@ def optimizer_class(name: Optional[str]) -> Optional[type[FactoredOptimizer]]:
         if key.lower() == name.lower():
             return cls
     return None
-
-
-def constructor_arguments(cls: type[FactoredOptimizer]) -> list[str]:
-    """Keyword arguments ``cls`` accepts besides ``params``, in signature order."""
-    return [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "params")]
 
 
 def build_optimizer(name: str, model_parameters: Iterable, params: Optional[dict[str, Any]]) -> FactoredOptimizer:
@@ -44,5 +39,4 @@ def build_optimizer(name: str, model_parameters: Iterable, params: Optional[dict
             f'ds_config "optimizer" of type "{name}" has unknown params {unknown}; {cls.__name__} accepts '
             f"{', '.join(valid)}. (Gradient clipping is DeepSpeed's \"gradient_clipping\" setting.)"
         )
-    kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in params.items()}
-    return cls(model_parameters, **kwargs)
+    return cls(model_parameters, **as_call_arguments(params))

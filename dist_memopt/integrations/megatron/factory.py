@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import json
 import os
 from typing import Any, Iterator, Optional
@@ -48,6 +47,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from dist_memopt.optim import SMMF, Alada
+from dist_memopt.optim.arguments import constructor_arguments
 
 __all__ = ["get_megatron_optimizer", "OPTIMIZERS", "optimizer_arguments", "check_supported", "ENV_OPTIMIZER", "ENV_ARGUMENTS"]
 
@@ -69,7 +69,7 @@ def optimizer_arguments(config: Any, name: Optional[str] = None, /, **overrides:
         if not config.decoupled_weight_decay:
             raise ValueError("Alada applies weight decay decoupled only: set OptimizerConfig.decoupled_weight_decay=True")
         arguments.update(betas=(config.adam_beta1, config.adam_beta2))
-    accepted = {n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params")}
+    accepted = set(constructor_arguments(cls))
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise TypeError(f"{cls.__name__} does not take {', '.join(unknown)} (it takes {', '.join(sorted(accepted))})")

@@ -14,7 +14,6 @@ exactly M_{t+1} = β1·M_t + (1 − β1)·G_t in ``.grad`` and the optimizer kee
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -24,11 +23,13 @@ from torch import Tensor
 from dist_memopt.optim.base import (
     FactoredOptimizer,
     ParamPlan,
+    SegmentBatches,
     SegmentPlan,
     StepItem,
     check_foreach,
     check_number,
     chunk_ranges,
+    decay_weights,
 )
 from dist_memopt.shard.geometry import balanced_split
 from dist_memopt.shard.reduce import StatReducer
@@ -170,20 +171,19 @@ class Alada(FactoredOptimizer):
 
     def _apply(self, items: list[StepItem], reducer: StatReducer, jobs: list[tuple[StepItem, SegmentPlan, Optional[tuple[int, int, int]]]]) -> None:
         steps: dict[int, _Schedule] = {}
-        decays: dict[tuple[float, torch.device], list[Tensor]] = defaultdict(list)
+        decays: list[tuple[Tensor, float]] = []
         for item in items:
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
             hp = steps[id(item)] = _Schedule.at(item.group, self._advance_step(item.state) - 1)
             if hp.weight_decay:
-                decays[(1.0 - hp.lr * hp.weight_decay, item.weight.device)].append(item.weight)
-        batches: dict[tuple, list[tuple[StepItem, SegmentPlan]]] = defaultdict(list)
+                decays.append((item.weight, 1.0 - hp.lr * hp.weight_decay))
+        batches = SegmentBatches()
         reduced = []
         for item, seg, job_slots in jobs:
-            assert seg.geometry is not None
             hp = steps[id(item)]
             if job_slots is None:
-                batches[(seg.geometry.rows, seg.geometry.cols, item.weight.device, hp)].append((item, seg))
+                batches.add(item, seg, hp)
             else:
                 reduced.append((item, seg, hp, job_slots))
 
@@ -194,12 +194,8 @@ class Alada(FactoredOptimizer):
         for item, seg, hp, job_slots in reduced:
             _partial_statistics(item, seg, hp, *slots(job_slots, hp))
         reducer.reduce(async_op=False)
-        for (factor, _), weights in decays.items():
-            torch._foreach_mul_(weights, factor)  # W ← W·(1 − lr·wd) before the update
-        for (rows, cols, _, hp), batch in batches.items():
-            per_call = max(1, batch[0][0].chunk // (rows * cols))  # temporaries stay chunk-sized
-            for lo in range(0, len(batch), per_call):
-                _batch_step(batch[lo : lo + per_call], hp)
+        decay_weights(decays)  # W ← W·(1 − lr·wd) before the update
+        batches.run(_batch_step)
         for item, seg, hp, job_slots in reduced:
             _refit_and_update(item, seg, hp, *slots(job_slots, hp))
         for item in items:

@@ -33,6 +33,8 @@ __all__ = [
     "SegmentPlan",
     "ParamPlan",
     "StepItem",
+    "SegmentBatches",
+    "decay_weights",
     "NonFiniteGradientError",
     "check_number",
     "check_foreach",
@@ -144,6 +146,37 @@ class StepItem:
     def commit(self) -> None:
         if self.weight.data_ptr() != self._data.data_ptr():
             self._data.copy_(self.weight.view_as(self._data))
+
+
+class SegmentBatches:
+    """Fast-path segments grouped by 2-D view, device and schedule, for batched steps.
+
+    :meth:`run` hands each group to the step function in pieces whose stacked (B, n, m)
+    temporaries stay within the chunk size, as a per-tensor step's do.
+    """
+
+    def __init__(self) -> None:
+        self._batches: dict[tuple, list[tuple[StepItem, SegmentPlan]]] = defaultdict(list)
+
+    def add(self, item: StepItem, seg: SegmentPlan, schedule: Any) -> None:
+        geo = seg.geometry
+        assert geo is not None
+        self._batches[(geo.rows, geo.cols, item.weight.device, schedule)].append((item, seg))
+
+    def run(self, step: Callable[[list[tuple[StepItem, SegmentPlan]], Any], None]) -> None:
+        for (rows, cols, _, schedule), batch in self._batches.items():
+            per_call = max(1, batch[0][0].chunk // (rows * cols))
+            for lo in range(0, len(batch), per_call):
+                step(batch[lo : lo + per_call], schedule)
+
+
+def decay_weights(decays: Iterable[tuple[Tensor, float]]) -> None:
+    """Decoupled weight decay, W ← W·factor, with one foreach op per (factor, device)."""
+    grouped: dict[tuple[float, torch.device], list[Tensor]] = defaultdict(list)
+    for weight, factor in decays:
+        grouped[(factor, weight.device)].append(weight)
+    for (factor, _), weights in grouped.items():
+        torch._foreach_mul_(weights, factor)
 
 
 def _flat_fp32(t: Tensor) -> Tensor:

@@ -10,7 +10,6 @@ completes them.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -20,11 +19,13 @@ from torch import Tensor
 from dist_memopt.optim.base import (
     FactoredOptimizer,
     ParamPlan,
+    SegmentBatches,
     SegmentPlan,
     StepItem,
     check_foreach,
     check_number,
     chunk_ranges,
+    decay_weights,
 )
 from dist_memopt.optim.bits import pack_signs, unpack_signs
 from dist_memopt.shard.geometry import square_matricize
@@ -178,8 +179,8 @@ class SMMF(FactoredOptimizer):
 
     def _apply(self, items: list[StepItem], reducer: StatReducer, tickets: list[list[Optional[tuple[int, int, int, int]]]]) -> None:
         jobs: list[tuple[StepItem, SegmentPlan, _Schedule, tuple[int, int, int, int]]] = []
-        batches: dict[tuple, list[tuple[StepItem, SegmentPlan]]] = defaultdict(list)
-        decays: dict[tuple[float, torch.device], list[Tensor]] = defaultdict(list)
+        batches = SegmentBatches()
+        decays: list[tuple[Tensor, float]] = []
         schedules: list[_Schedule] = []
         for item, per_item in zip(items, tickets):
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
@@ -187,23 +188,18 @@ class SMMF(FactoredOptimizer):
             hp = _Schedule.at(item.group, self._advance_step(item.state))
             schedules.append(hp)
             if hp.decoupled_decay:
-                decays[(1.0 - hp.lr * hp.weight_decay, item.weight.device)].append(item.weight)
+                decays.append((item.weight, 1.0 - hp.lr * hp.weight_decay))
             for seg, t in zip(item.plan.factored, per_item):
                 if t is None:
-                    assert seg.geometry is not None
-                    batches[(seg.geometry.rows, seg.geometry.cols, item.weight.device, hp)].append((item, seg))
+                    batches.add(item, seg, hp)
                 else:
                     jobs.append((item, seg, hp, t))
 
-        for (factor, _), weights in decays.items():
-            torch._foreach_mul_(weights, factor)  # W ← W·(1 − lr·wd) before any update
+        decay_weights(decays)  # W ← W·(1 − lr·wd) before any update
         for item, hp in zip(items, schedules):
             for seg in item.plan.dense_segments:
                 _dense_step(item, seg, hp)
-        for (rows, cols, _, hp), batch in batches.items():
-            per_call = max(1, batch[0][0].chunk // (rows * cols))  # temporaries stay chunk-sized
-            for lo in range(0, len(batch), per_call):
-                _factored_batch_step(batch[lo : lo + per_call], hp)
+        batches.run(_factored_batch_step)
         for item, seg, hp, (t_rv, t_cv, t_rm, t_cm) in jobs:
             stats_m = (reducer.slot(t_rm), reducer.slot(t_cm)) if t_rm >= 0 else None
             _factored_step(item, seg, hp, (reducer.slot(t_rv), reducer.slot(t_cv)), stats_m)

@@ -292,7 +292,7 @@ def _refit_and_update(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Ten
         p.mul_(hp.beta2).add_(stat.div_(q.dot(q) + hp.eps), alpha=1.0 - hp.beta2)
     else:
         q.mul_(hp.beta2).add_(stat.div_(p.dot(p) + hp.eps), alpha=1.0 - hp.beta2)
-    shift = -float(v0) * hp.beta2 ** (hp.t + 1) / hp.bias2
+    shift = -v0 * hp.beta2 ** (hp.t + 1) / hp.bias2  # a 0-d float64 tensor: no host sync
     weights, momenta = seg.local(item.weight), _momentum(item, seg, hp)
     for lo, hi in chunk_ranges(geo.numel, item.chunk):
         second = geo.sub(lo, hi).outer(p, q, scale=1.0 / hp.bias2, shift=shift)

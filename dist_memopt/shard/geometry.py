@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor
@@ -175,19 +175,23 @@ class RangeGeometry:
 
     # --- decompression restricted to the range ----------------------------------------------
 
-    def outer(self, row_factor: Tensor, col_factor: Tensor, scale: float = 1.0, shift: float = 0.0) -> Tensor:
+    def outer(
+        self, row_factor: Tensor, col_factor: Tensor, scale: float = 1.0, shift: Union[float, Tensor] = 0.0
+    ) -> Tensor:
         """``scale·(row_factor ⊗ col_factor) + shift``, flattened, restricted to the range.
 
         Computes the outer product of the touched rows only (at most ``numel + 2 * cols``
-        products) and returns the slice that belongs to the range (a new tensor).
+        products) and returns the slice that belongs to the range (a new tensor). ``shift`` may be a
+        0-d tensor, so that a value computed on the device needs no host sync.
         """
         if self.numel == 0:
             return row_factor.new_empty(0)
         rows = row_factor if self.is_full else row_factor[self.row0 : self.row0 + self.touched_rows]
-        if scale == 1.0 and shift == 0.0:
+        if scale == 1.0 and not isinstance(shift, Tensor) and shift == 0.0:
             block = torch.outer(rows, col_factor)
         else:
-            block = torch.addr(rows.new_tensor(shift), rows, col_factor, alpha=scale)
+            shift = shift if isinstance(shift, Tensor) else rows.new_tensor(shift)
+            block = torch.addr(shift, rows, col_factor, alpha=scale)
         if self.is_full:
             return block.view(-1)
         return block.view(-1)[self.col0 : self.col0 + self.numel]

@@ -25,7 +25,7 @@ floating-point state); either way never the packed uint8 form, which is how they
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -111,8 +111,15 @@ def expand_state(plan: Any, param: Tensor, state: dict[str, Any], state_kinds: d
     return state
 
 
-def compact_state(plan: Any, param: Tensor, state: dict[str, Any], state_kinds: dict[str, str], full_range: Optional[tuple[int, int]] = None) -> dict[str, Any]:
-    """Any checkpoint form -> compact state. ``full_range`` slices gathered full tensors."""
+def compact_state(
+    plan: Any,
+    param: Tensor,
+    state: dict[str, Any],
+    state_kinds: dict[str, str],
+    take: Optional[Callable[[Tensor], Tensor]] = None,
+) -> dict[str, Any]:
+    """Any checkpoint form -> compact state. ``take`` picks this shard's elements out of gathered
+    full tensors (:meth:`ShardSpec.take`)."""
     state = dict(state)
     factors = state.pop(FACTORS_KEY, None)
     if isinstance(factors, bytes):
@@ -126,8 +133,8 @@ def compact_state(plan: Any, param: Tensor, state: dict[str, Any], state_kinds: 
         if kind == "bits" and value.dtype == PACKED_SIGN_DTYPE:
             continue  # packed: already compact
         if value.numel() != local.numel():
-            if full_range is not None and value.numel() == param.numel():
-                value = value[full_range[0] : full_range[1]]  # a gathered full tensor
+            if take is not None and value.numel() == param.numel():
+                value = take(value)  # a gathered full tensor
             elif kind != "bits":
                 continue  # the compact concatenation of segments
             else:

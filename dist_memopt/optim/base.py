@@ -23,7 +23,8 @@ from torch.optim import Optimizer
 
 from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.reduce import StatReducer
-from dist_memopt.shard.spec import ParamLayout, Segment, layout_of, local_tensor
+from dist_memopt.shard.runs import RunsGeometry, view_geometry
+from dist_memopt.shard.spec import ParamLayout, Segment, grad_like_param, layout_of, local_tensor
 from dist_memopt.checkpoint import compact_state, expand_state
 from dist_memopt.optim.bits import packed_numel
 
@@ -76,7 +77,7 @@ class SegmentPlan:
     """
 
     segment: Segment
-    geometry: Optional[RangeGeometry]
+    geometry: Optional[RangeGeometry | RunsGeometry]
     rows_at: int = 0
     cols_at: int = 0
     bits_at: int = 0
@@ -273,6 +274,14 @@ class FactoredOptimizer(Optimizer):
         self._plans[id(param)] = (key, plan)
         return plan
 
+    def _named_plan(self, group: dict[str, Any], param: Tensor, i: int) -> ParamPlan:
+        """:meth:`_plan`, with layout errors naming the parameter (they are raised alike on every
+        rank: they depend on placements and shapes, not on this rank's piece)."""
+        try:
+            return self._plan(group, param)
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: {self._param_name(group, i)}: {error}") from error
+
     def _build_plan(self, group: dict[str, Any], layout: ParamLayout) -> ParamPlan:
         rows = cols = bits = elems = dense = factored = 0
         segments = []
@@ -284,7 +293,7 @@ class FactoredOptimizer(Optimizer):
                 segments.append(SegmentPlan(seg, None, dense_at=dense))
                 dense += seg.numel
                 continue
-            geometry = RangeGeometry(shape[0], shape[1], seg.spec.start, seg.spec.end)
+            geometry = view_geometry(shape[0], shape[1], seg.spec)
             segments.append(SegmentPlan(seg, geometry, rows, cols, bits, elems, factor_index=factored))
             rows, cols = rows + shape[0], cols + shape[1]
             bits, elems = bits + packed_numel(seg.numel), elems + seg.numel
@@ -319,21 +328,24 @@ class FactoredOptimizer(Optimizer):
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 data = local_tensor(p)
+                plan = self._named_plan(group, p, i)  # on every rank, in the same order
                 if p.grad is None:
                     # A rank whose shard of a parameter is empty gets no gradient from FSDP1
                     # (use_orig_params=True); it must still post that parameter's statistics.
-                    if data.numel() or not any(s.group is not None for s in self._plan(group, p).segments):
+                    if data.numel() or not any(s.group is not None for s in plan.segments):
                         continue
                     grad = data
                 else:
-                    grad = local_tensor(p.grad)
+                    placed = grad_like_param(p, p.grad)
+                    if placed is not p.grad:
+                        p.grad = placed  # the optimizer's view of it is the parameter's shard
+                    grad = local_tensor(placed)
                 name = self._param_name(group, i)
                 if grad.is_sparse:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients ({name}); "
                         "use a dense embedding (sparse=False)"
                     )
-                plan = self._plan(group, p)
                 if grad.shape != data.shape:
                     raise RuntimeError(
                         f"gradient of {name} has local shape {tuple(grad.shape)} but the "
@@ -480,8 +492,8 @@ class FactoredOptimizer(Optimizer):
         """Loaded state in any checkpoint form -> the compact form held in ``self.state``."""
         layout = layout_of(param)
         single = layout.segments[0].spec if len(layout.segments) == 1 else None
-        full_range = (single.start, single.end) if single is not None else None
-        return compact_state(self._build_plan(group, layout), param, state, self.state_kinds, full_range)
+        take = single.take if single is not None else None
+        return compact_state(self._build_plan(group, layout), param, state, self.state_kinds, take)
 
     def _check_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], name: str) -> None:
         kind = type(self).__name__
@@ -598,8 +610,8 @@ def _distinct_groups(plans: Iterable[ParamPlan]) -> list[dist.ProcessGroup]:
     seen: dict[int, dist.ProcessGroup] = {}
     for plan in plans:
         for seg in plan.segments:
-            if seg.group is not None:
-                seen.setdefault(id(seg.group), seg.group)
+            for group in seg.segment.spec.groups:
+                seen.setdefault(id(group), group)
     return list(seen.values())
 
 

@@ -5,6 +5,10 @@ During a step every segment asks for *slots*: views into one flat fp32 buffer pe
 all_reduce(SUM) per group then completes all of them at once, whatever the number of parameters.
 The buffer layout depends only on global shapes, so it is identical on every rank, and ranks with
 empty shards contribute zeros instead of skipping the collective.
+
+A parameter divided over several mesh dimensions (data × tensor parallel) names a *chain* of
+groups, one per dimension: summing over each in turn sums over all holders of its pieces, with no
+new process group to create. Each distinct chain is one buffer and one collective per group in it.
 """
 
 from __future__ import annotations
@@ -16,16 +20,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["StatReducer", "MAX_BUCKET_NUMEL"]
+__all__ = ["StatReducer", "MAX_BUCKET_NUMEL", "group_chain"]
 
 # One collective carries at most this many floats (1 GiB); only a model with billions of rows and
 # columns in one group needs a second bucket.
 MAX_BUCKET_NUMEL = 1 << 28
 
 
+Chain = tuple  # of ProcessGroups
+
+
+def group_chain(group: Optional[dist.ProcessGroup | Chain]) -> Chain:
+    """A shard's ``group`` as a chain: () for None, (group,) for one process group."""
+    if group is None:
+        return ()
+    return tuple(group) if isinstance(group, tuple) else (group,)
+
+
 @dataclass
 class _GroupBuffer:
-    group: Optional[dist.ProcessGroup]
+    chain: Chain
     device: torch.device
     sizes: list[int] = field(default_factory=list)
     total: int = 0
@@ -42,15 +56,17 @@ class StatReducer:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[int, torch.device], _GroupBuffer] = {}
-        self._tickets: list[tuple[tuple[int, torch.device], int, int]] = []  # (key, offset, size)
+        self._buffers: dict[tuple[tuple[int, ...], torch.device], _GroupBuffer] = {}
+        self._tickets: list[tuple[tuple[tuple[int, ...], torch.device], int, int]] = []  # (key, offset, size)
         self._allocated = False
 
-    def reserve(self, group: Optional[dist.ProcessGroup], size: int, device: torch.device) -> int:
+    def reserve(self, group: Optional[dist.ProcessGroup | Chain], size: int, device: torch.device) -> int:
+        """A slot of ``size`` floats completed over ``group`` (a process group, a chain, or None)."""
         if self._allocated:
             raise RuntimeError("reserve() after allocate()")
-        key = (0 if group is None else id(group), device)
-        buf = self._buffers.setdefault(key, _GroupBuffer(group, device))
+        chain = group_chain(group)
+        key = (tuple(id(g) for g in chain), device)
+        buf = self._buffers.setdefault(key, _GroupBuffer(chain, device))
         offset = buf.total
         buf.sizes.append(size)
         buf.total += size
@@ -72,24 +88,35 @@ class StatReducer:
         """Per process group (by id), a hash of the slot sizes: equal on ranks that agree."""
         result: dict[int, int] = {}
         for buf in self._buffers.values():
-            if buf.group is not None:
-                key = id(buf.group)
-                result[key] = hash((result.get(key, 0), tuple(buf.sizes))) % (1 << 52)
+            for position, group in enumerate(buf.chain):
+                key = id(group)
+                result[key] = hash((result.get(key, 0), position, len(buf.chain), tuple(buf.sizes))) % (1 << 52)
         return result
 
     @property
     def groups(self) -> list[dist.ProcessGroup]:
-        return [b.group for b in self._buffers.values() if b.group is not None]
+        """Every distinct process group a buffer is reduced over."""
+        seen: dict[int, dist.ProcessGroup] = {}
+        for buf in self._buffers.values():
+            for group in buf.chain:
+                seen.setdefault(id(group), group)
+        return list(seen.values())
 
     def reduce(self, async_op: bool = False) -> None:
-        """Sum every group's buffer over its ranks: one collective per group (and bucket)."""
+        """Sum every buffer over its chain: one collective per group of the chain (and bucket).
+
+        In a chain, each sum needs the previous one complete, so only the last is left running
+        with ``async_op``.
+        """
         for buf in self._buffers.values():
-            if buf.group is None or buf.buffer is None:
+            if not buf.chain or buf.buffer is None:
                 continue
-            for chunk in buf.buffer.split(MAX_BUCKET_NUMEL):
-                work = dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=buf.group, async_op=async_op)
-                if async_op:
-                    buf.works.append(work)
+            for position, group in enumerate(buf.chain):
+                last = position == len(buf.chain) - 1
+                for chunk in buf.buffer.split(MAX_BUCKET_NUMEL):
+                    work = dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=group, async_op=async_op and last)
+                    if async_op and last:
+                        buf.works.append(work)
 
     def wait(self) -> None:
         for buf in self._buffers.values():
@@ -102,7 +129,5 @@ class StatReducer:
         return sum(b.buffer.numel() * 4 for b in self._buffers.values() if b.buffer is not None)
 
     def communicated_bytes(self) -> int:
-        """Bytes this rank contributes to collectives in this step."""
-        return sum(
-            b.buffer.numel() * 4 for b in self._buffers.values() if b.buffer is not None and b.group is not None
-        )
+        """Bytes this rank contributes to collectives in this step (once per group of a chain)."""
+        return sum(b.buffer.numel() * 4 * len(b.chain) for b in self._buffers.values() if b.buffer is not None)

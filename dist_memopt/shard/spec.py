@@ -1,17 +1,21 @@
 """Shard descriptions: where each logical parameter's elements lie on this rank.
 
 An optimizer tensor (what sits in ``param_groups``) holds, in its local data, one or more
-*segments*: contiguous pieces of logical parameters (an FSDP1 FlatParameter or a ZeRO partition
-holds many; a DTensor shard or a plain tensor holds one). A segment says which flat range of which
-global shape it is, and over which process group the parameter is divided. That is all the
+*segments*: pieces of logical parameters (an FSDP1 FlatParameter or a ZeRO partition holds many; a
+DTensor shard or a plain tensor holds one). A segment says which global flat positions of which
+global shape it holds, and over which process groups the parameter is divided. That is all the
 optimizer math needs; framework adapters only produce these descriptions.
+
+The positions are one contiguous range of the row-major flattening for data-parallel shards, and
+*runs* for tensor-parallel ones: a row-wise layer's column block is ``rows`` runs of ``cols``
+elements, one global row apart (:class:`Run`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,10 +23,12 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
+    "Run",
     "ShardSpec",
     "Segment",
     "ParamLayout",
     "local_tensor",
+    "grad_like_param",
     "set_layout",
     "declare_layout",
     "declared_layout",
@@ -33,32 +39,81 @@ __all__ = [
 ProcessGroup = dist.ProcessGroup
 
 
+GroupChain = tuple  # of ProcessGroups: a sum over each in turn is the sum over their product
+
+
+@dataclass(frozen=True)
+class Run:
+    """``count`` runs of ``length`` consecutive global flat positions, the i-th at ``start + i·stride``.
+
+    A run group lists its elements run by run, in the order the local data holds them.
+    """
+
+    start: int
+    length: int
+    stride: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.length < 1 or self.count < 1 or self.start < 0:
+            raise ValueError(f"invalid run {self}: start >= 0, length >= 1 and count >= 1 are needed")
+        if self.count > 1 and self.stride < self.length:
+            raise ValueError(f"runs of {self} overlap (stride below length)")
+
+    @property
+    def numel(self) -> int:
+        return self.length * self.count
+
+    @property
+    def last(self) -> int:
+        """One past the last position."""
+        return self.start + (self.count - 1) * self.stride + self.length
+
+
 @dataclass(frozen=True)
 class ShardSpec:
-    """This rank's contiguous range ``[start, end)`` of a parameter's row-major flattening.
+    """The global flat positions of a parameter that this rank holds, and who holds the rest.
 
-    ``group`` is the process group over which the parameter is divided (its statistics are
-    completed by an all_reduce over it); ``None`` means this rank holds the whole parameter or
-    the other holders are exact replicas (DDP), so no communication is needed.
+    By default the contiguous range ``[start, end)`` of the row-major flattening; with ``runs``
+    the positions of those run groups, in order (``start``/``end`` are then their span). ``group``
+    is the process group over which the parameter is divided (its statistics are completed by an
+    all_reduce over it), or a tuple of groups whose product divides it (a tensor-parallel and a
+    data-parallel mesh dimension); ``None`` means this rank holds the whole parameter or the
+    other holders are exact replicas (DDP), so no communication is needed.
     """
 
     global_shape: torch.Size
     start: int
     end: int
-    group: Optional[ProcessGroup] = field(default=None, compare=False)
+    group: Optional[ProcessGroup | GroupChain] = field(default=None, compare=False)
+    runs: Optional[tuple[Run, ...]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_shape", torch.Size(self.global_shape))
+        if isinstance(self.group, tuple) and not self.group:
+            object.__setattr__(self, "group", None)
+        if self.runs is not None:
+            object.__setattr__(self, "runs", _normalized_runs(self.runs))
         if not (0 <= self.start <= self.end <= self.global_numel):
             raise ValueError(
                 f"shard range [{self.start}, {self.end}) does not fit a parameter of shape "
                 f"{tuple(self.global_shape)} ({self.global_numel} elements)"
             )
-        if self.group is not None and dist.get_rank(self.group) < 0:
-            raise ValueError(
-                "the process group of a shard does not contain this rank "
-                f"(rank {dist.get_rank()}): optimizer and model disagree on process groups"
-            )
+        if self.runs is not None:
+            span = (self.runs[0].start, self.runs[-1].last) if self.runs else (self.start, self.start)
+            if (self.start, self.end) != span:
+                raise ValueError(f"shard range [{self.start}, {self.end}) is not the span {span} of its runs")
+            position = 0
+            for run in self.runs:
+                if run.start < position:
+                    raise ValueError("the runs of a shard must be ordered and must not overlap")
+                position = run.last
+        for group in self.groups:
+            if dist.get_rank(group) < 0:
+                raise ValueError(
+                    "the process group of a shard does not contain this rank "
+                    f"(rank {dist.get_rank()}): optimizer and model disagree on process groups"
+                )
 
     @property
     def global_numel(self) -> int:
@@ -66,16 +121,74 @@ class ShardSpec:
 
     @property
     def numel(self) -> int:
-        return self.end - self.start
+        if self.runs is None:
+            return self.end - self.start
+        return sum(run.numel for run in self.runs)
+
+    @property
+    def is_contiguous(self) -> bool:
+        """Whether the positions are the one range ``[start, end)``."""
+        return self.runs is None
+
+    @property
+    def groups(self) -> GroupChain:
+        """The process groups whose product divides the parameter (empty: not divided)."""
+        if self.group is None:
+            return ()
+        return self.group if isinstance(self.group, tuple) else (self.group,)
 
     @property
     def is_sharded(self) -> bool:
         return self.group is not None
 
+    def take(self, full: Tensor) -> Tensor:
+        """This shard's elements of ``full``, the parameter's whole flattened tensor (a view
+        for a contiguous range)."""
+        if self.runs is None:
+            return full[self.start : self.end]
+        return torch.cat([_run_positions_view(full, run) for run in self.runs]) if self.runs else full[:0]
+
     @classmethod
     def full(cls, shape: Sequence[int]) -> "ShardSpec":
         """A whole, unsharded parameter."""
         return cls(torch.Size(shape), 0, math.prod(shape), None)
+
+    @classmethod
+    def of_runs(cls, global_shape: Sequence[int], runs: Sequence[Run], group: Any = None) -> "ShardSpec":
+        """The positions of ``runs`` (a contiguous range when they form one)."""
+        runs = _normalized_runs(runs)
+        if not runs:
+            return cls(global_shape, 0, 0, group)
+        if len(runs) == 1 and runs[0].count == 1:
+            return cls(global_shape, runs[0].start, runs[0].last, group)
+        return cls(global_shape, runs[0].start, runs[-1].last, group, runs)
+
+
+def _normalized_runs(runs: Sequence[Run]) -> tuple[Run, ...]:
+    """Runs with adjacent ones merged: a run group whose runs touch is one long run, and
+    consecutive single runs one stride apart form a group."""
+    merged: list[Run] = []
+    for run in runs:
+        if run.count > 1 and run.stride == run.length:
+            run = Run(run.start, run.numel)
+        if merged:
+            prev = merged[-1]
+            if prev.count == 1 and run.count == 1 and prev.last == run.start:
+                merged[-1] = Run(prev.start, prev.length + run.length)
+                continue
+            if run.count == 1 and run.length == prev.length and (prev.count == 1 or run.start - (prev.last - prev.length) == prev.stride):
+                stride = run.start - (prev.last - prev.length) if prev.count == 1 else prev.stride
+                if stride >= prev.length:
+                    merged[-1] = Run(prev.start, prev.length, stride, prev.count + 1)
+                    continue
+        merged.append(run)
+    return tuple(merged)
+
+
+def _run_positions_view(full: Tensor, run: Run) -> Tensor:
+    """The elements of one run group in a flat tensor, as a (count, length) strided view."""
+    return full.as_strided((run.count, run.length), (run.stride * full.stride(0), full.stride(0)),
+                           full.storage_offset() + run.start * full.stride(0)).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -113,8 +226,8 @@ class ParamLayout:
     def groups(self) -> list[ProcessGroup]:
         seen: dict[int, ProcessGroup] = {}
         for seg in self.segments:
-            if seg.spec.group is not None:
-                seen.setdefault(id(seg.spec.group), seg.spec.group)
+            for group in seg.spec.groups:
+                seen.setdefault(id(group), group)
         return list(seen.values())
 
 
@@ -122,6 +235,19 @@ def local_tensor(t: Tensor) -> Tensor:
     """The tensor holding this rank's elements (a DTensor's local shard, else ``t`` itself)."""
     local = getattr(t, "_local_tensor", None)
     return local if local is not None else t
+
+
+def grad_like_param(param: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` placed like ``param``.
+
+    A DTensor gradient can come with other placements than its parameter's (``RowwiseParallel``
+    on an ``nn.Embedding`` leaves a Replicate() gradient for a Shard(0) weight); it is brought onto
+    the parameter's placements (a local slice when replicated, a reduce-scatter when Partial).
+    """
+    placements = getattr(param, "placements", None)
+    if placements is None or getattr(grad, "placements", None) is None or tuple(grad.placements) == tuple(placements):
+        return grad
+    return grad.redistribute(param.device_mesh, placements)
 
 
 Resolver = Callable[[Tensor], Optional[ParamLayout]]
@@ -174,10 +300,10 @@ def layout_of(param: Tensor) -> ParamLayout:
 
 
 def _load_builtin_resolvers() -> None:
-    """Import the adapters that recognise parameters by type (FSDP2 DTensors, FSDP1)."""
+    """Import the adapters that recognise parameters by type (DTensors, FSDP1)."""
     if not _RESOLVERS_LOADED:
         _RESOLVERS_LOADED.append(True)
-        from dist_memopt.integrations import fsdp  # noqa: F401  (registers its resolvers)
+        from dist_memopt.integrations import dtensor, fsdp  # noqa: F401  (register their resolvers)
 
 
 _RESOLVERS_LOADED: list[bool] = []

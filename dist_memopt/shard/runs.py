@@ -1,0 +1,203 @@
+"""Where a tensor-parallel shard's elements fall in its parameter's 2-D factorization view.
+
+A tensor-parallel shard is not one range of the row-major flattening: a row-wise layer's column
+block is ``rows`` runs of ``cols`` elements, one global row apart (see :class:`~dist_memopt.shard.
+spec.Run`). :class:`RunsGeometry` gives such a shard the interface of
+:class:`~dist_memopt.shard.geometry.RangeGeometry` — row/column sums at their *global* positions
+in the (rows, cols) view, outer products restricted to the shard — so the optimizers' math stays
+written once. Every operation is vectorized over runs:
+
+- a partial run at either end of a window is a contiguous range (a ``RangeGeometry``);
+- whole runs whose stride is a multiple of the view's row length all cross the view's rows the
+  same way (same column offset, same head/body/tail split), so each piece is a strided
+  (runs × elements) block whose rows are found by an index of one entry per run;
+- any other whole runs (their column offset drifts from run to run) gather their view rows and
+  columns by position, computed per chunk and never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Union
+
+import torch
+from torch import Tensor
+
+from dist_memopt.shard.geometry import RangeGeometry
+from dist_memopt.shard.spec import Run, ShardSpec
+
+__all__ = ["RunsGeometry", "view_geometry"]
+
+Shift = Union[float, Tensor]
+
+
+@dataclass(frozen=True)
+class _Whole:
+    """Runs ``first .. first + count - 1`` of a run group, whole."""
+
+    run: Run
+    first: int
+    count: int
+
+    @property
+    def numel(self) -> int:
+        return self.count * self.run.length
+
+    def starts(self, device: torch.device) -> Tensor:
+        return self.run.start + self.run.stride * torch.arange(self.first, self.first + self.count, device=device)
+
+
+@dataclass(frozen=True)
+class RunsGeometry:
+    """Local elements ``[lo, hi)`` of run groups ``runs`` in a ``(rows, cols)`` row-major matrix."""
+
+    rows: int
+    cols: int
+    runs: tuple[Run, ...]
+    lo: int = 0
+    hi: int = -1
+
+    def __post_init__(self) -> None:
+        total = sum(run.numel for run in self.runs)
+        if self.hi < 0:
+            object.__setattr__(self, "hi", total)
+        if not (0 <= self.lo <= self.hi <= total) or (self.runs and self.runs[-1].last > self.rows * self.cols):
+            raise ValueError(f"runs {self.runs} [{self.lo}, {self.hi}) do not fit a {self.rows}x{self.cols} matrix")
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def is_full(self) -> bool:
+        return False  # a shard covering the whole parameter is a contiguous range, not runs
+
+    def sub(self, lo: int, hi: int) -> "RunsGeometry":
+        """The geometry of elements ``[lo, hi)`` of this window (for processing it in chunks)."""
+        return RunsGeometry(self.rows, self.cols, self.runs, self.lo + lo, self.lo + hi)
+
+    def _pieces(self) -> Iterator[tuple[int, Union[RangeGeometry, _Whole]]]:
+        """(offset in the window, piece) for the contiguous and whole-run pieces of the window."""
+        base = 0
+        for run in self.runs:
+            lo, hi = max(self.lo, base) - base, min(self.hi, base + run.numel) - base
+            if lo < hi:
+                first, last = lo // run.length, (hi - 1) // run.length
+                head_end = min(hi, (first + 1) * run.length)
+                if lo % run.length or head_end - lo < run.length:
+                    start = run.start + first * run.stride + lo % run.length
+                    yield base + lo - self.lo, RangeGeometry(self.rows, self.cols, start, start + head_end - lo)
+                    first += 1
+                whole_end = last if hi % run.length else last + 1
+                if whole_end > first:
+                    yield base + first * run.length - self.lo, _Whole(run, first, whole_end - first)
+                if hi % run.length and last >= first:
+                    start = run.start + last * run.stride
+                    yield base + last * run.length - self.lo, RangeGeometry(self.rows, self.cols, start, start + hi % run.length)
+            base += run.numel
+
+    def _aligned(self, whole: _Whole) -> bool:
+        return whole.count == 1 or whole.run.stride % self.cols == 0
+
+    # --- reductions restricted to the window (accumulating: callers start from zeros) --------
+
+    def add_row_col_sums(self, x: Tensor, rows_out: Tensor, cols_out: Tensor) -> None:
+        """Add the window's row sums and column sums of ``x`` (length ``numel``) to the outputs."""
+        for at, piece in self._pieces():
+            part = x[at : at + piece.numel]
+            if isinstance(piece, RangeGeometry):
+                piece.add_row_col_sums(part, rows_out, cols_out)
+            elif self._aligned(piece):
+                for block, row_index, col_lo in self._blocks(piece, part):
+                    rows_out.index_add_(0, row_index.reshape(-1), block.sum(-1).reshape(-1))
+                    cols_out[col_lo : col_lo + block.shape[-1]] += block.sum(dim=tuple(range(block.dim() - 1)))
+            else:
+                row_index, col_index = self._positions(piece, x.device)
+                rows_out.index_add_(0, row_index, part)
+                cols_out.index_add_(0, col_index, part)
+
+    def add_weighted_row_sums(self, x: Tensor, col_weights: Tensor, rows_out: Tensor) -> None:
+        """``rows_out[i] += sum_j x[i, j] * col_weights[j]`` over the window."""
+        for at, piece in self._pieces():
+            part = x[at : at + piece.numel]
+            if isinstance(piece, RangeGeometry):
+                piece.add_weighted_row_sums(part, col_weights, rows_out)
+            elif self._aligned(piece):
+                for block, row_index, col_lo in self._blocks(piece, part):
+                    sums = block @ col_weights[col_lo : col_lo + block.shape[-1]]
+                    rows_out.index_add_(0, row_index.reshape(-1), sums.reshape(-1))
+            else:
+                row_index, col_index = self._positions(piece, x.device)
+                rows_out.index_add_(0, row_index, part * col_weights[col_index])
+
+    def add_weighted_col_sums(self, x: Tensor, row_weights: Tensor, cols_out: Tensor) -> None:
+        """``cols_out[j] += sum_i row_weights[i] * x[i, j]`` over the window."""
+        for at, piece in self._pieces():
+            part = x[at : at + piece.numel]
+            if isinstance(piece, RangeGeometry):
+                piece.add_weighted_col_sums(part, row_weights, cols_out)
+            elif self._aligned(piece):
+                for block, row_index, col_lo in self._blocks(piece, part):
+                    weights = row_weights[row_index]
+                    cols_out[col_lo : col_lo + block.shape[-1]] += torch.tensordot(weights, block, dims=weights.dim())
+            else:
+                row_index, col_index = self._positions(piece, x.device)
+                cols_out.index_add_(0, col_index, part * row_weights[row_index])
+
+    # --- decompression restricted to the window -----------------------------------------------
+
+    def outer(self, row_factor: Tensor, col_factor: Tensor, scale: float = 1.0, shift: Shift = 0.0) -> Tensor:
+        """``scale·(row_factor ⊗ col_factor) + shift``, flattened, restricted to the window."""
+        out = row_factor.new_empty(self.numel, dtype=torch.promote_types(row_factor.dtype, col_factor.dtype))
+        for at, piece in self._pieces():
+            part = out[at : at + piece.numel]
+            if isinstance(piece, RangeGeometry):
+                part.copy_(piece.outer(row_factor, col_factor, scale, shift))
+                continue
+            if self._aligned(piece):
+                for block, row_index, col_lo in self._blocks(piece, part):
+                    cols = col_factor[col_lo : col_lo + block.shape[-1]]
+                    torch.mul(row_factor[row_index].unsqueeze(-1), cols, out=block)
+            else:
+                row_index, col_index = self._positions(piece, out.device)
+                torch.mul(row_factor[row_index], col_factor[col_index], out=part)
+            if scale != 1.0:
+                part.mul_(scale)
+            if isinstance(shift, Tensor) or shift != 0.0:
+                part.add_(shift)
+        return out
+
+    # --- the two ways of locating whole runs ----------------------------------------------------
+
+    def _blocks(self, whole: _Whole, x: Tensor) -> Iterator[tuple[Tensor, Tensor, int]]:
+        """``(block, row_index, col_lo)`` views of ``x`` (the whole runs' elements) for aligned runs.
+
+        Every run crosses the view's rows alike: a head finishing a row, ``body`` full rows, a
+        tail starting one. ``block`` is (runs, elements) or (runs, rows, cols); ``row_index`` has
+        the view row of each of its rows; the columns are ``col_lo`` onwards.
+        """
+        shape = RangeGeometry(self.rows, self.cols, whole.run.start + whole.first * whole.run.stride,
+                              whole.run.start + whole.first * whole.run.stride + whole.run.length)
+        first_rows = torch.div(whole.starts(x.device), self.cols, rounding_mode="floor")
+        runs = x.view(whole.count, whole.run.length)
+        h, nb, m = shape.head, shape.body_rows, self.cols
+        if h:
+            yield runs[:, :h], first_rows, shape.col0
+        if nb:
+            body_rows = first_rows.unsqueeze(1) + (int(h > 0) + torch.arange(nb, device=x.device))
+            yield runs[:, h : h + nb * m].view(whole.count, nb, m), body_rows, 0
+        if shape.tail:
+            yield runs[:, h + nb * m :], first_rows + int(h > 0) + nb, 0
+
+    def _positions(self, whole: _Whole, device: torch.device) -> tuple[Tensor, Tensor]:
+        """View row and column of every element of ``whole`` (computed, not stored)."""
+        flat = (whole.starts(device).unsqueeze(1) + torch.arange(whole.run.length, device=device)).view(-1)
+        row_index = torch.div(flat, self.cols, rounding_mode="floor")
+        return row_index, flat - row_index * self.cols
+
+
+def view_geometry(rows: int, cols: int, spec: ShardSpec) -> Union[RangeGeometry, RunsGeometry]:
+    """The geometry of a shard's positions in the (rows, cols) view of its whole parameter."""
+    if spec.runs is None:
+        return RangeGeometry(rows, cols, spec.start, spec.end)
+    return RunsGeometry(rows, cols, spec.runs)

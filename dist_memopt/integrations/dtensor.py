@@ -129,7 +129,8 @@ def dtensor_layout(param: Tensor) -> Optional[ParamLayout]:
             f"placements give {local_shape}; dist_memopt cannot tell where its elements lie"
         )
     chain = tuple(mesh.get_group(d) for d in sharding)
-    spec = ShardSpec.of_runs(shape, box_runs(shape, indices), chain if len(chain) > 1 else chain[0])
+    signature = f"{tuple(placements)} on mesh {tuple(mesh.shape)}"
+    spec = ShardSpec.of_runs(shape, box_runs(shape, indices), chain if len(chain) > 1 else chain[0], signature)
     return ParamLayout((Segment(0, spec),), checkpoint="dtensor")
 
 

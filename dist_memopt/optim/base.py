@@ -10,6 +10,7 @@ completes, and keeps ``state_dict`` / ``load_state_dict`` conventional and safe.
 from __future__ import annotations
 
 import math
+import zlib
 from collections import defaultdict
 from copy import deepcopy
 from dataclasses import dataclass
@@ -366,7 +367,7 @@ class FactoredOptimizer(Optimizer):
         would post collectives of other sizes and hang, so a mismatch becomes an error instead.
         """
         bad = self._first_nonfinite(items)
-        fingerprints = reducer.fingerprints()
+        fingerprints = _with_signatures(reducer.fingerprints(), items)
         for group in _distinct_groups(it.plan for it in items):
             value = float(fingerprints.get(id(group), 0))
             probe = torch.tensor([bad, value, -value], dtype=torch.float64, device=_group_device(group))
@@ -375,8 +376,9 @@ class FactoredOptimizer(Optimizer):
             if low != high:
                 raise RuntimeError(
                     f"{type(self).__name__}: the ranks of a process group (this is rank "
-                    f"{dist.get_rank()}) step different parameters or shapes; build the optimizer "
-                    "from the same model, wrapped the same way, on every rank"
+                    f"{dist.get_rank()}) step different parameters, shapes or placements; build the "
+                    "optimizer from the same model, wrapped the same way (same device mesh and "
+                    "placements), on every rank"
                 )
             bad = min(bad, probe[0].item())
         if bad != math.inf:
@@ -604,6 +606,20 @@ def first_nonfinite(tensors: list[Tensor]) -> Optional[int]:
         if not bool(torch.isfinite(tensors[index]).all()):
             return index
     return None
+
+
+def _with_signatures(fingerprints: dict[int, int], items: list[StepItem]) -> dict[int, int]:
+    """Fold each segment's layout signature (placements, mesh shape) into its groups' fingerprints:
+    holders that disagree on how a parameter is divided would post sums of mismatched pieces."""
+    result = dict(fingerprints)
+    for item in items:
+        for seg in item.plan.segments:
+            signature = seg.segment.spec.signature
+            if signature:
+                for group in seg.segment.spec.groups:
+                    key = id(group)
+                    result[key] = hash((result.get(key, 0), zlib.crc32(signature.encode()))) % (1 << 52)
+    return result
 
 
 def _distinct_groups(plans: Iterable[ParamPlan]) -> list[dist.ProcessGroup]:

@@ -87,6 +87,9 @@ class ShardSpec:
     end: int
     group: Optional[ProcessGroup | GroupChain] = field(default=None, compare=False)
     runs: Optional[tuple[Run, ...]] = None
+    #: what every holder of the parameter must agree on beyond its shape (a DTensor's placements
+    #: and mesh shape); the step checks it across the group before any state changes
+    signature: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_shape", torch.Size(self.global_shape))
@@ -154,14 +157,14 @@ class ShardSpec:
         return cls(torch.Size(shape), 0, math.prod(shape), None)
 
     @classmethod
-    def of_runs(cls, global_shape: Sequence[int], runs: Sequence[Run], group: Any = None) -> "ShardSpec":
+    def of_runs(cls, global_shape: Sequence[int], runs: Sequence[Run], group: Any = None, signature: str = "") -> "ShardSpec":
         """The positions of ``runs`` (a contiguous range when they form one)."""
         runs = _normalized_runs(runs)
         if not runs:
-            return cls(global_shape, 0, 0, group)
+            return cls(global_shape, 0, 0, group, signature=signature)
         if len(runs) == 1 and runs[0].count == 1:
-            return cls(global_shape, runs[0].start, runs[0].last, group)
-        return cls(global_shape, runs[0].start, runs[-1].last, group, runs)
+            return cls(global_shape, runs[0].start, runs[0].last, group, signature=signature)
+        return cls(global_shape, runs[0].start, runs[-1].last, group, runs, signature)
 
 
 def _normalized_runs(runs: Sequence[Run]) -> tuple[Run, ...]:

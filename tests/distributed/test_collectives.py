@@ -127,7 +127,7 @@ def _bad_input(rank, world_size):
     set_layout(param, [Segment(0, ShardSpec(shape, 0, param.numel(), dist.group.WORLD))])
     optimizer = dm.SMMF([param])
     param.grad = torch.ones_like(param)
-    with pytest.raises(RuntimeError, match="step different parameters or shapes"):
+    with pytest.raises(RuntimeError, match="step different parameters, shapes or placements"):
         optimizer.step()
     mismatch_state = sum(len(s) for s in optimizer.state.values())
 

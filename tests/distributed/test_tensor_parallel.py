@@ -35,7 +35,7 @@ def _train_all_configs(rank, world_size, mesh_name):
     return errors, placements
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("mesh_name", ["tp2", "dp2-tp2", "dp2-tp1", "hsdp2-tp2"])
 def test_tensor_parallel_equals_single_process(mesh_name):
     world_size = MESHES[mesh_name][0]
     results = run_distributed(_train_all_configs, world_size, mesh_name, timeout=420)
@@ -46,3 +46,136 @@ def test_tensor_parallel_equals_single_process(mesh_name):
         for config, per_param in rank_errors.items():
             worst = max(per_param, key=per_param.get)
             assert per_param[worst] <= TOLERANCE, f"{mesh_name} {config}: {worst} off by {per_param[worst]:.3g}"
+
+
+def _count_all_reduces(optimizer, named, step):
+    import torch.distributed as dist
+
+    calls, real = [0], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    inject(named, step)
+    dist.all_reduce = counted
+    try:
+        optimizer.step()
+    finally:
+        dist.all_reduce = real
+    return calls[0]
+
+
+def _mesh_checks(rank, world_size):
+    """On (dp=2, tp=2): collectives per step, a real forward/backward, and the errors."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    from tp_cases import make_mesh
+
+    out = {}
+    for cls_name in ("SMMF", "Alada"):
+        counts = []
+        for extra_layers in (0, 3):
+            model, extra, _ = build("dp2-tp2", extra_layers)
+            named = named_params(model, extra)
+            optimizer = getattr(dm, cls_name)([p for _, p in named], lr=1e-2)
+            counts.append([_count_all_reduces(optimizer, named, step) for step in range(3)])
+        out["collectives", cls_name] = counts
+    # a real forward/backward trains the wrapped model
+    model, _, _ = build("dp2-tp2")
+    optimizer = dm.SMMF(model.parameters(), lr=3e-2)
+    tokens = torch.arange(24).view(4, 6) % 11
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = model(tokens).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    out["losses"] = losses
+    mesh = make_mesh("dp2-tp2")
+    errors = {}
+    # a Partial parameter: refused on every rank, naming it, before any state changes
+    partial = torch.nn.Parameter(DTensor.from_local(torch.ones(4, 3), mesh, [Replicate(), Partial()]))
+    partial.grad = DTensor.from_local(torch.ones(4, 3), mesh, [Replicate(), Partial()])
+    try:
+        dm.SMMF([{"params": [partial], "param_names": ["attn.partial"]}]).step()
+    except ValueError as error:
+        errors["partial"] = str(error)
+    # holders of a parameter that disagree on its placements: an error, not mixed-up sums
+    tp_rank = mesh["tp"].get_local_rank()
+    placements = [Replicate(), Shard(0) if tp_rank == 0 else Shard(1)]
+    local = torch.ones(2, 8) if tp_rank == 0 else torch.ones(4, 4)
+    skewed = torch.nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False, shape=(4, 8), stride=(8, 1)))
+    skewed.grad = torch.ones_like(skewed)
+    before = skewed.detach().to_local().clone()
+    try:
+        dm.SMMF([skewed]).step()
+    except RuntimeError as error:
+        errors["skewed"] = str(error)
+    errors["skewed unchanged"] = torch.equal(before, skewed.detach().to_local())
+    out["errors"] = errors
+    return out
+
+
+def test_mesh_collectives_training_and_errors():
+    for out in run_distributed(_mesh_checks, 4, timeout=420):
+        for cls_name in ("SMMF", "Alada"):
+            small, large = out["collectives", cls_name]
+            # per step: the probe on each of the 2 groups, then the statistics: one buffer reduced
+            # over tp then dp (every weight split by both), one over dp (norms, row-parallel
+            # biases), one over tp (the cube, replicated over dp)
+            assert small == large == [6, 6, 6], (cls_name, small, large)
+        assert out["losses"][-1] < 0.5 * out["losses"][0], out["losses"]
+        assert "parameter 'attn.partial'" in out["errors"]["partial"] and "Partial" in out["errors"]["partial"]
+        assert "placements" in out["errors"]["skewed"] and out["errors"]["skewed unchanged"]
+
+
+SAVED_AT = 5
+DCP_CONFIGS = ("smmf-adamw", "alada")
+
+
+def _dcp_train(mesh_name, config, path, save: bool):
+    """Steps 0..SAVED_AT then save (``save``), or load and continue to STEPS; model parameters only."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    cls_name, kwargs = CONFIGS[config]
+    model, _, initial = build(mesh_name)
+    named = list(model.named_parameters())
+    optimizer = getattr(dm, cls_name)(model.parameters(), **kwargs)
+    if save:
+        for step in range(SAVED_AT):
+            inject(named, step)
+            optimizer.step()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{path}/{config}")
+        return None
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{path}/{config}")
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    assert {int(s["step"]) for s in optimizer.state.values()} == {SAVED_AT}
+    for step in range(SAVED_AT, STEPS):
+        inject(named, step)
+        optimizer.step()
+    reference = single_process(config, {n: initial[n] for n, _ in named})
+    return max_errors(reference, full_values(named))
+
+
+def _dcp_save_then_load(rank, world_size, path, save_mesh, load_mesh):
+    results = {}
+    for config in DCP_CONFIGS:
+        if save_mesh:
+            _dcp_train(save_mesh, config, path, save=True)
+        results[config] = _dcp_train(load_mesh, config, path, save=False)
+    return results
+
+
+def test_dcp_reshards_between_2d_meshes(tmp_path):
+    """Saved on (dp=2, tp=2), loaded on (dp=4, tp=1) and on (dp=1, tp=2): equal to uninterrupted."""
+    runs = [(4, "dp2-tp2", "dp4-tp1"), (2, None, "dp1-tp2")]
+    for world_size, save_mesh, load_mesh in runs:
+        for rank_results in run_distributed(_dcp_save_then_load, world_size, str(tmp_path), save_mesh, load_mesh, timeout=420):
+            for config, per_param in rank_results.items():
+                worst = max(per_param, key=per_param.get)
+                assert per_param[worst] <= TOLERANCE, f"{load_mesh} {config}: {worst} off by {per_param[worst]:.3g}"

@@ -7,6 +7,8 @@ gradients, so the forward pass's TP reduction order cannot blur the comparison.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -16,15 +18,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 import dist_memopt as dm
 
-STEPS = 12
-TOLERANCE = 1e-6
+from test_fsdp import CONFIGS, TOLERANCE  # noqa: F401  (the same optimizer settings as FSDP's tests)
 
-CONFIGS = {
-    "smmf-adamw": ("SMMF", dict(lr=1e-2, weight_decay=0.1, weight_decay_mode="adamw")),
-    "smmf-adam": ("SMMF", dict(lr=1e-2, weight_decay=0.1, weight_decay_mode="adam")),
-    "smmf-no-first-moment": ("SMMF", dict(lr=1e-2, beta=None)),
-    "alada": ("Alada", dict(lr=1e-2, weight_decay=0.05)),
-}
+STEPS = 12
 
 # mesh name -> (world size, mesh shape, dim names, data-parallel dims for fully_shard)
 MESHES = {
@@ -32,6 +28,8 @@ MESHES = {
     "dp2-tp2": (4, (2, 2), ("dp", "tp"), ("dp",)),
     "dp2-tp1": (2, (2, 1), ("dp", "tp"), ("dp",)),
     "hsdp2-tp2": (4, (2, 1, 2), ("replicate", "shard", "tp"), ("replicate", "shard")),
+    "dp4-tp1": (4, (4, 1), ("dp", "tp"), ("dp",)),  # a checkpoint's other layouts
+    "dp1-tp2": (2, (1, 2), ("dp", "tp"), ("dp",)),
 }
 
 
@@ -66,7 +64,9 @@ PLAN = {
 }
 
 
+@functools.cache
 def make_mesh(name: str) -> DeviceMesh:
+    """One mesh per layout and process, as a training script has (a new mesh makes new groups)."""
     _, shape, names, _ = MESHES[name]
     return init_device_mesh("cpu", shape, mesh_dim_names=names)
 

@@ -149,6 +149,11 @@ def test_cli_bad_input_is_a_clear_error(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_sharded_2d_case_checks_its_mesh_before_starting_ranks():
+    with pytest.raises(SystemExit, match="must be a multiple of --tp"):
+        main(["sharded", "--world-sizes", "2", "--tp-ranks", "3", "--tp", "2"])
+
+
 def test_all_runs_every_registered_benchmark_and_writes_json(tmp_path, monkeypatch, capsys):
     seen = []
 

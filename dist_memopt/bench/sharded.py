@@ -3,7 +3,8 @@
 For AdamW, SMMF and Alada, each at 2 and 4 ranks: the optimizer-state bytes each rank holds,
 the bytes the optimizer puts into all_reduce per step against the bytes FSDP2 reduce-scatters for
 the gradients in the same step (both counted at the collective calls of a real training step), and
-the median optimizer.step() time relative to AdamW under the same wrapping.
+the median optimizer.step() time relative to AdamW under the same wrapping. Then the same for
+GPT-2 small's blocks under FSDP2 × tensor parallelism (:mod:`dist_memopt.bench.sharded_2d`).
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         dist.destroy_process_group()
 
 
-def _spawn(world_size: int, args: argparse.Namespace) -> list[dict]:
+def spawn_ranks(target, world_size: int, args: argparse.Namespace) -> list[dict]:
+    """Run ``target(rank, world_size, port, args, queue)`` on ``world_size`` processes; their results."""
     import socket
 
     import torch.multiprocessing as mp
@@ -125,7 +127,7 @@ def _spawn(world_size: int, args: argparse.Namespace) -> list[dict]:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=target, args=(r, world_size, port, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, dict] = {}
@@ -141,9 +143,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-sizes", default="2,4", help="comma-separated numbers of CPU ranks (default 2,4)")
     parser.add_argument("--seq-length", type=int, default=32, help="tokens in the one measured batch (default 32)")
     parser.add_argument("--rank-timeout", type=float, default=3600, help="seconds to wait for the ranks")
+    from dist_memopt.bench.sharded_2d import add_arguments as add_2d_arguments
+
+    add_2d_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> dict:
+    from dist_memopt.bench.sharded_2d import check_arguments, run_2d
+
+    check_arguments(args)
     report: dict[str, Any] = {}
     lines = [
         "GPT-2 small (124M) under FSDP2 on CPU/gloo; per rank (worst rank for bytes, median rank time)",
@@ -151,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{'grad reduce-scatter':>20} {'extra comm':>10} {'step s':>8} {'vs AdamW':>9}",
     ]
     for world_size in [int(w) for w in args.world_sizes.split(",")]:
-        per_rank = _spawn(world_size, args)
+        per_rank = spawn_ranks(_rank_main, world_size, args)
         summary = {}
         for name in OPTIMIZERS:
             ranks = [r[name] for r in per_rank]
@@ -172,14 +180,15 @@ def run(args: argparse.Namespace) -> dict:
             )
         report[str(world_size)] = summary
     lines.append("target: the optimizer's extra communication under 1% of the gradient reduce-scatter bytes")
-    print("\n".join(lines))
+    print("\n".join(lines) + "\n")
+    report["2d"] = run_2d(args)
     return report
 
 
 register(
     Benchmark(
         name="sharded",
-        summary="GPT-2 small under FSDP2 at 2 and 4 CPU ranks: per-rank state, optimizer vs reduce-scatter bytes, step time",
+        summary="GPT-2 small under FSDP2 at 2 and 4 CPU ranks, and its blocks under FSDP2 x TP (dp=2, tp=2): per-rank state, optimizer vs reduce-scatter bytes, step time",
         run=run,
         add_arguments=add_arguments,
         defaults={"repeats": 3},

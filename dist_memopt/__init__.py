@@ -1,5 +1,6 @@
 """dist_memopt: SMMF and Alada, exact on the parameter shards of FSDP, DeepSpeed and Megatron."""
 
+from dist_memopt import integrations  # noqa: F401  (registers the DTensor and FSDP1 layout resolvers)
 from dist_memopt.memory import state_bytes
 from dist_memopt.optim import SMMF, Alada, NonFiniteGradientError
 from dist_memopt.shard import Segment, ShardSpec, set_layout

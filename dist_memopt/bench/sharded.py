@@ -18,43 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist_memopt.bench.ranks import OPTIMIZERS, CollectiveBytes, make_optimizer, spawn_ranks
 from dist_memopt.bench.registry import Benchmark, register
-
-OPTIMIZERS = ("AdamW", "SMMF", "Alada")
-
-
-class _CollectiveBytes:
-    """Counts input bytes of all_reduce and reduce-scatter calls (they still run)."""
-
-    def __init__(self) -> None:
-        self.all_reduce = 0
-        self.reduce_scatter = 0
-        self._originals: dict[str, Any] = {}
-
-    def __enter__(self) -> "_CollectiveBytes":
-        def all_reduce(tensor, *args, **kwargs):
-            self.all_reduce += tensor.numel() * tensor.element_size()
-            return self._originals["all_reduce"](tensor, *args, **kwargs)
-
-        def counted_reduce_scatter(name: str):
-            def reduce_scatter(*args, **kwargs):
-                tensor = kwargs["input"] if "input" in kwargs else args[1]
-                self.reduce_scatter += tensor.numel() * tensor.element_size()
-                return self._originals[name](*args, **kwargs)
-
-            return reduce_scatter
-
-        wrappers = [("all_reduce", all_reduce)]
-        wrappers += [(n, counted_reduce_scatter(n)) for n in ("reduce_scatter_tensor", "reduce_scatter_single")]
-        for name, fn in wrappers:
-            self._originals[name] = getattr(dist, name)
-            setattr(dist, name, fn)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, fn in self._originals.items():
-            setattr(dist, name, fn)
-
 
 def _gpt2(seq_length: int):
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -62,14 +27,6 @@ def _gpt2(seq_length: int):
     config = GPT2Config(n_positions=max(seq_length, 64))
     torch.manual_seed(0)
     return GPT2LMHeadModel(config), config
-
-
-def _make_optimizer(name: str, params):
-    import dist_memopt as dm
-
-    if name == "AdamW":
-        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    return getattr(dm, name)(params, lr=1e-4)
 
 
 def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, queue) -> None:
@@ -87,11 +44,11 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
             for block in model.transformer.h:
                 fully_shard(block)
             fully_shard(model)
-            optimizer = _make_optimizer(name, model.parameters())
+            optimizer = make_optimizer(name, model.parameters())
             tokens = torch.randint(0, config.vocab_size, (1, args.seq_length), generator=torch.Generator().manual_seed(rank))
-            with _CollectiveBytes() as backward_bytes:
+            with CollectiveBytes() as backward_bytes:
                 model(tokens, labels=tokens).loss.backward()
-            with _CollectiveBytes() as step_bytes:
+            with CollectiveBytes() as step_bytes:
                 optimizer.step()
                 if hasattr(optimizer, "synchronize"):
                     optimizer.synchronize()
@@ -114,29 +71,6 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         queue.put((rank, results))
     finally:
         dist.destroy_process_group()
-
-
-def spawn_ranks(target, world_size: int, args: argparse.Namespace) -> list[dict]:
-    """Run ``target(rank, world_size, port, args, queue)`` on ``world_size`` processes; their results."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, world_size, port, args, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: dict[int, dict] = {}
-    while len(results) < world_size:
-        rank, value = queue.get(timeout=args.rank_timeout)
-        results[rank] = value
-    for p in procs:
-        p.join()
-    return [results[r] for r in range(world_size)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

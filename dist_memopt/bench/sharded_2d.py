@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_memopt.bench.sharded import OPTIMIZERS, _CollectiveBytes, _make_optimizer, spawn_ranks
+from dist_memopt.bench.ranks import OPTIMIZERS, CollectiveBytes, make_optimizer, spawn_ranks
 
 WIDTH, HIDDEN = 768, 3072
 
@@ -82,16 +82,16 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         results = {}
         for name in OPTIMIZERS:
             model = _model(args.tp_layers, mesh)
-            optimizer = _make_optimizer(name, model.parameters())
+            optimizer = make_optimizer(name, model.parameters())
             x = torch.randn(1, args.seq_length, WIDTH, generator=torch.Generator().manual_seed(0))
-            with _CollectiveBytes() as backward_bytes:
+            with CollectiveBytes() as backward_bytes:
                 model(x).square().mean().backward()
-            with _CollectiveBytes() as step_bytes:
+            with CollectiveBytes() as step_bytes:
                 optimizer.step()
                 if hasattr(optimizer, "synchronize"):
                     optimizer.synchronize()
-            row_wise = _make_optimizer(name, [b.mlp_proj.weight for b in model])
-            col_wise = _make_optimizer(name, [b.c_fc.weight for b in model])
+            row_wise = make_optimizer(name, [b.mlp_proj.weight for b in model])
+            col_wise = make_optimizer(name, [b.c_fc.weight for b in model])
             results[name] = dict(
                 state_bytes=dm.state_bytes(optimizer),
                 optimizer_all_reduce_bytes=step_bytes.all_reduce,

@@ -294,19 +294,8 @@ def layout_of(param: Tensor) -> ParamLayout:
     declared = _DECLARED.get(param)
     if declared is not None:
         return declared
-    _load_builtin_resolvers()
     for resolver in _RESOLVERS:
         layout = resolver(param)
         if layout is not None:
             return layout
     return ParamLayout((Segment(0, ShardSpec.full(param.shape)),))
-
-
-def _load_builtin_resolvers() -> None:
-    """Import the adapters that recognise parameters by type (DTensors, FSDP1)."""
-    if not _RESOLVERS_LOADED:
-        _RESOLVERS_LOADED.append(True)
-        from dist_memopt.integrations import dtensor, fsdp  # noqa: F401  (register their resolvers)
-
-
-_RESOLVERS_LOADED: list[bool] = []

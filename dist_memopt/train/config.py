@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import yaml
 
+from dist_memopt.train.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "RunConfig",
@@ -37,10 +39,6 @@ __all__ = [
     "to_yaml",
     "config_to_dict",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; raised before any process starts training."""
 
 
 def _choices(*values: str) -> dict:

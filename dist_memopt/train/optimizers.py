@@ -73,7 +73,7 @@ def resolve_params(name: str, params: dict, lr: float) -> dict:
 
     Raises ConfigError for unknown or invalid constructor arguments (naming them).
     """
-    from dist_memopt.train.config import ConfigError
+    from dist_memopt.train.errors import ConfigError
 
     spec = OPTIMIZERS[name]
     try:

@@ -32,7 +32,7 @@ _CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 def check(config) -> None:
     """Raise ConfigError for what this backend cannot build (called while the config is validated)."""
-    from dist_memopt.train.config import ConfigError
+    from dist_memopt.train.errors import ConfigError
 
     if config.optimizer.type not in MEGATRON_OPTIMIZERS:
         raise ConfigError(

@@ -1,0 +1,77 @@
+"""What the multi-process benchmarks share: spawning CPU ranks, counting collective bytes, the optimizers."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["OPTIMIZERS", "CollectiveBytes", "make_optimizer", "spawn_ranks"]
+
+OPTIMIZERS = ("AdamW", "SMMF", "Alada")
+
+
+class CollectiveBytes:
+    """Counts input bytes of all_reduce and reduce-scatter calls (they still run)."""
+
+    def __init__(self) -> None:
+        self.all_reduce = 0
+        self.reduce_scatter = 0
+        self._originals: dict[str, Any] = {}
+
+    def __enter__(self) -> "CollectiveBytes":
+        def all_reduce(tensor, *args, **kwargs):
+            self.all_reduce += tensor.numel() * tensor.element_size()
+            return self._originals["all_reduce"](tensor, *args, **kwargs)
+
+        def counted_reduce_scatter(name: str):
+            def reduce_scatter(*args, **kwargs):
+                tensor = kwargs["input"] if "input" in kwargs else args[1]
+                self.reduce_scatter += tensor.numel() * tensor.element_size()
+                return self._originals[name](*args, **kwargs)
+
+            return reduce_scatter
+
+        wrappers = [("all_reduce", all_reduce)]
+        wrappers += [(n, counted_reduce_scatter(n)) for n in ("reduce_scatter_tensor", "reduce_scatter_single")]
+        for name, fn in wrappers:
+            self._originals[name] = getattr(dist, name)
+            setattr(dist, name, fn)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, fn in self._originals.items():
+            setattr(dist, name, fn)
+
+
+def make_optimizer(name: str, params):
+    import dist_memopt as dm
+
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    return getattr(dm, name)(params, lr=1e-4)
+
+
+def spawn_ranks(target, world_size: int, args: argparse.Namespace) -> list[dict]:
+    """Run ``target(rank, world_size, port, args, queue)`` on ``world_size`` processes; their results."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world_size, port, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, dict] = {}
+    while len(results) < world_size:
+        rank, value = queue.get(timeout=args.rank_timeout)
+        results[rank] = value
+    for p in procs:
+        p.join()
+    return [results[r] for r in range(world_size)]

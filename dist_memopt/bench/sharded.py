@@ -74,7 +74,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world-sizes", default="2,4", help="comma-separated numbers of CPU ranks (default 2,4)")
+    parser.add_argument("--world-sizes", default="2,4", help="comma-separated numbers of CPU ranks (default 2,4; empty: only the 2-D case)")
     parser.add_argument("--seq-length", type=int, default=32, help="tokens in the one measured batch (default 32)")
     parser.add_argument("--rank-timeout", type=float, default=3600, help="seconds to wait for the ranks")
     from dist_memopt.bench.sharded_2d import add_arguments as add_2d_arguments
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{'ranks':>5} {'optimizer':<9} {'state MiB':>10} {'vs AdamW':>9} {'opt all_reduce':>15} "
         f"{'grad reduce-scatter':>20} {'extra comm':>10} {'step s':>8} {'vs AdamW':>9}",
     ]
-    for world_size in [int(w) for w in args.world_sizes.split(",")]:
+    for world_size in [int(w) for w in args.world_sizes.split(",") if w]:
         per_rank = spawn_ranks(_rank_main, world_size, args)
         summary = {}
         for name in OPTIMIZERS:

@@ -6,8 +6,8 @@ tensor-parallel shard) a chunk of a chunk, ``Replicate()`` everything. The local
 product of those index sets: a box of the parameter for every layout FSDP2 and torch's
 tensor-parallel styles produce (a ``RowwiseParallel`` weight is rows × a column block). Its
 row-major flattening is a sequence of runs in the parameter's (see :class:`~dist_memopt.shard.spec.Run`),
-and the statistics are completed over every mesh dimension that shards the parameter, never over
-a replicate dimension. The index sets come from the placements' own offset arithmetic (the one
+and the statistics are completed over every mesh dimension that shards the parameter (one
+flattened group for several), never over a replicate dimension. The index sets come from the placements' own offset arithmetic (the one
 ``compute_local_shape_and_global_offset`` uses), kept whole so that strided sets are exact too.
 """
 
@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
@@ -109,6 +111,22 @@ def box_runs(shape: Sequence[int], indices: Sequence[Tensor]) -> list[Run]:
     return runs
 
 
+def reduction_group(mesh: DeviceMesh, dims: Sequence[int]) -> ProcessGroup | tuple[ProcessGroup, ...]:
+    """The group over which a parameter sharded on mesh dimensions ``dims`` is completed.
+
+    One dimension: its group. Several (dp × tp): the mesh's flattened group of those dimensions,
+    as torchtitan flattens its meshes (created once, on every rank alike, cached by the mesh), so
+    one all_reduce completes the statistics and SMMF's stays in flight until the next step; a
+    mesh without dimension names gets a chain of the dimensions' groups (summed in turn).
+    """
+    if len(dims) == 1:
+        return mesh.get_group(dims[0])
+    names = mesh.mesh_dim_names
+    if names is None or not hasattr(mesh, "_flatten"):
+        return tuple(mesh.get_group(d) for d in dims)
+    return mesh[tuple(names[d] for d in dims)]._flatten().get_group()
+
+
 def dtensor_layout(param: Tensor) -> Optional[ParamLayout]:
     """The layout of a DTensor parameter (None for anything else)."""
     if not isinstance(param, DTensor):
@@ -128,9 +146,8 @@ def dtensor_layout(param: Tensor) -> Optional[ParamLayout]:
             f"{_describe(param)}: its local tensor has shape {tuple(param._local_tensor.shape)} but its "
             f"placements give {local_shape}; dist_memopt cannot tell where its elements lie"
         )
-    chain = tuple(mesh.get_group(d) for d in sharding)
     signature = f"{tuple(placements)} on mesh {tuple(mesh.shape)}"
-    spec = ShardSpec.of_runs(shape, box_runs(shape, indices), chain if len(chain) > 1 else chain[0], signature)
+    spec = ShardSpec.of_runs(shape, box_runs(shape, indices), reduction_group(mesh, sharding), signature)
     return ParamLayout((Segment(0, spec),), checkpoint="dtensor")
 
 

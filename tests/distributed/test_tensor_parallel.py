@@ -7,7 +7,8 @@ square-matricized rows, one whose runs are whole view rows, column-wise rows tha
 over dp after tp, a weight with fewer rows than ranks, embeddings sharded on dim 0 and on dim 1
 (the dim-0 one gets its gradient Replicate(), as RowwiseParallel on an embedding leaves it), a norm
 replicated over tp, a zero gradient row, and hand-placed DTensors sharded on a middle dim (a 4-D
-conv kernel over dp × tp, a 3-D tensor with 7 entries over 2 tp ranks) and a replicated scalar.
+conv kernel over dp × tp, a 3-D tensor with 7 entries over 2 tp ranks, a matrix on a mesh without
+dimension names, reduced over a chain of groups) and a replicated scalar.
 After 12 steps on identical injected gradients, the full parameters equal a single process.
 """
 
@@ -122,10 +123,11 @@ def test_mesh_collectives_training_and_errors():
     for out in run_distributed(_mesh_checks, 4, timeout=420):
         for cls_name in ("SMMF", "Alada"):
             small, large = out["collectives", cls_name]
-            # per step: the probe on each of the 2 groups, then the statistics: one buffer reduced
-            # over tp then dp (every weight split by both), one over dp (norms, row-parallel
-            # biases), one over tp (the cube, replicated over dp)
-            assert small == large == [6, 6, 6], (cls_name, small, large)
+            # per step, a probe on each group, then one all_reduce per buffer: over the flattened
+            # dp x tp group (every weight split by both), over dp (norms, row-parallel biases),
+            # over tp (the cube, replicated over dp); and for the plane, on a mesh without
+            # dimension names, its chain: a probe on each of its 2 groups and 2 all_reduces
+            assert small == large == [3 + 3 + 2 + 2] * 3, (cls_name, small, large)
         assert out["losses"][-1] < 0.5 * out["losses"][0], out["losses"]
         assert "parameter 'attn.partial'" in out["errors"]["partial"] and "Partial" in out["errors"]["partial"]
         assert "placements" in out["errors"]["skewed"] and out["errors"]["skewed unchanged"]

@@ -71,13 +71,19 @@ def make_mesh(name: str) -> DeviceMesh:
     return init_device_mesh("cpu", shape, mesh_dim_names=names)
 
 
-HAND_PLACED = ("kernel", "cube", "scalar")
+HAND_PLACED = ("kernel", "cube", "scalar", "plane")
+
+
+@functools.cache
+def unnamed_mesh(name: str) -> DeviceMesh:
+    """The same mesh without dimension names: its parameters are reduced over a chain of groups."""
+    return init_device_mesh("cpu", MESHES[name][1])
 
 
 def hand_placed() -> dict[str, torch.Tensor]:
     """Full initial values of the parameters placed by hand (see :func:`hand_placements`)."""
     torch.manual_seed(1)
-    return {"kernel": torch.randn(6, 4, 3, 3), "cube": torch.randn(5, 7, 4), "scalar": torch.randn(())}
+    return {"kernel": torch.randn(6, 4, 3, 3), "cube": torch.randn(5, 7, 4), "scalar": torch.randn(()), "plane": torch.randn(9, 10)}
 
 
 def hand_placements(mesh: DeviceMesh) -> dict[str, tuple]:
@@ -87,6 +93,7 @@ def hand_placements(mesh: DeviceMesh) -> dict[str, tuple]:
         "kernel": tuple(shard_dp + [Shard(1)]),  # dp over dim 0, tp over dim 1 of a conv kernel
         "cube": tuple(dp + [Shard(1)]),  # 7 over tp: 4 / 3, a middle dim
         "scalar": tuple([Replicate()] * mesh.ndim),
+        "plane": tuple(shard_dp + [Shard(1)]),  # on the unnamed mesh (see build)
     }
 
 
@@ -107,7 +114,8 @@ def build(name: str, extra_layers: int = 0) -> tuple[nn.Module, list[DTensor], d
     extra = []
     for key, full in hand_placed().items():
         initial[key] = full.clone()
-        placed = distribute_tensor(full, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, hand_placements(mesh)[key])
+        on = unnamed_mesh(name) if key == "plane" else mesh
+        placed = distribute_tensor(full, on, [Replicate()] * on.ndim).redistribute(on, hand_placements(mesh)[key])
         extra.append(nn.Parameter(placed))
     return model, extra, initial
 

@@ -55,6 +55,10 @@ class Alada(FactoredOptimizer):
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
+    ignored_keys = {
+        "beta": "Alada takes betas=(beta1, beta2) (the paper's (0.9, 0.9))",
+        "decoupled_weight_decay": "Alada's weight decay is always decoupled (W <- W*(1 - lr*wd)); remove it",
+    }
     state_kinds = dict(exp_avg="elems", row="rows", col="cols", v0="factor")
 
     def __init__(

@@ -235,6 +235,9 @@ class FactoredOptimizer(Optimizer):
         """Update state and weights (gradients and layouts already checked on every rank)."""
         raise NotImplementedError
 
+    def _check_loop(self) -> None:
+        """Raise if the training loop broke a contract this optimizer relies on (before any change)."""
+
     def _batched(self, group: dict[str, Any], seg: SegmentPlan) -> bool:
         """Whether ``seg`` takes the fast path: small, whole and unsharded (no statistics to reduce)."""
         geo = seg.geometry
@@ -312,6 +315,7 @@ class FactoredOptimizer(Optimizer):
         self.synchronize()
         for index, group in enumerate(self.param_groups):
             self._validate_group(group, where=f" (param group {index})")
+        self._check_loop()
         items = self._collect()
         if not items:
             return loss

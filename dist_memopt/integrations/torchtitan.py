@@ -15,7 +15,6 @@ schedulers, mixed optimizer types) is unchanged. Keys that would be ignored are 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from importlib.metadata import version as _installed
 from typing import Any, Callable, Literal, Optional
@@ -25,7 +24,7 @@ from torch.optim import Optimizer
 from dist_memopt.groups import NO_DECAY_NAMES
 from dist_memopt.integrations.versions import UnsupportedVersion, check_version
 from dist_memopt.optim import SMMF, Alada, FactoredOptimizer
-from dist_memopt.optim.arguments import as_call_arguments, constructor_arguments
+from dist_memopt.optim.arguments import as_call_arguments, constructor_arguments, warn_adam_values
 
 __all__ = ["SUPPORTED_TORCHTITAN_VERSIONS", "check_torchtitan_version", "OptimizersContainer", "default_smmf", "default_alada"]
 
@@ -47,7 +46,7 @@ from torchtitan.components.optimizer import ParamGroupConfig  # noqa: E402
 #: names a ParamGroupConfig's ``optimizer_name`` may use for our optimizers
 OPTIMIZERS: dict[str, type[FactoredOptimizer]] = {"SMMF": SMMF, "Alada": Alada}
 #: torchtitan's default_adamw values, which Alada would otherwise take silently
-_ADAMW_BETAS, _ADAMW_EPS = (0.9, 0.95), 1e-8
+_ADAMW_VALUES = {"betas": (0.9, 0.95), "eps": 1e-8}
 
 
 def _our_group(cls: type[FactoredOptimizer], group: dict[str, Any], index: int) -> dict[str, Any]:
@@ -83,11 +82,8 @@ def _factory(cls: type[FactoredOptimizer], name: str) -> Callable[..., Optimizer
                 "no factory arguments; put hyperparameters in the groups' optimizer_kwargs"
             )
         groups = [_our_group(cls, g, i) for i, g in enumerate(param_groups)]
-        if cls is Alada and any(tuple(g.get("betas", ())) == _ADAMW_BETAS or g.get("eps") == _ADAMW_EPS for g in groups):
-            warnings.warn(
-                "Alada got torchtitan's AdamW values (betas=(0.9, 0.95) or eps=1e-8); its paper uses "
-                "betas=(0.9, 0.9), eps=1e-16 (default_alada())", UserWarning, stacklevel=4
-            )
+        for group in groups:
+            warn_adam_values(cls, group, _ADAMW_VALUES, "torchtitan's default_adamw (use default_alada())")
         return cls(groups)
 
     return build

@@ -84,7 +84,7 @@ def test_kwargs_that_would_be_ignored_are_refused(config, message):
 
 
 def test_alada_with_adamw_values_warns_and_other_versions_are_refused():
-    with pytest.warns(UserWarning, match="Alada got torchtitan's AdamW values"):
+    with pytest.warns(UserWarning, match="Alada got torchtitan.s default_adamw .* Adam values \\(betas=\\(0.9, 0.95\\), eps=1e-08\\); its paper uses betas=\\(0.9, 0.9\\), eps=1e-16"):
         tt.OptimizersContainer.Config(param_groups=[_group("Alada", betas=(0.9, 0.95), eps=1e-8)]).build(model_parts=[tiny_llama3()])
     with pytest.raises(tt.UnsupportedVersion, match="supports torchtitan 0.3.0, found 0.2.1.*pip install torchtitan==0.3.0"):
         tt.check_torchtitan_version("0.2.1")

@@ -18,8 +18,8 @@ from dist_memopt.train.distributed import discover
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML run configuration (configs/...)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override settings, e.g. --set train.lr=3e-4 train.seed=2 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="resume from the latest checkpoint of this run, or from the given iter_* directory")

@@ -45,7 +45,8 @@ def launch_command(launcher: str, nproc: int, pretrain_args: list[str], port: Op
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.run", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override settings, e.g. --set train.lr=3e-4 train.seed=2 (repeatable)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT")
     p.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     args = p.parse_args(argv)

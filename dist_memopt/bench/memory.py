@@ -37,6 +37,8 @@ def measure_state_bytes(
     measured = {}
     for name in optimizers:
         optimizer = build_optimizer(name, params)
+        if optimizer.defaults.get("momentum_in_grad"):
+            optimizer.zero_grad()  # that mode's loop contract: zero_grad (M <- beta1*M in .grad) before each step
         optimizer.step()
         measured[name] = state_bytes(optimizer)
         del optimizer

@@ -31,6 +31,7 @@ from dist_memopt.optim.base import (
     chunk_ranges,
     decay_weights,
 )
+from dist_memopt.optim.grad_contract import GradContract
 from dist_memopt.shard.geometry import balanced_split
 from dist_memopt.shard.reduce import StatReducer
 
@@ -55,6 +56,10 @@ class Alada(FactoredOptimizer):
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
+    ignored_keys = {
+        "beta": "Alada takes betas=(beta1, beta2) (the paper's (0.9, 0.9))",
+        "decoupled_weight_decay": "Alada's weight decay is always decoupled (W <- W*(1 - lr*wd)); remove it",
+    }
     state_kinds = dict(exp_avg="elems", row="rows", col="cols", v0="factor")
 
     def __init__(
@@ -79,6 +84,14 @@ class Alada(FactoredOptimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
+        self._contract = GradContract()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_contract", GradContract())
+
+    def _check_loop(self) -> None:
+        self._contract.check(type(self).__name__, self.param_groups, self._param_name)
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         check_number("lr", group["lr"], where, low=0.0)
@@ -120,6 +133,7 @@ class Alada(FactoredOptimizer):
                         p.grad = torch.zeros_like(p)
                     else:
                         p.grad.mul_(group["betas"][0])
+                    self._contract.record(p)
                 elif p.grad is not None:
                     if set_to_none:
                         p.grad = None
@@ -129,6 +143,7 @@ class Alada(FactoredOptimizer):
                         else:
                             p.grad.requires_grad_(False)
                         p.grad.zero_()
+        self._contract.zeroed = True
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """``loss·(1 − β1)`` for ``momentum_in_grad`` training (``loss`` unchanged otherwise)."""

@@ -40,6 +40,8 @@ __all__ = [
     "NonFiniteGradientError",
     "check_number",
     "check_foreach",
+    "check_ignored_keys",
+    "IGNORED_FLAGS",
     "chunk_ranges",
     "default_chunk_numel",
     "first_nonfinite",
@@ -199,6 +201,9 @@ class FactoredOptimizer(Optimizer):
     state_kinds: dict[str, str] = {}
     #: largest segment (elements) the fast path stacks with others; bigger ones gain nothing
     batch_numel: int = 1 << 16
+    #: param-group keys of other optimizers that this one would silently ignore -> what to write
+    #: instead; :data:`IGNORED_FLAGS` are refused only when truthy (``fused=False`` is harmless)
+    ignored_keys: dict[str, str] = {}
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._validate_group(defaults, where="")
@@ -232,6 +237,9 @@ class FactoredOptimizer(Optimizer):
         """Update state and weights (gradients and layouts already checked on every rank)."""
         raise NotImplementedError
 
+    def _check_loop(self) -> None:
+        """Raise if the training loop broke a contract this optimizer relies on (before any change)."""
+
     def _batched(self, group: dict[str, Any], seg: SegmentPlan) -> bool:
         """Whether ``seg`` takes the fast path: small, whole and unsharded (no statistics to reduce)."""
         geo = seg.geometry
@@ -244,7 +252,12 @@ class FactoredOptimizer(Optimizer):
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
-        self._validate_group(group, where=f" (param group {index})")
+        try:
+            check_ignored_keys(type(self).__name__, group, self.ignored_keys, where=f" (param group {index})")
+            self._validate_group(group, where=f" (param group {index})")
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
         for i, p in enumerate(group["params"]):
             if p.is_complex():
                 raise ValueError(
@@ -312,6 +325,7 @@ class FactoredOptimizer(Optimizer):
         self.synchronize()
         for index, group in enumerate(self.param_groups):
             self._validate_group(group, where=f" (param group {index})")
+        self._check_loop()
         items = self._collect()
         if not items:
             return loss
@@ -639,6 +653,30 @@ def _group_device(group: dist.ProcessGroup) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+#: torch.optim flags with no meaning here: refused when set (truthy), accepted when off.
+IGNORED_FLAGS = {
+    "fused": "there is no fused kernel; remove it (foreach=None already batches small tensors)",
+    "capturable": "CUDA-graph capture is not supported; remove it",
+    "differentiable": "the step is not differentiable; remove it",
+    "amsgrad": "there is no AMSGrad variant; remove it",
+    "maximize": "negate the loss instead",
+}
+
+
+def check_ignored_keys(kind: str, group: dict[str, Any], ignored: dict[str, str], where: str = "") -> None:
+    """ValueError naming a param-group key another optimizer uses that ``kind`` would ignore.
+
+    Keys torch and its LR schedulers add (``initial_lr``, ``max_lr``, momentum keys) and
+    ``param_names`` are not listed, so they keep working.
+    """
+    for key, hint in ignored.items():
+        if key in group:
+            raise ValueError(f"{kind} ignores the param-group key {key!r}{where} (= {group[key]!r}): {hint}")
+    for key, hint in IGNORED_FLAGS.items():
+        if group.get(key):
+            raise ValueError(f"{kind} ignores the param-group key {key!r}{where} (= {group[key]!r}): {hint}")
 
 
 def check_foreach(group: dict[str, Any], where: str = "") -> None:

@@ -71,6 +71,11 @@ class SMMF(FactoredOptimizer):
     """
 
     hyperparameters = ("lr", "beta", "eps", "weight_decay", "decay_rate", "growth_rate", "vector_reshape", "weight_decay_mode")
+    ignored_keys = {
+        "betas": "SMMF has one first-moment coefficient: write beta=betas[0]; its second moment "
+        "follows decay_rate (beta2_t = 1 - t**decay_rate), not a beta2",
+        "decoupled_weight_decay": "write weight_decay_mode='adamw' (decoupled) or 'adam' (L2 in the gradient)",
+    }
     state_kinds = dict(
         sign="bits", row_m="rows", col_m="cols", row_v="rows", col_v="cols", exp_avg="dense", exp_avg_sq="dense"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -115,8 +116,8 @@ def _train(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> dic
             flush=True,
         )
     tokens_per_iteration = config.train.global_batch_size * batches.tokens_per_sample()
-    bar = tqdm(total=config.train.train_iters, initial=start, disable=not (env.is_main and config.log.progress_bar),
-               dynamic_ncols=True, desc=f"{kind}/{config.optimizer.type}")
+    bar = tqdm(total=config.train.train_iters, initial=start, disable=not report.show_progress(env.is_main and config.log.progress_bar),
+               dynamic_ncols=True, desc=f"{kind}/{config.optimizer.type}", file=sys.stderr)
     memory: list[dict] = []
     save_every = config.checkpoint.save_interval
     last_saved = start if resume else None

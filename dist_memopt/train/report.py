@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import IO, Iterable, Mapping, Optional, Sequence
 
-__all__ = ["lr_at", "memory_line", "write_json", "plot_curves", "falling"]
+__all__ = ["lr_at", "memory_line", "write_json", "plot_curves", "falling", "show_progress"]
 
 MiB = 2**20
 
@@ -30,6 +31,13 @@ def lr_at(iteration: int, train) -> float:
     else:  # cosine
         coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
     return train.min_lr + coeff * (train.lr - train.min_lr)
+
+
+def show_progress(wanted: bool, stream: Optional[IO] = None) -> bool:
+    """Whether to draw the progress bar: it redraws itself with carriage returns, which belong on a
+    terminal, not in a log file (``> run.log 2>&1``); the ``iter ...`` lines are printed either way."""
+    stream = sys.stderr if stream is None else stream
+    return wanted and bool(getattr(stream, "isatty", lambda: False)())
 
 
 def memory_line(name: str, per_rank: Sequence[Mapping[str, int]]) -> str:

@@ -61,6 +61,21 @@ def test_unknown_params_list_the_constructor_arguments():
         dsi.build_optimizer("Alada", params, {"torch_adam": True, "max_grad_norm": 1.0})
 
 
+def test_hf_auto_adam_values_for_alada_warn():
+    """HF Trainer fills "betas": "auto" / "eps": "auto" with its Adam defaults, not Alada's."""
+    import warnings
+
+    import torch
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.warns(UserWarning, match=r'Alada got HF Trainer \("auto" in the ds_config\)\'s Adam values \(betas=\(0.9, 0.999\), eps=1e-08\)'):
+        dsi.build_optimizer("Alada", params, {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dsi.build_optimizer("Alada", params, {"betas": [0.9, 0.9], "eps": 1e-16})
+        dsi.build_optimizer("SMMF", params, {"eps": 1e-8})
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [

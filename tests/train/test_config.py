@@ -171,6 +171,28 @@ def test_print_config_prints_yaml_and_exits(capsys):
     assert "seed: 5" in out and "type: bert" in out and not dist.is_initialized()
 
 
+def test_one_set_flag_takes_several_overrides(capsys):
+    argv = ["--config", str(TINY / "bert.yaml"), "--print-config", "--set", "train.seed=5", "train.lr=3e-4", "--set=log.log_interval=7"]
+    assert pretrain.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "seed: 5" in out and "lr: 0.0003" in out and "log_interval: 7" in out
+    from launch import run
+
+    assert run.main(["--config", str(TINY / "gpt2.yaml"), "--set", "parallel.launcher=mpirun", "parallel.nproc=1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "mpirun -n 1" in out and "--set=parallel.launcher=mpirun --set=parallel.nproc=1" in out
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    from dist_memopt.train.report import show_progress
+
+    leader, follower = os.openpty()
+    with open(follower, "w") as terminal, open(tmp_path / "run.log", "w") as log:
+        assert show_progress(True, terminal) and not show_progress(False, terminal)
+        assert not show_progress(True, log)
+    os.close(leader)
+
+
 def test_run_wrapper_builds_each_launchers_command(capsys):
     from launch import run
 

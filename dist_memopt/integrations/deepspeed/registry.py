@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 from dist_memopt.optim import SMMF, Alada, FactoredOptimizer
-from dist_memopt.optim.arguments import as_call_arguments, constructor_arguments
+from dist_memopt.optim.arguments import as_call_arguments, constructor_arguments, warn_adam_values
+
+#: what HF Trainer writes for "betas": "auto" and "eps": "auto" (TrainingArguments' adam defaults)
+HF_AUTO_VALUES = {"betas": (0.9, 0.999), "eps": 1e-8}
 
 __all__ = ["OPTIMIZERS", "optimizer_class", "build_optimizer"]
 
@@ -39,4 +42,5 @@ def build_optimizer(name: str, model_parameters: Iterable, params: Optional[dict
             f'ds_config "optimizer" of type "{name}" has unknown params {unknown}; {cls.__name__} accepts '
             f"{', '.join(valid)}. (Gradient clipping is DeepSpeed's \"gradient_clipping\" setting.)"
         )
+    warn_adam_values(cls, params, HF_AUTO_VALUES, 'HF Trainer ("auto" in the ds_config)')
     return cls(model_parameters, **as_call_arguments(params))

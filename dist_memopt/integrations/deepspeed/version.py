@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from packaging.version import InvalidVersion, Version
+from dist_memopt.integrations.versions import UnsupportedVersion, check_version
 
 __all__ = ["SUPPORTED_DEEPSPEED_VERSIONS", "UnsupportedDeepSpeedVersion", "check_deepspeed_version"]
 
@@ -17,7 +17,7 @@ __all__ = ["SUPPORTED_DEEPSPEED_VERSIONS", "UnsupportedDeepSpeedVersion", "check
 SUPPORTED_DEEPSPEED_VERSIONS = ("0.19.8",)
 
 
-class UnsupportedDeepSpeedVersion(ImportError):
+class UnsupportedDeepSpeedVersion(UnsupportedVersion):
     """The installed DeepSpeed is not one the integration was tested against."""
 
 
@@ -25,23 +25,11 @@ def check_deepspeed_version(installed: Optional[str] = None) -> str:
     """Return the installed DeepSpeed version, or raise :class:`UnsupportedDeepSpeedVersion`.
 
     ``installed`` defaults to ``deepspeed.__version__``; passing it lets tests check the refusal
-    without touching DeepSpeed. A local build tag (``0.19.8+abc``) of a supported release is
-    accepted; pre-releases and other releases are not.
+    without touching DeepSpeed.
     """
     if installed is None:
         import deepspeed
 
         installed = deepspeed.__version__
-    supported = ", ".join(SUPPORTED_DEEPSPEED_VERSIONS)
-    try:
-        version = Version(installed)
-    except InvalidVersion:
-        version = None
-    if version is None or version.is_prerelease or version.is_devrelease or version.base_version not in SUPPORTED_DEEPSPEED_VERSIONS:
-        raise UnsupportedDeepSpeedVersion(
-            f"dist_memopt.integrations.deepspeed supports DeepSpeed {supported}, found {installed}: "
-            "it reads DeepSpeed's partition layout, which changes between releases, so another "
-            f"version could give wrong numbers. Install it with `pip install deepspeed=={SUPPORTED_DEEPSPEED_VERSIONS[-1]}` "
-            "(or `pip install dist-memopt[deepspeed]`)."
-        )
-    return installed
+    return check_version("DeepSpeed", installed, SUPPORTED_DEEPSPEED_VERSIONS, "DeepSpeed's partition layout",
+                         "deepspeed", UnsupportedDeepSpeedVersion)

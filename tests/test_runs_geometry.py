@@ -24,6 +24,8 @@ CASES = [
     ((9, 7), [Run(0, 3, 5, 2), Run(20, 9, 11, 3)]),   # two groups (a gated weight's two blocks)
     ((5, 12), [Run(12, 24)]),                          # one contiguous run
     ((8, 8), [Run(0, 8, 16, 4)]),                     # whole view rows, every other one
+    ((6, 4), [Run(1, 9, 12, 2)]),                     # head, a full row and a tail, 3 rows apart
+    ((7, 4), [Run(2, 7, 8, 3)]),                      # a run's tail row is the next run's head row
 ]
 
 

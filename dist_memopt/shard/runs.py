@@ -10,7 +10,7 @@ written once. Every operation is vectorized over runs:
 - a partial run at either end of a window is a contiguous range (a ``RangeGeometry``);
 - whole runs whose stride is a multiple of the view's row length all cross the view's rows the
   same way (same column offset, same head/body/tail split), so each piece is a strided
-  (runs × elements) block whose rows are found by an index of one entry per run;
+  (runs × elements) block, and its rows' factors and sums are strided views too;
 - any other whole runs (their column offset drifts from run to run) gather their view rows and
   columns by position, computed per chunk and never stored.
 """
@@ -18,7 +18,7 @@ written once. Every operation is vectorized over runs:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import torch
 from torch import Tensor
@@ -108,8 +108,8 @@ class RunsGeometry:
             if isinstance(piece, RangeGeometry):
                 piece.add_row_col_sums(part, rows_out, cols_out)
             elif self._aligned(piece):
-                for block, row_index, col_lo in self._blocks(piece, part):
-                    rows_out.index_add_(0, row_index.reshape(-1), block.sum(-1).reshape(-1))
+                for block, rows_of, col_lo in self._blocks(piece, part):
+                    rows_of(rows_out).add_(block.sum(-1))
                     cols_out[col_lo : col_lo + block.shape[-1]] += block.sum(dim=tuple(range(block.dim() - 1)))
             else:
                 row_index, col_index = self._positions(piece, x.device)
@@ -123,9 +123,8 @@ class RunsGeometry:
             if isinstance(piece, RangeGeometry):
                 piece.add_weighted_row_sums(part, col_weights, rows_out)
             elif self._aligned(piece):
-                for block, row_index, col_lo in self._blocks(piece, part):
-                    sums = block @ col_weights[col_lo : col_lo + block.shape[-1]]
-                    rows_out.index_add_(0, row_index.reshape(-1), sums.reshape(-1))
+                for block, rows_of, col_lo in self._blocks(piece, part):
+                    rows_of(rows_out).add_(block @ col_weights[col_lo : col_lo + block.shape[-1]])
             else:
                 row_index, col_index = self._positions(piece, x.device)
                 rows_out.index_add_(0, row_index, part * col_weights[col_index])
@@ -137,8 +136,8 @@ class RunsGeometry:
             if isinstance(piece, RangeGeometry):
                 piece.add_weighted_col_sums(part, row_weights, cols_out)
             elif self._aligned(piece):
-                for block, row_index, col_lo in self._blocks(piece, part):
-                    weights = row_weights[row_index]
+                for block, rows_of, col_lo in self._blocks(piece, part):
+                    weights = rows_of(row_weights)
                     cols_out[col_lo : col_lo + block.shape[-1]] += torch.tensordot(weights, block, dims=weights.dim())
             else:
                 row_index, col_index = self._positions(piece, x.device)
@@ -155,9 +154,9 @@ class RunsGeometry:
                 part.copy_(piece.outer(row_factor, col_factor, scale, shift))
                 continue
             if self._aligned(piece):
-                for block, row_index, col_lo in self._blocks(piece, part):
+                for block, rows_of, col_lo in self._blocks(piece, part):
                     cols = col_factor[col_lo : col_lo + block.shape[-1]]
-                    torch.mul(row_factor[row_index].unsqueeze(-1), cols, out=block)
+                    torch.mul(rows_of(row_factor).unsqueeze(-1), cols, out=block)
             else:
                 row_index, col_index = self._positions(piece, out.device)
                 torch.mul(row_factor[row_index], col_factor[col_index], out=part)
@@ -169,31 +168,45 @@ class RunsGeometry:
 
     # --- the two ways of locating whole runs ----------------------------------------------------
 
-    def _blocks(self, whole: _Whole, x: Tensor) -> Iterator[tuple[Tensor, Tensor, int]]:
-        """``(block, row_index, col_lo)`` views of ``x`` (the whole runs' elements) for aligned runs.
+    def _blocks(self, whole: _Whole, x: Tensor) -> Iterator[tuple[Tensor, Callable[[Tensor], Tensor], int]]:
+        """``(block, rows_of, col_lo)`` views of ``x`` (the whole runs' elements) for aligned runs.
 
         Every run crosses the view's rows alike: a head finishing a row, ``body`` full rows, a
-        tail starting one. ``block`` is (runs, elements) or (runs, rows, cols); ``row_index`` has
-        the view row of each of its rows; the columns are ``col_lo`` onwards.
+        tail starting one, and the next run does the same ``stride // cols`` rows further down.
+        ``block`` is (runs, elements) or (runs, rows, cols); ``rows_of(t)`` is the strided view of
+        a per-row vector ``t`` (factors, sums) at the block's rows, shaped like ``block.shape[:-1]``
+        (no index, no gather); the columns are ``col_lo`` onwards.
         """
-        shape = RangeGeometry(self.rows, self.cols, whole.run.start + whole.first * whole.run.stride,
-                              whole.run.start + whole.first * whole.run.stride + whole.run.length)
-        first_rows = torch.div(whole.starts(x.device), self.cols, rounding_mode="floor")
+        start = whole.run.start + whole.first * whole.run.stride
+        shape = RangeGeometry(self.rows, self.cols, start, start + whole.run.length)
+        step = whole.run.stride // self.cols if whole.count > 1 else 0
+        first = shape.row0
         runs = x.view(whole.count, whole.run.length)
         h, nb, m = shape.head, shape.body_rows, self.cols
         if h:
-            yield runs[:, :h], first_rows, shape.col0
+            yield runs[:, :h], _strided(first, (whole.count,), (step,)), shape.col0
+            first += 1
         if nb:
-            body_rows = first_rows.unsqueeze(1) + (int(h > 0) + torch.arange(nb, device=x.device))
-            yield runs[:, h : h + nb * m].view(whole.count, nb, m), body_rows, 0
+            yield runs[:, h : h + nb * m].view(whole.count, nb, m), _strided(first, (whole.count, nb), (step, 1)), 0
+            first += nb
         if shape.tail:
-            yield runs[:, h + nb * m :], first_rows + int(h > 0) + nb, 0
+            yield runs[:, h + nb * m :], _strided(first, (whole.count,), (step,)), 0
 
     def _positions(self, whole: _Whole, device: torch.device) -> tuple[Tensor, Tensor]:
         """View row and column of every element of ``whole`` (computed, not stored)."""
         flat = (whole.starts(device).unsqueeze(1) + torch.arange(whole.run.length, device=device)).view(-1)
         row_index = torch.div(flat, self.cols, rounding_mode="floor")
         return row_index, flat - row_index * self.cols
+
+
+def _strided(first: int, sizes: tuple[int, ...], steps: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
+    """A function giving the view of a 1-D tensor at rows ``first + Σ index·step``."""
+
+    def rows_of(t: Tensor) -> Tensor:
+        unit = t.stride(0)
+        return t.as_strided(sizes, tuple(s * unit for s in steps), t.storage_offset() + first * unit)
+
+    return rows_of
 
 
 def view_geometry(rows: int, cols: int, spec: ShardSpec) -> Union[RangeGeometry, RunsGeometry]:

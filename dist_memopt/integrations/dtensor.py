@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -127,10 +128,25 @@ def reduction_group(mesh: DeviceMesh, dims: Sequence[int]) -> ProcessGroup | tup
     return mesh[tuple(names[d] for d in dims)]._flatten().get_group()
 
 
+# Layouts by parameter, kept while its placements, mesh and shapes stay: deriving one walks the
+# runs in Python (once per row of a column-sharded embedding), and state_dict() asks again.
+_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def dtensor_layout(param: Tensor) -> Optional[ParamLayout]:
     """The layout of a DTensor parameter (None for anything else)."""
     if not isinstance(param, DTensor):
         return None
+    key = (tuple(param.placements), id(param.device_mesh), tuple(param.shape), tuple(param._local_tensor.shape))
+    cached = _LAYOUTS.get(param)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layout = _derive_layout(param)
+    _LAYOUTS[param] = (key, layout)
+    return layout
+
+
+def _derive_layout(param: DTensor) -> ParamLayout:
     _check_placements(param)
     mesh, placements, shape = param.device_mesh, param.placements, param.shape
     sharding = [d for d, p in enumerate(placements) if isinstance(p, (Shard, _StridedShard)) and mesh.size(d) > 1]

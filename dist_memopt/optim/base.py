@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections import defaultdict
-from copy import deepcopy
-from dataclasses import dataclass
-from itertools import chain
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -22,12 +18,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from dist_memopt.shard.geometry import RangeGeometry
-from dist_memopt.shard.reduce import StatReducer
-from dist_memopt.shard.runs import RunsGeometry, view_geometry
-from dist_memopt.shard.spec import ParamLayout, Segment, grad_like_param, layout_of, local_tensor
-from dist_memopt.checkpoint import compact_state, expand_state
 from dist_memopt.optim.bits import packed_numel
+from dist_memopt.optim.plan import ParamPlan, SegmentBatches, SegmentPlan, StepItem, decay_weights
+from dist_memopt.optim.state_dict import StateDictMixin
+from dist_memopt.shard.reduce import StatReducer
+from dist_memopt.shard.runs import view_geometry
+from dist_memopt.shard.spec import ParamLayout, grad_like_param, layout_of, local_tensor
 
 __all__ = [
     "FactoredOptimizer",
@@ -69,120 +65,6 @@ class NonFiniteGradientError(RuntimeError):
     """A gradient holds inf or NaN; raised before any optimizer state or parameter changes."""
 
 
-@dataclass(frozen=True)
-class SegmentPlan:
-    """One segment's 2-D view and where its pieces live in the parameter's concatenated state.
-
-    ``geometry`` is None for segments kept dense (SMMF with ``vector_reshape=False``).
-    ``rows_at``/``cols_at`` index the concatenated row/column factors, ``bits_at`` the packed
-    sign bytes, ``elems_at`` the concatenated per-element state of factored segments and
-    ``dense_at`` that of dense segments; ``factor_index`` counts factored segments before it.
-    """
-
-    segment: Segment
-    geometry: Optional[RangeGeometry | RunsGeometry]
-    rows_at: int = 0
-    cols_at: int = 0
-    bits_at: int = 0
-    elems_at: int = 0
-    dense_at: int = 0
-    factor_index: int = 0
-
-    @property
-    def group(self) -> Optional[dist.ProcessGroup]:
-        return self.segment.spec.group
-
-    def rows(self, t: Tensor) -> Tensor:
-        assert self.geometry is not None
-        return t[self.rows_at : self.rows_at + self.geometry.rows]
-
-    def cols(self, t: Tensor) -> Tensor:
-        assert self.geometry is not None
-        return t[self.cols_at : self.cols_at + self.geometry.cols]
-
-    def bits(self, t: Tensor) -> Tensor:
-        return t[self.bits_at : self.bits_at + packed_numel(self.segment.numel)]
-
-    def elems(self, t: Tensor) -> Tensor:
-        return t[self.elems_at : self.elems_at + self.segment.numel]
-
-    def dense(self, t: Tensor) -> Tensor:
-        return t[self.dense_at : self.dense_at + self.segment.numel]
-
-    def local(self, flat: Tensor) -> Tensor:
-        """This segment's elements in the parameter's flattened local data (or gradient)."""
-        return flat[self.segment.offset : self.segment.offset + self.segment.numel]
-
-
-@dataclass(frozen=True)
-class ParamPlan:
-    segments: tuple[SegmentPlan, ...]
-    rows: int
-    cols: int
-    bits: int
-    elems: int
-    dense: int
-    factored_count: int
-
-    @property
-    def factored(self) -> list[SegmentPlan]:
-        return [s for s in self.segments if s.geometry is not None]
-
-    @property
-    def dense_segments(self) -> list[SegmentPlan]:
-        return [s for s in self.segments if s.geometry is None]
-
-
-@dataclass(eq=False)
-class StepItem:
-    """A parameter taking part in this step, with fp32 flat views of its local data and grad."""
-
-    group: dict
-    param: Tensor
-    name: str
-    plan: ParamPlan
-    state: dict
-    grad: Tensor  # fp32, flat, local
-    weight: Tensor  # fp32, flat, local; written back to the parameter by commit()
-    _data: Tensor
-    chunk: int  # elements per piece when a segment is processed piecewise
-
-    def commit(self) -> None:
-        if self.weight.data_ptr() != self._data.data_ptr():
-            self._data.copy_(self.weight.view_as(self._data))
-
-
-class SegmentBatches:
-    """Fast-path segments grouped by 2-D view, device and schedule, for batched steps.
-
-    :meth:`run` hands each group to the step function in pieces whose stacked (B, n, m)
-    temporaries stay within the chunk size, as a per-tensor step's do.
-    """
-
-    def __init__(self) -> None:
-        self._batches: dict[tuple, list[tuple[StepItem, SegmentPlan]]] = defaultdict(list)
-
-    def add(self, item: StepItem, seg: SegmentPlan, schedule: Any) -> None:
-        geo = seg.geometry
-        assert geo is not None
-        self._batches[(geo.rows, geo.cols, item.weight.device, schedule)].append((item, seg))
-
-    def run(self, step: Callable[[list[tuple[StepItem, SegmentPlan]], Any], None]) -> None:
-        for (rows, cols, _, schedule), batch in self._batches.items():
-            per_call = max(1, batch[0][0].chunk // (rows * cols))
-            for lo in range(0, len(batch), per_call):
-                step(batch[lo : lo + per_call], schedule)
-
-
-def decay_weights(decays: Iterable[tuple[Tensor, float]]) -> None:
-    """Decoupled weight decay, W ← W·factor, with one foreach op per (factor, device)."""
-    grouped: dict[tuple[float, torch.device], list[Tensor]] = defaultdict(list)
-    for weight, factor in decays:
-        grouped[(factor, weight.device)].append(weight)
-    for (factor, _), weights in grouped.items():
-        torch._foreach_mul_(weights, factor)
-
-
 def _flat_fp32(t: Tensor) -> Tensor:
     """A flat fp32 view of ``t`` when possible, else a flat fp32 copy."""
     if t.dtype == torch.float32 and t.is_contiguous():
@@ -190,7 +72,7 @@ def _flat_fp32(t: Tensor) -> Tensor:
     return t.reshape(-1).to(torch.float32)
 
 
-class FactoredOptimizer(Optimizer):
+class FactoredOptimizer(StateDictMixin, Optimizer):
     """Base class; subclasses define hyperparameters, the 2-D view and the per-step math."""
 
     #: hyperparameter keys every param group of this optimizer has (state-dict type check)
@@ -425,114 +307,6 @@ class FactoredOptimizer(Optimizer):
         """Bytes of statistic buffers kept alive until the next step completes them."""
         return 0 if self._pending is None else self._pending[0].nbytes()
 
-    # --- state dict ------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.Optimizer.state_dict()``, with the state of sharded parameters in the form
-        their framework's checkpoint code expects (see :mod:`dist_memopt.checkpoint`)."""
-        self.synchronize()
-        sd = super().state_dict()
-        index = 0
-        for group in self.param_groups:
-            for param in group["params"]:
-                if index in sd["state"]:
-                    plan = self._plan(group, param)
-                    style = layout_of(param).checkpoint
-                    sd["state"][index] = expand_state(plan, param, sd["state"][index], self.state_kinds, style)
-                index += 1
-        return sd
-
-    @torch._disable_dynamo
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like :meth:`torch.optim.Optimizer.load_state_dict`, keeping fp32 state fp32.
-
-        Checks that the state fits this optimizer type and these parameters' layouts; on any
-        mismatch raises ``ValueError`` and leaves the current state and groups untouched.
-        """
-        self.synchronize()
-        state_dict = state_dict.copy()
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        kind = type(self).__name__
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError(f"{kind}.load_state_dict expects a dict with 'state' and 'param_groups'")
-        groups = self.param_groups
-        saved_groups = deepcopy(state_dict["param_groups"])
-        if len(groups) != len(saved_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, {kind} has {len(groups)}"
-            )
-        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"param group {index} of the loaded state dict has {len(saved['params'])} "
-                    f"parameters, this {kind} has {len(group['params'])}"
-                )
-            missing = [k for k in self.hyperparameters if k not in saved]
-            if missing:
-                raise ValueError(
-                    f"param group {index} of the loaded state dict lacks {missing}: it was not "
-                    f"saved by {kind}"
-                )
-        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
-        new_groups = []
-        for group, saved in zip(groups, saved_groups):
-            saved["params"] = group["params"]
-            if "param_names" in group and "param_names" not in saved:
-                saved["param_names"] = group["param_names"]
-            new_groups.append(saved)
-        owners = {saved_id: (group, i, index) for index, group in enumerate(new_groups) for i, saved_id in enumerate(
-            saved_ids[sum(len(g["params"]) for g in new_groups[:index]) :][: len(group["params"])])}
-        unknown = [key for key in state_dict["state"] if key not in owners]
-        if unknown:
-            raise ValueError(f"loaded state dict has state for unknown parameter ids {unknown}")
-        for index, group in enumerate(new_groups):
-            self._validate_group(group, where=f" (param group {index} of the loaded state dict)")
-        new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
-        for key, value in state_dict["state"].items():
-            group, i, index = owners[key]
-            param = group["params"][i]
-            value = self._compact_loaded(group, param, value)
-            self._check_loaded_state(group, param, value, self._param_name(group, i, index))
-            new_state[param] = {
-                k: (v.to(device=local_tensor(param).device) if isinstance(v, Tensor) else deepcopy(v))
-                for k, v in value.items()
-            }
-        self.__setstate__({"state": new_state, "param_groups": new_groups})
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _compact_loaded(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> dict[str, Any]:
-        """Loaded state in any checkpoint form -> the compact form held in ``self.state``."""
-        layout = layout_of(param)
-        single = layout.segments[0].spec if len(layout.segments) == 1 else None
-        take = single.take if single is not None else None
-        return compact_state(self._build_plan(group, layout), param, state, self.state_kinds, take)
-
-    def _check_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], name: str) -> None:
-        kind = type(self).__name__
-        if not state:
-            return  # a parameter that has not been stepped yet
-        plan = self._build_plan(group, layout_of(param))
-        expected = dict(self._expected_state(group, plan), step=(1, torch.float32))
-        if set(state) != set(expected):
-            raise ValueError(
-                f"loaded state of {name} has keys {sorted(state)}, {kind} expects {sorted(expected)} "
-                f"for it: the state dict was saved by another optimizer or for another shape"
-            )
-        for key, (numel, dtype) in expected.items():
-            value = state[key]
-            if not isinstance(value, Tensor):
-                raise ValueError(f"loaded state '{key}' of {name} is a {type(value).__name__}, not a tensor")
-            if local_tensor(value).numel() != numel or value.dtype != dtype:
-                raise ValueError(
-                    f"loaded state '{key}' of {name} has {local_tensor(value).numel()} elements of "
-                    f"{value.dtype}, {kind} expects {numel} of {dtype}: saved for another shape, "
-                    "sharding or optimizer"
-                )
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_plans", {})
@@ -540,41 +314,6 @@ class FactoredOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-
-    # --- state per segment -----------------------------------------------------------------
-
-    def segment_states(
-        self, group: dict[str, Any], layout: ParamLayout, state: dict[str, Any]
-    ) -> list[tuple[Segment, dict[str, Tensor]]]:
-        """Views of ``state`` (one optimizer tensor's) split by the segments of ``layout``.
-
-        Per-element kinds give the segment's range of the parameter; ``rows``/``cols`` give the
-        whole parameter's factors (identical on every rank that holds a piece of it). Adapters use
-        this to move state between layouts (checkpoint conversion, framework introspection)
-        without knowing the optimizer's math. Keys not (yet) in ``state`` are left out.
-        """
-        pieces = []
-        for seg in self._build_plan(group, layout).segments:
-            views = {}
-            for key, kind in self.state_kinds.items():
-                value = state.get(key)
-                if not isinstance(value, Tensor) or (kind == "dense") != (seg.geometry is None):
-                    continue
-                if kind == "factor":
-                    views[key] = value[seg.factor_index : seg.factor_index + 1]
-                else:
-                    views[key] = getattr(seg, kind)(value)
-            pieces.append((seg.segment, views))
-        return pieces
-
-    def new_state(self, group: dict[str, Any], layout: ParamLayout, device: torch.device) -> dict[str, Tensor]:
-        """Zero state, sized for a tensor of ``layout``, for :meth:`segment_states` to fill
-        (restoring state saved in another layout); ``step`` is 0."""
-        plan = self._build_plan(group, layout)
-        state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=torch.float32)}
-        for key, (numel, dtype) in self._expected_state(group, plan).items():
-            state[key] = torch.zeros(numel, dtype=dtype, device=device)
-        return state
 
     # --- helpers for subclasses ------------------------------------------------------------
 

@@ -1,0 +1,137 @@
+"""A parameter's plan for a step: its segments' 2-D views and where their state lives.
+
+:class:`SegmentPlan` slices one segment's part out of a parameter's concatenated state;
+:class:`StepItem` is a parameter taking part in a step; :class:`SegmentBatches` groups the fast
+path's segments by view.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dist_memopt.optim.bits import packed_numel
+from dist_memopt.shard.geometry import RangeGeometry
+from dist_memopt.shard.runs import RunsGeometry
+from dist_memopt.shard.spec import Segment
+
+__all__ = ["SegmentPlan", "ParamPlan", "StepItem", "SegmentBatches", "decay_weights"]
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """One segment's 2-D view and where its pieces live in the parameter's concatenated state.
+
+    ``geometry`` is None for segments kept dense (SMMF with ``vector_reshape=False``).
+    ``rows_at``/``cols_at`` index the concatenated row/column factors, ``bits_at`` the packed
+    sign bytes, ``elems_at`` the concatenated per-element state of factored segments and
+    ``dense_at`` that of dense segments; ``factor_index`` counts factored segments before it.
+    """
+
+    segment: Segment
+    geometry: Optional[RangeGeometry | RunsGeometry]
+    rows_at: int = 0
+    cols_at: int = 0
+    bits_at: int = 0
+    elems_at: int = 0
+    dense_at: int = 0
+    factor_index: int = 0
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        return self.segment.spec.group
+
+    def rows(self, t: Tensor) -> Tensor:
+        assert self.geometry is not None
+        return t[self.rows_at : self.rows_at + self.geometry.rows]
+
+    def cols(self, t: Tensor) -> Tensor:
+        assert self.geometry is not None
+        return t[self.cols_at : self.cols_at + self.geometry.cols]
+
+    def bits(self, t: Tensor) -> Tensor:
+        return t[self.bits_at : self.bits_at + packed_numel(self.segment.numel)]
+
+    def elems(self, t: Tensor) -> Tensor:
+        return t[self.elems_at : self.elems_at + self.segment.numel]
+
+    def dense(self, t: Tensor) -> Tensor:
+        return t[self.dense_at : self.dense_at + self.segment.numel]
+
+    def local(self, flat: Tensor) -> Tensor:
+        """This segment's elements in the parameter's flattened local data (or gradient)."""
+        return flat[self.segment.offset : self.segment.offset + self.segment.numel]
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    segments: tuple[SegmentPlan, ...]
+    rows: int
+    cols: int
+    bits: int
+    elems: int
+    dense: int
+    factored_count: int
+
+    @property
+    def factored(self) -> list[SegmentPlan]:
+        return [s for s in self.segments if s.geometry is not None]
+
+    @property
+    def dense_segments(self) -> list[SegmentPlan]:
+        return [s for s in self.segments if s.geometry is None]
+
+
+@dataclass(eq=False)
+class StepItem:
+    """A parameter taking part in this step, with fp32 flat views of its local data and grad."""
+
+    group: dict
+    param: Tensor
+    name: str
+    plan: ParamPlan
+    state: dict
+    grad: Tensor  # fp32, flat, local
+    weight: Tensor  # fp32, flat, local; written back to the parameter by commit()
+    _data: Tensor
+    chunk: int  # elements per piece when a segment is processed piecewise
+
+    def commit(self) -> None:
+        if self.weight.data_ptr() != self._data.data_ptr():
+            self._data.copy_(self.weight.view_as(self._data))
+
+
+class SegmentBatches:
+    """Fast-path segments grouped by 2-D view, device and schedule, for batched steps.
+
+    :meth:`run` hands each group to the step function in pieces whose stacked (B, n, m)
+    temporaries stay within the chunk size, as a per-tensor step's do.
+    """
+
+    def __init__(self) -> None:
+        self._batches: dict[tuple, list[tuple[StepItem, SegmentPlan]]] = defaultdict(list)
+
+    def add(self, item: StepItem, seg: SegmentPlan, schedule: Any) -> None:
+        geo = seg.geometry
+        assert geo is not None
+        self._batches[(geo.rows, geo.cols, item.weight.device, schedule)].append((item, seg))
+
+    def run(self, step: Callable[[list[tuple[StepItem, SegmentPlan]], Any], None]) -> None:
+        for (rows, cols, _, schedule), batch in self._batches.items():
+            per_call = max(1, batch[0][0].chunk // (rows * cols))
+            for lo in range(0, len(batch), per_call):
+                step(batch[lo : lo + per_call], schedule)
+
+
+def decay_weights(decays: Iterable[tuple[Tensor, float]]) -> None:
+    """Decoupled weight decay, W ← W·factor, with one foreach op per (factor, device)."""
+    grouped: dict[tuple[float, torch.device], list[Tensor]] = defaultdict(list)
+    for weight, factor in decays:
+        grouped[(factor, weight.device)].append(weight)
+    for (factor, _), weights in grouped.items():
+        torch._foreach_mul_(weights, factor)

@@ -53,8 +53,13 @@ def _imports(module: str, path: Path, known: dict[str, Path]) -> set[str]:
         for name in names:
             while name and name not in known:
                 name = name.rpartition(".")[0]
-            if name and name != module:
-                found.add(name)
+            # importing a.b.c runs the packages a.b (and a) first: a package's __init__ that imports
+            # back is a cycle too (the root package, always imported first, is left out)
+            parts = name.split(".")
+            for end in range(2, len(parts) + 1):
+                target = ".".join(parts[:end])
+                if target in known and target != module and not module.startswith(target + "."):
+                    found.add(target)
         for child in ast.iter_child_nodes(node):
             visit(child)
 

@@ -14,7 +14,7 @@ flattened group for several), never over a replicate dimension. The index sets c
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
+from dist_memopt.optim.checkpoint import CheckpointStyle, register_checkpoint_style
 from dist_memopt.shard.spec import ParamLayout, Run, Segment, ShardSpec, register_layout_resolver
 
 __all__ = ["dtensor_layout", "local_indices", "box_runs"]
@@ -168,3 +169,20 @@ def _derive_layout(param: DTensor) -> ParamLayout:
 
 
 register_layout_resolver(dtensor_layout)
+
+
+def _as_dtensors(param: Tensor, state: dict[str, Any], per_element: dict[str, str]) -> dict[str, Any]:
+    """FSDP2 / TP checkpoints: per-element state as DTensors shaped and placed like the parameter,
+    so torch.distributed.checkpoint saves it sharded and reshards it on load; the factors
+    (global-size, identical on every holder) stay plain tensors."""
+    local = param._local_tensor
+    for key in per_element:
+        if key in state:
+            state[key] = DTensor.from_local(
+                state[key].view(local.shape), param.device_mesh, param.placements, run_check=False,
+                shape=param.shape, stride=param.stride(),
+            )
+    return state
+
+
+register_checkpoint_style(CheckpointStyle("dtensor", torch.int8, finish=_as_dtensors))

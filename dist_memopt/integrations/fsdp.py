@@ -16,9 +16,13 @@ collector's objects, the first time an FSDP1 parameter reaches an optimizer.
 from __future__ import annotations
 
 import gc
-from typing import Optional
+import json
+from typing import Any, Optional
 
+import torch
 from torch import Tensor
+
+from dist_memopt.optim.checkpoint import CheckpointStyle, register_checkpoint_style
 
 from dist_memopt.shard.spec import (
     ParamLayout,
@@ -29,7 +33,7 @@ from dist_memopt.shard.spec import (
     register_layout_resolver,
 )
 
-__all__ = ["fsdp1_layout"]
+__all__ = ["fsdp1_layout", "FACTORS_KEY"]
 
 
 _FLATTENED_ATTR = "_fsdp_flattened"  # FSDP1 marks original parameters it has flattened
@@ -83,3 +87,53 @@ def fsdp1_layout(param: Tensor) -> Optional[ParamLayout]:
 
 
 register_layout_resolver(fsdp1_layout)
+
+
+# --- FSDP1's checkpoint form ------------------------------------------------------------------
+# Per-element state laid out like the optimizer tensor's local data (a flat shard, padding
+# included, or an original parameter's 1-D view): the form FSDP1's optim_state_dict all-gathers and
+# unflattens (floating point only, so signs are float32). The factors, identical on every rank,
+# travel as one opaque bytes value (a JSON header and the raw data, byte-identical across ranks),
+# the kind of value FSDP1 and its state-dict utilities pass through unchanged.
+
+FACTORS_KEY = "factors"
+
+
+def _encode(tensors: dict[str, Tensor]) -> bytes:
+    """Deterministic bytes (a JSON header, then raw data): equal on every rank for equal tensors."""
+    header, payload = [], []
+    for key in sorted(tensors):
+        value = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+        header.append([key, str(value.dtype).removeprefix("torch."), value.numel()])
+        payload.append(value.view(torch.uint8).numpy().tobytes())
+    head = json.dumps(header).encode()
+    return len(head).to_bytes(8, "little") + head + b"".join(payload)
+
+
+def _decode(blob: bytes) -> dict[str, Tensor]:
+    size = int.from_bytes(blob[:8], "little")
+    position, tensors = 8 + size, {}
+    for key, dtype_name, numel in json.loads(blob[8 : 8 + size]):
+        dtype = getattr(torch, dtype_name)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        raw = bytearray(blob[position : position + nbytes])
+        tensors[key] = torch.frombuffer(raw, dtype=dtype).clone() if nbytes else torch.empty(0, dtype=dtype)
+        position += nbytes
+    return tensors
+
+
+def _pack_factors(param: Tensor, state: dict[str, Any], per_element: dict[str, str]) -> dict[str, Any]:
+    factor_keys = [k for k, v in state.items() if isinstance(v, Tensor) and k not in per_element and k != "step"]
+    state[FACTORS_KEY] = _encode({k: state.pop(k) for k in factor_keys})
+    return state
+
+
+def _unpack_factors(state: dict[str, Any]) -> dict[str, Any]:
+    factors = state.get(FACTORS_KEY)
+    if isinstance(factors, bytes):
+        state = {k: v for k, v in state.items() if k != FACTORS_KEY}
+        state.update(_decode(factors))
+    return state
+
+
+register_checkpoint_style(CheckpointStyle("fsdp1", torch.float32, finish=_pack_factors, restore=_unpack_factors))

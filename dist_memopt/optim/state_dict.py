@@ -1,7 +1,7 @@
 """``state_dict`` / ``load_state_dict`` of the factored optimizers, and state per segment.
 
 The optimizer holds its state compact (packed signs, segments concatenated); ``state_dict()``
-hands out the form the parameter's framework checkpoints (see :mod:`dist_memopt.checkpoint`),
+hands out the form the parameter's framework checkpoints (see :mod:`dist_memopt.optim.checkpoint`),
 ``load_state_dict`` takes any of those forms back, checked against this optimizer's layout before
 anything changes, and :meth:`StateDictMixin.segment_states` / :meth:`StateDictMixin.new_state` let
 adapters move state between layouts without knowing the math.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dist_memopt.checkpoint import compact_state, expand_state
+from dist_memopt.optim.checkpoint import compact_state, expand_state
 from dist_memopt.shard.spec import ParamLayout, Segment, layout_of, local_tensor
 
 __all__ = ["StateDictMixin"]
@@ -30,7 +30,7 @@ class StateDictMixin:
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict()``, with the state of sharded parameters in the form
-        their framework's checkpoint code expects (see :mod:`dist_memopt.checkpoint`)."""
+        their framework's checkpoint code expects (see :mod:`dist_memopt.optim.checkpoint`)."""
         self.synchronize()
         sd = super().state_dict()
         index = 0

@@ -212,7 +212,8 @@ class ParamLayout:
     """All segments of one optimizer tensor, ordered by offset, not overlapping.
 
     ``checkpoint`` names the form the sharding framework's checkpoint code expects optimizer state
-    in ("compact", "dtensor", "fsdp1"; see :mod:`dist_memopt.checkpoint`).
+    in ("compact", or a style an adapter registered: "dtensor", "fsdp1", "megatron"; see
+    :mod:`dist_memopt.optim.checkpoint`).
     """
 
     segments: tuple[Segment, ...]

@@ -8,6 +8,7 @@
 machines. Importing this package needs megatron-core only when ``get_megatron_optimizer`` is used.
 """
 
+from dist_memopt.integrations.megatron import checkpoint_style  # noqa: F401  (registers "megatron")
 from dist_memopt.integrations.megatron.factory import OPTIMIZERS, get_megatron_optimizer, optimizer_arguments
 
 __all__ = ["get_megatron_optimizer", "optimizer_arguments", "OPTIMIZERS"]

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from dist_memopt.checkpoint import expand_state, per_element_keys
+from dist_memopt.optim.checkpoint import expand_state, per_element_keys
 from dist_memopt.optim.base import FactoredOptimizer
 
 __all__ = ["StateEntry", "SHARDING_TYPE", "sharded_param_state", "load_param_state", "group_settings", "restore_group_settings"]

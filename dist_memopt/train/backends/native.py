@@ -8,7 +8,7 @@ for optimizers that only handle whole tensors (the baselines in ``dist_memopt.be
 Checkpoints use torch.distributed.checkpoint (DCP) with ``get_state_dict``/``set_state_dict``, for
 our optimizers as for torch's: SMMF and Alada hand DCP their per-element state as DTensors placed
 like the parameters under FSDP2, and in FSDP1's own form under FSDP1 (see
-:mod:`dist_memopt.checkpoint`), so a checkpoint loads on another number of ranks.
+:mod:`dist_memopt.optim.checkpoint`), so a checkpoint loads on another number of ranks.
 """
 
 from __future__ import annotations

@@ -5,26 +5,21 @@ per-element tensor is the concatenation of the parameter's segments. Checkpoint 
 sharding frameworks expects otherwise, so each layout names a style (``ParamLayout.checkpoint``):
 
 - ``"compact"`` (plain tensors, DDP): saved as held.
-- ``"dtensor"`` (FSDP2, HSDP): per-element state becomes a DTensor shaped and placed like the
-  parameter (signs as int8, one per element), so torch.distributed.checkpoint saves it sharded and
-  reshards it on load; row/column factors are global-size, identical on every rank, saved as is.
-- ``"megatron"`` (Megatron-core's DistributedOptimizer, FP32 and mixed-precision optimizers):
-  per-element state is laid out like the optimizer tensor's local data (signs as int8, one per
-  element), so it maps onto the model parameter's elements as Adam's moments do; the factors,
-  identical on every rank of the group, are kept as they are.
-- ``"fsdp1"``: per-element state is laid out like the optimizer tensor's local data (a flat
-  shard, padding included, or an original parameter's 1-D view), the form FSDP1's
-  ``optim_state_dict`` all-gathers and unflattens; the factors, identical on every rank, travel as
-  one opaque ``bytes`` value (a JSON header and the raw data, byte-identical across ranks), the
-  kind of value FSDP1 and its state-dict utilities pass through unchanged.
+- any registered :class:`CheckpointStyle`: per-element state is *expanded*, laid out like the
+  optimizer tensor's local data (one entry per element, signs as the style's dtype), then the
+  style's ``finish`` gives it the framework's form; on load, every style's ``restore`` undoes its
+  own wrapping before the state is compacted again. The adapters register theirs —
+  ``"dtensor"`` (:mod:`dist_memopt.integrations.dtensor`), ``"fsdp1"``
+  (:mod:`dist_memopt.integrations.fsdp`), ``"megatron"`` (:mod:`dist_memopt.integrations.megatron`) —
+  the way they register layout resolvers, so this module names no framework.
 
-Expanded signs are 1 (M >= 0) or 0, int8 for DTensors and Megatron, float32 for FSDP1 (which flattens only
-floating-point state); either way never the packed uint8 form, which is how they are told apart.
+Expanded signs are 1 (M >= 0) or 0, in the style's dtype; never the packed uint8 form, which is how
+they are told apart.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -33,34 +28,41 @@ from torch import Tensor
 from dist_memopt.optim.bits import pack_signs, packed_numel, unpack_signs
 from dist_memopt.shard.spec import local_tensor
 
-__all__ = ["expand_state", "compact_state", "per_element_keys", "FACTORS_KEY"]
+__all__ = ["expand_state", "compact_state", "per_element_keys", "CheckpointStyle", "register_checkpoint_style"]
 
-FACTORS_KEY = "factors"
 PACKED_SIGN_DTYPE = torch.uint8
-EXPANDED_SIGN_DTYPES = {"dtensor": torch.int8, "megatron": torch.int8, "fsdp1": torch.float32}
 
 
-def _encode(tensors: dict[str, Tensor]) -> bytes:
-    """Deterministic bytes (a JSON header, then raw data): equal on every rank for equal tensors."""
-    header, payload = [], []
-    for key in sorted(tensors):
-        value = tensors[key].detach().to("cpu").contiguous().reshape(-1)
-        header.append([key, str(value.dtype).removeprefix("torch."), value.numel()])
-        payload.append(value.view(torch.uint8).numpy().tobytes())
-    head = json.dumps(header).encode()
-    return len(head).to_bytes(8, "little") + head + b"".join(payload)
+def _as_expanded(param: Tensor, state: dict[str, Any], per_element: dict[str, str]) -> dict[str, Any]:
+    return state
 
 
-def _decode(blob: bytes) -> dict[str, Tensor]:
-    size = int.from_bytes(blob[:8], "little")
-    position, tensors = 8 + size, {}
-    for key, dtype_name, numel in json.loads(blob[8 : 8 + size]):
-        dtype = getattr(torch, dtype_name)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        raw = bytearray(blob[position : position + nbytes])
-        tensors[key] = torch.frombuffer(raw, dtype=dtype).clone() if nbytes else torch.empty(0, dtype=dtype)
-        position += nbytes
-    return tensors
+def _as_loaded(state: dict[str, Any]) -> dict[str, Any]:
+    return state
+
+
+@dataclass(frozen=True)
+class CheckpointStyle:
+    """The form one framework's checkpoint code wants a parameter's optimizer state in.
+
+    ``sign_dtype``: the dtype of expanded signs. ``finish(param, state, per_element_keys)`` turns
+    the expanded state (flat, local) into the framework's form; ``restore(state)`` undoes what
+    ``finish`` added on load (it sees every loaded state, whatever its style, and must leave
+    others unchanged).
+    """
+
+    name: str
+    sign_dtype: torch.dtype
+    finish: Callable[[Tensor, dict[str, Any], dict[str, str]], dict[str, Any]] = _as_expanded
+    restore: Callable[[dict[str, Any]], dict[str, Any]] = _as_loaded
+
+
+_STYLES: dict[str, CheckpointStyle] = {}
+
+
+def register_checkpoint_style(style: CheckpointStyle) -> None:
+    """Make ``style.name`` usable as a layout's ``checkpoint`` (adapters call this on import)."""
+    _STYLES[style.name] = style
 
 
 #: per-element state kinds (see STATE_KINDS in dist_memopt.optim.base) and the segments they cover
@@ -81,34 +83,23 @@ def expand_state(plan: Any, param: Tensor, state: dict[str, Any], state_kinds: d
     state = dict(state)
     if style == "compact":
         return state
-    if style not in EXPANDED_SIGN_DTYPES:
-        raise ValueError(f"unknown checkpoint style {style!r}")
+    if style not in _STYLES:
+        raise ValueError(f"unknown checkpoint style {style!r} (registered: {sorted(_STYLES)})")
+    form = _STYLES[style]
     local = local_tensor(param)
     per_element = per_element_keys(state_kinds)
     for key, kind in per_element.items():
         value = state.get(key)
         if value is None:
             continue
-        dtype = EXPANDED_SIGN_DTYPES[style] if kind == "bits" else torch.float32
+        dtype = form.sign_dtype if kind == "bits" else torch.float32
         out = torch.zeros(local.numel(), dtype=dtype, device=value.device)
         for seg in _segments(plan, kind):
             n = seg.segment.numel
             piece = (unpack_signs(seg.bits(value), n) > 0).to(dtype) if kind == "bits" else getattr(seg, kind)(value)
             out[seg.segment.offset : seg.segment.offset + n] = piece
         state[key] = out
-    if style == "dtensor":
-        from torch.distributed.tensor import DTensor
-
-        for key in per_element:
-            if key in state:
-                state[key] = DTensor.from_local(
-                    state[key].view(local.shape), param.device_mesh, param.placements, run_check=False,
-                    shape=param.shape, stride=param.stride(),
-                )
-    elif style == "fsdp1":
-        factor_keys = [k for k, v in state.items() if isinstance(v, Tensor) and k not in per_element and k != "step"]
-        state[FACTORS_KEY] = _encode({k: state.pop(k) for k in factor_keys})
-    return state
+    return form.finish(param, state, per_element)
 
 
 def compact_state(
@@ -121,9 +112,8 @@ def compact_state(
     """Any checkpoint form -> compact state. ``take`` picks this shard's elements out of gathered
     full tensors (:meth:`ShardSpec.take`)."""
     state = dict(state)
-    factors = state.pop(FACTORS_KEY, None)
-    if isinstance(factors, bytes):
-        state.update(_decode(factors))
+    for form in _STYLES.values():
+        state = form.restore(state)
     local = local_tensor(param)
     for key, kind in per_element_keys(state_kinds).items():
         value = state.get(key)

@@ -5,7 +5,7 @@ backward adds (1 − β1)·G into the same tensor. A loop that clears gradients 
 (``model.zero_grad()``, as HF Trainer does), or that replaces the ``.grad`` tensors, destroys the
 momentum without any error; this guard turns both into a clear error before any state changes.
 Rewrites *in place* (clipping, unscaling) cannot be told from backward's own accumulation and are
-documented instead.
+documented instead; so is a view swapped in for ``.grad`` (DDP's bucket views copy the values first).
 """
 
 from __future__ import annotations
@@ -51,10 +51,19 @@ class GradContract:
         for group in in_grad:
             for i, p in enumerate(group["params"]):
                 expected = self._grads.get(id(p))
-                if expected is None or expected() is not p.grad:
+                if expected is None or not _same_buffer(expected(), p.grad, p):
                     raise RuntimeError(
                         f"{kind}(momentum_in_grad=True): the .grad of {name(group, i)} is not the tensor "
                         "optimizer.zero_grad() left there (it was set to None or replaced since); no "
                         f"parameter or state was changed. In this mode {LOOP_CONTRACT}"
                     )
         self.zeroed = False
+
+
+def _same_buffer(left: Optional[Tensor], grad: Optional[Tensor], param: Tensor) -> bool:
+    """``grad`` is the tensor ``zero_grad`` left, or a view of the parameter's shape that a
+    framework swapped in for it after copying its values (DDP's ``gradient_as_bucket_view`` does
+    so when it builds its buckets; the old tensor may be gone by now)."""
+    if grad is left:
+        return True
+    return grad is not None and grad._is_view() and grad.shape == param.shape

@@ -2,7 +2,7 @@
 
 In that mode ``.grad`` *is* the first moment: ``optimizer.zero_grad()`` decays it by β1 and
 backward adds (1 − β1)·G into the same tensor. A loop that clears gradients itself
-(``model.zero_grad()``, as HF Trainer does), or that replaces the ``.grad`` tensors, destroys the
+(``model.zero_grad()``, as trainers commonly do), or that replaces the ``.grad`` tensors, destroys the
 momentum without any error; this guard turns both into a clear error before any state changes.
 Rewrites *in place* (clipping, unscaling) cannot be told from backward's own accumulation and are
 documented instead; so is a view swapped in for ``.grad`` (DDP's bucket views copy the values first).
@@ -20,9 +20,9 @@ __all__ = ["GradContract", "LOOP_CONTRACT"]
 LOOP_CONTRACT = (
     "the loop must call optimizer.zero_grad() (which decays the momentum held in .grad by beta1), "
     "then optimizer.scale_loss(loss).backward(), then optimizer.step(), and must not clear, replace, "
-    "clip or rescale .grad in between. Trainers that manage gradients themselves (HF Trainer, "
-    "Lightning, torchtitan, DeepSpeed, Megatron) cannot keep the momentum there: use "
-    "momentum_in_grad=False (the default; M is then optimizer state)"
+    "clip or rescale .grad in between. Training loops that manage gradients themselves (clearing "
+    "them with model.zero_grad(), clipping them, never scaling the loss: most trainers) cannot keep "
+    "the momentum there: use momentum_in_grad=False (the default; M is then optimizer state)"
 )
 
 

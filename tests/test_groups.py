@@ -1,7 +1,6 @@
 """decay_param_groups: HF Trainer's decay rule, as param groups for our optimizers."""
 
 import pytest
-import torch
 from torch import nn
 
 import dist_memopt as dm

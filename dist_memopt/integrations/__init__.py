@@ -1,8 +1,10 @@
 """Framework adapters: each says where parameter shards lie and over which process group.
 
 They hold no optimizer math. ``dtensor`` (FSDP2, HSDP, tensor parallelism) and ``fsdp`` (FSDP1
-flat parameters) register their layout resolvers when ``dist_memopt`` is imported; ``deepspeed``
-and ``megatron`` are imported by their users.
+flat parameters) register their layout resolvers and checkpoint styles when ``dist_memopt`` is
+imported; ``deepspeed``, ``megatron`` and ``torchtitan`` (a container that resolves our names) are
+imported by their users. HF Trainer, accelerate and Lightning need no adapter: they take the
+optimizers as they are (README, *Trainers*).
 """
 
 from dist_memopt.integrations import dtensor, fsdp  # noqa: F401  (register their layout resolvers)

@@ -26,7 +26,16 @@ from dist_memopt.integrations.versions import UnsupportedVersion, check_version
 from dist_memopt.optim import SMMF, Alada, FactoredOptimizer
 from dist_memopt.optim.arguments import as_call_arguments, constructor_arguments, warn_adam_values
 
-__all__ = ["SUPPORTED_TORCHTITAN_VERSIONS", "check_torchtitan_version", "OptimizersContainer", "default_smmf", "default_alada"]
+__all__ = [
+    "SUPPORTED_TORCHTITAN_VERSIONS",
+    "UnsupportedVersion",
+    "check_torchtitan_version",
+    "OPTIMIZERS",
+    "OptimizersContainer",
+    "ParamGroupConfig",
+    "default_smmf",
+    "default_alada",
+]
 
 #: Releases whose OptimizersContainer this adapter was checked against (pinned in pyproject's extra).
 SUPPORTED_TORCHTITAN_VERSIONS = ("0.3.0",)
@@ -127,6 +136,3 @@ def default_smmf(lr: float = 8e-4, weight_decay: float = 0.1, **kwargs: Any) -> 
 def default_alada(lr: float = 8e-4, weight_decay: float = 0.1, **kwargs: Any) -> OptimizersContainer.Config:
     """Like torchtitan's ``default_adamw``, for Alada (its paper's betas (0.9, 0.9), eps 1e-16)."""
     return _default("Alada", {"lr": lr, "betas": (0.9, 0.9), "eps": 1e-16, **kwargs}, weight_decay)
-
-
-__all__ += ["UnsupportedVersion", "OPTIMIZERS", "ParamGroupConfig"]

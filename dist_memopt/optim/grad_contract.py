@@ -2,10 +2,10 @@
 
 In that mode ``.grad`` *is* the first moment: ``optimizer.zero_grad()`` decays it by β1 and
 backward adds (1 − β1)·G into the same tensor. A loop that clears gradients itself
-(``model.zero_grad()``, as HF Trainer does), or that replaces the ``.grad`` tensors, destroys the
+(``model.zero_grad()``, as trainers commonly do), or that replaces the ``.grad`` tensors, destroys the
 momentum without any error; this guard turns both into a clear error before any state changes.
 Rewrites *in place* (clipping, unscaling) cannot be told from backward's own accumulation and are
-documented instead.
+documented instead; so is a view swapped in for ``.grad`` (DDP's bucket views copy the values first).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ __all__ = ["GradContract", "LOOP_CONTRACT"]
 LOOP_CONTRACT = (
     "the loop must call optimizer.zero_grad() (which decays the momentum held in .grad by beta1), "
     "then optimizer.scale_loss(loss).backward(), then optimizer.step(), and must not clear, replace, "
-    "clip or rescale .grad in between. Trainers that manage gradients themselves (HF Trainer, "
-    "Lightning, torchtitan, DeepSpeed, Megatron) cannot keep the momentum there: use "
-    "momentum_in_grad=False (the default; M is then optimizer state)"
+    "clip or rescale .grad in between. Training loops that manage gradients themselves (clearing "
+    "them with model.zero_grad(), clipping them, never scaling the loss: most trainers) cannot keep "
+    "the momentum there: use momentum_in_grad=False (the default; M is then optimizer state)"
 )
 
 
@@ -51,10 +51,19 @@ class GradContract:
         for group in in_grad:
             for i, p in enumerate(group["params"]):
                 expected = self._grads.get(id(p))
-                if expected is None or expected() is not p.grad:
+                if expected is None or not _same_buffer(expected(), p.grad, p):
                     raise RuntimeError(
                         f"{kind}(momentum_in_grad=True): the .grad of {name(group, i)} is not the tensor "
                         "optimizer.zero_grad() left there (it was set to None or replaced since); no "
                         f"parameter or state was changed. In this mode {LOOP_CONTRACT}"
                     )
         self.zeroed = False
+
+
+def _same_buffer(left: Optional[Tensor], grad: Optional[Tensor], param: Tensor) -> bool:
+    """``grad`` is the tensor ``zero_grad`` left, or a view of the parameter's shape that a
+    framework swapped in for it after copying its values (DDP's ``gradient_as_bucket_view`` does
+    so when it builds its buckets; the old tensor may be gone by now)."""
+    if grad is left:
+        return True
+    return grad is not None and grad._is_view() and grad.shape == param.shape

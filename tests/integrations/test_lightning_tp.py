@@ -78,6 +78,7 @@ def test_lightning_tensor_parallel_equals_one_process(optimizer, tmp_path):
     assert any(not torch.equal(initial[n], v) for n, v in expected.items())
     for result in run_distributed(_fit, 2, str(tmp_path), optimizer, timeout=300):
         assert "Shard(dim=1)" in result["placements"]  # the row-wise weight really is a column block
-        for name, value in expected.items():
-            error = (result["params"][name] - value).abs().max().item() / max(1.0, value.abs().max().item())
-            assert error <= TOLERANCE, f"{optimizer} {name}: off by {error:.3g}"
+        errors = {n: (result["params"][n] - v).abs().max().item() / max(1.0, v.abs().max().item()) for n, v in expected.items()}
+        worst = max(errors, key=errors.get)
+        print(f"{optimizer}: largest difference {errors[worst]:.3g} ({worst})")
+        assert errors[worst] <= TOLERANCE, f"{optimizer} {worst}: off by {errors[worst]:.3g}"

@@ -98,7 +98,7 @@ def _grads(model: torch.nn.Module, step: int) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     generator = torch.Generator().manual_seed(1000 + step)
-    for name, p in sorted(model.named_parameters()):
+    for _, p in sorted(model.named_parameters()):
         full = torch.randn(p.shape, generator=generator) * 1e-2
         p.grad = distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full
 

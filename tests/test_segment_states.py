@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dist_memopt as dm
-from dist_memopt.optim.base import STATE_KINDS
+from dist_memopt.optim.state_layout import STATE_KINDS
 from dist_memopt.shard.spec import Segment, ShardSpec, layout_of, set_layout
 
 OPTIMIZERS = {

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from dist_memopt.optim.base import (
     FactoredOptimizer,
-    ParamPlan,
     SegmentBatches,
     SegmentPlan,
     StepItem,
@@ -32,6 +31,7 @@ from dist_memopt.optim.base import (
     decay_weights,
 )
 from dist_memopt.optim.grad_contract import GradContract
+from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import balanced_split
 from dist_memopt.shard.reduce import StatReducer
 
@@ -60,7 +60,13 @@ class Alada(FactoredOptimizer):
         "beta": "Alada takes betas=(beta1, beta2) (the paper's (0.9, 0.9))",
         "decoupled_weight_decay": "Alada's weight decay is always decoupled (W <- W*(1 - lr*wd)); remove it",
     }
-    state_kinds = dict(exp_avg="elems", row="rows", col="cols", v0="factor")
+    # p, q, v0 in float64: see _refit_and_update (Ũ cancels p·qᵀ against β2^(t+1)·v0)
+    state_layout = dict(
+        exp_avg=StateKey("elems", present=lambda group: not group["momentum_in_grad"]),
+        row=StateKey("rows", torch.float64, everywhere=True),
+        col=StateKey("cols", torch.float64, everywhere=True),
+        v0=StateKey("factor", torch.float64, everywhere=True),
+    )
 
     def __init__(
         self,
@@ -108,13 +114,6 @@ class Alada(FactoredOptimizer):
 
     def _matrix_shape(self, group: dict[str, Any], global_shape: torch.Size) -> Optional[tuple[int, int]]:
         return balanced_split(global_shape)
-
-    def _expected_state(self, group: dict[str, Any], plan: ParamPlan) -> dict[str, tuple[int, torch.dtype]]:
-        f64 = torch.float64  # see _refit_and_update: Ũ cancels p·qᵀ against β2^(t+1)·v0
-        expected = dict(row=(plan.rows, f64), col=(plan.cols, f64), v0=(plan.factored_count, f64))
-        if not group["momentum_in_grad"]:
-            expected["exp_avg"] = (plan.elems, torch.float32)
-        return expected
 
     # --- the in-gradient first moment ------------------------------------------------------
 

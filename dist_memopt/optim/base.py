@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from dist_memopt.optim.bits import packed_numel
 from dist_memopt.optim.plan import ParamPlan, SegmentBatches, SegmentPlan, StepItem, decay_weights
 from dist_memopt.optim.state_dict import StateDictMixin
+from dist_memopt.optim.state_layout import STATE_KINDS, StateKey, expected_state, kinds_of
 from dist_memopt.shard.reduce import StatReducer
 from dist_memopt.shard.runs import view_geometry
 from dist_memopt.shard.spec import ParamLayout, grad_like_param, layout_of, local_tensor
@@ -79,13 +80,19 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
     hyperparameters: tuple[str, ...] = ()
     #: elements per piece when stepping a segment; None picks :func:`default_chunk_numel`
     chunk_numel: Optional[int] = None
-    #: how each per-parameter state key is laid out (see :data:`STATE_KINDS`)
+    #: every per-parameter state key, declared once (see :mod:`.state_layout`); ``state_kinds``
+    #: (key -> kind) derives from it
+    state_layout: dict[str, StateKey] = {}
     state_kinds: dict[str, str] = {}
     #: largest segment (elements) the fast path stacks with others; bigger ones gain nothing
     batch_numel: int = 1 << 16
     #: param-group keys of other optimizers that this one would silently ignore -> what to write
     #: instead; :data:`IGNORED_FLAGS` are refused only when truthy (``fused=False`` is harmless)
     ignored_keys: dict[str, str] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.state_kinds = kinds_of(cls.state_layout)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._validate_group(defaults, where="")
@@ -108,8 +115,8 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         return None
 
     def _expected_state(self, group: dict[str, Any], plan: ParamPlan) -> dict[str, tuple[int, torch.dtype]]:
-        """State keys this parameter must hold, with element counts and dtypes."""
-        raise NotImplementedError
+        """State keys this parameter must hold, with element counts and dtypes (from :attr:`state_layout`)."""
+        return expected_state(self.state_layout, group, plan)
 
     def _reserve(self, items: list[StepItem], reducer: StatReducer) -> Any:
         """Reserve statistic slots for this step; must not change any state."""
@@ -333,14 +340,6 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
             step = state["step"] = torch.tensor(0.0, dtype=torch.float32)
         step += 1
         return int(step.item())
-
-
-#: The layouts a state key can have, named after the :class:`SegmentPlan` accessor that slices
-#: one segment's part out of the concatenated tensor. Per element of the segment's range:
-#: ``elems`` (factored segments), ``dense`` (segments kept dense), ``bits`` (packed sign bits of
-#: factored segments, 8 per byte, each segment starting on a fresh byte). Per parameter, whole:
-#: ``rows`` and ``cols`` (the 2-D view's factors), ``factor`` (one value per factored segment).
-STATE_KINDS = ("elems", "dense", "bits", "rows", "cols", "factor")
 
 
 def first_nonfinite(tensors: list[Tensor]) -> Optional[int]:

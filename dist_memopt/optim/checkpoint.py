@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from dist_memopt.optim.bits import pack_signs, packed_numel, unpack_signs
+from dist_memopt.optim.state_layout import per_element_keys
 from dist_memopt.shard.spec import local_tensor
 
 __all__ = ["expand_state", "compact_state", "per_element_keys", "CheckpointStyle", "register_checkpoint_style"]
@@ -65,17 +66,9 @@ def register_checkpoint_style(style: CheckpointStyle) -> None:
     _STYLES[style.name] = style
 
 
-#: per-element state kinds (see STATE_KINDS in dist_memopt.optim.base) and the segments they cover
-_PER_ELEMENT = {"bits": "factored", "elems": "factored", "dense": "dense"}
-
-
-def per_element_keys(state_kinds: dict[str, str]) -> dict[str, str]:
-    """The state keys holding one entry per element (signs, moments), with their kinds."""
-    return {key: kind for key, kind in state_kinds.items() if kind in _PER_ELEMENT}
-
-
 def _segments(plan: Any, kind: str) -> list:
-    return plan.factored if _PER_ELEMENT[kind] == "factored" else plan.dense_segments
+    """The segments a per-element kind covers: dense ones for ``dense``, factored ones otherwise."""
+    return plan.dense_segments if kind == "dense" else plan.factored
 
 
 def expand_state(plan: Any, param: Tensor, state: dict[str, Any], state_kinds: dict[str, str], style: str) -> dict[str, Any]:

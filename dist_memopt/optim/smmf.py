@@ -18,7 +18,6 @@ from torch import Tensor
 
 from dist_memopt.optim.base import (
     FactoredOptimizer,
-    ParamPlan,
     SegmentBatches,
     SegmentPlan,
     StepItem,
@@ -28,6 +27,7 @@ from dist_memopt.optim.base import (
     decay_weights,
 )
 from dist_memopt.optim.bits import pack_signs, unpack_signs
+from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import square_matricize
 from dist_memopt.shard.reduce import StatReducer
 
@@ -43,6 +43,10 @@ def normalize_factors(rows: Tensor, cols: Tensor) -> None:
     # A zero total means a zero side (its entries are non-negative): dividing by 1 keeps it, and
     # avoids a host sync that an `if` on the total would cost.
     side.div_(torch.where(total > 0, total, torch.ones_like(total)))
+
+
+def _first_moment(group: dict[str, Any]) -> bool:
+    return group["beta"] is not None
 
 
 class SMMF(FactoredOptimizer):
@@ -76,8 +80,14 @@ class SMMF(FactoredOptimizer):
         "follows decay_rate (beta2_t = 1 - t**decay_rate), not a beta2",
         "decoupled_weight_decay": "write weight_decay_mode='adamw' (decoupled) or 'adam' (L2 in the gradient)",
     }
-    state_kinds = dict(
-        sign="bits", row_m="rows", col_m="cols", row_v="rows", col_v="cols", exp_avg="dense", exp_avg_sq="dense"
+    state_layout = dict(
+        sign=StateKey("bits", torch.uint8, present=_first_moment),
+        row_m=StateKey("rows", present=_first_moment),
+        col_m=StateKey("cols", present=_first_moment),
+        row_v=StateKey("rows"),
+        col_v=StateKey("cols"),
+        exp_avg=StateKey("dense", present=_first_moment),
+        exp_avg_sq=StateKey("dense"),
     )
 
     def __init__(
@@ -138,20 +148,6 @@ class SMMF(FactoredOptimizer):
         if not group["vector_reshape"] and sum(1 for d in global_shape if d != 1) <= 1:
             return None
         return square_matricize(global_shape.numel())
-
-    def _expected_state(self, group: dict[str, Any], plan: ParamPlan) -> dict[str, tuple[int, torch.dtype]]:
-        f32 = torch.float32
-        expected: dict[str, tuple[int, torch.dtype]] = {}
-        first_moment = group["beta"] is not None
-        if plan.factored_count:
-            expected.update(row_v=(plan.rows, f32), col_v=(plan.cols, f32))
-            if first_moment:
-                expected.update(row_m=(plan.rows, f32), col_m=(plan.cols, f32), sign=(plan.bits, torch.uint8))
-        if plan.dense:
-            expected["exp_avg_sq"] = (plan.dense, f32)
-            if first_moment:
-                expected["exp_avg"] = (plan.dense, f32)
-        return expected
 
     # --- step ------------------------------------------------------------------------------
 

@@ -25,20 +25,17 @@ from torch import Tensor
 
 from dist_memopt.integrations.deepspeed.layouts import PartitionLayout
 from dist_memopt.optim.base import FactoredOptimizer
+from dist_memopt.optim.state_layout import VALUE_KINDS
 from dist_memopt.shard.spec import layout_of
 
-__all__ = ["ELEMENT_KINDS", "link_state_helpers", "undo_state_priming"]
-
-#: state kinds that hold one value per element of a segment, stored unpacked
-ELEMENT_KINDS = ("elems", "dense")
-
+__all__ = ["link_state_helpers", "undo_state_priming"]
 
 def element_views(optimizer: FactoredOptimizer, layout: PartitionLayout) -> list[dict[str, Tensor]]:
     """Per segment of ``layout`` (in order), views of its per-element state keys."""
     group = optimizer.param_groups[layout.group_index]
     state = optimizer.state.get(layout.tensor, {})
     pieces = optimizer.segment_states(group, layout_of(layout.tensor), state)
-    return [{k: v for k, v in views.items() if optimizer.state_kinds[k] in ELEMENT_KINDS} for _, views in pieces]
+    return [{k: v for k, v in views.items() if optimizer.state_kinds[k] in VALUE_KINDS} for _, views in pieces]
 
 
 def _unsupported_key(optimizer: FactoredOptimizer, key: str, available: list[str]) -> ValueError:

@@ -37,6 +37,7 @@ from torch import Tensor
 from dist_memopt.integrations.deepspeed.layouts import PartitionLayout
 from dist_memopt.integrations.deepspeed.registry import OPTIMIZERS
 from dist_memopt.optim.base import FactoredOptimizer
+from dist_memopt.optim.state_layout import PER_ELEMENT_KINDS as PER_ELEMENT
 from dist_memopt.optim.bits import pack_signs, unpack_signs
 from dist_memopt.shard.spec import ParamLayout, Segment, ShardSpec, layout_of
 
@@ -46,7 +47,6 @@ __all__ = ["convert", "enable_universal", "main", "METADATA_KEY", "STATE_FOLDER"
 METADATA_KEY = "dist_memopt"
 #: folder of a universal checkpoint that holds our per-parameter state
 STATE_FOLDER = "dist_memopt"
-PER_ELEMENT = ("elems", "dense", "bits")
 HOW_TO_CONVERT = (
     "Convert the checkpoint with `python -m dist_memopt.integrations.deepspeed.universal --input_folder "
     "CKPT/TAG --output_folder CKPT/TAG_universal` (DeepSpeed's ds_to_universal knows only Adam's state) "

@@ -11,8 +11,9 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -74,102 +75,138 @@ def run(config: RunConfig, resume: Optional[str | bool] = None) -> dict:
         dist.destroy_process_group()
 
 
+@dataclass
+class _Session:
+    """What the iterations need: the engine, the batches and where the run starts."""
+
+    engine: Any
+    batches: Any
+    kind: str
+    num_params: int
+    num_micro: int
+    tokens_per_iteration: int
+    start: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
 def _train(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> dict:
-    from tqdm import tqdm
-
-    from dist_memopt.train.backends import build_engine
-    from dist_memopt.train.batches import BatchMaker
-    from dist_memopt.train.data import TokenStream
-    from dist_memopt.train.models import build_model, compute_loss, init_megatron
-
     _quiet_frameworks()
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, _local_world_size(env))))
-    run_dir = config.run_dir
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
-        print(f"# resolved config ({config.name}), saved to {run_dir / 'config.yaml'}\n{to_yaml(config)}", flush=True)
-
-    stream = TokenStream(_dataset_prefix(config, env))
-    batches = BatchMaker(stream, config, env.rank, env.world_size)
-    init_megatron(config.train.seed)
-    model = build_model(config).to(env.device)
-    num_params = sum(p.numel() for p in model.parameters())
-    engine = build_engine(model, config, env)
-    num_micro = config.num_microbatches(env.world_size)
-    kind = config.model.type
-
-    history: list[dict] = []
-    start = 0
-    if resume:
-        path = checkpoint.resolve_resume(config.checkpoint_dir, resume if isinstance(resume, str) else None)
-        state = checkpoint.load_checkpoint(path, engine, env.rank)
-        start, history = state["iteration"], state["history"]
-        if env.is_main:
-            print(f"resumed from {path} at iteration {start}", flush=True)
-
-    if env.is_main:
-        print(
-            f"{kind} ({num_params / 1e6:.2f}M parameters) | {config.optimizer.type} | backend {config.parallel.backend} | "
-            f"{env.world_size} rank(s) via {env.launcher} | {stream.num_tokens / 1e6:.1f}M tokens | "
-            f"global batch {config.train.global_batch_size} = {num_micro} x {config.train.micro_batch_size} x {env.world_size}",
-            flush=True,
-        )
-    tokens_per_iteration = config.train.global_batch_size * batches.tokens_per_sample()
-    bar = tqdm(total=config.train.train_iters, initial=start, disable=not report.show_progress(env.is_main and config.log.progress_bar),
-               dynamic_ncols=True, desc=f"{kind}/{config.optimizer.type}", file=sys.stderr)
+    _write_config(config, env)
+    session = _start(config, env, resume)
+    engine, history = session.engine, session.history
+    bar = _progress_bar(config, env, session)
     memory: list[dict] = []
     save_every = config.checkpoint.save_interval
-    last_saved = start if resume else None
+    last_saved = session.start if resume else None
     began = time.perf_counter()
-
-    for iteration in range(start, config.train.train_iters):
-        tic = time.perf_counter()
-        lr = report.lr_at(iteration + 1, config.train)
-        engine.set_lr(lr)
-        total = torch.zeros((), device=env.device)
-        for micro in range(num_micro):
-            batch = _to_device(batches.make(iteration, micro), env.device)
-            loss = compute_loss(engine, kind, batch)
-            engine.backward(loss, micro == num_micro - 1, num_micro)
-            total += loss.detach()
-        engine.step()
-        loss_value = _mean_over_ranks(total / num_micro)
-        seconds = time.perf_counter() - tic
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at iteration {iteration + 1}")
-        history.append({"iteration": iteration + 1, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_iteration / seconds})
+    for iteration in range(session.start, config.train.train_iters):
+        record = _iterate(config, env, session, iteration)
+        history.append(record)
         if not memory:
             memory = _memory_report(engine)
             if env.is_main:
                 bar.write(report.memory_line(config.optimizer.type, memory))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_iteration / seconds:,.0f}")
-        if env.is_main and ((iteration + 1) % config.log.log_interval == 0 or iteration == start):
-            bar.write(f"iter {iteration + 1:>7d} | loss {loss_value:.4f} | lr {lr:.3e} | {tokens_per_iteration / seconds:,.0f} tokens/s")
+        _show(config, env, bar, record, first=iteration == session.start)
         if save_every and (iteration + 1) % save_every == 0:
             checkpoint.save_checkpoint(config.checkpoint_dir, iteration + 1, engine, {"history": history}, env.rank)
             last_saved = iteration + 1
     bar.close()
-    if config.checkpoint.save_final and last_saved != config.train.train_iters and start < config.train.train_iters:
+    if config.checkpoint.save_final and last_saved != config.train.train_iters and session.start < config.train.train_iters:
         checkpoint.save_checkpoint(config.checkpoint_dir, config.train.train_iters, engine, {"history": history}, env.rank)
-    if not memory:
-        memory = _memory_report(engine)
-
     summary = {
         "config": config_to_dict(config),
         "name": config.name,
         "world_size": env.world_size,
         "launcher": env.launcher,
-        "num_parameters": num_params,
-        "memory_per_rank": memory,
+        "num_parameters": session.num_params,
+        "memory_per_rank": memory or _memory_report(engine),
         "history": history,
         "final_loss": history[-1]["loss"] if history else None,
         "train_seconds_this_process": time.perf_counter() - began,
     }
     if env.is_main:
-        _finish(config, run_dir, summary)
+        _finish(config, config.run_dir, summary)
     return summary
+
+
+def _write_config(config: RunConfig, env: DistEnv) -> None:
+    if env.is_main:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        (config.run_dir / "config.yaml").write_text(to_yaml(config))
+        print(f"# resolved config ({config.name}), saved to {config.run_dir / 'config.yaml'}\n{to_yaml(config)}", flush=True)
+
+
+def _start(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> _Session:
+    """Data, model and engine, restored from a checkpoint when resuming; rank 0 says what runs."""
+    from dist_memopt.train.backends import build_engine
+    from dist_memopt.train.batches import BatchMaker
+    from dist_memopt.train.data import TokenStream
+    from dist_memopt.train.models import build_model, init_megatron
+
+    stream = TokenStream(_dataset_prefix(config, env))
+    batches = BatchMaker(stream, config, env.rank, env.world_size)
+    init_megatron(config.train.seed)
+    model = build_model(config).to(env.device)
+    session = _Session(
+        engine=build_engine(model, config, env),
+        batches=batches,
+        kind=config.model.type,
+        num_params=sum(p.numel() for p in model.parameters()),
+        num_micro=config.num_microbatches(env.world_size),
+        tokens_per_iteration=config.train.global_batch_size * batches.tokens_per_sample(),
+    )
+    if resume:
+        path = checkpoint.resolve_resume(config.checkpoint_dir, resume if isinstance(resume, str) else None)
+        state = checkpoint.load_checkpoint(path, session.engine, env.rank)
+        session.start, session.history = state["iteration"], state["history"]
+        if env.is_main:
+            print(f"resumed from {path} at iteration {session.start}", flush=True)
+    if env.is_main:
+        print(
+            f"{session.kind} ({session.num_params / 1e6:.2f}M parameters) | {config.optimizer.type} | backend "
+            f"{config.parallel.backend} | {env.world_size} rank(s) via {env.launcher} | {stream.num_tokens / 1e6:.1f}M tokens | "
+            f"global batch {config.train.global_batch_size} = {session.num_micro} x {config.train.micro_batch_size} x {env.world_size}",
+            flush=True,
+        )
+    return session
+
+
+def _progress_bar(config: RunConfig, env: DistEnv, session: _Session):
+    from tqdm import tqdm
+
+    shown = report.show_progress(env.is_main and config.log.progress_bar)
+    return tqdm(total=config.train.train_iters, initial=session.start, disable=not shown, dynamic_ncols=True,
+                desc=f"{session.kind}/{config.optimizer.type}", file=sys.stderr)
+
+
+def _iterate(config: RunConfig, env: DistEnv, session: _Session, iteration: int) -> dict:
+    """One iteration: the micro-batches' forward/backward, the step; its history record."""
+    from dist_memopt.train.models import compute_loss
+
+    tic = time.perf_counter()
+    lr = report.lr_at(iteration + 1, config.train)
+    session.engine.set_lr(lr)
+    total = torch.zeros((), device=env.device)
+    for micro in range(session.num_micro):
+        batch = _to_device(session.batches.make(iteration, micro), env.device)
+        loss = compute_loss(session.engine, session.kind, batch)
+        session.engine.backward(loss, micro == session.num_micro - 1, session.num_micro)
+        total += loss.detach()
+    session.engine.step()
+    loss_value = _mean_over_ranks(total / session.num_micro)
+    seconds = time.perf_counter() - tic
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss became {loss_value} at iteration {iteration + 1}")
+    return {"iteration": iteration + 1, "loss": loss_value, "lr": lr, "tokens_per_s": session.tokens_per_iteration / seconds}
+
+
+def _show(config: RunConfig, env: DistEnv, bar, record: dict, first: bool) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
+    if env.is_main and (record["iteration"] % config.log.log_interval == 0 or first):
+        bar.write(f"iter {record['iteration']:>7d} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                  f"{record['tokens_per_s']:,.0f} tokens/s")
 
 
 def _local_world_size(env: DistEnv) -> int:

@@ -34,12 +34,36 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
     parallel_state.initialize_model_parallel(tp, pp)
 
 
+class SequenceParallelLayerNorm(nn.LayerNorm):
+    """torch's LayerNorm with Megatron's mark for sequence parallelism (as Apex's FusedLayerNorm
+    sets it): megatron-core's torch-norm fallback refuses sequence parallelism, Apex is absent here."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+def _layer_spec(num_layers: int, sequence_parallel: bool) -> Any:
+    """The local GPT layer spec; for sequence parallelism with norms that support it."""
+    import copy
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = get_gpt_layer_local_spec()
+    if not sequence_parallel:
+        return spec
+    spec = copy.deepcopy(spec)
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=SequenceParallelLayerNorm)
+
+
 def gpt(num_layers: int = 2, dtype: torch.dtype = torch.float32, sequence_parallel: bool = False) -> nn.Module:
     """The model for the current parallel state, initialized from seed 0 (Megatron's CPU
     initialization draws each full TP=1 weight and keeps this rank's piece: equal across layouts)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
     from dist_memopt.integrations.megatron.cpu_shims import model_parallel_manual_seed
@@ -52,10 +76,10 @@ def gpt(num_layers: int = 2, dtype: torch.dtype = torch.float32, sequence_parall
         use_cpu_initialization=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        sequence_parallel=sequence_parallel, hidden_dropout=0.0, attention_dropout=0.0,
+        sequence_parallel=sequence_parallel, hidden_dropout=0.0, attention_dropout=0.0, pipeline_dtype=dtype,
     )
     return GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+        config=config, transformer_layer_spec=_layer_spec(num_layers, sequence_parallel), vocab_size=VOCAB, max_sequence_length=SEQ,
         share_embeddings_and_output_weights=False,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
     )
@@ -72,12 +96,17 @@ def wrap_ddp(model: nn.Module, distributed_optimizer: bool, bucket_size: Optiona
 
 
 def build(name: str, distributed_optimizer: bool, dtype: torch.dtype = torch.float32, num_layers: int = 2,
-          sequence_parallel: bool = False) -> tuple[nn.Module, Any]:
+          sequence_parallel: bool = False, initial: Optional[dict[str, torch.Tensor]] = None) -> tuple[nn.Module, Any]:
+    """The model in Megatron DDP and its optimizer; ``initial``: full TP=1 weights by PP=1 name."""
     from megatron.core.optimizer import OptimizerConfig
 
     from dist_memopt.integrations.megatron import get_megatron_optimizer
 
     ddp = wrap_ddp(gpt(num_layers, dtype, sequence_parallel), distributed_optimizer)
+    if initial is not None:
+        with torch.no_grad():
+            for param_name, param, piece in named_pieces(ddp):
+                param.copy_(initial[param_name].reshape(-1)[positions(piece)].view(param.shape))
     fields, kwargs = CONFIGS[name]
     config = OptimizerConfig(lr=LR, clip_grad=CLIP, use_distributed_optimizer=distributed_optimizer,
                              bf16=dtype == torch.bfloat16, **fields)
@@ -178,3 +207,24 @@ def max_errors(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor])
     assert set(got) == set(reference), set(got) ^ set(reference)
     return {n: (got[n].reshape(-1) - ref.reshape(-1)).abs().max().item() / max(1.0, ref.abs().max().item())
             for n, ref in reference.items()}
+
+
+def save(ddp: nn.Module, optimizer: Any, path: str) -> None:
+    """A Megatron distributed checkpoint (torch_dist) of the model and the optimizer."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(path, exist_ok=True)
+    model_state = ddp.module.sharded_state_dict()
+    dist_checkpointing.save({"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state)}, path)
+
+
+def load(ddp: nn.Module, optimizer: Any, path: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    model_state = ddp.module.sharded_state_dict()
+    wanted = {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True)}
+    loaded = dist_checkpointing.load(wanted, path)
+    ddp.module.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])

@@ -7,11 +7,14 @@ embeddings and output layer, replicated norms and row-parallel biases. Megatron'
 draws each full weight and keeps the rank's piece, so the TP=2 pieces assembled by the positions
 dist_memopt derives must be exactly the TP=1 weights; after 10 steps on the same injected main
 gradients (clipping active), the assembled TP=2 parameters equal TP=1's, with the distributed
-optimizer on and off, SMMF and Alada, fp32 and bf16, with sequence parallelism. Also: the optimizer's
-collectives per step (constant in the number of layers), and what stays refused.
+optimizer on and off, SMMF and Alada, fp32 and bf16, with sequence parallelism, and at TP=2 x PP=2.
+Also: distributed checkpoints saved at TP=1 resumed at TP=2 and back, and the optimizer's collectives
+per step (constant in the number of layers).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import pytest
 import torch
@@ -31,25 +34,62 @@ RUNS = {
     "alada-distopt": ("alada", True, torch.float32, False),
     "alada-whole": ("alada", False, torch.float32, False),
     "alada-distopt-bf16": ("alada", True, torch.bfloat16, False),
-    # "smmf-distopt-sp": ("smmf", True, torch.float32, True),
+    "smmf-distopt-sp": ("smmf", True, torch.float32, True),
 }
 
 
-def _train_runs(rank: int, world_size: int, tp: int) -> dict:
+PIPELINE_RUNS = ("smmf-distopt", "alada-whole")
+CHECKPOINTED = ("smmf-distopt", "alada-whole")  # saved at SAVE_AT by TP=1 and by TP=2 x DP=1
+SAVE_AT = 5
+
+
+def _train_runs(rank: int, world_size: int, tp: int, root: str, initial: Optional[dict] = None) -> dict:
+    """Every run of RUNS at TP=``tp`` (DP = the rest); given TP=1's ``initial`` weights (the
+    4-rank job), then the PIPELINE_RUNS at TP=2 x PP=2 from those weights (a later stage's layers
+    draw other values) and the TP=2 checkpoints resumed at TP=1 x DP=4. The 2-rank job resumes
+    the TP=1 checkpoints."""
     mt.init_parallel(tp)
     out: dict = {"runs": {}}
     for label, (name, distributed, dtype, sp) in RUNS.items():
         if sp and tp == 1:
             continue  # the TP=1 reference of a sequence-parallel run is the plain one
         ddp, optimizer = mt.build(name, distributed, dtype, sequence_parallel=sp)
-        initial = mt.local_weights(ddp)
-        returned = mt.train(ddp, optimizer, range(STEPS))
-        out["runs"][label] = dict(initial=initial, final=mt.local_weights(ddp), returned=returned)
+        before = mt.local_weights(ddp)
+        returned = mt.train(ddp, optimizer, range(SAVE_AT))
+        if label in CHECKPOINTED and world_size == tp:
+            mt.save(ddp, optimizer, f"{root}/tp{tp}/{label}")
+        returned += mt.train(ddp, optimizer, range(SAVE_AT, STEPS))
+        marked = sorted(n for n, p in ddp.module.named_parameters() if getattr(p, "sequence_parallel", False))
+        out["runs"][label] = dict(initial=before, final=mt.local_weights(ddp), returned=returned, sequence_parallel=marked)
     ddp, _ = mt.build("smmf", True)
     out["pieces"] = {name: (tuple(piece.global_shape), piece.boxes) for name, _, piece in mt.named_pieces(ddp)}
     if tp > 1:
         out["collectives"] = _collectives()
+    if tp == world_size == 2:
+        out["resumed"] = _resume(f"{root}/tp1")
+    if initial is not None:
+        mt.init_parallel(2, 2)
+        for label in PIPELINE_RUNS:
+            name, distributed, dtype, _ = RUNS[label]
+            ddp, optimizer = mt.build(name, distributed, dtype, initial=initial)
+            returned = mt.train(ddp, optimizer, range(STEPS))
+            out.setdefault("pipeline", {})[label] = dict(final=mt.local_weights(ddp), returned=returned)
+        mt.init_parallel(1)
+        out["resumed"] = _resume(f"{root}/tp2")
     return out
+
+
+def _resume(saved: str) -> dict:
+    """The CHECKPOINTED runs loaded from ``saved`` (another layout's step SAVE_AT), continued."""
+    resumed = {}
+    for label in CHECKPOINTED:
+        name, distributed, dtype, _ = RUNS[label]
+        ddp, optimizer = mt.build(name, distributed, dtype)
+        mt.load(ddp, optimizer, f"{saved}/{label}")
+        mt.train(ddp, optimizer, range(SAVE_AT, STEPS))
+        steps = {int(s["step"]) for o in optimizer.chained_optimizers for s in o.optimizer.state.values()}
+        resumed[label] = dict(final=mt.local_weights(ddp), steps=steps)
+    return resumed
 
 
 def _counted_step(optimizer, ddp, step: int) -> tuple[int, int]:
@@ -93,9 +133,12 @@ def _collectives() -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs():
-    reference = run_distributed(_train_runs, 1, 1, timeout=300)[0]
-    tp2 = {world: run_distributed(_train_runs, world, 2, timeout=400) for world in (2, 4)}
+def runs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("megatron-tp-checkpoints"))
+    reference = run_distributed(_train_runs, 1, 1, root, timeout=300, daemon=False)[0]
+    initial, _ = mt.assemble([reference["runs"]["smmf-distopt"]["initial"]])
+    tp2 = {2: run_distributed(_train_runs, 2, 2, root, timeout=400, daemon=False),
+           4: run_distributed(_train_runs, 4, 2, root, initial, timeout=500, daemon=False)}
     return reference, tp2
 
 
@@ -132,6 +175,11 @@ def test_tp2_equals_tp1(runs, world, label):
     print(f"TP=2 x DP={world // 2} {label}: max relative difference {errors[worst]:.3g} ({worst}); replicas {disagreement:.3g}")
     assert errors[worst] <= TOLERANCE, f"{label}: {worst} off by {errors[worst]:.3g}"
     assert disagreement <= TOLERANCE
+    marked = tp2[world][0]["runs"][label]["sequence_parallel"]
+    # sequence parallelism marks the norms (2 per layer and the final one, weight and bias) and the
+    # row-parallel biases, whose gradients Megatron completes over tp: all replicated over tp here
+    assert len(marked) == (14 if label.endswith("-sp") else 0), marked
+    assert all("norm" in n or n.endswith(("linear_proj.bias", "linear_fc2.bias")) for n in marked), marked
     ref_returned = reference["runs"][ref_label]["returned"]
     for result in tp2[world]:
         for (ok, norm, _), (ref_ok, ref_norm, _) in zip(result["runs"][label]["returned"], ref_returned):
@@ -149,3 +197,36 @@ def test_collectives_per_step_are_constant(runs):
             ours = 5 if distributed else 2
             assert [c[1] for c in one_layer] == [c[1] for c in three_layers] == [ours] * 3, (name, distributed)
             assert [c[0] for c in one_layer] == [c[0] for c in three_layers], (name, distributed)
+
+
+@pytest.mark.parametrize("label", PIPELINE_RUNS)
+def test_pipeline_stages_step_their_own_parameters(runs, label):
+    """TP=2 x PP=2 on 4 ranks: each stage steps its layers; assembled, they equal TP=1 x PP=1."""
+    reference, tp2 = runs
+    expected, _ = mt.assemble([reference["runs"][label]["final"]])
+    stages = [r["pipeline"][label]["final"] for r in tp2[4]]
+    assert "embedding.word_embeddings.weight" not in stages[-1] and "output_layer.weight" not in stages[0]
+    got, disagreement = mt.assemble(stages)
+    errors = mt.max_errors(got, expected)
+    worst = max(errors, key=errors.get)
+    print(f"TP=2 x PP=2 {label}: max relative difference {errors[worst]:.3g} ({worst})")
+    assert errors[worst] <= TOLERANCE and disagreement <= TOLERANCE, (worst, errors[worst], disagreement)
+    for result in tp2[4]:
+        for (ok, norm, _), (_, ref_norm, _) in zip(result["pipeline"][label]["returned"], reference["runs"][label]["returned"]):
+            assert ok is True and norm == pytest.approx(ref_norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("label", CHECKPOINTED)
+@pytest.mark.parametrize("direction", ["tp1-to-tp2", "tp2-to-tp1"])
+def test_checkpoint_resumes_on_another_tensor_parallel_layout(runs, direction, label):
+    """Saved by Megatron's distributed checkpointing at step 5 at TP=1 (1 rank) and loaded at TP=2
+    (2 ranks); saved at TP=2 x DP=1 and loaded at TP=1 x DP=4: continued, equal to the uninterrupted run."""
+    reference, tp2 = runs
+    ranks = tp2[2] if direction == "tp1-to-tp2" else tp2[4]
+    expected, _ = mt.assemble([reference["runs"][label]["final"]])
+    got, disagreement = mt.assemble([r["resumed"][label]["final"] for r in ranks])
+    errors = mt.max_errors(got, expected)
+    worst = max(errors, key=errors.get)
+    print(f"{direction} {label}: max relative difference {errors[worst]:.3g} ({worst})")
+    assert errors[worst] <= TOLERANCE and disagreement <= TOLERANCE, (worst, errors[worst], disagreement)
+    assert all(r["resumed"][label]["steps"] == {STEPS} for r in ranks)

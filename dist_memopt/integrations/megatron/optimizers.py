@@ -61,12 +61,11 @@ class _TensorParallel:
             spec = piece_spec(model_param.shape, self.pieces.get(id(model_param)), None, self.tp_group, None)
             set_layout(tensor, [Segment(0, spec)], checkpoint="megatron")
 
-    def _check_checkpointable(self) -> None:
-        if any(piece.is_split for piece in self.pieces.values()):
-            raise NotImplementedError(
-                "Megatron distributed checkpoints of SMMF/Alada state with tensor_model_parallel_size > 1 "
-                "are not supported yet"
-            )
+    def _tp_rank(self) -> int:
+        return self.tp_group.rank() if self.tp_group is not None else 0
+
+    def _entry(self, tensor: Tensor, model_param: Tensor, elements: Optional[tuple[int, int]]) -> StateEntry:
+        return StateEntry(tensor, model_param, elements, self.pieces.get(id(model_param)))
 
 
 class _FactoredCheckpointing(_TensorParallel):
@@ -93,9 +92,10 @@ class _FactoredCheckpointing(_TensorParallel):
         gives this model-space format; see :mod:`dist_memopt.integrations.megatron.sharded_state`)."""
         if self.is_stub_optimizer:
             return {}
-        self._check_checkpointable()
         state = self._common_state()
-        state["param_state"] = sharded_param_state(self.optimizer, self._state_entries(), model_sharded_state_dict, self._instance_id())
+        state["param_state"] = sharded_param_state(
+            self.optimizer, self._state_entries(), model_sharded_state_dict, self._instance_id(), self._tp_rank()
+        )
         state["param_state_sharding_type"] = SHARDING_TYPE
         return state
 
@@ -175,7 +175,7 @@ class FactoredDistributedOptimizer(_FactoredCheckpointing, DistributedOptimizer)
                     self.model_param_group_index_map[model_param] = (group_index, len(tensors))
                 spec = piece_spec(model_param.shape, self.pieces.get(id(model_param)), (start, end), self.tp_group, dp_group)
                 set_layout(shard, [Segment(0, spec, name)], checkpoint="megatron")
-                self._entries.append(StateEntry(shard, model_param, (start, end)))
+                self._entries.append(self._entry(shard, model_param, (start, end)))
                 tensors.append(shard)
                 names.append(name)
             group["params"], group["param_names"] = tensors, names
@@ -233,7 +233,7 @@ class FactoredFloat16Optimizer(_FactoredCheckpointing, Float16OptimizerWithFloat
             for models, mains in zip(self.float16_groups, self.fp32_from_float16_groups)
             for model, main in zip(models, mains)
         }
-        return [StateEntry(p, model_of.get(id(p), p), None) for group in self.optimizer.param_groups for p in group["params"]]
+        return [self._entry(p, model_of.get(id(p), p), None) for group in self.optimizer.param_groups for p in group["params"]]
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self._is_factored_checkpoint(state_dict):
@@ -255,7 +255,7 @@ class FactoredFP32Optimizer(_FactoredCheckpointing, FP32Optimizer):
             self._declare_whole([(p, p) for group in optimizer.param_groups for p in group["params"]])
 
     def _state_entries(self) -> list[StateEntry]:
-        return [StateEntry(p, p, None) for group in self.optimizer.param_groups for p in group["params"]]
+        return [self._entry(p, p, None) for group in self.optimizer.param_groups for p in group["params"]]
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self._is_factored_checkpoint(state_dict):

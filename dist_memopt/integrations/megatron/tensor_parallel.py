@@ -130,7 +130,7 @@ def piece_spec(shape: torch.Size, piece: Optional[TPPiece], window: Optional[tup
     if window is not None:
         runs = cut_runs(runs, *window)
     groups = tuple(g for g in (tp_group if split else None, dp_group) if g is not None and g.size() > 1)
-    signature = f"megatron tensor parallel {tp_group.size()} x {len(piece.boxes)} boxes" if split else ""
+    signature = f"megatron tensor parallel: {len(piece.boxes)} boxes of {tuple(global_shape)}" if split else ""
     return ShardSpec.of_runs(global_shape, runs, groups if len(groups) > 1 else (groups[0] if groups else None), signature)
 
 

@@ -51,8 +51,8 @@ def _train_runs(rank: int, world_size: int, tp: int, root: str, initial: Optiona
     mt.init_parallel(tp)
     out: dict = {"runs": {}}
     for label, (name, distributed, dtype, sp) in RUNS.items():
-        if sp and tp == 1:
-            continue  # the TP=1 reference of a sequence-parallel run is the plain one
+        if (sp and tp == 1) or (world_size > tp > 1 and not _at_dp2(label)):
+            continue  # TP=1's reference of a sequence-parallel run is the plain one
         ddp, optimizer = mt.build(name, distributed, dtype, sequence_parallel=sp)
         before = mt.local_weights(ddp)
         returned = mt.train(ddp, optimizer, range(SAVE_AT))
@@ -61,8 +61,8 @@ def _train_runs(rank: int, world_size: int, tp: int, root: str, initial: Optiona
         returned += mt.train(ddp, optimizer, range(SAVE_AT, STEPS))
         marked = sorted(n for n, p in ddp.module.named_parameters() if getattr(p, "sequence_parallel", False))
         out["runs"][label] = dict(initial=before, final=mt.local_weights(ddp), returned=returned, sequence_parallel=marked)
-    ddp, _ = mt.build("smmf", True)
-    out["pieces"] = {name: (tuple(piece.global_shape), piece.boxes) for name, _, piece in mt.named_pieces(ddp)}
+        if label == "smmf-distopt":
+            out["pieces"] = {n: (tuple(piece.global_shape), piece.boxes) for n, _, piece in mt.named_pieces(ddp)}
     if tp > 1:
         out["collectives"] = _collectives()
     if tp == world_size == 2:
@@ -127,7 +127,7 @@ def _collectives() -> dict:
             per_layers = []
             for layers in (1, 3):
                 ddp, optimizer = mt.build(name, distributed, num_layers=layers)
-                per_layers.append([_counted_step(optimizer, ddp, step) for step in range(3)])
+                per_layers.append([_counted_step(optimizer, ddp, step) for step in range(2)])
             counts[name, distributed] = per_layers
     return counts
 
@@ -163,8 +163,13 @@ def test_pieces_assemble_the_tp1_weights(runs, world):
         assert pieces[layer + replicated] == ((18,), (Box((0,), (18,)),))
 
 
-@pytest.mark.parametrize("label", list(RUNS))
-@pytest.mark.parametrize("world", [2, 4])
+def _at_dp2(label: str) -> bool:
+    """Whether ``label`` also runs at TP=2 x DP=2 (sequence parallelism and bf16: DP=1 only, for time)."""
+    _, _, dtype, sp = RUNS[label]
+    return not sp and dtype == torch.float32
+
+
+@pytest.mark.parametrize("world, label", [(2, label) for label in RUNS] + [(4, label) for label in RUNS if _at_dp2(label)])
 def test_tp2_equals_tp1(runs, world, label):
     reference, tp2 = runs
     ref_label = label.removesuffix("-sp")
@@ -195,7 +200,7 @@ def test_collectives_per_step_are_constant(runs):
     for result in tp2[4]:
         for (name, distributed), (one_layer, three_layers) in result["collectives"].items():
             ours = 5 if distributed else 2
-            assert [c[1] for c in one_layer] == [c[1] for c in three_layers] == [ours] * 3, (name, distributed)
+            assert [c[1] for c in one_layer] == [c[1] for c in three_layers] == [ours] * 2, (name, distributed)
             assert [c[0] for c in one_layer] == [c[0] for c in three_layers], (name, distributed)
 
 

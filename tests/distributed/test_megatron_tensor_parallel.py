@@ -43,11 +43,8 @@ CHECKPOINTED = ("smmf-distopt", "alada-whole")  # saved at SAVE_AT by TP=1 and b
 SAVE_AT = 5
 
 
-def _train_runs(rank: int, world_size: int, tp: int, root: str, initial: Optional[dict] = None) -> dict:
-    """Every run of RUNS at TP=``tp`` (DP = the rest); given TP=1's ``initial`` weights (the
-    4-rank job), then the PIPELINE_RUNS at TP=2 x PP=2 from those weights (a later stage's layers
-    draw other values) and the TP=2 checkpoints resumed at TP=1 x DP=4. The 2-rank job resumes
-    the TP=1 checkpoints."""
+def _layout_runs(world_size: int, tp: int, root: str, save: bool) -> dict:
+    """Every run of RUNS at TP=``tp`` (DP = the rest), saving the CHECKPOINTED ones at SAVE_AT."""
     mt.init_parallel(tp)
     out: dict = {"runs": {}}
     for label, (name, distributed, dtype, sp) in RUNS.items():
@@ -56,26 +53,37 @@ def _train_runs(rank: int, world_size: int, tp: int, root: str, initial: Optiona
         ddp, optimizer = mt.build(name, distributed, dtype, sequence_parallel=sp)
         before = mt.local_weights(ddp)
         returned = mt.train(ddp, optimizer, range(SAVE_AT))
-        if label in CHECKPOINTED and world_size == tp:
+        if label in CHECKPOINTED and save:
             mt.save(ddp, optimizer, f"{root}/tp{tp}/{label}")
         returned += mt.train(ddp, optimizer, range(SAVE_AT, STEPS))
         marked = sorted(n for n, p in ddp.module.named_parameters() if getattr(p, "sequence_parallel", False))
         out["runs"][label] = dict(initial=before, final=mt.local_weights(ddp), returned=returned, sequence_parallel=marked)
         if label == "smmf-distopt":
             out["pieces"] = {n: (tuple(piece.global_shape), piece.boxes) for n, _, piece in mt.named_pieces(ddp)}
-    if tp > 1:
-        out["collectives"] = _collectives()
-    if tp == world_size == 2:
-        out["resumed"] = _resume(f"{root}/tp1")
-    if initial is not None:
-        mt.init_parallel(2, 2)
-        for label in PIPELINE_RUNS:
-            name, distributed, dtype, _ = RUNS[label]
-            ddp, optimizer = mt.build(name, distributed, dtype, initial=initial)
-            returned = mt.train(ddp, optimizer, range(STEPS))
-            out.setdefault("pipeline", {})[label] = dict(final=mt.local_weights(ddp), returned=returned)
-        mt.init_parallel(1)
-        out["resumed"] = _resume(f"{root}/tp2")
+    return out
+
+
+def _two_ranks(rank: int, world_size: int, root: str) -> tuple[dict, dict]:
+    """TP=1 x DP=2 (the reference), then TP=2 x DP=1, which also resumes TP=1's checkpoints."""
+    reference = _layout_runs(world_size, 1, root, save=True)
+    tp2 = _layout_runs(world_size, 2, root, save=True)
+    tp2["resumed"] = _resume(f"{root}/tp1")
+    return reference, tp2
+
+
+def _four_ranks(rank: int, world_size: int, root: str, initial: dict) -> dict:
+    """TP=2 x DP=2; the collectives; TP=2 x PP=2 from TP=1's ``initial`` weights (a later stage's
+    layers would draw other values); TP=2's checkpoints resumed at TP=1 x DP=4."""
+    out = _layout_runs(world_size, 2, root, save=False)
+    out["collectives"] = _collectives()
+    mt.init_parallel(2, 2)
+    for label in PIPELINE_RUNS:
+        name, distributed, dtype, _ = RUNS[label]
+        ddp, optimizer = mt.build(name, distributed, dtype, initial=initial)
+        returned = mt.train(ddp, optimizer, range(STEPS))
+        out.setdefault("pipeline", {})[label] = dict(final=mt.local_weights(ddp), returned=returned)
+    mt.init_parallel(1)
+    out["resumed"] = _resume(f"{root}/tp2")
     return out
 
 
@@ -122,23 +130,22 @@ def _counted_step(optimizer, ddp, step: int) -> tuple[int, int]:
 
 def _collectives() -> dict:
     counts = {}
-    for name in mt.CONFIGS:
-        for distributed in (True, False):
-            per_layers = []
-            for layers in (1, 3):
-                ddp, optimizer = mt.build(name, distributed, num_layers=layers)
-                per_layers.append([_counted_step(optimizer, ddp, step) for step in range(2)])
-            counts[name, distributed] = per_layers
+    for name, distributed in (("smmf", True), ("alada", True), ("smmf", False)):
+        per_layers = []
+        for layers in (1, 3):
+            ddp, optimizer = mt.build(name, distributed, num_layers=layers)
+            per_layers.append([_counted_step(optimizer, ddp, step) for step in range(2)])
+        counts[name, distributed] = per_layers
     return counts
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("megatron-tp-checkpoints"))
-    reference = run_distributed(_train_runs, 1, 1, root, timeout=300, daemon=False)[0]
+    two = run_distributed(_two_ranks, 2, root, timeout=400, daemon=False)
+    reference = two[0][0]  # TP=1: every rank holds whole parameters
     initial, _ = mt.assemble([reference["runs"]["smmf-distopt"]["initial"]])
-    tp2 = {2: run_distributed(_train_runs, 2, 2, root, timeout=400, daemon=False),
-           4: run_distributed(_train_runs, 4, 2, root, initial, timeout=500, daemon=False)}
+    tp2 = {2: [r[1] for r in two], 4: run_distributed(_four_ranks, 4, root, initial, timeout=500, daemon=False)}
     return reference, tp2
 
 
@@ -224,8 +231,8 @@ def test_pipeline_stages_step_their_own_parameters(runs, label):
 @pytest.mark.parametrize("label", CHECKPOINTED)
 @pytest.mark.parametrize("direction", ["tp1-to-tp2", "tp2-to-tp1"])
 def test_checkpoint_resumes_on_another_tensor_parallel_layout(runs, direction, label):
-    """Saved by Megatron's distributed checkpointing at step 5 at TP=1 (1 rank) and loaded at TP=2
-    (2 ranks); saved at TP=2 x DP=1 and loaded at TP=1 x DP=4: continued, equal to the uninterrupted run."""
+    """Saved by Megatron's distributed checkpointing at step 5 at TP=1 x DP=2 and loaded at TP=2 x
+    DP=1; saved at TP=2 x DP=1 and loaded at TP=1 x DP=4: continued, equal to the uninterrupted run."""
     reference, tp2 = runs
     ranks = tp2[2] if direction == "tp1-to-tp2" else tp2[4]
     expected, _ = mt.assemble([reference["runs"][label]["final"]])

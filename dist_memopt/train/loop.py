@@ -90,8 +90,8 @@ def _train(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> dic
         print(f"# resolved config ({config.name}), saved to {run_dir / 'config.yaml'}\n{to_yaml(config)}", flush=True)
 
     stream = TokenStream(_dataset_prefix(config, env))
-    batches = BatchMaker(stream, config, env.rank, env.world_size)
-    init_megatron(config.train.seed)
+    init_megatron(config.train.seed, config.parallel.tensor_model_parallel_size)
+    batches = BatchMaker(stream, config, *_data_parallel_rank())
     model = build_model(config).to(env.device)
     num_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, config, env)
@@ -110,8 +110,8 @@ def _train(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> dic
     if env.is_main:
         print(
             f"{kind} ({num_params / 1e6:.2f}M parameters) | {config.optimizer.type} | backend {config.parallel.backend} | "
-            f"{env.world_size} rank(s) via {env.launcher} | {stream.num_tokens / 1e6:.1f}M tokens | "
-            f"global batch {config.train.global_batch_size} = {num_micro} x {config.train.micro_batch_size} x {env.world_size}",
+            f"{env.world_size} rank(s) via {env.launcher}{_layout(config)} | {stream.num_tokens / 1e6:.1f}M tokens | "
+            f"global batch {config.train.global_batch_size} = {num_micro} x {config.train.micro_batch_size} x {batches.world_size}",
             flush=True,
         )
     tokens_per_iteration = config.train.global_batch_size * batches.tokens_per_sample()
@@ -169,6 +169,20 @@ def _train(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> dic
     if env.is_main:
         _finish(config, run_dir, summary)
     return summary
+
+
+def _layout(config: RunConfig) -> str:
+    p = config.parallel
+    if p.tensor_model_parallel_size == 1:
+        return ""
+    return f" (tensor parallel {p.tensor_model_parallel_size}{', sequence parallel' if p.sequence_parallel else ''})"
+
+
+def _data_parallel_rank() -> tuple[int, int]:
+    """This rank's place among the ranks that see different data (tensor-parallel peers share it)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
 
 def _local_world_size(env: DistEnv) -> int:

@@ -34,31 +34,6 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
     parallel_state.initialize_model_parallel(tp, pp)
 
 
-class SequenceParallelLayerNorm(nn.LayerNorm):
-    """torch's LayerNorm with Megatron's mark for sequence parallelism (as Apex's FusedLayerNorm
-    sets it): megatron-core's torch-norm fallback refuses sequence parallelism, Apex is absent here."""
-
-    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
-        super().__init__(hidden_size, eps=eps)
-        for param in self.parameters():
-            param.sequence_parallel = config.sequence_parallel
-
-
-def _layer_spec(num_layers: int, sequence_parallel: bool) -> Any:
-    """The local GPT layer spec; for sequence parallelism with norms that support it."""
-    import copy
-
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-    spec = get_gpt_layer_local_spec()
-    if not sequence_parallel:
-        return spec
-    spec = copy.deepcopy(spec)
-    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=SequenceParallelLayerNorm)
-
-
 def gpt(num_layers: int = 2, dtype: torch.dtype = torch.float32, sequence_parallel: bool = False) -> nn.Module:
     """The model for the current parallel state, initialized from seed 0 (Megatron's CPU
     initialization draws each full TP=1 weight and keeps this rank's piece: equal across layouts)."""
@@ -67,6 +42,7 @@ def gpt(num_layers: int = 2, dtype: torch.dtype = torch.float32, sequence_parall
     from megatron.core.transformer import TransformerConfig
 
     from dist_memopt.integrations.megatron.cpu_shims import model_parallel_manual_seed
+    from dist_memopt.train.models import gpt_layer_spec  # sequence parallelism: norms that support it
 
     torch.manual_seed(0)
     model_parallel_manual_seed(0)
@@ -79,7 +55,7 @@ def gpt(num_layers: int = 2, dtype: torch.dtype = torch.float32, sequence_parall
         sequence_parallel=sequence_parallel, hidden_dropout=0.0, attention_dropout=0.0, pipeline_dtype=dtype,
     )
     return GPTModel(
-        config=config, transformer_layer_spec=_layer_spec(num_layers, sequence_parallel), vocab_size=VOCAB, max_sequence_length=SEQ,
+        config=config, transformer_layer_spec=gpt_layer_spec(num_layers, sequence_parallel), vocab_size=VOCAB, max_sequence_length=SEQ,
         share_embeddings_and_output_weights=False,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
     )

@@ -72,13 +72,14 @@ def wrap_ddp(model: nn.Module, distributed_optimizer: bool, bucket_size: Optiona
 
 
 def build(name: str, distributed_optimizer: bool, dtype: torch.dtype = torch.float32, num_layers: int = 2,
-          sequence_parallel: bool = False, initial: Optional[dict[str, torch.Tensor]] = None) -> tuple[nn.Module, Any]:
+          sequence_parallel: bool = False, initial: Optional[dict[str, torch.Tensor]] = None,
+          device: str = "cpu") -> tuple[nn.Module, Any]:
     """The model in Megatron DDP and its optimizer; ``initial``: full TP=1 weights by PP=1 name."""
     from megatron.core.optimizer import OptimizerConfig
 
     from dist_memopt.integrations.megatron import get_megatron_optimizer
 
-    ddp = wrap_ddp(gpt(num_layers, dtype, sequence_parallel), distributed_optimizer)
+    ddp = wrap_ddp(gpt(num_layers, dtype, sequence_parallel).to(device), distributed_optimizer)
     if initial is not None:
         with torch.no_grad():
             for param_name, param, piece in named_pieces(ddp):
@@ -134,7 +135,7 @@ def inject(named: list, step: int) -> None:
     """Each parameter's piece of the step's full gradient, as its main gradient."""
     for name, param, piece in named:
         full = full_grad(name, piece.global_shape, step).reshape(-1)
-        param.main_grad.copy_(full[positions(piece)].view(param.shape))
+        param.main_grad.copy_(full[positions(piece)].view(param.shape).to(param.main_grad.device))
 
 
 def train(ddp: nn.Module, optimizer: Any, steps: range) -> list:
@@ -151,7 +152,7 @@ def train(ddp: nn.Module, optimizer: Any, steps: range) -> list:
 def local_weights(ddp: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]:
     """PP=1 name -> (TP=1 shape, global flat positions, local values in fp32) on this rank."""
     return {
-        name: (tuple(piece.global_shape), positions(piece), param.detach().float().reshape(-1).clone())
+        name: (tuple(piece.global_shape), positions(piece), param.detach().float().reshape(-1).cpu().clone())
         for name, param, piece in named_pieces(ddp)
     }
 

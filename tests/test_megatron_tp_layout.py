@@ -46,3 +46,19 @@ def test_attribute_boxes_follow_megatrons_initialization_rule():
     assert torch.equal(spec.take(torch.arange(18 * 22)), _elements((18, 22), row.boxes)[5:30])
     whole = piece_spec(torch.Size((18,)), None, None, None, None)
     assert (whole.start, whole.end, whole.group) == (0, 18, None)
+
+
+def test_pieces_come_from_megatrons_sharded_tensors_and_bad_ones_name_the_parameter():
+    """A gated fc1's two ShardedTensors (Megatron's own class, as its checkpointing builds them)."""
+    pytest.importorskip("megatron.core")
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from dist_memopt.integrations.megatron.tensor_parallel import piece_from_sharded_tensors
+
+    param = torch.zeros(22, 18)  # TP rank 1 of 2: [gate rows 11..21; up rows 33..43] of (44, 18)
+    gate, up = torch.chunk(param, 2)
+    built = [ShardedTensor.from_rank_offsets("fc1", gate, (0, 1, 4)), ShardedTensor.from_rank_offsets("fc1", up, (0, 3, 4))]
+    piece = piece_from_sharded_tensors(param, built, "decoder.layers.0.mlp.linear_fc1.weight")
+    assert piece.global_shape == (44, 18) and piece.boxes == (Box((11, 0), (11, 18)), Box((33, 0), (11, 18)))
+    with pytest.raises(ValueError, match=r"parameter 'fc1.weight': its checkpoint pieces hold 198 of its 396 elements"):
+        piece_from_sharded_tensors(param, built[:1], "fc1.weight")

@@ -109,7 +109,7 @@ def _train(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> dic
 
     if env.is_main:
         print(
-            f"{kind} ({num_params / 1e6:.2f}M parameters) | {config.optimizer.type} | backend {config.parallel.backend} | "
+            f"{kind} ({num_params / 1e6:.2f}M parameters{_per_rank(config)}) | {config.optimizer.type} | backend {config.parallel.backend} | "
             f"{env.world_size} rank(s) via {env.launcher}{_layout(config)} | {stream.num_tokens / 1e6:.1f}M tokens | "
             f"global batch {config.train.global_batch_size} = {num_micro} x {config.train.micro_batch_size} x {batches.world_size}",
             flush=True,
@@ -169,6 +169,10 @@ def _train(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> dic
     if env.is_main:
         _finish(config, run_dir, summary)
     return summary
+
+
+def _per_rank(config: RunConfig) -> str:
+    return " on this TP rank" if config.parallel.tensor_model_parallel_size > 1 else ""
 
 
 def _layout(config: RunConfig) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_memopt.shard.runs import RunsGeometry
-from dist_memopt.shard.spec import Run, ShardSpec
+from dist_memopt.shard.spec import Run, ShardSpec, cut_runs
 
 
 def positions(runs):
@@ -71,3 +71,16 @@ def test_shard_spec_runs_normalize_and_take():
     assert ShardSpec.of_runs((4, 6), [Run(2, 3), Run(8, 3), Run(14, 3)]).runs == (Run(2, 3, 6, 3),)
     with pytest.raises(ValueError, match="overlap"):
         Run(0, 4, 2, 3)
+
+
+@pytest.mark.parametrize("shape, runs", CASES)
+def test_cut_runs_is_the_window_of_local_elements(shape, runs):
+    """A data-parallel range of a tensor-parallel piece: every window [lo, hi) of local elements."""
+    pos = positions(runs)
+    for lo, hi in itertools.combinations(range(len(pos) + 1), 2):
+        cut = cut_runs(runs, lo, hi)
+        assert torch.equal(positions(cut), pos[lo:hi]), (lo, hi, cut)
+        assert len(cut) <= 3 * len(runs)  # a head, a strided body and a tail per group
+    assert cut_runs(runs, 3, 3) == []
+    with pytest.raises(ValueError, match="past the"):
+        cut_runs(runs, 0, len(pos) + 1)

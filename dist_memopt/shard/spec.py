@@ -24,6 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "Run",
+    "cut_runs",
     "ShardSpec",
     "Segment",
     "ParamLayout",
@@ -68,6 +69,41 @@ class Run:
     def last(self) -> int:
         """One past the last position."""
         return self.start + (self.count - 1) * self.stride + self.length
+
+
+def cut_runs(runs: Sequence[Run], lo: int, hi: int) -> list[Run]:
+    """The runs of local elements ``[lo, hi)`` of ``runs`` (listed in local order).
+
+    A data-parallel range of a tensor-parallel piece (Megatron's distributed optimizer shards each
+    rank's piece by its local flattening): a partial first run, whole runs, a partial last run per
+    run group, each still at its global position.
+    """
+    if not 0 <= lo <= hi:
+        raise ValueError(f"window [{lo}, {hi}) of local elements is not a range")
+    out: list[Run] = []
+    base = 0
+    for run in runs:
+        a, b = max(lo, base) - base, min(hi, base + run.numel) - base
+        base += run.numel
+        if a >= b:
+            continue
+        first, last = a // run.length, (b - 1) // run.length
+        at = lambda i: run.start + i * run.stride  # noqa: E731  (global start of the i-th run)
+        if first == last:
+            out.append(Run(at(first) + a % run.length, b - a))
+            continue
+        if a % run.length:
+            out.append(Run(at(first) + a % run.length, run.length - a % run.length))
+            first += 1
+        whole_end = last + 1 if b % run.length == 0 else last
+        if whole_end > first:
+            count = whole_end - first
+            out.append(Run(at(first), run.length, run.stride if count > 1 else 0, count))
+        if b % run.length:
+            out.append(Run(at(last), b % run.length))
+    if hi > base:
+        raise ValueError(f"window [{lo}, {hi}) ends past the {base} local elements of its runs")
+    return out
 
 
 @dataclass(frozen=True)

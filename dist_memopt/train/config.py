@@ -103,6 +103,9 @@ class ParallelConfig:
     backend: str = field(default="fsdp2", metadata=_choices("fsdp2", "fsdp1", "deepspeed", "ddp", "megatron"))
     launcher: str = field(default="torchrun", metadata=_choices("torchrun", "deepspeed", "mpirun", "none"))
     nproc: int = 1  # processes started by launch/run.py
+    tensor_model_parallel_size: int = 1  # megatron backend only (Megatron-LM's --tensor-model-parallel-size)
+    pipeline_model_parallel_size: int = 1  # megatron backend only; the training loop has no pipeline schedule yet
+    sequence_parallel: bool = False  # megatron backend with tensor_model_parallel_size > 1
     zero_stage: int = 2  # DeepSpeed ZeRO stage (1, 2 or 3)
     use_orig_params: bool = True  # FSDP1
     reshard_after_forward: bool = True  # FSDP2
@@ -155,7 +158,12 @@ class RunConfig:
     # --- derived values, used throughout -------------------------------------------------------
 
     def num_microbatches(self, world_size: int) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks that see different data: the world over the model-parallel layout."""
+        p = self.parallel
+        return max(1, world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size))
 
     @property
     def run_dir(self) -> Path:
@@ -389,6 +397,7 @@ def validate(config: RunConfig, world_size: Optional[int] = None) -> None:
 
     _positive("parallel.nproc", p.nproc)
     _positive("parallel.dist_timeout_s", p.dist_timeout_s)
+    _check_model_parallel(config)
     if p.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 1, 2 or 3, got {p.zero_stage!r}")
     _positive("data.mean_noise_span_length", d.mean_noise_span_length)
@@ -428,13 +437,47 @@ def _check_t5_lengths(config: RunConfig) -> None:
         )
 
 
+def _check_model_parallel(config: RunConfig) -> None:
+    """Tensor/pipeline/sequence parallelism: megatron backend only, and a model they can split."""
+    m, p = config.model, config.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _positive("parallel.tensor_model_parallel_size", tp)
+    _positive("parallel.pipeline_model_parallel_size", pp)
+    if p.backend != "megatron" and (tp > 1 or pp > 1 or p.sequence_parallel):
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size / pipeline_model_parallel_size / sequence_parallel: for "
+            f"parallel.backend megatron only (this is {p.backend})"
+        )
+    if pp > 1:
+        raise ConfigError(
+            f"parallel.pipeline_model_parallel_size ({pp}): the launcher's training loop runs no pipeline "
+            "schedule yet; get_megatron_optimizer supports pipeline stages (use Megatron-LM's pretrain_gpt.py)"
+        )
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel: needs parallel.tensor_model_parallel_size > 1")
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    for name, value in (("model.num_attention_heads", m.num_attention_heads), ("model.ffn_hidden_size", ffn)):
+        if value % tp:
+            raise ConfigError(f"{name} ({value}) is not divisible by parallel.tensor_model_parallel_size ({tp})")
+    if m.num_layers % pp:
+        raise ConfigError(f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline_model_parallel_size ({pp})")
+
+
 def check_world_size(config: RunConfig, world_size: int) -> None:
-    """The global batch must split into micro-batches on every data-parallel rank."""
-    t = config.train
-    if t.global_batch_size % (t.micro_batch_size * world_size):
+    """The world must hold the model-parallel layout, and the global batch split into
+    micro-batches on every data-parallel rank."""
+    t, p = config.train, config.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"{world_size} process(es) do not hold tensor x pipeline parallel size "
+            f"({p.tensor_model_parallel_size} x {p.pipeline_model_parallel_size}): set parallel.nproc to a multiple"
+        )
+    dp = world_size // model_parallel
+    if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) is not a multiple of micro_batch_size x "
-            f"data-parallel size ({t.micro_batch_size} x {world_size})"
+            f"data-parallel size ({t.micro_batch_size} x {dp})"
         )
 
 

@@ -145,8 +145,8 @@ def _start(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> _Se
     from dist_memopt.train.models import build_model, init_megatron
 
     stream = TokenStream(_dataset_prefix(config, env))
-    batches = BatchMaker(stream, config, env.rank, env.world_size)
-    init_megatron(config.train.seed)
+    init_megatron(config.train.seed, config.parallel.tensor_model_parallel_size)
+    batches = BatchMaker(stream, config, *_data_parallel_rank())
     model = build_model(config).to(env.device)
     session = _Session(
         engine=build_engine(model, config, env),
@@ -164,9 +164,10 @@ def _start(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> _Se
             print(f"resumed from {path} at iteration {session.start}", flush=True)
     if env.is_main:
         print(
-            f"{session.kind} ({session.num_params / 1e6:.2f}M parameters) | {config.optimizer.type} | backend "
-            f"{config.parallel.backend} | {env.world_size} rank(s) via {env.launcher} | {stream.num_tokens / 1e6:.1f}M tokens | "
-            f"global batch {config.train.global_batch_size} = {session.num_micro} x {config.train.micro_batch_size} x {env.world_size}",
+            f"{session.kind} ({session.num_params / 1e6:.2f}M parameters{_per_rank(config)}) | {config.optimizer.type} | "
+            f"backend {config.parallel.backend} | {env.world_size} rank(s) via {env.launcher}{_layout(config)} | "
+            f"{stream.num_tokens / 1e6:.1f}M tokens | global batch {config.train.global_batch_size} = "
+            f"{session.num_micro} x {config.train.micro_batch_size} x {batches.world_size}",
             flush=True,
         )
     return session
@@ -207,6 +208,24 @@ def _show(config: RunConfig, env: DistEnv, bar, record: dict, first: bool) -> No
     if env.is_main and (record["iteration"] % config.log.log_interval == 0 or first):
         bar.write(f"iter {record['iteration']:>7d} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
                   f"{record['tokens_per_s']:,.0f} tokens/s")
+
+
+def _per_rank(config: RunConfig) -> str:
+    return " on this TP rank" if config.parallel.tensor_model_parallel_size > 1 else ""
+
+
+def _layout(config: RunConfig) -> str:
+    p = config.parallel
+    if p.tensor_model_parallel_size == 1:
+        return ""
+    return f" (tensor parallel {p.tensor_model_parallel_size}{', sequence parallel' if p.sequence_parallel else ''})"
+
+
+def _data_parallel_rank() -> tuple[int, int]:
+    """This rank's place among the ranks that see different data (tensor-parallel peers share it)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
 
 def _local_world_size(env: DistEnv) -> int:

@@ -2,8 +2,8 @@
 
 Local layer specs (no Transformer Engine), ``use_cpu_initialization=True`` (weights are created
 on the CPU from the seeded generator, identically on every rank, then moved to the device).
-Megatron's parallel state is initialized with tensor/pipeline size 1: data parallelism belongs to
-the backend (FSDP, DeepSpeed or Megatron DDP). On CPU, :mod:`dist_memopt.integrations.megatron.cpu_shims`
+Megatron's parallel state is initialized with the configured tensor-parallel size (the megatron
+backend; 1 otherwise): data parallelism belongs to the backend (FSDP, DeepSpeed or Megatron DDP). On CPU, :mod:`dist_memopt.integrations.megatron.cpu_shims`
 replaces megatron-core's CUDA assumptions.
 """
 
@@ -18,24 +18,25 @@ from torch import nn
 from dist_memopt.integrations.megatron.cpu_shims import install_cpu_shims, model_parallel_manual_seed
 from dist_memopt.train.data import ByteTokenizer
 
-__all__ = ["padded_vocab_size", "init_megatron", "build_model", "compute_loss"]
+__all__ = ["padded_vocab_size", "init_megatron", "build_model", "compute_loss", "gpt_layer_spec", "SequenceParallelLayerNorm"]
 
 
 def padded_vocab_size(config) -> int:
-    """Megatron's rule: the vocabulary rounded up to ``make_vocab_size_divisible_by``."""
+    """Megatron's rule: the vocabulary rounded up to ``make_vocab_size_divisible_by`` x TP size."""
     m = config.model
     size = m.vocab_size or ByteTokenizer(m.vocab_extra_ids).vocab_size
-    multiple = m.make_vocab_size_divisible_by
+    multiple = m.make_vocab_size_divisible_by * config.parallel.tensor_model_parallel_size
     return int(math.ceil(size / multiple) * multiple)
 
 
-def init_megatron(seed: int) -> None:
-    """Megatron's parallel state (TP = PP = 1) and seeded RNGs; needs the default process group."""
+def init_megatron(seed: int, tensor_parallel: int = 1) -> None:
+    """Megatron's parallel state (``tensor_parallel`` x PP 1) and seeded RNGs; needs the default
+    process group."""
     from megatron.core import parallel_state
 
     install_cpu_shims()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+        parallel_state.initialize_model_parallel(tensor_parallel, 1)
     torch.manual_seed(seed)
     model_parallel_manual_seed(seed)
 
@@ -56,7 +57,34 @@ def _transformer_config(config, num_layers: int) -> Any:
         use_cpu_initialization=True,
         bf16=config.train.bf16,
         params_dtype=torch.float32,
+        tensor_model_parallel_size=config.parallel.tensor_model_parallel_size,
+        sequence_parallel=config.parallel.sequence_parallel,
     )
+
+
+class SequenceParallelLayerNorm(nn.LayerNorm):
+    """torch's LayerNorm with Megatron's mark for sequence parallelism, as Apex's FusedLayerNorm sets
+    it (megatron-core's torch fallback refuses sequence parallelism; Apex and TE are absent on CPU)."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+def gpt_layer_spec(num_layers: int, sequence_parallel: bool) -> Any:
+    """The local GPT layer spec; with sequence parallelism, with norms that support it."""
+    import copy
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = get_gpt_layer_local_spec()
+    if not sequence_parallel:
+        return spec
+    spec = copy.deepcopy(spec)
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=SequenceParallelLayerNorm)
 
 
 def build_model(config) -> nn.Module:
@@ -72,9 +100,9 @@ def build_model(config) -> nn.Module:
     )
     if m.type == "gpt2":
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        return GPTModel(config=_transformer_config(config, m.num_layers), transformer_layer_spec=get_gpt_layer_local_spec(), **common)
+        spec = gpt_layer_spec(m.num_layers, config.parallel.sequence_parallel)
+        return GPTModel(config=_transformer_config(config, m.num_layers), transformer_layer_spec=spec, **common)
     if m.type == "bert":
         from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
         from megatron.core.models.bert.bert_model import BertModel

@@ -10,7 +10,7 @@ ranks the splits differ. Every rank trains on the same batches, so after 10 step
 equal one process running the same optimizer with the same clipping (tolerance 1e-6 of the
 parameter scale). Two processes: 2 ranks (exactness, layouts, checkpoint/resume, an expert-parallel
 parameter), then 3 ranks (the 2-rank checkpoint resharded, bf16 with loss scaling and a skipped
-step, the whole-parameter fp32 and bf16 optimizers, tensor parallelism rejected).
+step, the whole-parameter fp32 and bf16 optimizers, expert tensor parallelism rejected).
 """
 
 from __future__ import annotations
@@ -164,11 +164,11 @@ def _three_ranks(rank: int, world_size: int, root: str) -> dict:
     )
 
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(3, 1)
+    parallel_state.initialize_model_parallel(3, 1)  # expert tensor parallelism follows TP: 3
     try:
-        _build("smmf-adamw")
+        _build("smmf-adamw", expert_param=True)
     except ValueError as error:
-        results["tensor_parallel_error"] = str(error)
+        results["expert_tensor_parallel_error"] = str(error)
     return results
 
 
@@ -285,7 +285,7 @@ def test_bf16_without_distributed_optimizer(runs):
         _assert_close(result["whole_bf16"]["main"], reference, "Float16OptimizerWithFloat16Params")
 
 
-def test_tensor_parallelism_is_rejected(runs):
+def test_expert_tensor_parallelism_is_rejected(runs):
     _, three = runs
     for result in three:
-        assert "tensor_model_parallel_size=3 is not supported" in result["tensor_parallel_error"]
+        assert "expert_tensor_parallel_size=3 is not supported" in result["expert_tensor_parallel_error"]

@@ -2,7 +2,8 @@
 CUDA code paths, no shims. Skipped without CUDA; on CPU the same checks run in test_megatron.py.
 
 One rank per GPU: 1 rank (the distributed optimizer's shards are whole parameters) and, with two
-GPUs, 2 ranks (Megatron's byte-range shards, statistics reduced over NCCL). After 10 steps the fp32
+GPUs, 2 ranks (Megatron's byte-range shards, statistics reduced over NCCL), and the tensor-parallel
+GPT of megatron_tp_setup at TP=2 against TP=1 x DP=2 on the same injected main gradients. After 10 steps the fp32
 weights equal one process running the same optimizer on the same GPU (tolerance 1e-6 of the
 parameter scale); a distributed checkpoint written at step 5 resumes to the same weights; bf16
 parameters with fp32 main shards equal the bf16 single-process run. Run it with ``pytest -s`` to see
@@ -19,6 +20,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 import megatron_setup as ms  # noqa: E402
+import megatron_tp_setup as mt  # noqa: E402
 from harness import run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -93,3 +95,32 @@ def test_cuda_distributed_optimizer_equals_single_process(world_size, tmp_path):
             if "resume" in error:
                 # exact on CPU (test_megatron.py); on GPUs kernels may round differently run to run
                 assert error["resume"] <= TOLERANCE and error["norms"] <= 1e-5 and error["success"], (rank, name, error)
+
+
+TP_RUNS = (("smmf", True), ("alada", False))  # (optimizer, distributed optimizer)
+
+
+def _cuda_tensor_parallel(rank: int, world_size: int) -> dict:
+    """TP=1 x DP=2, then TP=2 x DP=1: each rank's final weights per run (megatron's CUDA paths)."""
+    out: dict = {}
+    for tp in (1, 2):
+        mt.init_parallel(tp)
+        for name, distributed in TP_RUNS:
+            ddp, optimizer = mt.build(name, distributed, device="cuda")
+            mt.train(ddp, optimizer, range(STEPS))
+            out[tp, name, distributed] = mt.local_weights(ddp)
+    return out
+
+
+def test_cuda_tensor_parallel_equals_tp1():
+    """Megatron TP=2 on two GPUs (NCCL) gives TP=1's parameters (CPU checks: test_megatron_tensor_parallel.py)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("TP=2 needs 2 GPUs (NCCL runs one rank per GPU)")
+    results = run_distributed(_cuda_tensor_parallel, 2, timeout=600, daemon=False, backend="nccl")
+    for name, distributed in TP_RUNS:
+        expected, _ = mt.assemble([results[0][1, name, distributed]])
+        got, disagreement = mt.assemble([r[2, name, distributed] for r in results])
+        errors = mt.max_errors(got, expected)
+        worst = max(errors, key=errors.get)
+        print(f"CUDA TP=2 {name} distributed={distributed}: {errors[worst]:.3g} ({worst}), replicas {disagreement:.3g}")
+        assert errors[worst] <= TOLERANCE and disagreement <= TOLERANCE, (name, distributed, worst, errors[worst])

@@ -3,7 +3,8 @@
 ``get_megatron_optimizer`` (:mod:`.factory`) is a drop-in for
 ``megatron.core.optimizer.get_megatron_optimizer`` that also accepts ``optimizer='smmf'`` and
 ``'alada'``; with ``use_distributed_optimizer=True`` they step Megatron's data-parallel shards
-(:mod:`.optimizers`) and checkpoint through Megatron's distributed checkpointing
+(:mod:`.optimizers`), tensor-parallel pieces placed in the TP=1 parameter (:mod:`.tensor_parallel`),
+and checkpoint through Megatron's distributed checkpointing
 (:mod:`.sharded_state`). :mod:`.cpu_shims` replaces megatron-core's CUDA assumptions on CPU-only
 machines. Importing this package needs megatron-core only when ``get_megatron_optimizer`` is used.
 """

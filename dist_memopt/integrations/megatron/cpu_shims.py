@@ -179,6 +179,8 @@ CUDA_DEVICE_MODULES: dict[str, str] = {
     "megatron.core.optimizer.grad_scaler": "constant and dynamic loss scales",
     "megatron.core.optimizer.distrib_optimizer": "state shards allocated to load an Adam checkpoint",
     "megatron.core.utils": "the local multi-tensor l2 norm's result",
+    "megatron.core.tensor_parallel.mappings": "sequence parallelism's all-gather and reduce-scatter outputs",
+    "megatron.core.tensor_parallel.layers": "the all-gathered input of a sequence-parallel linear's backward",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "the failure flag of a save",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize after staging tensors to save",
 }

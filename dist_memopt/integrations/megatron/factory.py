@@ -106,7 +106,6 @@ def _group_size(group: Any) -> int:
 
 def check_supported(config: Any, model_chunks: list, pg_collection: Any = None) -> None:
     """Raise ValueError for Megatron settings SMMF/Alada do not support (before anything is built)."""
-    from megatron.core import parallel_state
     from megatron.core.fp8_utils import is_float8tensor
 
     name = config.optimizer
@@ -118,20 +117,40 @@ def check_supported(config: Any, model_chunks: list, pg_collection: Any = None) 
         raise ValueError(f"optimizer={name!r}: Megatron FSDP (use_megatron_fsdp) is not supported; use DDP with use_distributed_optimizer")
     if any(is_float8tensor(p) for chunk in model_chunks for p in chunk.parameters()):
         raise ValueError(f"optimizer={name!r}: fp8 parameters are not supported")
+    has_experts = any(not getattr(p, "allreduce", True) for chunk in model_chunks for p in chunk.parameters())
+    expert_tp_size = _expert_tp_size(pg_collection) if has_experts else 1
+    if expert_tp_size > 1:
+        raise ValueError(
+            f"optimizer={name!r} with expert_tensor_parallel_size={expert_tp_size} is not supported: the "
+            "pieces of tensor-parallel expert weights are not described yet; set expert_tensor_parallel_size=1 "
+            "(tensor, sequence, pipeline, data and expert parallelism are supported)"
+        )
+
+
+def _tp_group(pg_collection: Any) -> Any:
+    from megatron.core import parallel_state
+
+    if pg_collection is not None and hasattr(pg_collection, "tp"):
+        return pg_collection.tp
+    return parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+
+
+def _expert_tp_size(pg_collection: Any) -> int:
+    from megatron.core import parallel_state
+
     if pg_collection is not None:
-        tp_size = _group_size(getattr(pg_collection, "tp", None))
-        expert_tp_size = _group_size(getattr(pg_collection, "expt_tp", None))
-    else:
-        tp_size = _group_size(parallel_state.get_tensor_model_parallel_group(check_initialized=False))
-        expert_tp_size = parallel_state.get_expert_tensor_parallel_world_size() or 1
-    for label, size in (("tensor_model_parallel_size", tp_size), ("expert_tensor_parallel_size", expert_tp_size)):
-        if size > 1:
-            raise ValueError(
-                f"optimizer={name!r} with {label}={size} is not supported: SMMF and Alada factor each "
-                "whole parameter, and a tensor-parallel rank holds a column or row block of it, not a "
-                "range of its flattening; use tensor_model_parallel_size=1 (data and pipeline "
-                "parallelism, and expert parallelism without expert tensor parallelism, are supported)"
-            )
+        return _group_size(getattr(pg_collection, "expt_tp", None))
+    return parallel_state.get_expert_tensor_parallel_world_size() or 1
+
+
+def tensor_parallel_pieces(model_chunks: list, pg_collection: Any = None) -> dict:
+    """id(parameter) -> its piece of the TP=1 parameter; empty without tensor parallelism."""
+    from dist_memopt.integrations.megatron.tensor_parallel import tp_pieces
+
+    group = _tp_group(pg_collection)
+    if _group_size(group) == 1:
+        return {}
+    return tp_pieces(model_chunks, group.rank(), group.size())
 
 
 def _grad_scaler(config: Any) -> Any:
@@ -159,6 +178,7 @@ def _no_state_init(optimizer: Any, config: Any = None) -> None:
 def _build(
     cls: type,
     arguments: dict[str, Any],
+    pieces: dict,
     config: Any,
     model_chunks: list,
     param_groups: list,
@@ -172,8 +192,6 @@ def _build(
     pg_collection: Any = None,
 ) -> Any:
     """``_get_megatron_optimizer_based_on_param_groups`` for SMMF/Alada (same arguments)."""
-    from megatron.core import parallel_state
-
     from dist_memopt.integrations.megatron.optimizers import (
         FactoredDistributedOptimizer,
         FactoredFloat16Optimizer,
@@ -181,6 +199,7 @@ def _build(
     )
 
     inner = cls(param_groups, **arguments) if param_groups else None
+    tp = dict(pieces=pieces, tp_group=_tp_group(pg_collection))
     if config.use_distributed_optimizer:
         optimizer = FactoredDistributedOptimizer(
             inner, config, _grad_scaler(config), _no_state_init,
@@ -190,16 +209,15 @@ def _build(
             data_parallel_group_gloo=data_parallel_group_gloo,
             data_parallel_group_idx=data_parallel_group_idx,
             distributed_optimizer_instance_id=distributed_optimizer_instance_id,
+            **tp,
         )
         optimizer.grad_stats_parallel_group = intra_dist_opt_group
     elif config.fp16 or config.bf16:
-        optimizer = FactoredFloat16Optimizer(inner, config, _grad_scaler(config), _no_state_init)
+        optimizer = FactoredFloat16Optimizer(inner, config, _grad_scaler(config), _no_state_init, **tp)
         optimizer.grad_stats_parallel_group = model_parallel_group
     else:
-        optimizer = FactoredFP32Optimizer(inner, config, _no_state_init)
+        optimizer = FactoredFP32Optimizer(inner, config, _no_state_init, **tp)
         optimizer.grad_stats_parallel_group = model_parallel_group
-    has_tp = pg_collection is not None and hasattr(pg_collection, "tp")
-    optimizer.tp_group = pg_collection.tp if has_tp else parallel_state.get_tensor_model_parallel_group()
     return optimizer
 
 
@@ -233,7 +251,10 @@ def get_megatron_optimizer(
     'adam', for training scripts whose argument parser only knows Megatron's names.
     With ``config.use_distributed_optimizer`` SMMF/Alada step Megatron's fp32 main-parameter
     shards, their statistics completed over each buffer's data-parallel group; without it, whole
-    parameters. Returns what Megatron returns (a ``ChainedOptimizer``).
+    parameters. With tensor parallelism each TP rank's piece is placed in the TP=1 parameter
+    (:mod:`.tensor_parallel`) and a split parameter's statistics are completed over the
+    tensor-parallel group too, so the update does not depend on the layout. Returns what Megatron
+    returns (a ``ChainedOptimizer``).
     """
     import megatron.core.optimizer as megatron_optimizer
 
@@ -246,5 +267,6 @@ def get_megatron_optimizer(
     check_supported(config, model_chunks, pg_collection)
     arguments = optimizer_arguments(config, name, **optimizer_kwargs)
     OPTIMIZERS[name]([torch.nn.Parameter(torch.zeros(2, 3))], **arguments)  # invalid values fail here, by name
-    with _building_with(functools.partial(_build, OPTIMIZERS[name], arguments)):
+    pieces = tensor_parallel_pieces(model_chunks, pg_collection)
+    with _building_with(functools.partial(_build, OPTIMIZERS[name], arguments, pieces)):
         return megatron_optimizer.get_megatron_optimizer(*megatron_arguments)

@@ -30,8 +30,9 @@ from dist_memopt.integrations.megatron.sharded_state import (
     restore_group_settings,
     sharded_param_state,
 )
+from dist_memopt.integrations.megatron.tensor_parallel import TPPiece, piece_spec
 from dist_memopt.optim.base import FactoredOptimizer
-from dist_memopt.shard.spec import Segment, ShardSpec, set_layout
+from dist_memopt.shard.spec import Segment, set_layout
 
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
@@ -45,7 +46,29 @@ _TORCH_FORMAT_UNSUPPORTED = (
 )
 
 
-class _FactoredCheckpointing:
+class _TensorParallel:
+    """What every wrapper knows about tensor parallelism: each parameter's piece and the group."""
+
+    pieces: dict[int, TPPiece] = {}
+    tp_group: Any = None
+
+    def _tp_setup(self, pieces: Optional[dict[int, TPPiece]], tp_group: Any) -> None:
+        self.pieces, self.tp_group = pieces or {}, tp_group
+
+    def _declare_whole(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        """(stepped tensor, model parameter): each stepped tensor is its parameter's whole TP piece."""
+        for tensor, model_param in pairs:
+            spec = piece_spec(model_param.shape, self.pieces.get(id(model_param)), None, self.tp_group, None)
+            set_layout(tensor, [Segment(0, spec)], checkpoint="megatron")
+
+    def _tp_rank(self) -> int:
+        return self.tp_group.rank() if self.tp_group is not None else 0
+
+    def _entry(self, tensor: Tensor, model_param: Tensor, elements: Optional[tuple[int, int]]) -> StateEntry:
+        return StateEntry(tensor, model_param, elements, self.pieces.get(id(model_param)))
+
+
+class _FactoredCheckpointing(_TensorParallel):
     """``sharded_state_dict``/``load_state_dict`` for a Megatron wrapper of SMMF or Alada."""
 
     optimizer: Optional[FactoredOptimizer]
@@ -70,7 +93,9 @@ class _FactoredCheckpointing:
         if self.is_stub_optimizer:
             return {}
         state = self._common_state()
-        state["param_state"] = sharded_param_state(self.optimizer, self._state_entries(), model_sharded_state_dict, self._instance_id())
+        state["param_state"] = sharded_param_state(
+            self.optimizer, self._state_entries(), model_sharded_state_dict, self._instance_id(), self._tp_rank()
+        )
         state["param_state_sharding_type"] = SHARDING_TYPE
         return state
 
@@ -86,11 +111,6 @@ class _FactoredCheckpointing:
     @staticmethod
     def _is_factored_checkpoint(state_dict: Any) -> bool:
         return isinstance(state_dict, dict) and state_dict.get("param_state_sharding_type") == SHARDING_TYPE
-
-
-def _declare_whole(tensors: list[Tensor]) -> None:
-    for tensor in tensors:
-        set_layout(tensor, [Segment(0, ShardSpec.full(tensor.shape))], checkpoint="megatron")
 
 
 class FactoredDistributedOptimizer(_FactoredCheckpointing, DistributedOptimizer):
@@ -112,6 +132,8 @@ class FactoredDistributedOptimizer(_FactoredCheckpointing, DistributedOptimizer)
         data_parallel_group_gloo: Optional[torch.distributed.ProcessGroup],
         data_parallel_group_idx: int,
         distributed_optimizer_instance_id: int,
+        pieces: Optional[dict[int, TPPiece]] = None,
+        tp_group: Any = None,
     ) -> None:
         # Megatron's constructor accepts only Adam (for its Adam-shaped checkpoints, replaced here).
         # It gets a stand-in over the same groups, builds its ranges and shards, and SMMF/Alada take
@@ -124,6 +146,7 @@ class FactoredDistributedOptimizer(_FactoredCheckpointing, DistributedOptimizer)
             data_parallel_group, data_parallel_group_gloo, data_parallel_group_idx, distributed_optimizer_instance_id,
         )
         self._entries: list[StateEntry] = []
+        self._tp_setup(pieces, tp_group)
         if optimizer is not None:
             self.optimizer = optimizer
             self._seat_on_shards()
@@ -150,9 +173,9 @@ class FactoredDistributedOptimizer(_FactoredCheckpointing, DistributedOptimizer)
                     elements = self._get_model_param_range_map(model_param)["param"]
                     start, end = elements.start, elements.end
                     self.model_param_group_index_map[model_param] = (group_index, len(tensors))
-                spec = ShardSpec(model_param.shape, start, end, dp_group if dp_group.size() > 1 else None)
+                spec = piece_spec(model_param.shape, self.pieces.get(id(model_param)), (start, end), self.tp_group, dp_group)
                 set_layout(shard, [Segment(0, spec, name)], checkpoint="megatron")
-                self._entries.append(StateEntry(shard, model_param, (start, end)))
+                self._entries.append(self._entry(shard, model_param, (start, end)))
                 tensors.append(shard)
                 names.append(name)
             group["params"], group["param_names"] = tensors, names
@@ -197,10 +220,12 @@ def _empty_shard(model_param: Tensor) -> Tensor:
 class FactoredFloat16Optimizer(_FactoredCheckpointing, Float16OptimizerWithFloat16Params):
     """Megatron's bf16/fp16 optimizer (fp32 main copies of whole parameters) with SMMF or Alada."""
 
-    def __init__(self, optimizer: Optional[FactoredOptimizer], config: Any, grad_scaler: Any, init_state_fn: Callable) -> None:
+    def __init__(self, optimizer: Optional[FactoredOptimizer], config: Any, grad_scaler: Any, init_state_fn: Callable,
+                 pieces: Optional[dict[int, TPPiece]] = None, tp_group: Any = None) -> None:
         super().__init__(optimizer, config, grad_scaler, init_state_fn)
+        self._tp_setup(pieces, tp_group)
         if optimizer is not None:
-            _declare_whole([p for group in optimizer.param_groups for p in group["params"]])
+            self._declare_whole([(entry.tensor, entry.model_param) for entry in self._state_entries()])
 
     def _state_entries(self) -> list[StateEntry]:
         model_of = {
@@ -208,7 +233,7 @@ class FactoredFloat16Optimizer(_FactoredCheckpointing, Float16OptimizerWithFloat
             for models, mains in zip(self.float16_groups, self.fp32_from_float16_groups)
             for model, main in zip(models, mains)
         }
-        return [StateEntry(p, model_of.get(id(p), p), None) for group in self.optimizer.param_groups for p in group["params"]]
+        return [self._entry(p, model_of.get(id(p), p), None) for group in self.optimizer.param_groups for p in group["params"]]
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self._is_factored_checkpoint(state_dict):
@@ -222,13 +247,15 @@ class FactoredFP32Optimizer(_FactoredCheckpointing, FP32Optimizer):
 
     grad_scaler = None
 
-    def __init__(self, optimizer: Optional[FactoredOptimizer], config: Any, init_state_fn: Callable) -> None:
+    def __init__(self, optimizer: Optional[FactoredOptimizer], config: Any, init_state_fn: Callable,
+                 pieces: Optional[dict[int, TPPiece]] = None, tp_group: Any = None) -> None:
         super().__init__(optimizer, config, init_state_fn)
+        self._tp_setup(pieces, tp_group)
         if optimizer is not None:
-            _declare_whole([p for group in optimizer.param_groups for p in group["params"]])
+            self._declare_whole([(p, p) for group in optimizer.param_groups for p in group["params"]])
 
     def _state_entries(self) -> list[StateEntry]:
-        return [StateEntry(p, p, None) for group in self.optimizer.param_groups for p in group["params"]]
+        return [self._entry(p, p, None) for group in self.optimizer.param_groups for p in group["params"]]
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self._is_factored_checkpoint(state_dict):

@@ -5,16 +5,19 @@ metadata; the distributed optimizer's shard of a parameter is a flattened range 
 Alada hold two kinds of state per parameter, and each maps onto a checkpoint like this:
 
 - per-element state (SMMF's signs, one int8 per element, and the dense moments of vectors kept
-  with ``vector_reshape=False``; Alada's momentum) and the fp32 main parameter: a flat tensor of
-  the parameter's size under ``optimizer.state.<name>.<model key>``, of which each rank holds its
-  range of elements (without the distributed optimizer: all of it, replicated like the parameter);
-- the row/column factors, Alada's ``v0`` and the step: sized by the parameter's *global* shape and
-  identical on every rank of its data-parallel group, a whole flat tensor under the same naming,
-  replicated exactly as the model parameter is (one rank writes it).
+  with ``vector_reshape=False``; Alada's momentum) and the fp32 main parameter: a tensor of the
+  parameter's TP=1 shape under ``optimizer.state.<name>.<model key>``, of which each rank holds
+  the elements it steps — its tensor-parallel piece (one or two boxes: a gated ``linear_fc1``
+  holds a gate and an up block), cut to its data-parallel range by the distributed optimizer (a
+  range of a box's flattening is a few sub-boxes); without either, all of it, replicated like the
+  parameter;
+- the row/column factors, Alada's ``v0`` and the step: sized by the parameter's TP=1 shape and
+  identical on every rank that holds a piece of it, a whole flat tensor under the same naming,
+  written by one rank.
 
 Parameters Megatron stacks under one key (a transformer block's layers) keep its stacking axes. The
-format depends only on the model's parameters: a checkpoint loads on another number of
-data-parallel ranks, and into the distributed optimizer or a whole-parameter one.
+format depends only on the model's TP=1 parameters: a checkpoint loads on another number of
+data-parallel or tensor-parallel ranks, and into the distributed optimizer or a whole-parameter one.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from dist_memopt.integrations.megatron.tensor_parallel import Box, TPPiece
 from dist_memopt.optim.checkpoint import expand_state, per_element_keys
 from dist_memopt.optim.base import FactoredOptimizer
 
-__all__ = ["StateEntry", "SHARDING_TYPE", "sharded_param_state", "load_param_state", "group_settings", "restore_group_settings"]
+__all__ = ["StateEntry", "range_boxes", "SHARDING_TYPE", "sharded_param_state", "load_param_state", "group_settings", "restore_group_settings"]
 
 SHARDING_TYPE = "dist_memopt_model_space"
 PREFIX = "optimizer.state"
@@ -39,8 +43,9 @@ MAIN_PARAM_KEY = "fp32_param"
 class StateEntry:
     """One tensor the inner optimizer steps, and which elements of which model parameter it holds.
 
-    ``elements`` is the range of ``model_param``'s row-major flattening held here, or None for the
-    whole parameter replicated over data-parallel ranks. ``tensor`` (the fp32 main parameter, or
+    ``elements`` is the range of ``model_param``'s (local) row-major flattening held here, or None
+    for all of it, replicated over data-parallel ranks; ``piece`` is where ``model_param`` lies in
+    the TP=1 parameter (None: it is the whole parameter). ``tensor`` (the fp32 main parameter, or
     the model parameter itself in fp32 training) is saved as ``fp32_param`` so that a checkpoint
     loads into any of Megatron's optimizer wrappers.
     """
@@ -48,6 +53,48 @@ class StateEntry:
     tensor: Tensor
     model_param: Tensor
     elements: Optional[tuple[int, int]]
+    piece: Optional[TPPiece] = None
+
+    def boxes(self) -> tuple[torch.Size, list[Box]]:
+        """The TP=1 shape, and the boxes of it this entry holds, in the order of its elements."""
+        piece = self.piece
+        if piece is None or not piece.is_split:
+            shape = tuple(self.model_param.shape) or (1,)  # a 0-d parameter as one element
+            piece = TPPiece(torch.Size(shape), (Box((0,) * len(shape), shape),))
+        lo, hi = self.elements if self.elements is not None else (0, self.model_param.numel())
+        boxes, base = [], 0
+        for box in piece.boxes:
+            boxes += range_boxes(box, max(lo - base, 0), min(hi - base, box.numel))
+            base += box.numel
+        return piece.global_shape, boxes
+
+
+def range_boxes(box: Box, lo: int, hi: int) -> list[Box]:
+    """Elements ``[lo, hi)`` of ``box``'s row-major flattening as sub-boxes, in order (a partial
+    first slice, whole slices and a partial last slice along each dim: at most 2·ndim − 1)."""
+    if lo >= hi:
+        return []
+    if not box.shape:
+        return [box]
+    inner = box.numel // box.shape[0]
+    first, last = lo // inner, (hi - 1) // inner
+
+    def within(index: int, a: int, b: int) -> list[Box]:
+        rest = range_boxes(Box(box.offset[1:], box.shape[1:]), a, b)
+        return [Box((box.offset[0] + index, *r.offset), (1, *r.shape)) for r in rest]
+
+    if first == last:
+        return within(first, lo - first * inner, hi - first * inner)
+    out: list[Box] = []
+    if lo % inner:
+        out += within(first, lo % inner, inner)
+        first += 1
+    whole_end = last if hi % inner else last + 1
+    if whole_end > first:
+        out.append(Box((box.offset[0] + first, *box.offset[1:]), (whole_end - first, *box.shape[1:])))
+    if hi % inner:
+        out += within(last, 0, hi % inner)
+    return out
 
 
 def _checkpoint_states(optimizer: FactoredOptimizer) -> list[dict[str, Any]]:
@@ -94,32 +141,48 @@ def _stacking(meta: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     return k, tuple(meta.global_shape[:k]), tuple(meta.global_offset[:k])
 
 
-def _flat(meta: Any, key: str, data: Tensor, start: int, global_numel: int, replica_id: Any) -> Any:
-    """``data`` as elements ``[start, start + data.numel())`` of a flat tensor of ``global_numel``
-    elements, stacked (and keyed) like the model parameter ``meta`` describes.
+def _boxed(meta: Any, key: str, data: Tensor, global_shape: tuple[int, ...], boxes: list[Box], replica_id: Any) -> list[Any]:
+    """``data`` (the boxes' elements, box after box) as ShardedTensors of a tensor of
+    ``global_shape``, stacked (and keyed) like the model parameter ``meta`` describes.
 
-    Flat ranges at any offset are an uneven sharding (no regular grid), which Megatron hands to
-    torch.distributed.checkpoint as is (its ``flattened_range`` is no longer supported). Megatron
-    translates only the local shape of such tensors, so the stacking axes are explicit size-1 axes
-    of the data rather than prepended ones.
+    The boxes of different ranks form no regular grid (an uneven sharding), which Megatron hands to
+    torch.distributed.checkpoint as is. Megatron translates only the local shape of such tensors,
+    so the stacking axes are explicit size-1 axes of the data rather than prepended ones.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     k, lead_shape, lead_offset = _stacking(meta)
-    data = data.reshape((1,) * k + (-1,))
-    return ShardedTensor(
-        f"{PREFIX}.{key}.{meta.key}", data, data.dtype, tuple(data.shape), (*lead_shape, global_numel),
-        (*lead_offset, start), None, replica_id,
-    )
+    flat, out, at = data.reshape(-1), [], 0
+    for box in boxes:
+        part = flat[at : at + box.numel].reshape((1,) * k + tuple(box.shape))
+        at += box.numel
+        out.append(ShardedTensor(
+            f"{PREFIX}.{key}.{meta.key}", part, part.dtype, tuple(part.shape), (*lead_shape, *global_shape),
+            (*lead_offset, *box.offset), None, replica_id,
+        ))
+    return out
+
+
+def _replica_tuple(replica_id: Any) -> tuple:
+    return tuple(replica_id) if isinstance(replica_id, (tuple, list)) else (replica_id,)
+
+
+def _joined(value: Any) -> Tensor:
+    """A loaded state tensor: the boxes' parts (a list) put back in order, flat."""
+    if isinstance(value, (list, tuple)):
+        return torch.cat([v.reshape(-1) for v in value]) if value else torch.zeros(0)
+    return value.reshape(-1)
 
 
 def sharded_param_state(
-    optimizer: FactoredOptimizer, entries: list[StateEntry], model_sharded_state_dict: dict, instance_id: int = 0
+    optimizer: FactoredOptimizer, entries: list[StateEntry], model_sharded_state_dict: dict, instance_id: int = 0,
+    tp_rank: int = 0,
 ) -> dict[int, dict[str, Any]]:
     """Per entry (in ``param_groups`` order), its state as ShardedTensors (see the module docstring).
 
     ``entries`` must list every tensor of ``optimizer.param_groups``, in order. Ranks that hold no
-    element of a parameter still describe its factors (one of them writes them).
+    element of a parameter still describe its factors (one of them writes them); ``tp_rank`` is
+    this rank's tensor-parallel rank (the factors of a split parameter are replicated over it).
     """
     from megatron.core.dist_checkpointing.optimizer import KEEP_VARS_HINT
 
@@ -130,18 +193,20 @@ def sharded_param_state(
         meta = metadata.get(id(entry.model_param))
         if meta is None:
             raise ValueError(f"a parameter of shape {tuple(entry.model_param.shape)} is not in the model's sharded state dict.{KEEP_VARS_HINT}")
-        numel = entry.model_param.numel()
-        if entry.elements is None:  # the whole parameter, replicated like it
-            start, end, replica_id = 0, numel, meta.replica_id
+        global_shape, boxes = entry.boxes()
+        if entry.elements is None:  # the whole piece, replicated like the parameter
+            replica_id = meta.replica_id
         else:  # a distinct range on each data-parallel rank: replicated only across optimizer instances
-            (start, end), replica_id = entry.elements, (*meta.replica_id[:2], instance_id)
+            replica_id = (*meta.replica_id[:2], instance_id)
+        split = entry.piece is not None and entry.piece.is_split
+        factor_replica = (*_replica_tuple(meta.replica_id), tp_rank if split else 0)
         tensors: dict[str, Any] = {}
         for key, value in dict(state, **{MAIN_PARAM_KEY: entry.tensor.detach()}).items():
             if key in elementwise or key == MAIN_PARAM_KEY:
-                if end > start:
-                    tensors[key] = _flat(meta, key, value, start, numel, replica_id)
+                if boxes:
+                    tensors[key] = _boxed(meta, key, value, tuple(global_shape), boxes, replica_id)
             else:  # factors, v0, step: identical wherever the parameter is, saved once
-                tensors[key] = _flat(meta, key, value, 0, value.numel(), meta.replica_id)
+                tensors[key] = _boxed(meta, key, value, (value.numel(),), [Box((0,), (value.numel(),))], factor_replica)
         result[index] = tensors
     return result
 
@@ -156,13 +221,13 @@ def load_param_state(optimizer: FactoredOptimizer, entries: list[StateEntry], pa
         saved = dict(param_state.get(index) or {})
         main = saved.pop(MAIN_PARAM_KEY, None)
         if main is not None:
-            entry.tensor.copy_(main.reshape(entry.tensor.shape))
+            entry.tensor.copy_(_joined(main).reshape(entry.tensor.shape))
         missing = sorted(set(template) - set(saved) - set(per_element_keys(optimizer.state_kinds)))
         if missing:
             raise ValueError(f"the checkpoint lacks optimizer state {missing} of parameter {index} (saved by another optimizer?)")
         # flat, as the optimizer holds them (saved with the stacking axes of a layer's parameters);
         # per-element state of an empty range was not saved: the template's empty tensor stands in
-        state = {key: saved.get(key, value).reshape(-1) for key, value in template.items()}
+        state = {key: _joined(saved.get(key, value)) for key, value in template.items()}
         state["step"] = state["step"].reshape(()).to("cpu", torch.float32)
         if float(state["step"]) > 0:
             loaded[index] = state

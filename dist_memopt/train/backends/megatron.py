@@ -4,7 +4,9 @@ What Megatron-LM runs: the model (in ``Float16Module`` for bf16) is wrapped in M
 (contiguous fp32 gradient buffers reduce-scattered over the data-parallel group) and the optimizer
 comes from :func:`dist_memopt.integrations.megatron.get_megatron_optimizer` with
 ``use_distributed_optimizer=True``: SMMF and Alada on the distributed optimizer's fp32 shards, or
-AdamW through Megatron's own Adam. Clipping is Megatron's (``train.clip_grad``); biases and 1-D
+AdamW through Megatron's own Adam. With ``parallel.tensor_model_parallel_size`` > 1 (and
+``sequence_parallel``) the model is split by Megatron's tensor parallelism and the optimizer steps
+each rank's piece exactly as the TP=1 parameter. Clipping is Megatron's (``train.clip_grad``); biases and 1-D
 parameters get no weight decay (Megatron's ``wd_mult``). Checkpoints are Megatron distributed
 checkpoints (``torch_dist``). On CPU, :mod:`dist_memopt.integrations.megatron.cpu_shims` (installed
 with the model) puts megatron-core's buffers on the CPU and the collectives go over gloo.
@@ -85,7 +87,10 @@ class MegatronEngine(Engine):
         self.megatron_optimizer.scale_loss(loss / num_micro).backward()
 
     def step(self) -> None:
-        self.model.finish_grad_sync()
+        from megatron.core.distributed import finalize_model_grads
+
+        # DDP's reduce-scatter, plus the tensor-parallel all-reduce of sequence-parallel norms' grads
+        finalize_model_grads([self.model])
         success, _, _ = self.megatron_optimizer.step()
         if not success:
             raise FloatingPointError("Megatron skipped the optimizer step: non-finite gradients")

@@ -88,7 +88,11 @@ def cut_runs(runs: Sequence[Run], lo: int, hi: int) -> list[Run]:
         if a >= b:
             continue
         first, last = a // run.length, (b - 1) // run.length
-        at = lambda i: run.start + i * run.stride  # noqa: E731  (global start of the i-th run)
+
+        def at(i: int, run: Run = run) -> int:
+            """Global start of the i-th run of the group."""
+            return run.start + i * run.stride
+
         if first == last:
             out.append(Run(at(first) + a % run.length, b - a))
             continue

@@ -51,6 +51,7 @@ def _sm3(params: Iterable[Tensor]) -> torch.optim.Optimizer:
 
 _SPECS = (
     OptimizerSpec("AdamW", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True), "torch.optim.AdamW(foreach=True)", "Adam"),
+    OptimizerSpec("AdamW-fused", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True), "torch.optim.AdamW(fused=True)", "Adam"),
     OptimizerSpec("Adafactor", lambda p: torch.optim.Adafactor(p, lr=1e-2, foreach=True), "torch.optim.Adafactor(foreach=True): no first moment", "Adafactor"),
     OptimizerSpec("Adafactor-b1", _adafactor_with_momentum, "pytorch_optimizer.AdaFactor(betas=(0.9, 0.999), fp32 momentum)", "Adafactor"),
     OptimizerSpec("CAME", _came, "came_pytorch.CAME(lr=2e-4, betas=(0.9, 0.999, 0.9999))", "CAME"),

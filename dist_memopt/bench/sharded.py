@@ -115,7 +115,8 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         dist.destroy_process_group()
 
 
-def _spawn(world_size: int, args: argparse.Namespace) -> list[dict]:
+def _spawn(world_size: int, args: argparse.Namespace, target=None) -> list[dict]:
+    """Run ``target(rank, world_size, port, args, queue)`` (default: this benchmark's) on each rank."""
     import socket
 
     import torch.multiprocessing as mp
@@ -125,7 +126,7 @@ def _spawn(world_size: int, args: argparse.Namespace) -> list[dict]:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=target or _rank_main, args=(r, world_size, port, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, dict] = {}

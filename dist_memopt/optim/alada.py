@@ -172,10 +172,10 @@ class Alada(FactoredOptimizer):
     def _apply(self, items: list[StepItem], reducer: StatReducer, jobs: list[tuple[StepItem, SegmentPlan, Optional[tuple[int, int, int]]]]) -> None:
         steps: dict[int, _Schedule] = {}
         decays: list[tuple[Tensor, float]] = []
-        for item in items:
+        for item, t in zip(items, self._advance_steps(items)):
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
-            hp = steps[id(item)] = _Schedule.at(item.group, self._advance_step(item.state) - 1)
+            hp = steps[id(item)] = _Schedule.at(item.group, t - 1)
             if hp.weight_decay:
                 decays.append((item.weight, 1.0 - hp.lr * hp.weight_decay))
         batches = SegmentBatches()

@@ -182,10 +182,10 @@ class SMMF(FactoredOptimizer):
         batches = SegmentBatches()
         decays: list[tuple[Tensor, float]] = []
         schedules: list[_Schedule] = []
-        for item, per_item in zip(items, tickets):
+        for item, per_item, t in zip(items, tickets, self._advance_steps(items)):
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
-            hp = _Schedule.at(item.group, self._advance_step(item.state))
+            hp = _Schedule.at(item.group, t)
             schedules.append(hp)
             if hp.decoupled_decay:
                 decays.append((item.weight, 1.0 - hp.lr * hp.weight_decay))

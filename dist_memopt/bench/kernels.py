@@ -10,6 +10,8 @@ two kinds of steps). Single process, and FSDP2 on CPU ranks (``--world-sizes``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from typing import Any, Sequence
 
 import torch
@@ -18,10 +20,21 @@ from dist_memopt.bench.models import materialize, model_shapes
 from dist_memopt.bench.optimizers import build_optimizer
 from dist_memopt.bench.registry import Benchmark, int_at_least, register
 from dist_memopt.bench.report import format_table
+from dist_memopt.kernels import launch
+from dist_memopt.kernels.select import triton_available
 
 __all__ = ["DEFAULT_OPTIMIZERS", "count_step", "kernel_costs", "format_costs", "run"]
 
-DEFAULT_OPTIMIZERS = ("AdamW-fused", "AdamW", "SMMF", "SMMF-nocheck", "Alada", "Alada-nocheck")
+DEFAULT_OPTIMIZERS = ("AdamW-fused", "AdamW", "SMMF", "SMMF-nocheck", "Alada", "Alada-nocheck", "SMMF-triton", "SMMF-triton-nocheck")
+
+
+def _triton_context(name: str, device: torch.device, execute: bool) -> Any:
+    """Where a Triton row runs: on CUDA for real; on CPU in the interpreter, counted only unless
+    ``execute`` (interpreting GPT-2 small's kernels takes many minutes; the counts are the same)."""
+    if "triton" not in name or device.type == "cuda":
+        return contextlib.nullcontext()
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported
+    return contextlib.nullcontext() if execute else launch.count_only()
 
 
 def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, steps: int = 2) -> dict[str, Any]:
@@ -51,11 +64,21 @@ def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, st
     }
 
 
-def kernel_costs(model: str, optimizers: Sequence[str], warmup: int = 2, steps: int = 2) -> dict[str, Any]:
-    """:func:`count_step` for every optimizer on fresh parameters of ``model``'s shapes (one process)."""
+def kernel_costs(
+    model: str, optimizers: Sequence[str], warmup: int = 2, steps: int = 2, device: str = "cpu", execute: bool = False
+) -> dict[str, Any]:
+    """:func:`count_step` for every optimizer on parameters of ``model``'s shapes (one process).
+
+    Optimizers whose name says ``triton`` are skipped where Triton is not installed.
+    """
     shapes = model_shapes(model)
-    params = materialize(shapes)  # shared: counts do not depend on the values the others left
-    rows = {name: count_step(build_optimizer(name, params), shapes.numel, warmup, steps) for name in optimizers}
+    params = materialize(shapes, device)  # shared: counts do not depend on the values the others left
+    rows = {}
+    for name in optimizers:
+        if "triton" in name and not triton_available():
+            continue
+        with _triton_context(name, torch.device(device), execute):
+            rows[name] = count_step(build_optimizer(name, params), shapes.numel, warmup, steps)
     return {"title": shapes.title, "numel": shapes.numel, "optimizers": rows}
 
 
@@ -72,6 +95,10 @@ def format_costs(title: str, rows: dict[str, dict[str, Any]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("kernels")
     group.add_argument("--count-steps", type=int_at_least(1), default=2, help="counted steps per optimizer (default 2)")
+    group.add_argument("--kernel-device", default="cpu", help="device of the one-process counts (default cpu)")
+    group.add_argument(
+        "--triton-execute", action="store_true", help="on CPU, run the Triton kernels in the interpreter (slow) instead of counting only"
+    )
     group.add_argument(
         "--kernel-world-sizes", default="2", help="also count under FSDP2 at these CPU rank counts ('' for none; default 2)"
     )
@@ -80,7 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(options: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"models": {}, "fsdp2": {}}
     for model in options.models:
-        result = kernel_costs(model, options.optimizers or DEFAULT_OPTIMIZERS, steps=options.count_steps)
+        result = kernel_costs(
+            model, options.optimizers or DEFAULT_OPTIMIZERS, steps=options.count_steps,
+            device=options.kernel_device, execute=options.triton_execute,
+        )
         results["models"][model] = result
         print(format_costs(f"{result['title']}, one process, {result['numel']:,} elements", result["optimizers"]), flush=True)
     sizes = [int(w) for w in options.kernel_world_sizes.split(",") if w.strip()]
@@ -91,6 +121,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             rows = fsdp2_costs(world_size, options.optimizers or DEFAULT_OPTIMIZERS, options.count_steps)
             results["fsdp2"][str(world_size)] = rows
             print(format_costs(f"GPT-2 small under FSDP2, {world_size} CPU ranks (rank 0; per local element)", rows), flush=True)
+    if options.kernel_device == "cpu" and not options.triton_execute:
+        print("*-triton rows on CPU: launches recorded, kernels not run (--triton-execute interprets them).")
     print("launches: aten ops that run a kernel on a GPU (views and allocations excluded) plus Triton launches; "
           "a foreach op counts once. Bytes: each op's tensor inputs read and outputs written, per parameter element.")
     return results

@@ -7,12 +7,31 @@ move (worked out from the elements it touches, per kernel); subscribers such as
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
-__all__ = ["record", "subscribe", "unsubscribe"]
+__all__ = ["record", "subscribe", "unsubscribe", "executing", "count_only"]
 
 Listener = Callable[[str, int, int], None]
 _LISTENERS: list[Listener] = []
+_SKIP = [False]
+
+
+def executing() -> bool:
+    """False inside :func:`count_only`: launchers record their launches but do not run them."""
+    return not _SKIP[0]
+
+
+@contextmanager
+def count_only() -> Iterator[None]:
+    """Record launches without running them, for counting a big model's step where the kernels can
+    only be interpreted (slowly): which kernels launch and what they touch does not depend on the
+    values, so the counts are those of a real step. The step's results are then meaningless."""
+    _SKIP[0] = True
+    try:
+        yield
+    finally:
+        _SKIP[0] = False
 
 
 def record(name: str, bytes_read: int, bytes_written: int) -> None:

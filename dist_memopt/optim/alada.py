@@ -31,6 +31,7 @@ from dist_memopt.optim.base import (
     chunk_ranges,
     decay_weights,
 )
+from dist_memopt.kernels.select import check_kernel, use_triton
 from dist_memopt.shard.geometry import balanced_split
 from dist_memopt.shard.reduce import StatReducer
 
@@ -52,6 +53,8 @@ class Alada(FactoredOptimizer):
         check_finite: raise on inf/NaN gradients before any state changes (False skips the check).
         foreach: None or True steps small, whole (unsharded) tensors of the same 2-D view
             together in batched ops; False keeps the plain per-tensor path (see :class:`SMMF`).
+        kernel: ``"auto"`` or ``"torch"``; Alada has no fused Triton kernel yet, so ``"triton"``
+            is refused at the first step (see :mod:`dist_memopt.kernels.select`).
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
@@ -68,8 +71,10 @@ class Alada(FactoredOptimizer):
         momentum_in_grad: bool = False,
         check_finite: bool = True,
         foreach: Optional[bool] = None,
+        kernel: str = "auto",
     ) -> None:
         defaults = dict(
+            kernel=kernel,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -92,6 +97,7 @@ class Alada(FactoredOptimizer):
         if not isinstance(group["momentum_in_grad"], bool):
             raise ValueError(f"Invalid momentum_in_grad{where}: {group['momentum_in_grad']!r} (must be a bool)")
         check_foreach(group, where)
+        check_kernel(group, where)
 
     def _matrix_shape(self, group: dict[str, Any], global_shape: torch.Size) -> Optional[tuple[int, int]]:
         return balanced_split(global_shape)
@@ -155,6 +161,7 @@ class Alada(FactoredOptimizer):
         jobs: list[tuple[StepItem, SegmentPlan, Optional[tuple[int, int, int]]]] = []
         for item in items:
             device = item.weight.device
+            use_triton(item.group, device, supported=False)  # kernel="triton": a clear error
             for seg in item.plan.factored:
                 geo = seg.geometry
                 assert geo is not None

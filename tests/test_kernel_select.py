@@ -1,0 +1,44 @@
+"""``kernel="auto" | "torch" | "triton"``: validation, where each choice runs, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dist_memopt as dm
+from dist_memopt.kernels.select import use_triton
+
+
+@pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
+def test_an_unknown_kernel_is_an_error_naming_the_argument(cls):
+    with pytest.raises(ValueError, match=r"Invalid kernel: 'cuda' \(must be one of \('auto', 'torch', 'triton'\)\)"):
+        cls([torch.nn.Parameter(torch.randn(3))], kernel="cuda")
+    with pytest.raises(ValueError, match=r"Invalid kernel \(param group 1\): 'fused'"):
+        cls([{"params": [torch.nn.Parameter(torch.randn(3))]}, {"params": [torch.nn.Parameter(torch.randn(2))], "kernel": "fused"}])
+
+
+def test_auto_takes_triton_on_cuda_only(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not use_triton({"kernel": "auto"}, torch.device("cpu"))  # the interpreter only when asked for
+    assert not use_triton({"kernel": "torch"}, torch.device("cpu"))
+    assert not use_triton({"kernel": "auto"}, torch.device("cuda"), supported=False)
+
+
+def test_triton_on_cpu_without_the_interpreter_is_refused_before_any_change(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    before = p.detach().clone()
+    optimizer = dm.SMMF([p], kernel="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        optimizer.step()
+    assert torch.equal(p.detach(), before) and not optimizer.state
+
+
+def test_alada_has_no_triton_kernel_yet():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="kernel='triton' is not implemented"):
+        dm.Alada([p], kernel="triton").step()
+    dm.Alada([p], kernel="auto").step()  # auto falls back to the torch path

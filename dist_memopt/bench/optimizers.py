@@ -64,6 +64,8 @@ _SPECS = (
     OptimizerSpec("SMMF-per-tensor", lambda p: dm.SMMF(p, foreach=False), "dist_memopt.SMMF(foreach=False): no batched fast path for small tensors", "SMMF"),
     OptimizerSpec("SMMF-triton", lambda p: dm.SMMF(p, kernel="triton"), "dist_memopt.SMMF(kernel='triton'): the fused Triton kernels", "SMMF"),
     OptimizerSpec("SMMF-triton-nocheck", lambda p: dm.SMMF(p, kernel="triton", check_finite=False), "dist_memopt.SMMF(kernel='triton', check_finite=False)", "SMMF"),
+    OptimizerSpec("Alada-triton", lambda p: dm.Alada(p, kernel="triton"), "dist_memopt.Alada(kernel='triton'): the fused Triton kernels"),
+    OptimizerSpec("Alada-triton-nocheck", lambda p: dm.Alada(p, kernel="triton", check_finite=False), "dist_memopt.Alada(kernel='triton', check_finite=False)"),
     OptimizerSpec("Alada-per-tensor", lambda p: dm.Alada(p, foreach=False), "dist_memopt.Alada(foreach=False): no batched fast path for small tensors"),
 )
 

@@ -9,13 +9,16 @@ kernels); ``"torch"`` never uses them. Both implementations compute the same equ
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 from typing import Any
 
 import torch
 
-__all__ = ["KERNELS", "check_kernel", "use_triton", "triton_available"]
+from dist_memopt.kernels import launch
+
+__all__ = ["KERNELS", "check_kernel", "use_triton", "triton_available", "fused_item", "fused_step"]
 
 KERNELS = ("auto", "torch", "triton")
 
@@ -55,7 +58,9 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
     kernel = group.get("kernel", "auto")
     if kernel == "torch":
         return False
-    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+    # counting launches (launch.count_only) runs no kernel, so it needs no interpreter
+    cpu_ok = _interpreting() or not launch.executing()
+    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and cpu_ok))
     if kernel == "auto":
         return supported and device.type == "cuda" and runnable
     if not supported:
@@ -69,3 +74,17 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
             f"starts); these tensors are on {device}"
         )
     return True
+
+
+def fused_item(item: Any) -> bool:
+    """Whether a step item (group and fp32 weight) takes the Triton kernels."""
+    return use_triton(item.group, item.weight.device)
+
+
+def fused_step(items: list[Any], kind: str) -> Any:
+    """A new ``dist_memopt.kernels.<kind>_triton.Fused<KIND>`` step when any item takes the kernels
+    (imported only then: Triton is not needed otherwise), else None."""
+    if not any(fused_item(item) for item in items):
+        return None
+    module = importlib.import_module(f"dist_memopt.kernels.{kind.lower()}_triton")
+    return getattr(module, f"Fused{kind}")()

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.runs import runs_of
+from dist_memopt.kernels.tiles import Offsets, tile_elements, tile_pieces, tiles_shape
 
 __all__ = ["FusedSMMF"]
 
@@ -45,7 +45,6 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
     rv_off, cv_off, rm_off, cm_off = tl.load(info + 3), tl.load(info + 4), tl.load(info + 5), tl.load(info + 6)
     start, run, stride, count = tl.load(info + 7), tl.load(info + 8), tl.load(info + 9), tl.load(info + 10)
     k0, row0 = tl.load(info + 11), tl.load(info + 12)
-    span = (count - 1) * stride + run
     words = (S - S_SHIFT).to(tl.pointer_type(tl.int32))  # the aligned word holding S's first byte
     rows = row0 + tl.arange(0, TR)
     row_ok = rows < n
@@ -57,11 +56,7 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
     for c0 in range(0, m, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < m
-        rel = rows[:, None].to(tl.int64) * m + cols[None, :] - start
-        piece = rel // stride
-        within = rel - piece * stride
-        ok = row_ok[:, None] & col_ok[None, :] & (rel >= 0) & (rel < span) & (within < run)
-        k = k0 + piece * run + within
+        ok, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
         w = tl.load(W + w_off + k, mask=ok, other=0.0)
         g = tl.load(G + g_off + k, mask=ok, other=0.0)
         if COUPLED:
@@ -168,26 +163,6 @@ class _Job:
     slots: tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]  # row/col sums of V, of |M|
 
 
-def _tiles_shape(m: int) -> tuple[int, int]:
-    """(rows per tile, columns per block): about 4K elements per block, 32 rows at most."""
-    columns = min(128, triton.next_power_of_2(max(1, m)))
-    return max(1, min(32, 4096 // columns)), columns
-
-
-class _Offsets:
-    """Element offsets of tensors relative to one base tensor of their dtype (pointer + offset)."""
-
-    def __init__(self, base: Tensor) -> None:
-        self.base = base
-
-    def __call__(self, t: Optional[Tensor]) -> int:
-        if t is None:
-            return 0  # unused (a pair without a first moment); offsets may be negative
-        delta = t.data_ptr() - self.base.data_ptr()
-        assert delta % t.element_size() == 0, "tensors of one dtype are element-aligned"
-        return delta // t.element_size()
-
-
 class FusedSMMF:
     """One step's fused segments: :meth:`run` steps them, :meth:`finish` stores their factors.
 
@@ -212,7 +187,7 @@ class FusedSMMF:
         bases = dict(W=first.item.weight, G=first.item.grad, F=first.item.state["row_v"], OUT=first.slots[0], S=sign_base)
         # sign bits count from the 4-byte word at or below the lowest sign byte: offsets stay >= 0
         words_at = sign_base.data_ptr() - sign_base.data_ptr() % 4
-        w_at, g_at, f_at, out_at = (_Offsets(bases[k]) for k in ("W", "G", "F", "OUT"))
+        w_at, g_at, f_at, out_at = (Offsets(bases[k]) for k in ("W", "G", "F", "OUT"))
         batches: dict[tuple, list[_Job]] = defaultdict(list)
         for job in self._jobs:
             geo = job.seg.geometry
@@ -222,7 +197,7 @@ class FusedSMMF:
         all_segs: list[int] = []
         shapes: list[int] = []
         for (n, m, _, hp), jobs in batches.items():
-            rows_per_tile, _ = _tiles_shape(m)
+            rows_per_tile, _ = tiles_shape(m)
             tiles: list[int] = []
             segs: list[int] = []
             numel = 0
@@ -238,12 +213,8 @@ class FusedSMMF:
                     head += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))]
                 else:
                     head += [0, 0]
-                k0 = 0
-                for piece in runs_of(seg.geometry):
-                    first_row, last_row = piece.start // m, (piece.start + piece.span - 1) // m
-                    for row0 in range(first_row, last_row + 1, rows_per_tile):
-                        tiles += head + [piece.start, piece.run_length, piece.stride, piece.count, k0, row0]
-                    k0 += piece.numel
+                for fields in tile_pieces(seg.geometry, rows_per_tile):
+                    tiles += head + fields
                 numel += seg.segment.numel
                 rv, cv, rm, cm = job.slots
                 entry = [tile_lo, len(tiles) // NF, out_at(rv), out_at(cv), out_at(rm), out_at(cm)]
@@ -270,7 +241,7 @@ class FusedSMMF:
                 seg_at: int, seg_count: int, numel: int) -> None:
         if tile_count == 0:
             return  # empty shards: their slots stay zero, which is their contribution
-        rows_per_tile, columns = _tiles_shape(m)
+        rows_per_tile, columns = tiles_shape(m)
         has_m = hp.beta1 is not None
         pairs = 2 if has_m else 1
         device = bases["W"].device

@@ -32,7 +32,8 @@ def nonfinite_candidate(tensors: list[Tensor], indices: list[int], device: torch
         return torch.full((), math.inf, dtype=torch.float64, device=device)
     norms = torch.stack(torch._foreach_norm(tensors, 2)).to(device)
     where = torch.tensor(indices, dtype=torch.float64, device=device)
-    return torch.where(torch.isfinite(norms), math.inf, where).min()
+    finite = (norms - norms) == 0  # isfinite in two ops: inf - inf and nan - nan are nan
+    return torch.where(finite, math.inf, where).min()
 
 
 def first_nonfinite(tensors: list[Tensor]) -> Optional[int]:

@@ -27,7 +27,7 @@ from dist_memopt.optim.base import (
     chunk_ranges,
     decay_weights,
 )
-from dist_memopt.kernels.select import check_kernel, use_triton
+from dist_memopt.kernels.select import check_kernel, fused_item, fused_step
 from dist_memopt.optim.bits import pack_signs, unpack_signs
 from dist_memopt.shard.geometry import square_matricize
 from dist_memopt.shard.reduce import StatReducer
@@ -169,7 +169,7 @@ class SMMF(FactoredOptimizer):
             for seg in item.plan.factored:
                 geo = seg.geometry
                 assert geo is not None
-                if self._batched(item.group, seg) and not _fused(item):
+                if self._batched(item.group, seg) and not fused_item(item):
                     per_item.append(None)
                     continue
                 per_item.append(
@@ -188,13 +188,13 @@ class SMMF(FactoredOptimizer):
         batches = SegmentBatches()
         decays: list[tuple[Tensor, float]] = []
         schedules: list[_Schedule] = []
-        fused = _fused_steps(items)  # the Triton kernels, for the items whose group selects them
+        fused = fused_step(items, "SMMF")  # the Triton kernels, for the items whose group selects them
         for item, per_item, t in zip(items, tickets, self._advance_steps(items)):
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
             hp = _Schedule.at(item.group, t)
             schedules.append(hp)
-            in_kernel = fused is not None and _fused(item)
+            in_kernel = fused is not None and fused_item(item)
             if hp.decoupled_decay:  # the kernel decays its own segments' elements
                 targets = [s.local(item.weight) for s in item.plan.dense_segments] if in_kernel else [item.weight]
                 decays += [(target, 1.0 - hp.lr * hp.weight_decay) for target in targets]
@@ -233,19 +233,6 @@ class SMMF(FactoredOptimizer):
             self._pending = (reducer, finish)
         else:
             finish()
-
-
-def _fused(item: StepItem) -> bool:
-    return use_triton(item.group, item.weight.device)
-
-
-def _fused_steps(items: list[StepItem]) -> Any:
-    """A :class:`~dist_memopt.kernels.smmf_triton.FusedSMMF` when any item takes the Triton kernels."""
-    if not any(_fused(item) for item in items):
-        return None
-    from dist_memopt.kernels.smmf_triton import FusedSMMF
-
-    return FusedSMMF()
 
 
 def _slots(reducer: StatReducer, tickets: tuple[int, int, int, int]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:

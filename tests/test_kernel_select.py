@@ -41,3 +41,14 @@ def test_a_kernel_without_triton_support_is_refused_or_skipped():
     with pytest.raises(RuntimeError, match="kernel='triton' is not implemented"):
         use_triton({"kernel": "triton"}, torch.device("cpu"), supported=False)
     assert not use_triton({"kernel": "auto"}, torch.device("cpu"), supported=False)
+
+
+@pytest.mark.parametrize("name", ["SMMF", "Alada"])
+def test_config_files_take_the_kernel_argument(name):
+    """ds_config params and the Megatron factory build through the constructor's signature."""
+    from dist_memopt.integrations.deepspeed.registry import build_optimizer
+
+    optimizer = build_optimizer(name, [torch.nn.Parameter(torch.randn(3))], {"kernel": "torch"})
+    assert optimizer.param_groups[0]["kernel"] == "torch"
+    with pytest.raises(ValueError, match="Invalid kernel: 'gpu'"):
+        build_optimizer(name, [torch.nn.Parameter(torch.randn(3))], {"kernel": "gpu"})

@@ -282,4 +282,4 @@ class FusedAlada:
                     f32, p64, tiles, n, m, hp.lr, hp.eps, hp.bias1, hp.bias2, hp.beta2 ** (hp.t + 1), decay,
                     TR=rows_per_tile, BC=columns,
                 )
-            launch.record("alada_update", numel * 12 + tile_count * (rows_per_tile + m) * 8 + tile_count * NF * 8, numel * 4)
+            launch.record("alada_update", numel * 8 + tile_count * (rows_per_tile + m) * 8 + tile_count * NF * 8, numel * 4)

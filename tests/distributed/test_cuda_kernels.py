@@ -18,17 +18,18 @@ from harness import run_distributed  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from models import AwkwardModel, batch  # noqa: E402
-from reference import SMMFReference  # noqa: E402
+from reference import AladaReference, SMMFReference  # noqa: E402
 from test_fsdp import TOLERANCE, _full  # noqa: E402
 
 SHAPES = [(768, 3072), (3072,), (768,), (768, 768), (2304,), (1024, 768), (7, 13), ()]
 
 
-def test_cuda_triton_matches_the_float64_reference():
+@pytest.mark.parametrize("cls, reference", [(dm.SMMF, SMMFReference), (dm.Alada, AladaReference)])
+def test_cuda_triton_matches_the_float64_reference(cls, reference):
     config = dict(lr=1e-2, weight_decay=0.1)
     model = AwkwardModel().cuda()
-    optimizer = dm.SMMF(model.parameters(), kernel="triton", **config)
-    references = [SMMFReference(p.cpu(), **config) for p in model.parameters()]
+    optimizer = cls(model.parameters(), kernel="triton", **config)
+    references = [reference(p.cpu(), **config) for p in model.parameters()]
     for step in range(20):
         optimizer.zero_grad()
         _loss(model, step).backward()
@@ -40,10 +41,10 @@ def test_cuda_triton_matches_the_float64_reference():
             assert (param.detach().cpu().double() - ref.w).abs().max().item() <= 5e-6 * scale
 
 
-def _gpt2_like(kernel: str, dtype: torch.dtype, steps: int = 5):
+def _gpt2_like(kernel: str, dtype: torch.dtype, steps: int = 5, cls=dm.SMMF):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda").mul_(0.02).to(dtype)) for s in SHAPES]
-    optimizer = dm.SMMF(params, kernel=kernel, weight_decay=0.01)
+    optimizer = cls(params, kernel=kernel, weight_decay=0.01)
     generator = torch.Generator(device="cuda").manual_seed(1)
     for _ in range(steps):
         for p in params:
@@ -52,17 +53,19 @@ def _gpt2_like(kernel: str, dtype: torch.dtype, steps: int = 5):
     return params, optimizer
 
 
+@pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_cuda_triton_matches_the_torch_path(dtype, atol):
-    fused, _ = _gpt2_like("triton", dtype)
-    plain, _ = _gpt2_like("torch", dtype)
+def test_cuda_triton_matches_the_torch_path(dtype, atol, cls):
+    fused, _ = _gpt2_like("triton", dtype, cls=cls)
+    plain, _ = _gpt2_like("torch", dtype, cls=cls)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
 
-def test_cuda_triton_is_bit_identical_across_runs():
-    first, first_opt = _gpt2_like("triton", torch.float32)
-    second, second_opt = _gpt2_like("triton", torch.float32)
+@pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
+def test_cuda_triton_is_bit_identical_across_runs(cls):
+    first, first_opt = _gpt2_like("triton", torch.float32, cls=cls)
+    second, second_opt = _gpt2_like("triton", torch.float32, cls=cls)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
         assert all(torch.equal(first_opt.state[a][k], second_opt.state[b][k]) for k in first_opt.state[a])

@@ -114,33 +114,34 @@ def test_two_runs_are_bit_identical(cls):
 
 
 class _Strided:
-    """A geometry of strided runs (what a tensor-parallel shard is), as the kernels take it."""
+    """A geometry of strided runs (what a tensor-parallel shard is) with a local window [lo, hi),
+    shaped like dist_memopt.shard.runs.RunsGeometry, as the kernels take it."""
 
-    def __init__(self, rows: int, cols: int, pieces: tuple[Runs, ...]) -> None:
-        self.rows, self.cols, self.pieces = rows, cols, pieces
-
-    def runs(self) -> tuple[Runs, ...]:
-        return self.pieces
+    def __init__(self, rows: int, cols: int, runs: tuple[Runs, ...], lo: int, hi: int) -> None:
+        self.rows, self.cols, self.runs, self.lo, self.hi = rows, cols, runs, lo, hi
 
 
-def _strided_rank(full: torch.Tensor, pieces: tuple[Runs, ...], n: int, m: int):
+def _strided_rank(full: torch.Tensor, pieces: tuple[Runs, ...], n: int, m: int, lo: int = 0, hi: int = -1):
     from types import SimpleNamespace
 
     from dist_memopt.optim.base import SegmentPlan
 
     positions = torch.cat([p.positions() for p in pieces])
+    hi = positions.numel() if hi < 0 else hi
+    positions = positions[lo:hi]
     numel = positions.numel()
     state = {k: torch.zeros(n if k.startswith("row") else m) for k in ("row_v", "col_v", "row_m", "col_m")}
     state["sign"] = torch.zeros((numel + 7) // 8, dtype=torch.uint8)
-    seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, numel)), _Strided(n, m, pieces))
+    seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, numel)), _Strided(n, m, pieces, lo, hi))
     item = SimpleNamespace(weight=full.detach()[positions].clone(), grad=torch.zeros(numel), state=state)
     stats = torch.zeros(2 * (n + m))
     return item, seg, positions, stats, (stats[:n], stats[n : n + m], stats[n + m : 2 * n + m], stats[2 * n + m :])
 
 
 def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
-    """Column blocks of a (10, 6) matrix on two 'ranks' (the second one holding two pieces that share
-    every row), statistics summed as an all_reduce would: the unsharded torch step, exactly."""
+    """Column blocks of a (10, 6) matrix on three 'ranks': one block, and two windows of a pair of
+    blocks (pieces sharing every row) cut mid-run, as a flat shard of a TP block is; statistics
+    summed as an all_reduce would: the unsharded torch step."""
     from dist_memopt.bench.counting import StepCost
     from dist_memopt.kernels.smmf_triton import FusedSMMF
     from dist_memopt.optim.bits import unpack_signs
@@ -150,10 +151,8 @@ def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
     torch.manual_seed(0)
     full = torch.nn.Parameter(torch.randn(n * m))
     reference = dm.SMMF([full], kernel="torch", lr=1e-2, weight_decay=0.1)
-    ranks = [
-        _strided_rank(full, (Runs(0, 2, 6, 10),), n, m),
-        _strided_rank(full, (Runs(2, 2, 6, 10), Runs(4, 2, 6, 10)), n, m),
-    ]
+    pair = (Runs(2, 2, 6, 10), Runs(4, 2, 6, 10))
+    ranks = [_strided_rank(full, (Runs(0, 2, 6, 10),), n, m), _strided_rank(full, pair, n, m, 0, 27), _strided_rank(full, pair, n, m, 27, 40)]
     generator = torch.Generator().manual_seed(1)
     for t in range(1, 6):
         full.grad = torch.randn(n * m, generator=generator)
@@ -168,11 +167,11 @@ def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
                 fused.add(item, seg, hp, slots)
                 fused.run()
                 steps.append(fused)
-            total = ranks[0][3] + ranks[1][3]  # the all_reduce
+            total = sum(rank[3] for rank in ranks)  # the all_reduce
             for (_, _, _, stats, _), fused in zip(ranks, steps):
                 stats.copy_(total)
                 fused.finish()
-        assert cost.ops["triton.smmf_tiles"] == 2 and cost.ops["triton.smmf_finish"] == 2
+        assert cost.ops["triton.smmf_tiles"] == 3 and cost.ops["triton.smmf_finish"] == 3
         expected = reference.state[full]
         signs = unpack_signs(expected["sign"], n * m)
         for item, seg, positions, stats, slots in ranks:
@@ -215,7 +214,7 @@ def test_alada_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step()
         positions = torch.cat([p.positions() for p in pieces])
         f64 = dict(dtype=torch.float64)
         state = dict(exp_avg=torch.zeros(positions.numel()), row=torch.zeros(n, **f64), col=torch.zeros(m, **f64), v0=torch.zeros(1, **f64))
-        seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, positions.numel())), _Strided(n, m, pieces))
+        seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, positions.numel())), _Strided(n, m, pieces, 0, positions.numel()))
         item = SimpleNamespace(weight=full.detach().view(-1)[positions].clone(), grad=torch.zeros(positions.numel()), state=state)
         ranks.append((item, seg, positions, torch.zeros(n + m + 1)))
     generator = torch.Generator().manual_seed(1)

@@ -31,7 +31,7 @@ DEFAULT_OPTIMIZERS = (
 )
 
 
-def _triton_context(name: str, device: torch.device, execute: bool) -> Any:
+def triton_context(name: str, device: torch.device, execute: bool) -> Any:
     """Where a Triton row runs: on CUDA for real; on CPU in the interpreter, counted only unless
     ``execute`` (interpreting GPT-2 small's kernels takes many minutes; the counts are the same)."""
     if "triton" not in name or device.type == "cuda":
@@ -47,6 +47,8 @@ def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, st
     """
     for _ in range(warmup):
         optimizer.step()
+    if hasattr(optimizer, "synchronize"):
+        optimizer.synchronize()  # SMMF leaves the last warm-up step's reduction to the next step
     costs = []
     for _ in range(steps):
         with StepCost() as cost:
@@ -80,7 +82,7 @@ def kernel_costs(
     for name in optimizers:
         if "triton" in name and not triton_available():
             continue
-        with _triton_context(name, torch.device(device), execute):
+        with triton_context(name, torch.device(device), execute):
             rows[name] = count_step(build_optimizer(name, params), shapes.numel, warmup, steps)
     return {"title": shapes.title, "numel": shapes.numel, "optimizers": rows}
 

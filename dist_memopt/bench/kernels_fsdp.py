@@ -26,7 +26,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         from torch.distributed.fsdp import fully_shard
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from dist_memopt.bench.kernels import count_step
+        from dist_memopt.bench.kernels import triton_context, count_step
         from dist_memopt.bench.optimizers import build_optimizer
 
         torch.manual_seed(0)
@@ -39,7 +39,10 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         model(tokens, labels=tokens).loss.backward()
         params = list(model.parameters())
         numel = sum(p.to_local().numel() for p in params)
-        rows = {name: count_step(build_optimizer(name, params), numel, steps=args.count_steps) for name in args.optimizers}
+        rows = {}
+        for name in args.optimizers:
+            with triton_context(name, torch.device("cpu"), execute=False):  # CPU ranks: count, do not interpret
+                rows[name] = count_step(build_optimizer(name, params), numel, steps=args.count_steps)
         queue.put((rank, rows))
     finally:
         dist.destroy_process_group()

@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--count-steps", type=int_at_least(1), default=2, help="counted steps per optimizer (default 2)")
     group.add_argument("--kernel-device", default="cpu", help="device of the one-process counts (default cpu)")
     group.add_argument(
-        "--triton-execute", action="store_true", help="on CPU, run the Triton kernels in the interpreter (slow) instead of counting only"
+        "--triton-execute", action="store_true", help="on CPU, run the Triton kernels in the interpreter (slow; needs TRITON_INTERPRET=1 in the environment) instead of counting only"
     )
     group.add_argument(
         "--kernel-world-sizes", default="2", help="also count under FSDP2 at these CPU rank counts ('' for none; default 2)"

@@ -8,7 +8,6 @@ On CPU nothing waits, so the test counts the calls that would make a GPU's host 
 from __future__ import annotations
 
 import pytest
-import torch
 
 import dist_memopt as dm
 from dist_memopt.bench.counting import StepCost

@@ -174,7 +174,7 @@ def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
         assert cost.ops["triton.smmf_tiles"] == 3 and cost.ops["triton.smmf_finish"] == 3
         expected = reference.state[full]
         signs = unpack_signs(expected["sign"], n * m)
-        for item, seg, positions, stats, slots in ranks:
+        for item, _, positions, _, _ in ranks:
             torch.testing.assert_close(item.weight, full.detach()[positions], rtol=0, atol=1e-6)
             for key in ("row_v", "col_v", "row_m", "col_m"):
                 torch.testing.assert_close(item.state[key], expected[key], rtol=1e-5, atol=1e-8)
@@ -235,7 +235,7 @@ def test_alada_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step()
             stats.copy_(total)
             fused.update()
         expected = reference.state[full]
-        for item, seg, positions, _ in ranks:
+        for item, _, positions, _ in ranks:
             torch.testing.assert_close(item.weight, full.detach().view(-1)[positions], rtol=0, atol=1e-6)
             torch.testing.assert_close(item.state["exp_avg"], expected["exp_avg"][positions], rtol=0, atol=1e-7)
             for key in ("row", "col", "v0"):

@@ -1,8 +1,12 @@
 import os
 import sys
 
-import pytest
-import torch
+# The fused Triton kernels' tests run them in Triton's interpreter on CPU; the variable must be set
+# before anything (megatron-core, torch) imports triton. Nothing else runs a Triton kernel on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -51,6 +51,7 @@ def _sm3(params: Iterable[Tensor]) -> torch.optim.Optimizer:
 
 _SPECS = (
     OptimizerSpec("AdamW", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True), "torch.optim.AdamW(foreach=True)", "Adam"),
+    OptimizerSpec("AdamW-fused", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True), "torch.optim.AdamW(fused=True)", "Adam"),
     OptimizerSpec("Adafactor", lambda p: torch.optim.Adafactor(p, lr=1e-2, foreach=True), "torch.optim.Adafactor(foreach=True): no first moment", "Adafactor"),
     OptimizerSpec("Adafactor-b1", _adafactor_with_momentum, "pytorch_optimizer.AdaFactor(betas=(0.9, 0.999), fp32 momentum)", "Adafactor"),
     OptimizerSpec("CAME", _came, "came_pytorch.CAME(lr=2e-4, betas=(0.9, 0.999, 0.9999))", "CAME"),
@@ -61,6 +62,10 @@ _SPECS = (
     OptimizerSpec("SMMF-nocheck", lambda p: dm.SMMF(p, check_finite=False), "dist_memopt.SMMF(check_finite=False)", "SMMF"),
     OptimizerSpec("Alada-nocheck", lambda p: dm.Alada(p, check_finite=False), "dist_memopt.Alada(check_finite=False)"),
     OptimizerSpec("SMMF-per-tensor", lambda p: dm.SMMF(p, foreach=False), "dist_memopt.SMMF(foreach=False): no batched fast path for small tensors", "SMMF"),
+    OptimizerSpec("SMMF-triton", lambda p: dm.SMMF(p, kernel="triton"), "dist_memopt.SMMF(kernel='triton'): the fused Triton kernels", "SMMF"),
+    OptimizerSpec("SMMF-triton-nocheck", lambda p: dm.SMMF(p, kernel="triton", check_finite=False), "dist_memopt.SMMF(kernel='triton', check_finite=False)", "SMMF"),
+    OptimizerSpec("Alada-triton", lambda p: dm.Alada(p, kernel="triton"), "dist_memopt.Alada(kernel='triton'): the fused Triton kernels"),
+    OptimizerSpec("Alada-triton-nocheck", lambda p: dm.Alada(p, kernel="triton", check_finite=False), "dist_memopt.Alada(kernel='triton', check_finite=False)"),
     OptimizerSpec("Alada-per-tensor", lambda p: dm.Alada(p, foreach=False), "dist_memopt.Alada(foreach=False): no batched fast path for small tensors"),
 )
 

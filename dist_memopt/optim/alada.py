@@ -30,6 +30,7 @@ from dist_memopt.optim.base import (
     chunk_ranges,
     decay_weights,
 )
+from dist_memopt.kernels.select import check_kernel, fused_item, fused_step
 from dist_memopt.optim.grad_contract import GradContract
 from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import balanced_split
@@ -53,6 +54,8 @@ class Alada(FactoredOptimizer):
         check_finite: raise on inf/NaN gradients before any state changes (False skips the check).
         foreach: None or True steps small, whole (unsharded) tensors of the same 2-D view
             together in batched ops; False keeps the plain per-tensor path (see :class:`SMMF`).
+        kernel: ``"auto"`` (fused Triton kernels on CUDA when Triton imports, else torch),
+            ``"torch"`` or ``"triton"`` (see :mod:`dist_memopt.kernels.select`).
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
@@ -79,8 +82,10 @@ class Alada(FactoredOptimizer):
         momentum_in_grad: bool = False,
         check_finite: bool = True,
         foreach: Optional[bool] = None,
+        kernel: str = "auto",
     ) -> None:
         defaults = dict(
+            kernel=kernel,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -111,6 +116,7 @@ class Alada(FactoredOptimizer):
         if not isinstance(group["momentum_in_grad"], bool):
             raise ValueError(f"Invalid momentum_in_grad{where}: {group['momentum_in_grad']!r} (must be a bool)")
         check_foreach(group, where)
+        check_kernel(group, where)
 
     def _matrix_shape(self, group: dict[str, Any], global_shape: torch.Size) -> Optional[tuple[int, int]]:
         return balanced_split(global_shape)
@@ -172,7 +178,7 @@ class Alada(FactoredOptimizer):
             for seg in item.plan.factored:
                 geo = seg.geometry
                 assert geo is not None
-                if self._batched(item.group, seg):
+                if self._batched(item.group, seg) and not fused_item(item):
                     jobs.append((item, seg, None))
                     continue
                 slots = (
@@ -186,32 +192,40 @@ class Alada(FactoredOptimizer):
     def _apply(self, items: list[StepItem], reducer: StatReducer, jobs: list[tuple[StepItem, SegmentPlan, Optional[tuple[int, int, int]]]]) -> None:
         steps: dict[int, _Schedule] = {}
         decays: list[tuple[Tensor, float]] = []
-        for item in items:
+        for item, t in zip(items, self._advance_steps(items)):
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
-            hp = steps[id(item)] = _Schedule.at(item.group, self._advance_step(item.state) - 1)
-            if hp.weight_decay:
+            hp = steps[id(item)] = _Schedule.at(item.group, t - 1)
+            if hp.weight_decay and not fused_item(item):
                 decays.append((item.weight, 1.0 - hp.lr * hp.weight_decay))
         batches = SegmentBatches()
         reduced = []
-        for item, seg, job_slots in jobs:
-            hp = steps[id(item)]
-            if job_slots is None:
-                batches.add(item, seg, hp)
-            else:
-                reduced.append((item, seg, hp, job_slots))
+        fused = fused_step(items, "Alada")  # the Triton kernels, for the items whose group selects them
 
         def slots(job_slots: tuple[int, int, int], hp: "_Schedule") -> tuple[Tensor, Tensor]:
             rows, cols, norm = job_slots
             return reducer.slot(cols if hp.t % 2 == 1 else rows), reducer.slot(norm)
 
+        for item, seg, job_slots in jobs:
+            hp = steps[id(item)]
+            if fused is not None and fused_item(item):
+                assert job_slots is not None
+                fused.add(item, seg, hp, *slots(job_slots, hp))
+            elif job_slots is None:
+                batches.add(item, seg, hp)
+            else:
+                reduced.append((item, seg, hp, job_slots))
         for item, seg, hp, job_slots in reduced:
             _partial_statistics(item, seg, hp, *slots(job_slots, hp))
+        if fused is not None:
+            fused.statistics()
         reducer.reduce(async_op=False)
-        decay_weights(decays)  # W ← W·(1 − lr·wd) before the update
+        decay_weights(decays)  # W ← W·(1 − lr·wd) before the update (the kernels decay their own)
         batches.run(_batch_step)
         for item, seg, hp, job_slots in reduced:
             _refit_and_update(item, seg, hp, *slots(job_slots, hp))
+        if fused is not None:
+            fused.update()
         for item in items:
             item.commit()
 

@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from dist_memopt.optim.bits import packed_numel
 from dist_memopt.optim.plan import ParamPlan, SegmentBatches, SegmentPlan, StepItem, decay_weights
+from dist_memopt.optim.preflight import StepCounts, agree, first_nonfinite, nonfinite_candidate
 from dist_memopt.optim.state_dict import StateDictMixin
 from dist_memopt.optim.state_layout import STATE_KINDS, StateKey, expected_state, kinds_of
 from dist_memopt.shard.reduce import StatReducer
@@ -265,25 +266,45 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
     def _preflight(self, items: list[StepItem], reducer: StatReducer) -> None:
         """Raise, on every rank alike and before any state changes, on bad gradients or layouts.
 
-        Locally: the first non-finite gradient. Then one small all_reduce per process group carries
-        that verdict and a fingerprint of the statistic layout: a rank stepping other parameters
-        would post collectives of other sizes and hang, so a mismatch becomes an error instead.
+        Locally: whether a gradient's norm is not finite, kept on the device. Then one small
+        all_reduce per process group carries that verdict and a fingerprint of the statistic
+        layout: a rank stepping other parameters would post collectives of other sizes and hang, so
+        a mismatch becomes an error instead. One host sync reads the verdict (none without
+        ``check_finite``, once the ranks agreed on this layout: see :mod:`.preflight`); only a
+        non-finite norm costs a second, exact round.
         """
-        bad = self._first_nonfinite(items)
+        checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
+        verdict = any(g.get("check_finite", True) for g in self.param_groups)  # the same on every rank
+        candidate = (
+            nonfinite_candidate([items[i].grad for i in checked], checked, items[0].grad.device) if verdict else _NO_VERDICT
+        )
         fingerprints = _with_signatures(reducer.fingerprints(), items)
-        for group in _distinct_groups(it.plan for it in items):
-            value = float(fingerprints.get(id(group), 0))
-            probe = torch.tensor([bad, value, -value], dtype=torch.float64, device=_group_device(group))
-            dist.all_reduce(probe, op=dist.ReduceOp.MIN, group=group)
-            low, high = probe[1].item(), -probe[2].item()
-            if low != high:
+        agreed = self.__dict__.setdefault("_agreed", {})
+        suspects = []
+        groups = _distinct_groups(it.plan for it in items)
+        for group in groups:
+            fingerprint = fingerprints.get(id(group), 0)
+            if not verdict and agreed.get(id(group)) == fingerprint:
+                continue
+            smallest, same = agree(candidate, fingerprint, group, _group_device(group))
+            if not same:
                 raise RuntimeError(
                     f"{type(self).__name__}: the ranks of a process group (this is rank "
                     f"{dist.get_rank()}) step different parameters, shapes or placements; build the "
                     "optimizer from the same model, wrapped the same way (same device mesh and "
                     "placements), on every rank"
                 )
-            bad = min(bad, probe[0].item())
+            agreed[id(group)] = fingerprint
+            if smallest != math.inf:
+                suspects.append((group, fingerprint))
+        if not groups and verdict and candidate.item() != math.inf:
+            suspects.append((None, 0))
+        if not suspects:
+            return
+        bad = self._first_nonfinite(items)  # exact, on suspicion only
+        for group, fingerprint in suspects:
+            if group is not None:
+                bad = min(bad, agree(torch.tensor(bad), fingerprint, group, _group_device(group))[0])
         if bad != math.inf:
             item = items[int(bad)]
             raise NonFiniteGradientError(
@@ -318,6 +339,7 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_pending", None)
+        self.__dict__.pop("_step_counts", None)  # the states were replaced: read their steps once
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -332,32 +354,14 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
             state[key] = value
         return value
 
-    @staticmethod
-    def _advance_step(state: dict[str, Any]) -> int:
-        """Increment the per-parameter step counter (a CPU float32 tensor, as in torch.optim)."""
-        step = state.get("step")
-        if step is None:
-            step = state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        step += 1
-        return int(step.item())
+    def _advance_steps(self, items: list[StepItem]) -> list[int]:
+        """Increment the per-parameter step counters (CPU float32 tensors, as in torch.optim) with
+        one op; returns the new counts without reading the tensors back (see :class:`StepCounts`)."""
+        counts = self.__dict__.setdefault("_step_counts", StepCounts())
+        return counts.advance([item.state for item in items])
 
 
-def first_nonfinite(tensors: list[Tensor]) -> Optional[int]:
-    """Index of the first tensor holding an inf or NaN, else None.
-
-    One fused 2-norm per tensor clears almost every tensor: any inf or NaN element makes the norm
-    inf or NaN, so a finite norm proves the tensor finite. Only tensors whose norm is not finite
-    (a real inf/NaN, or finite values whose squares overflow) get the exact elementwise test.
-    The inf-norm would be exact in one pass but is about 6x slower on CPU (200 ms for GPT-2
-    small, half an AdamW step).
-    """
-    if not tensors:
-        return None
-    norms = torch.stack(torch._foreach_norm(tensors, 2))
-    for index in (~torch.isfinite(norms)).nonzero().flatten().tolist():
-        if not bool(torch.isfinite(tensors[index]).all()):
-            return index
-    return None
+_NO_VERDICT = torch.tensor(math.inf, dtype=torch.float64)  # check_finite=False everywhere: nothing to report
 
 
 def _with_signatures(fingerprints: dict[int, int], items: list[StepItem]) -> dict[int, int]:

@@ -26,6 +26,7 @@ from dist_memopt.optim.base import (
     chunk_ranges,
     decay_weights,
 )
+from dist_memopt.kernels.select import check_kernel, fused_item, fused_step
 from dist_memopt.optim.bits import pack_signs, unpack_signs
 from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import square_matricize
@@ -72,6 +73,8 @@ class SMMF(FactoredOptimizer):
             together, a few batched ops for all of them instead of a few dozen per tensor
             (vectors, biases, norms: most of a transformer's tensors, little of its size); False
             keeps the plain per-tensor path, the reference the fast path is tested against.
+        kernel: ``"auto"`` (fused Triton kernels on CUDA when Triton imports, else torch),
+            ``"torch"`` or ``"triton"`` (see :mod:`dist_memopt.kernels.select`).
     """
 
     hyperparameters = ("lr", "beta", "eps", "weight_decay", "decay_rate", "growth_rate", "vector_reshape", "weight_decay_mode")
@@ -104,8 +107,10 @@ class SMMF(FactoredOptimizer):
         *,
         check_finite: bool = True,
         foreach: Optional[bool] = None,
+        kernel: str = "auto",
     ) -> None:
         defaults = dict(
+            kernel=kernel,
             lr=lr,
             beta=beta,
             eps=eps,
@@ -136,6 +141,7 @@ class SMMF(FactoredOptimizer):
         if not isinstance(group["vector_reshape"], bool):
             raise ValueError(f"Invalid vector_reshape{where}: {group['vector_reshape']!r} (must be a bool)")
         check_foreach(group, where)
+        check_kernel(group, where)
         if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
             raise ValueError(
                 f"Invalid weight_decay_mode{where}: {group['weight_decay_mode']!r} (must be one of {WEIGHT_DECAY_MODES})"
@@ -164,7 +170,7 @@ class SMMF(FactoredOptimizer):
             for seg in item.plan.factored:
                 geo = seg.geometry
                 assert geo is not None
-                if self._batched(item.group, seg):
+                if self._batched(item.group, seg) and not fused_item(item):
                     per_item.append(None)
                     continue
                 per_item.append(
@@ -183,15 +189,21 @@ class SMMF(FactoredOptimizer):
         batches = SegmentBatches()
         decays: list[tuple[Tensor, float]] = []
         schedules: list[_Schedule] = []
-        for item, per_item in zip(items, tickets):
+        fused = fused_step(items, "SMMF")  # the Triton kernels, for the items whose group selects them
+        for item, per_item, t in zip(items, tickets, self._advance_steps(items)):
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
-            hp = _Schedule.at(item.group, self._advance_step(item.state))
+            hp = _Schedule.at(item.group, t)
             schedules.append(hp)
-            if hp.decoupled_decay:
-                decays.append((item.weight, 1.0 - hp.lr * hp.weight_decay))
+            in_kernel = fused is not None and fused_item(item)
+            if hp.decoupled_decay:  # the kernel decays its own segments' elements
+                targets = [s.local(item.weight) for s in item.plan.dense_segments] if in_kernel else [item.weight]
+                decays += [(target, 1.0 - hp.lr * hp.weight_decay) for target in targets]
             for seg, t in zip(item.plan.factored, per_item):
-                if t is None:
+                if in_kernel:
+                    assert fused is not None and t is not None
+                    fused.add(item, seg, hp, _slots(reducer, t))
+                elif t is None:
                     batches.add(item, seg, hp)
                 else:
                     jobs.append((item, seg, hp, t))
@@ -204,6 +216,8 @@ class SMMF(FactoredOptimizer):
         for item, seg, hp, (t_rv, t_cv, t_rm, t_cm) in jobs:
             stats_m = (reducer.slot(t_rm), reducer.slot(t_cm)) if t_rm >= 0 else None
             _factored_step(item, seg, hp, (reducer.slot(t_rv), reducer.slot(t_cv)), stats_m)
+        if fused is not None:
+            fused.run()
         for item in items:
             item.commit()
 
@@ -212,12 +226,18 @@ class SMMF(FactoredOptimizer):
                 _store_factors(seg, item.state, "row_v", "col_v", reducer.slot(t_rv), reducer.slot(t_cv))
                 if t_rm >= 0:
                     _store_factors(seg, item.state, "row_m", "col_m", reducer.slot(t_rm), reducer.slot(t_cm))
+            if fused is not None:
+                fused.finish()
 
         if reducer.groups:
             reducer.reduce(async_op=True)
             self._pending = (reducer, finish)
         else:
             finish()
+
+
+def _slots(reducer: StatReducer, tickets: tuple[int, int, int, int]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    return tuple(reducer.slot(t) if t >= 0 else None for t in tickets)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,32 @@ def test_collectives_per_step_do_not_grow_with_parameters():
         assert counts[cls_name, 2] == counts[cls_name, 12] == [2, 2, 2, 2], counts
 
 
+def _unchecked_steps(rank, world_size):
+    from dist_memopt.bench.counting import StepCost
+
+    model = _stack(3)
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = dm.SMMF(model.parameters(), lr=1e-2, check_finite=False)
+    collectives, syncs = [], []
+    for step in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(4, 7, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        with _CountingAllReduce() as counter, StepCost() as cost:
+            optimizer.step()
+        collectives.append(counter.calls)
+        syncs.append(cost.sync_count)
+    return collectives, syncs
+
+
+def test_without_check_finite_the_layout_is_agreed_once():
+    """check_finite=False: the probe runs on the first step only (layouts known), no host syncs after."""
+    for collectives, syncs in run_distributed(_unchecked_steps, 2):
+        assert collectives == [2, 1, 1, 1]
+        assert syncs[1:] == [0, 0, 0]  # the first step also resolves the layouts
+
+
 def _ddp_run(rank, world_size):
     torch.manual_seed(0)
     model = DDP(AwkwardModel())

@@ -1,0 +1,187 @@
+"""Count what a step costs on an accelerator without one: kernel launches, bytes moved, host syncs.
+
+:class:`StepCost` is a ``TorchDispatchMode``: every aten op that would launch a kernel on a GPU
+(views, allocations and metadata ops launch none) counts as one launch, and its tensor
+arguments and results as the bytes it reads and writes: inputs are read, results and mutated
+arguments written, a mutated argument that is not write-only (``add_`` but not ``copy_``)
+is read too. Triton kernels report themselves through :func:`dist_memopt.kernels.launch.record`
+with the bytes of their own loads and stores. Ops that make the host wait for the device
+(``.item()``, ``bool(t)``, ``.tolist()``, data-dependent shapes) are counted as syncs.
+
+These are counts, not times: a foreach op is one launch here (a few on CUDA, one per ~tens of
+tensors), and cache reuse is ignored (every op reads its inputs from memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from typing import Any, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from dist_memopt.kernels import launch
+
+__all__ = ["StepCost", "NO_KERNEL", "SYNC_OPS", "count_step", "triton_context"]
+
+aten = torch.ops.aten
+
+#: ops that allocate or describe tensors without running a kernel
+NO_KERNEL = {
+    aten.empty.memory_format,
+    aten.empty_strided.default,
+    aten.empty_like.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+    aten.detach.default,
+    aten.alias.default,
+    aten.lift_fresh.default,
+    aten.resize_.default,
+    aten.set_.source_Storage_storage_offset,
+    aten.set_.source_Tensor,
+    aten.sym_size.int,
+    aten.sym_stride.int,
+    aten.sym_numel.default,
+    aten.is_same_size.default,
+    torch.ops.profiler._record_function_enter_new.default,  # torch.optim's profiler annotations
+    torch.ops.profiler._record_function_exit._RecordFunction,
+}
+
+#: ops whose result the host must wait for (a device-to-host sync on an accelerator)
+SYNC_OPS = {
+    aten._local_scalar_dense.default,  # .item(), float(t), int(t), bool(t)
+    aten.nonzero.default,  # data-dependent output shape
+    aten.masked_select.default,
+    aten.equal.default,
+    aten.is_nonzero.default,
+}
+
+#: in-place ops that overwrite their first argument without reading it
+WRITE_ONLY = {"copy_", "fill_", "zero_", "_foreach_copy_", "_foreach_zero_", "normal_", "uniform_"}
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Tensors in ``value``; a DTensor as its local shard (what the kernel touches)."""
+    for leaf in tree_flatten(value)[0]:
+        if isinstance(leaf, torch.Tensor):
+            yield getattr(leaf, "_local_tensor", leaf)
+
+
+def _nbytes(value: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(value))
+
+
+class StepCost(TorchDispatchMode):
+    """Launches, bytes read, bytes written and host syncs of the ops run inside the ``with``.
+
+    ``ops`` counts launches per op name (Triton kernels as ``triton.<kernel>``), ``syncs`` per
+    sync op; ``tolist`` calls are counted by patching ``Tensor.tolist`` for the duration (it
+    reads the data without dispatching an op).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.syncs: Counter[str] = Counter()
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self._tolist = None
+
+    @property
+    def launches(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def sync_count(self) -> int:
+        return sum(self.syncs.values())
+
+    def __enter__(self) -> "StepCost":
+        original = self._tolist = torch.Tensor.tolist
+
+        def tolist(tensor: torch.Tensor) -> Any:
+            self.syncs["tolist"] += 1
+            return original(tensor)
+
+        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+        launch.subscribe(self._triton)
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        launch.unsubscribe(self._triton)
+        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
+
+    def _triton(self, name: str, bytes_read: int, bytes_written: int) -> None:
+        self.ops[f"triton.{name}"] += 1
+        self.bytes_read += bytes_read
+        self.bytes_written += bytes_written
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in SYNC_OPS:
+            self.syncs[func.overloadpacket.__name__] += 1
+        if func in NO_KERNEL or func.is_view or func is aten._local_scalar_dense.default:
+            return out  # no kernel (a scalar read is a copy, counted as a sync above)
+        self.ops[func.overloadpacket.__name__] += 1
+        self._count_bytes(func, args, kwargs, out)
+        return out
+
+    def _count_bytes(self, func, args, kwargs, out) -> None:  # noqa: ANN001
+        schema = func._schema
+        written_ids: set[int] = set()
+        values = list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args) :]]
+        write_only = func.overloadpacket.__name__ in WRITE_ONLY
+        for arg, value in zip(schema.arguments, values):
+            if value is None:
+                continue
+            mutated = arg.alias_info is not None and arg.alias_info.is_write
+            if mutated:
+                self.bytes_written += _nbytes(value)
+                written_ids.update(id(t) for t in _tensors(value))
+                if write_only or arg.is_out:
+                    continue
+            self.bytes_read += _nbytes(value)
+        if not any(r.alias_info for r in schema.returns):  # fresh results (in-place ones counted above)
+            self.bytes_written += sum(t.numel() * t.element_size() for t in _tensors(out) if id(t) not in written_ids)
+
+
+def triton_context(name: str, device: torch.device, execute: bool) -> Any:
+    """Where a Triton row runs: on CUDA for real; on CPU in the interpreter, counted only unless
+    ``execute`` (interpreting GPT-2 small's kernels takes many minutes; the counts are the same)."""
+    if "triton" not in name or device.type == "cuda":
+        return contextlib.nullcontext()
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported
+    return contextlib.nullcontext() if execute else launch.count_only()
+
+
+def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, steps: int = 2) -> dict[str, Any]:
+    """Launches, bytes per element and host syncs of ``steps`` steps (after ``warmup``), per step.
+
+    ``optimizer`` must not hold state yet: its state is dropped afterwards (the bench shares parameters).
+    """
+    for _ in range(warmup):
+        optimizer.step()
+    if hasattr(optimizer, "synchronize"):
+        optimizer.synchronize()  # SMMF leaves the last warm-up step's reduction to the next step
+    costs = []
+    for _ in range(steps):
+        with StepCost() as cost:
+            optimizer.step()
+            if hasattr(optimizer, "synchronize"):
+                optimizer.synchronize()
+        costs.append(cost)
+    optimizer.state.clear()
+    ops = sum((c.ops for c in costs), start=type(costs[0].ops)())
+    moved = sum(c.bytes_read + c.bytes_written for c in costs)
+    return {
+        "launches": sum(c.launches for c in costs) / steps,
+        "launches_per_step": [c.launches for c in costs],
+        "bytes_per_element": moved / steps / max(1, numel),
+        "read_per_element": sum(c.bytes_read for c in costs) / steps / max(1, numel),
+        "syncs": sum(c.sync_count for c in costs) / steps,
+        "top_ops": dict(ops.most_common(8)),
+    }

@@ -1,0 +1,103 @@
+"""``kernels``: per optimizer step, the kernels launched and the bytes read + written per element.
+
+Counted, not timed (see :mod:`.counting`): every aten op of one ``optimizer.step()`` that would
+launch a kernel on a GPU, and every Triton launch, with the bytes of their inputs and outputs,
+divided by the parameter elements the step updates. Each optimizer first takes ``warmup`` steps
+(state allocation, Alada's t = 0), then ``steps`` counted steps are averaged (Alada alternates
+two kinds of steps). Single process, and FSDP2 on CPU ranks (``--world-sizes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+import torch
+from dist_memopt.bench.counting import count_step, triton_context
+from dist_memopt.bench.models import materialize, model_shapes
+from dist_memopt.bench.optimizers import build_optimizer
+from dist_memopt.bench.registry import Benchmark, int_at_least, register
+from dist_memopt.bench.report import format_table
+from dist_memopt.kernels.select import triton_available
+
+__all__ = ["DEFAULT_OPTIMIZERS", "count_step", "kernel_costs", "format_costs", "run"]
+
+DEFAULT_OPTIMIZERS = (
+    "AdamW-fused", "AdamW", "SMMF", "SMMF-nocheck", "Alada", "Alada-nocheck",
+    "SMMF-triton", "SMMF-triton-nocheck", "Alada-triton", "Alada-triton-nocheck",
+)
+
+
+def kernel_costs(
+    model: str, optimizers: Sequence[str], warmup: int = 2, steps: int = 2, device: str = "cpu", execute: bool = False
+) -> dict[str, Any]:
+    """:func:`count_step` for every optimizer on parameters of ``model``'s shapes (one process).
+
+    Optimizers whose name says ``triton`` are skipped where Triton is not installed.
+    """
+    shapes = model_shapes(model)
+    params = materialize(shapes, device)  # shared: counts do not depend on the values the others left
+    rows = {}
+    for name in optimizers:
+        if "triton" in name and not triton_available():
+            continue
+        with triton_context(name, torch.device(device), execute):
+            rows[name] = count_step(build_optimizer(name, params), shapes.numel, warmup, steps)
+    return {"title": shapes.title, "numel": shapes.numel, "optimizers": rows}
+
+
+def format_costs(title: str, rows: dict[str, dict[str, Any]]) -> str:
+    table = [
+        [name, f"{r['launches']:g}", f"{r['bytes_per_element']:.1f}", f"{r['read_per_element']:.1f}", f"{r['syncs']:g}",
+         ", ".join(f"{op} {n / len(r['launches_per_step']):g}" for op, n in list(r["top_ops"].items())[:4])]
+        for name, r in rows.items()
+    ]
+    headers = ["optimizer", "launches/step", "B/elem r+w", "of which read", "host syncs", "most launched"]
+    return f"{title}\n{format_table(headers, table)}\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("kernels")
+    group.add_argument("--count-steps", type=int_at_least(1), default=2, help="counted steps per optimizer (default 2)")
+    group.add_argument("--kernel-device", default="cpu", help="device of the one-process counts (default cpu)")
+    group.add_argument(
+        "--triton-execute", action="store_true", help="on CPU, run the Triton kernels in the interpreter (slow; needs TRITON_INTERPRET=1 in the environment) instead of counting only"
+    )
+    group.add_argument(
+        "--kernel-world-sizes", default="2", help="also count under FSDP2 at these CPU rank counts ('' for none; default 2)"
+    )
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"models": {}, "fsdp2": {}}
+    for model in options.models:
+        result = kernel_costs(
+            model, options.optimizers or DEFAULT_OPTIMIZERS, steps=options.count_steps,
+            device=options.kernel_device, execute=options.triton_execute,
+        )
+        results["models"][model] = result
+        print(format_costs(f"{result['title']}, one process, {result['numel']:,} elements", result["optimizers"]), flush=True)
+    sizes = [int(w) for w in options.kernel_world_sizes.split(",") if w.strip()]
+    if sizes:
+        from dist_memopt.bench.kernels_fsdp import fsdp2_costs
+
+        for world_size in sizes:
+            rows = fsdp2_costs(world_size, options.optimizers or DEFAULT_OPTIMIZERS, options.count_steps)
+            results["fsdp2"][str(world_size)] = rows
+            print(format_costs(f"GPT-2 small under FSDP2, {world_size} CPU ranks (rank 0; per local element)", rows), flush=True)
+    if options.kernel_device == "cpu" and not options.triton_execute:
+        print("*-triton rows on CPU: launches recorded, kernels not run (--triton-execute interprets them).")
+    print("launches: aten ops that run a kernel on a GPU (views and allocations excluded) plus Triton launches; "
+          "a foreach op counts once. Bytes: each op's tensor inputs read and outputs written, per parameter element.")
+    return results
+
+
+register(
+    Benchmark(
+        name="kernels",
+        summary="kernels launched and bytes read + written per element in one step (counted, not timed), GPT-2 small",
+        run=run,
+        add_arguments=add_arguments,
+        defaults={"models": ["gpt2"], "optimizers": list(DEFAULT_OPTIMIZERS)},
+    )
+)

@@ -1,0 +1,285 @@
+"""Alada's step as fused Triton kernels: two passes over the elements, the fewest its algorithm allows.
+
+The same equations as :func:`dist_memopt.optim.alada._partial_statistics` and
+:func:`~dist_memopt.optim.alada._refit_and_update`. The refit of p (or q) needs the *complete*
+statistic V·q (or Vᵀ·p) over every element of the parameter, on every rank, before any weight can
+be updated with the refitted factors: so one pass computes M and the statistic, the all_reduce
+completes it, and a second pass updates the weights. Per batch of segments sharing a view and a
+schedule: ``_stats_kernel`` (M, partial statistic and ‖G0‖² per tile) and ``_reduce_kernel``
+(tiles summed in tile order: deterministic) before the all_reduce; after it, ``_refit_kernel``
+(float64, one program per segment, once per step for all batches) and ``_update_kernel``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dist_memopt.kernels import launch
+from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, tile_elements, tile_pieces, tiles_shape
+
+__all__ = ["FusedAlada"]
+
+NF = 6 + TILE_FIELDS  # per tile: w, g, m (momentum), p, q, v0 offsets; then the tile's runs fields
+NS = 9  # per segment: tile range, stat / norm slot offsets, p, q, v0 offsets, n, m
+
+
+@triton.jit
+def _stats_kernel(F, P64, ROWP, COLP, NORMP, TILES, n, m, beta1, bias1, g0_div,
+                  ODD: tl.constexpr, FIRST: tl.constexpr, IN_GRAD: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0)
+    info = TILES + t * 12
+    g_off, m_off, p_off, q_off = tl.load(info + 1), tl.load(info + 2), tl.load(info + 3), tl.load(info + 4)
+    start, run, stride, count = tl.load(info + 6), tl.load(info + 7), tl.load(info + 8), tl.load(info + 9)
+    k0, row0 = tl.load(info + 10), tl.load(info + 11)
+    rows = row0 + tl.arange(0, TR)
+    row_ok = rows < n
+    acc = tl.zeros((TR,), dtype=tl.float32)
+    norm = tl.zeros((TR,), dtype=tl.float32)
+    if ODD:
+        p = tl.load(P64 + p_off + rows, mask=row_ok, other=0.0).to(tl.float32)
+    for c0 in range(0, m, BC):
+        cols = c0 + tl.arange(0, BC)
+        col_ok = cols < m
+        held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
+        g = tl.load(F + g_off + k, mask=held, other=0.0)
+        if IN_GRAD:
+            momentum = g  # .grad holds M
+        else:
+            momentum = tl.load(F + m_off + k, mask=held, other=0.0) * beta1 + (1.0 - beta1) * g
+            tl.store(F + m_off + k, momentum, mask=held)
+        second = momentum / bias1
+        second = tl.where(held, second * second, 0.0)
+        if ODD:  # Vᵀ·p, partial over this tile's rows
+            tl.store(COLP + t * m + cols, tl.sum(second * p[:, None], axis=0), mask=col_ok)
+        elif FIRST:  # rowsum(V): V·q_0 = sqrt(v0)·rowsum(V) once v0 is known
+            acc += tl.sum(second, axis=1)
+        else:
+            q = tl.load(P64 + q_off + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(second * q[None, :], axis=1)
+        if FIRST:
+            g0 = g / g0_div
+            norm += tl.sum(tl.where(held, g0 * g0, 0.0), axis=1)
+    lanes = tl.arange(0, TR)
+    if not ODD:
+        tl.store(ROWP + t * TR + lanes, acc)
+    if FIRST:
+        tl.store(NORMP + t, tl.sum(norm, axis=0))
+
+
+@triton.jit
+def _reduce_kernel(ROWP, COLP, NORMP, TILES, SEGS, OUT, n, m,
+                   ODD: tl.constexpr, FIRST: tl.constexpr, TR: tl.constexpr, BLOCK: tl.constexpr):
+    s = tl.program_id(0)
+    j = tl.program_id(1)
+    info = SEGS + s * 9
+    lo, hi, stat_off, norm_off = tl.load(info + 0), tl.load(info + 1), tl.load(info + 2), tl.load(info + 3)
+    lanes = j * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t in range(lo, hi):  # tile order: a fixed summation order
+        if ODD:
+            acc += tl.load(COLP + t * m + lanes, mask=lanes < m, other=0.0)
+        else:
+            at = lanes - tl.load(TILES + t * 12 + 11)
+            acc += tl.load(ROWP + t * TR + at, mask=(at >= 0) & (at < TR), other=0.0)
+    if ODD:
+        limit = m
+    else:
+        limit = n
+    tl.store(OUT + stat_off + lanes, acc, mask=lanes < limit)
+    if FIRST:
+        if j == 0:
+            total = tl.zeros((BLOCK,), dtype=tl.float32)
+            for t in range(lo, hi, BLOCK):
+                at = t + tl.arange(0, BLOCK)
+                total += tl.load(NORMP + at, mask=at < hi, other=0.0)
+            tl.store(OUT + norm_off, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _refit_kernel(OUT, P64, SEGS, beta2, eps, ODD: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    """p ← β2·p + (1 − β2)·V q/(‖q‖² + eps) (even t) or q likewise (odd t), in float64; v0 at t = 0."""
+    s = tl.program_id(0)
+    info = SEGS + s * 9
+    stat_off, norm_off = tl.load(info + 2), tl.load(info + 3)
+    p_off, q_off, v0_off = tl.load(info + 4), tl.load(info + 5), tl.load(info + 6)
+    n, m = tl.load(info + 7), tl.load(info + 8)
+    if FIRST:
+        v0 = tl.load(OUT + norm_off).to(tl.float64) / (n * m)
+        tl.store(P64 + v0_off, v0)
+        root = tl.sqrt(v0)
+    if ODD:
+        own_off, own_len, other_off, other_len = q_off, m, p_off, n
+    else:
+        own_off, own_len, other_off, other_len = p_off, n, q_off, m
+    total = tl.zeros((BLOCK,), dtype=tl.float64)
+    for i in range(0, other_len, BLOCK):
+        lanes = i + tl.arange(0, BLOCK)
+        if FIRST:
+            other = tl.where(lanes < other_len, root, 0.0)
+        else:
+            other = tl.load(P64 + other_off + lanes, mask=lanes < other_len, other=0.0)
+        total += other * other
+    scale = 1.0 / (tl.sum(total, axis=0) + eps)
+    for i in range(0, own_len, BLOCK):
+        lanes = i + tl.arange(0, BLOCK)
+        ok = lanes < own_len
+        stat = tl.load(OUT + stat_off + lanes, mask=ok, other=0.0).to(tl.float64)
+        if FIRST:
+            stat = stat * root
+            own = tl.zeros((BLOCK,), dtype=tl.float64) + root
+        else:
+            own = tl.load(P64 + own_off + lanes, mask=ok, other=0.0)
+        tl.store(P64 + own_off + lanes, own * beta2 + (1.0 - beta2) * (stat * scale), mask=ok)
+    if FIRST:  # the other factor starts at sqrt(v0) too
+        for i in range(0, other_len, BLOCK):
+            lanes = i + tl.arange(0, BLOCK)
+            tl.store(P64 + other_off + lanes, tl.zeros((BLOCK,), dtype=tl.float64) + root, mask=lanes < other_len)
+
+
+@triton.jit
+def _update_kernel(F, P64, TILES, n, m, lr, eps, bias1, bias2, power, decay, TR: tl.constexpr, BC: tl.constexpr):
+    """W ← W·decay − lr·M̃/√(max(Ũ, 0) + eps), Ũ = (p qᵀ − β2^(t+1)·v0)/(1 − β2^(t+1)) in float64."""
+    t = tl.program_id(0)
+    info = TILES + t * 12
+    w_off, m_off, p_off, q_off, v0_off = tl.load(info + 0), tl.load(info + 2), tl.load(info + 3), tl.load(info + 4), tl.load(info + 5)
+    start, run, stride, count = tl.load(info + 6), tl.load(info + 7), tl.load(info + 8), tl.load(info + 9)
+    k0, row0 = tl.load(info + 10), tl.load(info + 11)
+    rows = row0 + tl.arange(0, TR)
+    row_ok = rows < n
+    shift = -tl.load(P64 + v0_off) * power / bias2
+    p = tl.load(P64 + p_off + rows, mask=row_ok, other=0.0)
+    for c0 in range(0, m, BC):
+        cols = c0 + tl.arange(0, BC)
+        col_ok = cols < m
+        held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
+        q = tl.load(P64 + q_off + cols, mask=col_ok, other=0.0)
+        refit = p[:, None] * q[None, :] * (1.0 / bias2) + shift
+        denominator = tl.sqrt(tl.maximum(refit, 0.0) + eps).to(tl.float32)
+        w = tl.load(F + w_off + k, mask=held, other=0.0) * decay
+        momentum = tl.load(F + m_off + k, mask=held, other=0.0)
+        tl.store(F + w_off + k, w - lr * ((momentum / bias1) / denominator), mask=held)
+
+
+@dataclass
+class _Job:
+    item: Any  # StepItem
+    seg: Any  # SegmentPlan
+    hp: Any  # alada._Schedule
+    stat: Tensor  # the row (even t) or column (odd t) statistic slot
+    norm: Tensor  # the ‖G0‖² slot
+
+
+class FusedAlada:
+    """One step's fused segments: :meth:`statistics` before the all_reduce, :meth:`update` after.
+
+    Segments with the same (n, m) view, device and schedule make one batch (a statistics, a
+    reduce and an update launch); the refit is one launch per (parity, first step, β2, eps),
+    in practice one per step. All launches share one int64 table (one host-to-device copy).
+    """
+
+    def __init__(self) -> None:
+        self._jobs: list[_Job] = []
+        self._batches: list[tuple] = []
+        self._refits: list[tuple] = []
+
+    def add(self, item: Any, seg: Any, hp: Any, stat: Tensor, norm: Tensor) -> None:
+        self._jobs.append(_Job(item, seg, hp, stat, norm))
+
+    def statistics(self) -> None:
+        if not self._jobs:
+            return
+        first = self._jobs[0]
+        f32, p64 = first.item.weight, first.item.state["row"]
+        f_at, p_at = Offsets(f32), Offsets(p64)
+        batches: dict[tuple, list[_Job]] = defaultdict(list)
+        for job in self._jobs:
+            batches[(job.seg.geometry.rows, job.seg.geometry.cols, job.item.weight.device, job.hp)].append(job)
+        table: list[int] = []
+        plans = []
+        refits: dict[tuple, list[int]] = defaultdict(list)
+        for (n, m, _, hp), jobs in batches.items():
+            rows_per_tile, _ = tiles_shape(m)
+            tiles: list[int] = []
+            segs: list[int] = []
+            for job in jobs:
+                state, seg = job.item.state, job.seg
+                grad = seg.local(job.item.grad)
+                momentum = grad if hp.in_grad else seg.elems(state["exp_avg"])
+                p, q, v0 = seg.rows(state["row"]), seg.cols(state["col"]), state["v0"][seg.factor_index : seg.factor_index + 1]
+                head = [f_at(seg.local(job.item.weight)), f_at(grad), f_at(momentum), p_at(p), p_at(q), p_at(v0)]
+                lo = len(tiles) // NF
+                for fields in tile_pieces(seg.geometry, rows_per_tile):
+                    tiles += head + fields
+                entry = [lo, len(tiles) // NF, f_at(job.stat), f_at(job.norm), p_at(p), p_at(q), p_at(v0), n, m]
+                segs += entry
+                refits[(hp.t % 2 == 1, hp.t == 0, hp.beta2, hp.eps)] += entry
+            plans.append((n, m, hp, len(table), len(tiles) // NF, len(jobs), sum(j.seg.segment.numel for j in jobs)))
+            table += tiles + segs
+        refit_at = []
+        for key, entries in refits.items():
+            refit_at.append((key, len(table), len(entries) // NS))
+            table += entries
+        cpu = torch.tensor(table, dtype=torch.int64)
+        device_table = cpu.to(f32.device)
+        launch.record("copy_table", 0, cpu.numel() * 8)
+        for n, m, hp, at, tile_count, seg_count, numel in plans:
+            tiles = device_table[at : at + tile_count * NF]
+            segs = device_table[at + tile_count * NF : at + tile_count * NF + seg_count * NS]
+            self._statistics(f32, p64, tiles, segs, n, m, hp, tile_count, seg_count, numel)
+            self._batches.append((n, m, hp, tiles, tile_count, numel))
+        self._refits = [(key, device_table[at : at + count * NS], count) for key, at, count in refit_at]
+        self._bases = (f32, p64)
+
+    @staticmethod
+    def _statistics(f32: Tensor, p64: Tensor, tiles: Tensor, segs: Tensor, n: int, m: int, hp: Any, tile_count: int,
+                    seg_count: int, numel: int) -> None:
+        if not tile_count:
+            return  # empty shards: their slots stay zero, which is their contribution
+        rows_per_tile, columns = tiles_shape(m)
+        odd, first = hp.t % 2 == 1, hp.t == 0
+        rowp = torch.empty(tile_count * rows_per_tile, dtype=torch.float32, device=f32.device)
+        colp = torch.empty(tile_count * m, dtype=torch.float32, device=f32.device)
+        normp = torch.empty(tile_count, dtype=torch.float32, device=f32.device)
+        block = 128
+        if launch.executing():
+            _stats_kernel[(tile_count,)](
+                f32, p64, rowp, colp, normp, tiles, n, m, hp.beta1, hp.bias1, (1.0 - hp.beta1) if hp.in_grad else 1.0,
+                ODD=odd, FIRST=first, IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns,
+            )
+            _reduce_kernel[(seg_count, triton.cdiv(m if odd else n, block))](
+                rowp, colp, normp, tiles, segs, f32, n, m, ODD=odd, FIRST=first, TR=rows_per_tile, BLOCK=block
+            )
+        partials = tile_count * ((m if odd else rows_per_tile) + first) * 4
+        factors = tile_count * (rows_per_tile if odd else m) * 8
+        moved = numel * (4 if hp.in_grad else 8)  # G, and M read and written unless .grad holds it
+        launch.record("alada_stats", moved + factors + tile_count * NF * 8, numel * (0 if hp.in_grad else 4) + partials)
+        launch.record("alada_reduce", partials + seg_count * NS * 8, seg_count * ((m if odd else n) + first) * 4)
+
+    def update(self) -> None:
+        """After the all_reduce: refit every segment's p or q, then update the weights."""
+        if not self._jobs:
+            return
+        f32, p64 = self._bases
+        for (odd, first, beta2, eps), segs, count in self._refits:
+            if launch.executing():
+                _refit_kernel[(count,)](f32, p64, segs, beta2, eps, ODD=odd, FIRST=first, BLOCK=256)
+            moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 8 for j in self._jobs) // len(self._refits)
+            launch.record("alada_refit", moved, moved // 2)
+        for n, m, hp, tiles, tile_count, numel in self._batches:
+            if not tile_count:
+                continue
+            rows_per_tile, columns = tiles_shape(m)
+            decay = 1.0 - hp.lr * hp.weight_decay
+            if launch.executing():
+                _update_kernel[(tile_count,)](
+                    f32, p64, tiles, n, m, hp.lr, hp.eps, hp.bias1, hp.bias2, hp.beta2 ** (hp.t + 1), decay,
+                    TR=rows_per_tile, BC=columns,
+                )
+            launch.record("alada_update", numel * 8 + tile_count * (rows_per_tile + m) * 8 + tile_count * NF * 8, numel * 4)

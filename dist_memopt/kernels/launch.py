@@ -1,0 +1,48 @@
+"""Where Triton launches report themselves, so a step's cost can be counted without a GPU.
+
+Each launcher calls :func:`record` with the kernel's name and the bytes its loads and stores
+move (worked out from the elements it touches, per kernel); subscribers such as
+:class:`dist_memopt.bench.counting.StepCost` add them up. With no subscriber it costs a call.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+__all__ = ["record", "subscribe", "unsubscribe", "executing", "count_only"]
+
+Listener = Callable[[str, int, int], None]
+_LISTENERS: list[Listener] = []
+_SKIP = [False]
+
+
+def executing() -> bool:
+    """False inside :func:`count_only`: launchers record their launches but do not run them."""
+    return not _SKIP[0]
+
+
+@contextmanager
+def count_only() -> Iterator[None]:
+    """Record launches without running them, for counting a big model's step where the kernels can
+    only be interpreted (slowly): which kernels launch and what they touch does not depend on the
+    values, so the counts are those of a real step. The step's results are then meaningless."""
+    _SKIP[0] = True
+    try:
+        yield
+    finally:
+        _SKIP[0] = False
+
+
+def record(name: str, bytes_read: int, bytes_written: int) -> None:
+    """One launch of kernel ``name`` reading and writing these many bytes."""
+    for listener in _LISTENERS:
+        listener(name, bytes_read, bytes_written)
+
+
+def subscribe(listener: Listener) -> None:
+    _LISTENERS.append(listener)
+
+
+def unsubscribe(listener: Listener) -> None:
+    _LISTENERS.remove(listener)

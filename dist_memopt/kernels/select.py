@@ -1,0 +1,90 @@
+"""Which implementation steps a parameter group: ``kernel="auto" | "torch" | "triton"``.
+
+``"auto"`` picks the fused Triton kernels on CUDA when Triton imports, the torch path elsewhere;
+``"triton"`` insists (on CPU tensors it runs Triton's interpreter, which needs
+``TRITON_INTERPRET=1`` in the environment before Triton is imported: that is how CI tests the
+kernels); ``"torch"`` never uses them. Both implementations compute the same equations.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+from typing import Any
+
+import torch
+
+from dist_memopt.kernels import launch
+
+__all__ = ["KERNELS", "check_kernel", "use_triton", "triton_available", "fused_item", "fused_step"]
+
+KERNELS = ("auto", "torch", "triton")
+
+
+def check_kernel(group: dict[str, Any], where: str = "") -> None:
+    """ValueError naming ``kernel`` unless the group's value is one of :data:`KERNELS`."""
+    kernel = group.get("kernel", "auto")
+    if kernel not in KERNELS:
+        raise ValueError(f"Invalid kernel{where}: {kernel!r} (must be one of {KERNELS})")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    """TRITON_INTERPRET=1, and set before triton.language was imported (its own helpers, such as
+    ``tl.cdiv``, are decorated at import: imported earlier, they cannot run in the interpreter)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    language = sys.modules.get("triton.language")
+    return language is None or type(language.cdiv).__name__ == "InterpretedFunction"
+
+
+def use_triton(group: dict[str, Any], device: torch.device, supported: bool = True) -> bool:
+    """Whether this group's tensors on ``device`` take the Triton kernels.
+
+    ``supported`` is False where the optimizer has no fused kernel for the group's settings
+    (then ``"auto"`` falls back to torch and ``"triton"`` is an error). Raises RuntimeError
+    with the reason when ``kernel="triton"`` cannot run here.
+    """
+    kernel = group.get("kernel", "auto")
+    if kernel == "torch":
+        return False
+    # counting launches (launch.count_only) runs no kernel, so it needs no interpreter
+    cpu_ok = _interpreting() or not launch.executing()
+    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and cpu_ok))
+    if kernel == "auto":
+        return supported and device.type == "cuda" and runnable
+    if not supported:
+        raise RuntimeError("kernel='triton' is not implemented for these settings; use kernel='auto' or 'torch'")
+    if not triton_available():
+        raise RuntimeError("kernel='triton' needs the triton package (pip install triton==3.9.0)")
+    if not runnable:
+        raise RuntimeError(
+            f"kernel='triton' runs on CUDA tensors, or on CPU tensors through Triton's interpreter with "
+            f"TRITON_INTERPRET=1 set before triton is imported (best: in the environment before Python "
+            f"starts); these tensors are on {device}"
+        )
+    return True
+
+
+def fused_item(item: Any) -> bool:
+    """Whether a step item (group and fp32 weight) takes the Triton kernels."""
+    return use_triton(item.group, item.weight.device)
+
+
+def fused_step(items: list[Any], kind: str) -> Any:
+    """A new ``dist_memopt.kernels.<kind>_triton.Fused<KIND>`` step when any item takes the kernels
+    (imported only then: Triton is not needed otherwise), else None."""
+    if not any(fused_item(item) for item in items):
+        return None
+    module = importlib.import_module(f"dist_memopt.kernels.{kind.lower()}_triton")
+    return getattr(module, f"Fused{kind}")()

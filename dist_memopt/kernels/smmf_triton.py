@@ -1,0 +1,277 @@
+"""SMMF's step as fused Triton kernels: one pass over the elements per batch of segments.
+
+The same equations as :func:`dist_memopt.optim.smmf._factored_step`, a second implementation
+tested against it and against the float64 reference. Per batch of segments sharing an (n, m)
+view and a schedule, three launches in all:
+
+1. ``_tile_kernel``: a program per tile of ``TR`` view rows of one segment's runs (see
+   :mod:`.runs`), all columns in blocks of ``BC``. For each local element: decompress V and M
+   (sign bit × row ⊗ column factors), fold in the gradient, update the weight (both decay
+   modes, ``beta=None``), flip the sign bits that changed (an integer ``atomic_xor`` on the
+   32-bit word: flips of distinct bits commute, so segments may share words and the result does
+   not depend on the order), and write the tile's partial row and column sums of V and |M| to
+   scratch. No float atomics anywhere.
+2. ``_reduce_kernel``: per segment, sums the tiles' partials in tile order (fixed, hence
+   deterministic) into the statistic slots that one all_reduce per process group completes.
+3. ``_finish_kernel`` (once per step, all batches): complete sums -> normalised factors in the state.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dist_memopt.kernels import launch
+from dist_memopt.kernels.tiles import Offsets, tile_elements, tile_pieces, tiles_shape
+
+__all__ = ["FusedSMMF"]
+
+NF = 13  # int64 fields per tile: w, g, sign bit, rv, cv, rm, cm offsets; start, L, stride, count; k0; row0
+NS = 10  # per segment: tile range, 4 slot offsets, 4 state offsets
+
+
+@triton.jit
+def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2, eps, wd, decay,
+                 HAS_M: tl.constexpr, COUPLED: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0)
+    info = TILES + t * 13
+    w_off, g_off, s_bit = tl.load(info + 0), tl.load(info + 1), tl.load(info + 2)
+    rv_off, cv_off, rm_off, cm_off = tl.load(info + 3), tl.load(info + 4), tl.load(info + 5), tl.load(info + 6)
+    start, run, stride, count = tl.load(info + 7), tl.load(info + 8), tl.load(info + 9), tl.load(info + 10)
+    k0, row0 = tl.load(info + 11), tl.load(info + 12)
+    words = (S - S_SHIFT).to(tl.pointer_type(tl.int32))  # the aligned word holding S's first byte
+    rows = row0 + tl.arange(0, TR)
+    row_ok = rows < n
+    rv = tl.load(F + rv_off + rows, mask=row_ok, other=0.0) * beta2  # β·(r ⊗ c) = (β·r) ⊗ c
+    acc_v = tl.zeros((TR,), dtype=tl.float32)
+    acc_m = tl.zeros((TR,), dtype=tl.float32)
+    if HAS_M:
+        rm = tl.load(F + rm_off + rows, mask=row_ok, other=0.0) * beta1
+    for c0 in range(0, m, BC):
+        cols = c0 + tl.arange(0, BC)
+        col_ok = cols < m
+        ok, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
+        w = tl.load(W + w_off + k, mask=ok, other=0.0)
+        g = tl.load(G + g_off + k, mask=ok, other=0.0)
+        if COUPLED:
+            g = g + wd * w
+        cv = tl.load(F + cv_off + cols, mask=col_ok, other=0.0)
+        v = rv[:, None] * cv[None, :] + (1.0 - beta2) * (g * g)
+        v = tl.where(ok, v, 0.0)
+        acc_v += tl.sum(v, axis=1)
+        tl.store(COLP + (t * 2) * m + cols, tl.sum(v, axis=0), mask=col_ok)
+        numerator = g
+        if HAS_M:
+            bit = s_bit + k
+            word = tl.load(words + bit // 32, mask=ok, other=0)
+            shift = (bit % 32).to(tl.int32)
+            old = (word >> shift) & 1
+            cm = tl.load(F + cm_off + cols, mask=col_ok, other=0.0)
+            first = rm[:, None] * cm[None, :] * tl.where(old == 1, 1.0, -1.0) + (1.0 - beta1) * g
+            new = (first >= 0).to(tl.int32)
+            one = tl.full((TR, BC), 1, tl.int32)
+            tl.atomic_xor(words + bit // 32, one << shift, mask=ok & (new != old))
+            magnitude = tl.where(ok, tl.abs(first), 0.0)
+            acc_m += tl.sum(magnitude, axis=1)
+            tl.store(COLP + (t * 2 + 1) * m + cols, tl.sum(magnitude, axis=0), mask=col_ok)
+            numerator = first
+        w = w * decay - lr * (numerator / (tl.sqrt(v) + eps))
+        tl.store(W + w_off + k, w, mask=ok)
+    lanes = tl.arange(0, TR)
+    tl.store(ROWP + (t * 2) * TR + lanes, acc_v)
+    if HAS_M:
+        tl.store(ROWP + (t * 2 + 1) * TR + lanes, acc_m)
+
+
+@triton.jit
+def _reduce_kernel(ROWP, COLP, TILES, SEGS, OUT, n, m,
+                   HAS_M: tl.constexpr, TR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    s = tl.program_id(0)
+    j = tl.program_id(1)
+    info = SEGS + s * 10
+    lo, hi = tl.load(info + 0), tl.load(info + 1)
+    col_blocks = tl.cdiv(m, BC)
+    if j < col_blocks:
+        cols = j * BC + tl.arange(0, BC)
+        ok = cols < m
+        acc_v = tl.zeros((BC,), dtype=tl.float32)
+        acc_m = tl.zeros((BC,), dtype=tl.float32)
+        for t in range(lo, hi):  # tile order: a fixed summation order
+            acc_v += tl.load(COLP + (t * 2) * m + cols, mask=ok, other=0.0)
+            if HAS_M:
+                acc_m += tl.load(COLP + (t * 2 + 1) * m + cols, mask=ok, other=0.0)
+        tl.store(OUT + tl.load(info + 3) + cols, acc_v, mask=ok)
+        if HAS_M:
+            tl.store(OUT + tl.load(info + 5) + cols, acc_m, mask=ok)
+    else:
+        rows = (j - col_blocks) * BR + tl.arange(0, BR)
+        acc_v = tl.zeros((BR,), dtype=tl.float32)
+        acc_m = tl.zeros((BR,), dtype=tl.float32)
+        for t in range(lo, hi):
+            at = rows - tl.load(TILES + t * 13 + 12)
+            ok = (at >= 0) & (at < TR)
+            acc_v += tl.load(ROWP + (t * 2) * TR + at, mask=ok, other=0.0)
+            if HAS_M:
+                acc_m += tl.load(ROWP + (t * 2 + 1) * TR + at, mask=ok, other=0.0)
+        ok = rows < n
+        tl.store(OUT + tl.load(info + 2) + rows, acc_v, mask=ok)
+        if HAS_M:
+            tl.store(OUT + tl.load(info + 4) + rows, acc_m, mask=ok)
+
+
+@triton.jit
+def _finish_kernel(OUT, F, SEGS, SHAPES, BLOCK: tl.constexpr):
+    """Factors = complete sums, the shorter side divided by its total (when non-zero)."""
+    s = tl.program_id(0)
+    pair = tl.program_id(1)  # 0: V, 1: |M|
+    info = SEGS + s * 10
+    n, m, pairs = tl.load(SHAPES + s * 3), tl.load(SHAPES + s * 3 + 1), tl.load(SHAPES + s * 3 + 2)
+    row_in, col_in = tl.load(info + 2 + 2 * pair), tl.load(info + 3 + 2 * pair)
+    row_out, col_out = tl.load(info + 6 + 2 * pair), tl.load(info + 7 + 2 * pair)
+    if pair < pairs:
+        short_in = tl.where(n <= m, row_in, col_in)
+        short = tl.where(n <= m, n, m)
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(0, short, BLOCK):
+            lanes = i + tl.arange(0, BLOCK)
+            total += tl.load(OUT + short_in + lanes, mask=lanes < short, other=0.0)
+        whole = tl.sum(total, axis=0)
+        scale = tl.where(whole > 0, whole, 1.0)
+        row_scale = tl.where(n <= m, scale, 1.0)
+        col_scale = tl.where(n <= m, 1.0, scale)
+        for i in range(0, n, BLOCK):
+            lanes = i + tl.arange(0, BLOCK)
+            x = tl.load(OUT + row_in + lanes, mask=lanes < n, other=0.0)
+            tl.store(F + row_out + lanes, x / row_scale, mask=lanes < n)
+        for i in range(0, m, BLOCK):
+            lanes = i + tl.arange(0, BLOCK)
+            x = tl.load(OUT + col_in + lanes, mask=lanes < m, other=0.0)
+            tl.store(F + col_out + lanes, x / col_scale, mask=lanes < m)
+
+
+@dataclass
+class _Job:
+    item: Any  # StepItem
+    seg: Any  # SegmentPlan
+    hp: Any  # smmf._Schedule
+    slots: tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]  # row/col sums of V, of |M|
+
+
+class FusedSMMF:
+    """One step's fused segments: :meth:`run` steps them, :meth:`finish` stores their factors.
+
+    Jobs with the same (n, m) view, device and schedule make one batch: one tile launch and one
+    reduce launch, whatever the number of segments. All launches of the step share one int64
+    table (one host-to-device copy).
+    """
+
+    def __init__(self) -> None:
+        self._jobs: list[_Job] = []
+        self._finish: Optional[tuple[Tensor, Tensor, int]] = None
+
+    def add(self, item: Any, seg: Any, hp: Any, slots: tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]) -> None:
+        self._jobs.append(_Job(item, seg, hp, slots))
+
+    def run(self) -> None:
+        if not self._jobs:
+            return
+        first = self._jobs[0]
+        signs = [j.item.state["sign"] for j in self._jobs if "sign" in j.item.state]
+        sign_base = min(signs, key=Tensor.data_ptr) if signs else first.item.state["row_v"]
+        bases = dict(W=first.item.weight, G=first.item.grad, F=first.item.state["row_v"], OUT=first.slots[0], S=sign_base)
+        # sign bits count from the 4-byte word at or below the lowest sign byte: offsets stay >= 0
+        words_at = sign_base.data_ptr() - sign_base.data_ptr() % 4
+        w_at, g_at, f_at, out_at = (Offsets(bases[k]) for k in ("W", "G", "F", "OUT"))
+        batches: dict[tuple, list[_Job]] = defaultdict(list)
+        for job in self._jobs:
+            geo = job.seg.geometry
+            batches[(geo.rows, geo.cols, job.item.weight.device, job.hp)].append(job)
+        table: list[int] = []
+        launches = []
+        all_segs: list[int] = []
+        shapes: list[int] = []
+        for (n, m, _, hp), jobs in batches.items():
+            rows_per_tile, _ = tiles_shape(m)
+            tiles: list[int] = []
+            segs: list[int] = []
+            numel = 0
+            for job in jobs:
+                tile_lo = len(tiles) // NF
+                state, seg = job.item.state, job.seg
+                local_w, local_g = seg.local(job.item.weight), seg.local(job.item.grad)
+                bit = -1
+                if hp.beta1 is not None:
+                    bit = (seg.bits(state["sign"]).data_ptr() - words_at) * 8
+                head = [w_at(local_w), g_at(local_g), bit, f_at(seg.rows(state["row_v"])), f_at(seg.cols(state["col_v"]))]
+                if hp.beta1 is not None:
+                    head += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))]
+                else:
+                    head += [0, 0]
+                for fields in tile_pieces(seg.geometry, rows_per_tile):
+                    tiles += head + fields
+                numel += seg.segment.numel
+                rv, cv, rm, cm = job.slots
+                entry = [tile_lo, len(tiles) // NF, out_at(rv), out_at(cv), out_at(rm), out_at(cm)]
+                entry += [f_at(seg.rows(state["row_v"])), f_at(seg.cols(state["col_v"]))]
+                entry += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))] if rm is not None else [0, 0]
+                segs += entry
+                shapes += [n, m, 1 if rm is None else 2]
+            launches.append((n, m, hp, len(table), len(tiles) // NF, len(table) + len(tiles), len(jobs), numel))
+            all_segs += segs
+            table += tiles + segs
+        segs_at = len(table)
+        table += all_segs
+        shapes_at = len(table)
+        table += shapes
+        device = first.item.weight.device
+        cpu = torch.tensor(table, dtype=torch.int64)
+        tensor = cpu.to(device)
+        launch.record("copy_table", 0, cpu.numel() * 8)
+        for n, m, hp, tiles_at, tile_count, seg_at, seg_count, numel in launches:
+            self._launch(bases, sign_base.data_ptr() % 4, tensor, n, m, hp, tiles_at, tile_count, seg_at, seg_count, numel)
+        self._finish = (bases, tensor[segs_at:shapes_at], tensor[shapes_at:], len(all_segs) // NS)
+
+    def _launch(self, bases: dict[str, Tensor], words_shift: int, table: Tensor, n: int, m: int, hp: Any, tiles_at: int, tile_count: int,
+                seg_at: int, seg_count: int, numel: int) -> None:
+        if tile_count == 0:
+            return  # empty shards: their slots stay zero, which is their contribution
+        rows_per_tile, columns = tiles_shape(m)
+        has_m = hp.beta1 is not None
+        pairs = 2 if has_m else 1
+        device = bases["W"].device
+        rowp = torch.empty(tile_count * 2 * rows_per_tile, dtype=torch.float32, device=device)
+        colp = torch.empty(tile_count * 2 * m, dtype=torch.float32, device=device)
+        tiles, segs = table[tiles_at : tiles_at + tile_count * NF], table[seg_at : seg_at + seg_count * NS]
+        decay = 1.0 - hp.lr * hp.weight_decay if hp.decoupled_decay else 1.0
+        if launch.executing():
+            _tile_kernel[(tile_count,)](
+                bases["W"], bases["G"], bases["S"], words_shift, bases["F"], rowp, colp, tiles, n, m,
+                hp.lr, hp.beta1 if has_m else 0.0, hp.beta2, hp.eps, hp.weight_decay, decay,
+                HAS_M=has_m, COUPLED=hp.coupled_decay, TR=rows_per_tile, BC=columns,
+            )
+        partials = tile_count * pairs * (rows_per_tile + m) * 4
+        factors = tile_count * pairs * (rows_per_tile + m) * 4
+        signs = (numel + 7) // 8 if has_m else 0
+        launch.record("smmf_tiles", numel * 8 + signs + factors + tile_count * NF * 8, numel * 4 + signs + partials)
+        row_block = 128
+        grid = (seg_count, triton.cdiv(m, columns) + triton.cdiv(n, row_block))
+        if launch.executing():
+            _reduce_kernel[grid](rowp, colp, tiles, segs, bases["OUT"], n, m, HAS_M=has_m, TR=rows_per_tile, BR=row_block, BC=columns)
+        launch.record("smmf_reduce", partials + seg_count * NS * 8, seg_count * pairs * (n + m) * 4)
+
+    def finish(self) -> None:
+        """After the statistics are complete: normalised factors into the state, one launch."""
+        if self._finish is None:
+            return
+        bases, segs, shapes, count = self._finish
+        self._finish = None
+        if launch.executing():
+            _finish_kernel[(count, 2)](bases["OUT"], bases["F"], segs, shapes, BLOCK=256)
+        moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (1 if j.slots[2] is None else 2) for j in self._jobs)
+        launch.record("smmf_finish", moved, moved // 2)

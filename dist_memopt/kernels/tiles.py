@@ -1,0 +1,65 @@
+"""What the fused kernels share: tiles of a segment's runs in its (n, m) view, pointer offsets.
+
+A tile is ``TR`` consecutive view rows of one run-piece, swept in blocks of ``BC`` columns;
+:func:`tile_elements` tells, for each (row, column) of a block, whether this segment holds that
+element and at which local index (the inverse of :class:`~dist_memopt.kernels.runs.Runs`).
+Tensors of one dtype are addressed as a base pointer plus element offsets, so one launch reaches
+every segment of a batch wherever its tensors live.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dist_memopt.kernels.runs import runs_of
+
+__all__ = ["TILE_FIELDS", "tiles_shape", "Offsets", "tile_pieces", "tile_elements"]
+
+TILE_FIELDS = 6  # start, run length, stride, count, first local index of the piece, first row
+
+
+def tiles_shape(m: int) -> tuple[int, int]:
+    """(rows per tile, columns per block): about 4K elements per block, 32 rows at most."""
+    columns = min(128, triton.next_power_of_2(max(1, m)))
+    return max(1, min(32, 4096 // columns)), columns
+
+
+class Offsets:
+    """Element offsets of tensors relative to one base tensor of their dtype (pointer + offset)."""
+
+    def __init__(self, base: Tensor) -> None:
+        self.base = base
+
+    def __call__(self, t: Optional[Tensor]) -> int:
+        if t is None:
+            return 0  # an unused pointer; offsets may be negative
+        delta = t.data_ptr() - self.base.data_ptr()
+        assert delta % t.element_size() == 0, "tensors of one dtype are element-aligned"
+        return delta // t.element_size()
+
+
+def tile_pieces(geometry: Any, rows_per_tile: int) -> Iterator[list[int]]:
+    """The :data:`TILE_FIELDS` of every tile covering the segment's runs (none for an empty one)."""
+    m = geometry.cols
+    k0 = 0
+    for piece in runs_of(geometry):
+        if piece.numel:
+            first_row, last_row = piece.start // m, (piece.start + piece.span - 1) // m
+            for row0 in range(first_row, last_row + 1, rows_per_tile):
+                yield [piece.start, piece.run_length, piece.stride, piece.count, k0, row0]
+        k0 += piece.numel
+
+
+@triton.jit
+def tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0):
+    """(held, local index) of the (rows × cols) block: position p = r·m + c is held when it falls in
+    a run, ``p = start + i·stride + j`` with ``i < count`` and ``j < run``; its index is ``k0 + i·run + j``."""
+    rel = rows[:, None].to(tl.int64) * m + cols[None, :] - start
+    piece = rel // stride
+    within = rel - piece * stride
+    held = row_ok[:, None] & col_ok[None, :] & (rel >= 0) & (rel < (count - 1) * stride + run) & (within < run)
+    return held, k0 + piece * run + within

@@ -1,0 +1,99 @@
+"""The step's checks without host syncs: the non-finite verdict, layout agreement, step counts.
+
+On an accelerator every ``.item()``, ``bool(t)`` or ``.tolist()`` makes the host wait for the
+device. A step needs at most one: the verdict "is any gradient inf/NaN?", read after the
+per-group all_reduce that carries it together with the layout fingerprint. Without
+``check_finite`` and once the ranks have agreed on a layout, it needs none: the fingerprint is
+verified again only when this rank's layout (or set of groups) changes. Step counters stay
+CPU tensors (as in torch.optim) but are advanced with one foreach op, and their values are
+remembered instead of read back each step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["nonfinite_candidate", "first_nonfinite", "agree", "StepCounts"]
+
+
+def nonfinite_candidate(tensors: list[Tensor], indices: list[int], device: torch.device) -> Tensor:
+    """0-d float64 tensor on ``device``: the first ``indices[i]`` whose tensor's 2-norm is not
+    finite, inf if none (no sync).
+
+    A finite norm proves a tensor finite; a non-finite one is a real inf/NaN or finite values
+    whose squares overflow, which :func:`first_nonfinite` tells apart (only then, off the fast path).
+    """
+    if not tensors:
+        return torch.full((), math.inf, dtype=torch.float64, device=device)
+    norms = torch.stack(torch._foreach_norm(tensors, 2)).to(device)
+    where = torch.tensor(indices, dtype=torch.float64, device=device)
+    finite = (norms - norms) == 0  # isfinite in two ops: inf - inf and nan - nan are nan
+    return torch.where(finite, math.inf, where).min()
+
+
+def first_nonfinite(tensors: list[Tensor]) -> Optional[int]:
+    """Index of the first tensor holding an inf or NaN, else None (exact; syncs per suspect).
+
+    One fused 2-norm per tensor clears almost every tensor; only tensors whose norm is not finite
+    get the exact elementwise test. The inf-norm would be exact in one pass but is about 6x slower
+    on CPU (200 ms for GPT-2 small, half an AdamW step).
+    """
+    if not tensors:
+        return None
+    norms = torch.stack(torch._foreach_norm(tensors, 2))
+    for index in (~torch.isfinite(norms)).nonzero().flatten().tolist():
+        if not bool(torch.isfinite(tensors[index]).all()):
+            return index
+    return None
+
+
+def agree(value: Tensor, fingerprint: int, group: dist.ProcessGroup, device: torch.device) -> tuple[float, bool]:
+    """All-reduce ``value`` (MIN) and a layout fingerprint over ``group``: one collective, one sync.
+
+    Returns the group's minimum of ``value`` and whether every rank posted the same fingerprint.
+    """
+    probe = torch.cat([value.to(device, torch.float64).view(1), torch.tensor([fingerprint, -fingerprint], dtype=torch.float64, device=device)])
+    dist.all_reduce(probe, op=dist.ReduceOp.MIN, group=group)
+    smallest, low, neg_high = probe.tolist()
+    return smallest, low == -neg_high
+
+
+class StepCounts:
+    """Advance the per-parameter ``step`` tensors with one op and know their values without reading them.
+
+    A value is remembered with the tensor's version counter; a tensor changed by anyone else
+    (``load_state_dict``, a checkpoint loaded in place) has another version and is read once.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[Tensor, int, int]] = {}  # id(step) -> (step, version, value)
+
+    def advance(self, states: list[dict[str, Any]]) -> list[int]:
+        """Increment every state's ``step`` (created at 0 where missing); returns the new counts."""
+        steps = []
+        for state in states:
+            if state.get("step") is None:
+                state["step"] = step = torch.tensor(0.0, dtype=torch.float32)
+                self._known[id(step)] = (step, step._version, 0)
+            steps.append(state["step"])
+        values = [self._value(step) + 1 for step in steps]
+        if steps:
+            torch._foreach_add_(steps, 1.0)
+        for step, value in zip(steps, values):
+            self._known[id(step)] = (step, step._version, value)
+        return values
+
+    def clear(self) -> None:
+        """Forget every remembered value (the states were replaced)."""
+        self._known.clear()
+
+    def _value(self, step: Tensor) -> int:
+        entry = self._known.get(id(step))
+        if entry is not None and entry[0] is step and entry[1] == step._version:
+            return entry[2]
+        return int(step.item())

@@ -1,0 +1,87 @@
+"""`bench kernels`: the counter itself on hand-counted ops, and pinned step costs that must not grow.
+
+Counts, not times. The pins are today's counts on the tiny GPT-2 shapes (the bench's default,
+GPT-2 small, takes minutes on CPU; README lists its numbers); an optimization lowers them, and a
+change that makes a step launch more kernels or move more bytes fails here until it is justified
+and the pin raised.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_memopt.bench.counting import StepCost
+from dist_memopt.bench.models import model_shapes
+from dist_memopt.shard.geometry import balanced_split, square_matricize
+from dist_memopt.kernels import launch
+
+# dist_memopt.bench.kernels registers a benchmark on import: imported in the fixture, so that the
+# registration order (which the CLI's messages show) stays that of a plain run
+
+# optimizer -> (launches per step, bytes read + written per element), tiny GPT-2, one process
+PINNED = {
+    "SMMF": (392, 156.2),
+    "SMMF-nocheck": (385, 152.1),
+    "Alada": (287, 173.2),
+    "Alada-nocheck": (280, 169.2),
+    # the fused kernels (counted without running them: launches and bytes do not depend on values)
+    "SMMF-triton": (27, 20.5),
+    "SMMF-triton-nocheck": (20, 16.4),
+    "Alada-triton": (38, 31.4),
+    "Alada-triton-nocheck": (31, 27.3),
+}
+
+
+def test_counter_counts_kernels_bytes_and_syncs_by_hand():
+    a, b = torch.ones(100), torch.ones(100)
+    with StepCost() as cost:
+        a.add_(b)  # reads a and b, writes a
+        c = a * 2  # reads a, writes c
+        c.view(10, 10)[0]  # views launch nothing
+        torch.empty(50)  # nor do allocations
+        b.copy_(c)  # writes b without reading it, reads c
+        float(c.sum())  # one kernel, one sync
+        c.tolist()  # a sync
+        torch._foreach_mul_([a, b], 3.0)  # one launch for both
+        launch.record("fake", 7, 5)
+    assert cost.ops == {"add_": 1, "mul": 1, "copy_": 1, "sum": 1, "_foreach_mul_": 1, "triton.fake": 1}
+    assert cost.bytes_read == 400 * (2 + 1 + 1 + 1 + 2) + 7
+    assert cost.bytes_written == 400 * (1 + 1 + 1 + 2) + 4 + 5
+    assert cost.syncs == {"_local_scalar_dense": 1, "tolist": 1}
+    assert torch.Tensor.tolist is torch._C.TensorBase.tolist or "tolist" not in torch.Tensor.__dict__
+
+
+@pytest.fixture(scope="module")
+def tiny_costs():
+    from dist_memopt.bench.kernels import kernel_costs
+
+    return kernel_costs("tiny", ["AdamW-fused", "AdamW"] + list(PINNED))
+
+
+def test_fused_adamw_is_two_launches_of_32_bytes_per_element(tiny_costs):
+    fused = tiny_costs["optimizers"]["AdamW-fused"]
+    assert fused["launches"] == 2 and fused["top_ops"] == {"_foreach_add_": 2, "_fused_adamw_": 2}
+    # weight, grad (a mutable argument of _fused_adamw_), exp_avg, exp_avg_sq: read and written
+    assert fused["bytes_per_element"] == pytest.approx(32.0, abs=0.02)  # + step counters
+    assert fused["syncs"] == 0
+
+
+@pytest.mark.parametrize("name", PINNED)
+def test_step_cost_does_not_grow(tiny_costs, name):
+    if name not in tiny_costs["optimizers"]:
+        pytest.skip("triton is not installed")
+    row = tiny_costs["optimizers"][name]
+    launches, per_element = PINNED[name]
+    assert row["launches"] <= launches, row["top_ops"]
+    assert row["bytes_per_element"] <= per_element
+    assert row["syncs"] == (0 if name.endswith("nocheck") else 1)  # see test_host_syncs.py
+    if "triton" in name:  # a few launches per (n, m) view (2 steps counted), not a few per tensor
+        view = square_matricize if name.startswith("SMMF") else balanced_split
+        views = {view(shape.numel() if view is square_matricize else shape) for _, shape in model_shapes("tiny").params}
+        kernels = ("smmf_tiles", "smmf_reduce") if name.startswith("SMMF") else ("alada_stats", "alada_reduce", "alada_update")
+        assert [row["top_ops"][f"triton.{k}"] for k in kernels] == [2 * len(views)] * len(kernels)
+    assert row["bytes_per_element"] >= 12  # at least: read the gradient, read and write the weight (fp32)
+    from dist_memopt.bench.kernels import format_costs
+
+    assert f"\n{name} " in format_costs("tiny", tiny_costs["optimizers"])

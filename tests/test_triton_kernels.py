@@ -1,0 +1,242 @@
+"""The fused Triton kernels of SMMF and Alada, run on CPU through Triton's interpreter.
+
+A second implementation of the same equations: held to the float64 references over 20 steps on
+the fidelity model, to the torch path on sharded layouts (partial first and last rows, empty
+shards, several segments in one tensor whose SMMF sign bytes share 32-bit words), on strided
+tensor-parallel pieces (column blocks of a matrix, a segment of two pieces sharing rows) against
+the unsharded torch step, with bf16 parameters, both SMMF decay modes, ``beta=None`` and Alada's
+momentum in ``.grad``; and run twice, bit-identical. Small shapes: the interpreter runs each
+program in numpy. ``TRITON_INTERPRET=1`` comes from tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import dist_memopt as dm
+from dist_memopt import Segment, ShardSpec, set_layout
+from dist_memopt.kernels.runs import Runs
+from models import AwkwardModel, loss_fn
+from reference import AladaReference, SMMFReference
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets it unless the environment says otherwise
+    pytest.skip("TRITON_INTERPRET is not 1 in this environment", allow_module_level=True)
+
+TOLERANCE = 5e-6  # as in test_fidelity.py
+CONFIGS = {
+    "smmf-adamw-decay": (dm.SMMF, SMMFReference, dict(lr=1e-2, weight_decay=0.1, weight_decay_mode="adamw")),
+    "smmf-adam-decay": (dm.SMMF, SMMFReference, dict(lr=1e-2, weight_decay=0.1, weight_decay_mode="adam")),
+    "smmf-no-first-moment": (dm.SMMF, SMMFReference, dict(lr=1e-2, beta=None)),
+    "alada": (dm.Alada, AladaReference, dict(lr=1e-2)),
+    "alada-decay-betas": (dm.Alada, AladaReference, dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-12)),
+}
+
+
+@pytest.mark.parametrize("cls, reference, config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_triton_matches_the_float64_reference(cls, reference, config):
+    model = AwkwardModel()
+    optimizer = cls(model.parameters(), kernel="triton", **config)
+    references = [reference(p, **config) for p in model.parameters()]
+    for step in range(20):
+        optimizer.zero_grad()
+        loss_fn(model, step).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        optimizer.step()
+        for ref, grad, param in zip(references, grads, model.parameters()):
+            ref.step(grad)
+            scale = max(1.0, ref.w.abs().max().item())
+            assert (param.detach().double() - ref.w).abs().max().item() <= TOLERANCE * scale, f"step {step + 1}"
+
+
+def _sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, steps: int = 6, cls=dm.SMMF):
+    """Parameters laid out like shards (no process group: partial statistics stay local, the same
+    for both implementations): FSDP-like ranges cutting rows, an empty shard, and a flat tensor
+    holding three segments back to back."""
+    torch.manual_seed(0)
+    matrix = torch.nn.Parameter(torch.randn(20, 7).to(dtype))  # a range of a (23, 54) view: rows cut at both ends
+    set_layout(matrix, [Segment(0, ShardSpec((23, 54), 61, 61 + 140))])
+    empty = torch.nn.Parameter(torch.randn(0).to(dtype))
+    set_layout(empty, [Segment(0, ShardSpec((9, 4), 36, 36))])
+    flat = torch.nn.Parameter(torch.randn(5 + 13 + 22).to(dtype))  # sign bytes of three segments in one word
+    set_layout(flat, [Segment(0, ShardSpec((3, 3), 2, 7)), Segment(5, ShardSpec((17,), 0, 13)), Segment(18, ShardSpec((6, 8), 3, 25))])
+    params = [matrix, empty, flat]
+    optimizer = cls(params, kernel=kernel, lr=1e-2, **config)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+        optimizer.step()
+    return params, optimizer
+
+
+SHARDED = {
+    "smmf": (dm.SMMF, dict(weight_decay=0.1)),
+    "smmf-adam-no-first-moment": (dm.SMMF, dict(beta=None, weight_decay=0.1, weight_decay_mode="adam")),
+    "alada": (dm.Alada, dict(weight_decay=0.1)),
+}
+
+
+@pytest.mark.parametrize("cls, config", SHARDED.values(), ids=SHARDED.keys())
+def test_triton_matches_the_torch_path_on_sharded_layouts(cls, config):
+    fused, fused_opt = _sharded_run("triton", config, cls=cls)
+    plain, plain_opt = _sharded_run("torch", config, cls=cls)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        for key, value in plain_opt.state[b].items():
+            got = fused_opt.state[a][key]
+            if key == "sign":  # a sign can only differ where M is within rounding of 0
+                assert (got ^ value).count_nonzero().item() <= 1
+            else:
+                torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
+def test_bf16_parameters_step_like_the_torch_path(cls):
+    fused, _ = _sharded_run("triton", {}, torch.bfloat16, steps=3, cls=cls)
+    plain, _ = _sharded_run("torch", {}, torch.bfloat16, steps=3, cls=cls)
+    for a, b in zip(fused, plain):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-2)  # within one bf16 rounding
+
+
+@pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
+def test_two_runs_are_bit_identical(cls):
+    first, first_opt = _sharded_run("triton", dict(weight_decay=0.1), steps=3, cls=cls)
+    second, second_opt = _sharded_run("triton", dict(weight_decay=0.1), steps=3, cls=cls)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+        assert all(torch.equal(first_opt.state[a][k], second_opt.state[b][k]) for k in first_opt.state[a])
+
+
+class _Strided:
+    """A geometry of strided runs (what a tensor-parallel shard is) with a local window [lo, hi),
+    shaped like dist_memopt.shard.runs.RunsGeometry, as the kernels take it."""
+
+    def __init__(self, rows: int, cols: int, runs: tuple[Runs, ...], lo: int, hi: int) -> None:
+        self.rows, self.cols, self.runs, self.lo, self.hi = rows, cols, runs, lo, hi
+
+
+def _strided_rank(full: torch.Tensor, pieces: tuple[Runs, ...], n: int, m: int, lo: int = 0, hi: int = -1):
+    from types import SimpleNamespace
+
+    from dist_memopt.optim.base import SegmentPlan
+
+    positions = torch.cat([p.positions() for p in pieces])
+    hi = positions.numel() if hi < 0 else hi
+    positions = positions[lo:hi]
+    numel = positions.numel()
+    state = {k: torch.zeros(n if k.startswith("row") else m) for k in ("row_v", "col_v", "row_m", "col_m")}
+    state["sign"] = torch.zeros((numel + 7) // 8, dtype=torch.uint8)
+    seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, numel)), _Strided(n, m, pieces, lo, hi))
+    item = SimpleNamespace(weight=full.detach()[positions].clone(), grad=torch.zeros(numel), state=state)
+    stats = torch.zeros(2 * (n + m))
+    return item, seg, positions, stats, (stats[:n], stats[n : n + m], stats[n + m : 2 * n + m], stats[2 * n + m :])
+
+
+def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
+    """Column blocks of a (10, 6) matrix on three 'ranks': one block, and two windows of a pair of
+    blocks (pieces sharing every row) cut mid-run, as a flat shard of a TP block is; statistics
+    summed as an all_reduce would: the unsharded torch step."""
+    from dist_memopt.bench.counting import StepCost
+    from dist_memopt.kernels.smmf_triton import FusedSMMF
+    from dist_memopt.optim.bits import unpack_signs
+    from dist_memopt.optim.smmf import _Schedule
+
+    n, m = 10, 6
+    torch.manual_seed(0)
+    full = torch.nn.Parameter(torch.randn(n * m))
+    reference = dm.SMMF([full], kernel="torch", lr=1e-2, weight_decay=0.1)
+    pair = (Runs(2, 2, 6, 10), Runs(4, 2, 6, 10))
+    ranks = [_strided_rank(full, (Runs(0, 2, 6, 10),), n, m), _strided_rank(full, pair, n, m, 0, 27), _strided_rank(full, pair, n, m, 27, 40)]
+    generator = torch.Generator().manual_seed(1)
+    for t in range(1, 6):
+        full.grad = torch.randn(n * m, generator=generator)
+        reference.step()
+        hp = _Schedule.at(reference.param_groups[0], t)
+        steps = []
+        with StepCost() as cost:
+            for item, seg, positions, stats, slots in ranks:
+                item.grad.copy_(full.grad[positions])
+                stats.zero_()
+                fused = FusedSMMF()
+                fused.add(item, seg, hp, slots)
+                fused.run()
+                steps.append(fused)
+            total = sum(rank[3] for rank in ranks)  # the all_reduce
+            for (_, _, _, stats, _), fused in zip(ranks, steps):
+                stats.copy_(total)
+                fused.finish()
+        assert cost.ops["triton.smmf_tiles"] == 3 and cost.ops["triton.smmf_finish"] == 3
+        expected = reference.state[full]
+        signs = unpack_signs(expected["sign"], n * m)
+        for item, _, positions, _, _ in ranks:
+            torch.testing.assert_close(item.weight, full.detach()[positions], rtol=0, atol=1e-6)
+            for key in ("row_v", "col_v", "row_m", "col_m"):
+                torch.testing.assert_close(item.state[key], expected[key], rtol=1e-5, atol=1e-8)
+            assert torch.equal(unpack_signs(item.state["sign"], positions.numel()), signs[positions])
+
+
+def _momentum_in_grad_run(kernel: str) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = AwkwardModel()
+    optimizer = dm.Alada(model.parameters(), kernel=kernel, lr=1e-2, betas=(0.8, 0.9), momentum_in_grad=True)
+    for step in range(6):
+        optimizer.zero_grad()
+        optimizer.scale_loss(loss_fn(model, step)).backward()
+        optimizer.step()
+    return [p.detach() for p in model.parameters()]
+
+
+def test_alada_momentum_in_grad_matches_the_torch_path():
+    for a, b in zip(_momentum_in_grad_run("triton"), _momentum_in_grad_run("torch")):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_alada_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
+    """Alada's two passes on the same column blocks: statistics summed between them (the all_reduce)."""
+    from types import SimpleNamespace
+
+    from dist_memopt.kernels.alada_triton import FusedAlada
+    from dist_memopt.optim.alada import _Schedule
+    from dist_memopt.optim.base import SegmentPlan
+
+    n, m = 6, 10  # Alada keeps a (6, 10) matrix as it is
+    torch.manual_seed(0)
+    full = torch.nn.Parameter(torch.randn(n, m))
+    reference = dm.Alada([full], kernel="torch", lr=1e-2, weight_decay=0.1)
+    ranks = []
+    for pieces in [(Runs(0, 4, 10, 6),), (Runs(4, 3, 10, 6), Runs(7, 3, 10, 6))]:
+        positions = torch.cat([p.positions() for p in pieces])
+        f64 = dict(dtype=torch.float64)
+        state = dict(exp_avg=torch.zeros(positions.numel()), row=torch.zeros(n, **f64), col=torch.zeros(m, **f64), v0=torch.zeros(1, **f64))
+        seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, positions.numel())), _Strided(n, m, pieces, 0, positions.numel()))
+        item = SimpleNamespace(weight=full.detach().view(-1)[positions].clone(), grad=torch.zeros(positions.numel()), state=state)
+        ranks.append((item, seg, positions, torch.zeros(n + m + 1)))
+    generator = torch.Generator().manual_seed(1)
+    for t in range(5):
+        full.grad = torch.randn(n, m, generator=generator)
+        reference.step()
+        hp = _Schedule.at(reference.param_groups[0], t)
+        steps = []
+        for item, seg, positions, stats in ranks:
+            item.grad.copy_(full.grad.view(-1)[positions])
+            stats.zero_()
+            fused = FusedAlada()
+            fused.add(item, seg, hp, stats[n : n + m] if t % 2 else stats[:n], stats[n + m :])
+            fused.statistics()
+            steps.append(fused)
+        total = ranks[0][3] + ranks[1][3]  # the all_reduce
+        for (_, _, _, stats), fused in zip(ranks, steps):
+            stats.copy_(total)
+            fused.update()
+        expected = reference.state[full]
+        for item, _, positions, _ in ranks:
+            torch.testing.assert_close(item.weight, full.detach().view(-1)[positions], rtol=0, atol=1e-6)
+            torch.testing.assert_close(item.state["exp_avg"], expected["exp_avg"][positions], rtol=0, atol=1e-7)
+            for key in ("row", "col", "v0"):
+                torch.testing.assert_close(item.state[key], expected[key], rtol=1e-6, atol=1e-12)  # fp32 sums, another order

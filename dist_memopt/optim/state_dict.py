@@ -160,6 +160,12 @@ class StateDictMixin:
             pieces.append((seg.segment, views))
         return pieces
 
+    def checkpoint_form(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], style: str | None = None) -> dict[str, Any]:
+        """``state`` (compact, of ``param``) in the checkpoint form ``style`` (default: the one its
+        layout names), as :meth:`state_dict` gives it."""
+        layout = layout_of(param)
+        return expand_state(self._build_plan(group, layout), param, state, self.state_kinds, style or layout.checkpoint)
+
     def new_state(self, group: dict[str, Any], layout: ParamLayout, device: torch.device) -> dict[str, Tensor]:
         """Zero state, sized for a tensor of ``layout``, for :meth:`segment_states` to fill
         (restoring state saved in another layout); ``step`` is 0."""

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from dist_memopt.integrations.megatron.tensor_parallel import Box, TPPiece
-from dist_memopt.optim.checkpoint import expand_state, per_element_keys
+from dist_memopt.optim.checkpoint import per_element_keys
 from dist_memopt.optim.base import FactoredOptimizer
+from dist_memopt.shard.spec import layout_of
 
 __all__ = ["StateEntry", "range_boxes", "SHARDING_TYPE", "sharded_param_state", "load_param_state", "group_settings", "restore_group_settings"]
 
@@ -108,13 +109,8 @@ def _checkpoint_states(optimizer: FactoredOptimizer) -> list[dict[str, Any]]:
         for param in group["params"]:
             state = saved.get(index)
             if state is None:
-                plan = optimizer._plan(group, param)
-                zeros = {
-                    key: torch.zeros(numel, dtype=dtype, device=param.device)
-                    for key, (numel, dtype) in optimizer._expected_state(group, plan).items()
-                }
-                zeros["step"] = torch.tensor(0.0)
-                state = expand_state(plan, param, zeros, optimizer.state_kinds, "megatron")
+                zeros = optimizer.new_state(group, layout_of(param), param.device)
+                state = optimizer.checkpoint_form(group, param, zeros, "megatron")
             states.append(state)
             index += 1
     return states

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["OPTIMIZERS", "CollectiveBytes", "make_optimizer", "spawn_ranks"]
+__all__ = ["OPTIMIZERS", "CollectiveBytes", "make_optimizer", "spawn_ranks", "timed_step"]
 
 OPTIMIZERS = ("AdamW", "SMMF", "Alada")
 
@@ -75,3 +77,17 @@ def spawn_ranks(target, world_size: int, args: argparse.Namespace) -> list[dict]
     for p in procs:
         p.join()
     return [results[r] for r in range(world_size)]
+
+
+def timed_step(optimizer: torch.optim.Optimizer, repeats: int) -> float:
+    """Median seconds of ``repeats`` steps, each started together on every rank (barrier) and
+    including a reduction the optimizer leaves in flight."""
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        optimizer.step()
+        if hasattr(optimizer, "synchronize"):
+            optimizer.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

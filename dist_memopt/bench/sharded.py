@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dist_memopt.bench.ranks import OPTIMIZERS, CollectiveBytes, make_optimizer, spawn_ranks
+from dist_memopt.bench.ranks import OPTIMIZERS, CollectiveBytes, make_optimizer, spawn_ranks, timed_step
 from dist_memopt.bench.registry import Benchmark, register
 
 def _gpt2(seq_length: int):
@@ -52,19 +51,11 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
                 optimizer.step()
                 if hasattr(optimizer, "synchronize"):
                     optimizer.synchronize()
-            times = []
-            for _ in range(args.repeats):
-                dist.barrier()
-                start = time.perf_counter()
-                optimizer.step()
-                if hasattr(optimizer, "synchronize"):
-                    optimizer.synchronize()
-                times.append(time.perf_counter() - start)
             results[name] = dict(
                 state_bytes=dm.state_bytes(optimizer),
                 optimizer_all_reduce_bytes=step_bytes.all_reduce,
                 grad_reduce_scatter_bytes=backward_bytes.reduce_scatter,
-                step_seconds=statistics.median(times),
+                step_seconds=timed_step(optimizer, args.repeats),
                 local_params=sum(p.to_local().numel() for p in model.parameters()),
             )
             del model, optimizer

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_memopt.bench.ranks import OPTIMIZERS, CollectiveBytes, make_optimizer, spawn_ranks
+from dist_memopt.bench.ranks import OPTIMIZERS, CollectiveBytes, make_optimizer, spawn_ranks, timed_step
 
 WIDTH, HIDDEN = 768, 3072
 
@@ -57,18 +56,6 @@ def _model(layers: int, mesh) -> nn.Module:
     return fully_shard(model, mesh=mesh["dp"])
 
 
-def _timed_step(optimizer, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        optimizer.step()
-        if hasattr(optimizer, "synchronize"):
-            optimizer.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -96,9 +83,9 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
                 state_bytes=dm.state_bytes(optimizer),
                 optimizer_all_reduce_bytes=step_bytes.all_reduce,
                 grad_reduce_scatter_bytes=backward_bytes.reduce_scatter,
-                step_seconds=_timed_step(optimizer, args.repeats),
-                row_wise_seconds=_timed_step(row_wise, args.repeats),
-                col_wise_seconds=_timed_step(col_wise, args.repeats),
+                step_seconds=timed_step(optimizer, args.repeats),
+                row_wise_seconds=timed_step(row_wise, args.repeats),
+                col_wise_seconds=timed_step(col_wise, args.repeats),
                 placements={"mlp_proj": str(model[0].mlp_proj.weight.placements), "c_fc": str(model[0].c_fc.weight.placements)},
             )
             del model, optimizer, row_wise, col_wise

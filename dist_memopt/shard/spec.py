@@ -22,6 +22,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from dist_memopt.shard.reduce import group_chain
+
 __all__ = [
     "Run",
     "cut_runs",
@@ -176,9 +178,7 @@ class ShardSpec:
     @property
     def groups(self) -> GroupChain:
         """The process groups whose product divides the parameter (empty: not divided)."""
-        if self.group is None:
-            return ()
-        return self.group if isinstance(self.group, tuple) else (self.group,)
+        return group_chain(self.group)
 
     @property
     def is_sharded(self) -> bool:

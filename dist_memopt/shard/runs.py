@@ -24,27 +24,11 @@ import torch
 from torch import Tensor
 
 from dist_memopt.shard.geometry import RangeGeometry
-from dist_memopt.shard.spec import Run, ShardSpec
+from dist_memopt.shard.spec import Run, ShardSpec, cut_runs, window_runs
 
-__all__ = ["RunsGeometry", "view_geometry"]
+__all__ = ["RunsGeometry", "view_geometry", "runs_of"]
 
 Shift = Union[float, Tensor]
-
-
-@dataclass(frozen=True)
-class _Whole:
-    """Runs ``first .. first + count - 1`` of a run group, whole."""
-
-    run: Run
-    first: int
-    count: int
-
-    @property
-    def numel(self) -> int:
-        return self.count * self.run.length
-
-    def starts(self, device: torch.device) -> Tensor:
-        return self.run.start + self.run.stride * torch.arange(self.first, self.first + self.count, device=device)
 
 
 @dataclass(frozen=True)
@@ -76,28 +60,15 @@ class RunsGeometry:
         """The geometry of elements ``[lo, hi)`` of this window (for processing it in chunks)."""
         return RunsGeometry(self.rows, self.cols, self.runs, self.lo + lo, self.lo + hi)
 
-    def _pieces(self) -> Iterator[tuple[int, Union[RangeGeometry, _Whole]]]:
-        """(offset in the window, piece) for the contiguous and whole-run pieces of the window."""
-        base = 0
-        for run in self.runs:
-            lo, hi = max(self.lo, base) - base, min(self.hi, base + run.numel) - base
-            if lo < hi:
-                first, last = lo // run.length, (hi - 1) // run.length
-                head_end = min(hi, (first + 1) * run.length)
-                if lo % run.length or head_end - lo < run.length:
-                    start = run.start + first * run.stride + lo % run.length
-                    yield base + lo - self.lo, RangeGeometry(self.rows, self.cols, start, start + head_end - lo)
-                    first += 1
-                whole_end = last if hi % run.length else last + 1
-                if whole_end > first:
-                    yield base + first * run.length - self.lo, _Whole(run, first, whole_end - first)
-                if hi % run.length and last >= first:
-                    start = run.start + last * run.stride
-                    yield base + last * run.length - self.lo, RangeGeometry(self.rows, self.cols, start, start + hi % run.length)
-            base += run.numel
+    def _pieces(self) -> Iterator[tuple[int, Union[RangeGeometry, Run]]]:
+        """(offset in the window, piece): partial runs as contiguous ranges, whole runs as run groups."""
+        at = 0
+        for piece, whole in window_runs(self.runs, self.lo, self.hi):
+            yield at, piece if whole else RangeGeometry(self.rows, self.cols, piece.start, piece.last)
+            at += piece.numel
 
-    def _aligned(self, whole: _Whole) -> bool:
-        return whole.count == 1 or whole.run.stride % self.cols == 0
+    def _aligned(self, whole: Run) -> bool:
+        return whole.count == 1 or whole.stride % self.cols == 0
 
     # --- reductions restricted to the window (accumulating: callers start from zeros) --------
 
@@ -168,7 +139,7 @@ class RunsGeometry:
 
     # --- the two ways of locating whole runs ----------------------------------------------------
 
-    def _blocks(self, whole: _Whole, x: Tensor) -> Iterator[tuple[Tensor, Callable[[Tensor], Tensor], int]]:
+    def _blocks(self, whole: Run, x: Tensor) -> Iterator[tuple[Tensor, Callable[[Tensor], Tensor], int]]:
         """``(block, rows_of, col_lo)`` views of ``x`` (the whole runs' elements) for aligned runs.
 
         Every run crosses the view's rows alike: a head finishing a row, ``body`` full rows, a
@@ -177,11 +148,10 @@ class RunsGeometry:
         a per-row vector ``t`` (factors, sums) at the block's rows, shaped like ``block.shape[:-1]``
         (no index, no gather); the columns are ``col_lo`` onwards.
         """
-        start = whole.run.start + whole.first * whole.run.stride
-        shape = RangeGeometry(self.rows, self.cols, start, start + whole.run.length)
-        step = whole.run.stride // self.cols if whole.count > 1 else 0
+        shape = RangeGeometry(self.rows, self.cols, whole.start, whole.start + whole.length)
+        step = whole.stride // self.cols if whole.count > 1 else 0
         first = shape.row0
-        runs = x.view(whole.count, whole.run.length)
+        runs = x.view(whole.count, whole.length)
         h, nb, m = shape.head, shape.body_rows, self.cols
         if h:
             yield runs[:, :h], _strided(first, (whole.count,), (step,)), shape.col0
@@ -192,9 +162,9 @@ class RunsGeometry:
         if shape.tail:
             yield runs[:, h + nb * m :], _strided(first, (whole.count,), (step,)), 0
 
-    def _positions(self, whole: _Whole, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _positions(self, whole: Run, device: torch.device) -> tuple[Tensor, Tensor]:
         """View row and column of every element of ``whole`` (computed, not stored)."""
-        flat = (whole.starts(device).unsqueeze(1) + torch.arange(whole.run.length, device=device)).view(-1)
+        flat = whole.positions(device)
         row_index = torch.div(flat, self.cols, rounding_mode="floor")
         return row_index, flat - row_index * self.cols
 
@@ -214,3 +184,15 @@ def view_geometry(rows: int, cols: int, spec: ShardSpec) -> Union[RangeGeometry,
     if spec.runs is None:
         return RangeGeometry(rows, cols, spec.start, spec.end)
     return RunsGeometry(rows, cols, spec.runs)
+
+
+def runs_of(geometry: Union[RangeGeometry, RunsGeometry]) -> tuple[Run, ...]:
+    """A (possibly windowed) geometry's elements as runs of global flat positions, in local order.
+
+    What the fused kernels tile (:func:`dist_memopt.kernels.tiles.tile_pieces`): a contiguous range
+    is one run, a window of run groups is cut by :func:`~dist_memopt.shard.spec.cut_runs`, the
+    same cut the torch path makes; an empty geometry has no runs.
+    """
+    if isinstance(geometry, RunsGeometry):
+        return tuple(cut_runs(geometry.runs, geometry.lo, geometry.hi))
+    return (Run(geometry.start, geometry.numel),) if geometry.numel else ()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from dist_memopt.shard.reduce import group_chain
 __all__ = [
     "Run",
     "cut_runs",
+    "window_runs",
     "ShardSpec",
     "Segment",
     "ParamLayout",
@@ -72,44 +73,62 @@ class Run:
         """One past the last position."""
         return self.start + (self.count - 1) * self.stride + self.length
 
+    def positions(self, device: torch.device | str = "cpu") -> Tensor:
+        """Every global flat position, in local order (computed when a run must be gathered)."""
+        starts = self.start + self.stride * torch.arange(self.count, device=device)
+        return (starts.unsqueeze(1) + torch.arange(self.length, device=device)).view(-1)
+
+
+def window_runs(runs: Sequence[Run], lo: int, hi: int) -> Iterator[tuple[Run, bool]]:
+    """The pieces of local elements ``[lo, hi)`` of ``runs`` (listed in local order), in order.
+
+    The one place a window of runs is cut, for :func:`cut_runs`, for
+    :class:`~dist_memopt.shard.runs.RunsGeometry` and (through it) for the fused kernels: per run
+    group a partial first run, whole runs, a partial last run, each still at its global
+    position. Each piece comes with ``whole``: whether it consists of whole runs of its group
+    (the torch path locates whole runs by stride, partial ones as contiguous ranges).
+    """
+    if not 0 <= lo <= hi:
+        raise ValueError(f"window [{lo}, {hi}) of local elements is not a range")
+    base = 0
+    for run in runs:
+        a, b = max(lo, base) - base, min(hi, base + run.numel) - base
+        base += run.numel
+        if a < b:
+            yield from _window_group(run, a, b)
+    if hi > base:
+        raise ValueError(f"window [{lo}, {hi}) ends past the {base} local elements of its runs")
+
+
+def _window_group(run: Run, a: int, b: int) -> Iterator[tuple[Run, bool]]:
+    """Elements ``[a, b)`` (non-empty) of one run group, as ``(piece, whole)`` pairs."""
+    first, last = a // run.length, (b - 1) // run.length
+
+    def at(i: int) -> int:
+        """Global start of the i-th run of the group."""
+        return run.start + i * run.stride
+
+    if first == last:
+        yield Run(at(first) + a % run.length, b - a), b - a == run.length
+        return
+    if a % run.length:
+        yield Run(at(first) + a % run.length, run.length - a % run.length), False
+        first += 1
+    whole_end = last + 1 if b % run.length == 0 else last
+    if whole_end > first:
+        count = whole_end - first
+        yield Run(at(first), run.length, run.stride if count > 1 else 0, count), True
+    if b % run.length:
+        yield Run(at(last), b % run.length), False
+
 
 def cut_runs(runs: Sequence[Run], lo: int, hi: int) -> list[Run]:
     """The runs of local elements ``[lo, hi)`` of ``runs`` (listed in local order).
 
     A data-parallel range of a tensor-parallel piece (Megatron's distributed optimizer shards each
-    rank's piece by its local flattening): a partial first run, whole runs, a partial last run per
-    run group, each still at its global position.
+    rank's piece by its local flattening): the pieces of :func:`window_runs`.
     """
-    if not 0 <= lo <= hi:
-        raise ValueError(f"window [{lo}, {hi}) of local elements is not a range")
-    out: list[Run] = []
-    base = 0
-    for run in runs:
-        a, b = max(lo, base) - base, min(hi, base + run.numel) - base
-        base += run.numel
-        if a >= b:
-            continue
-        first, last = a // run.length, (b - 1) // run.length
-
-        def at(i: int, run: Run = run) -> int:
-            """Global start of the i-th run of the group."""
-            return run.start + i * run.stride
-
-        if first == last:
-            out.append(Run(at(first) + a % run.length, b - a))
-            continue
-        if a % run.length:
-            out.append(Run(at(first) + a % run.length, run.length - a % run.length))
-            first += 1
-        whole_end = last + 1 if b % run.length == 0 else last
-        if whole_end > first:
-            count = whole_end - first
-            out.append(Run(at(first), run.length, run.stride if count > 1 else 0, count))
-        if b % run.length:
-            out.append(Run(at(last), b % run.length))
-    if hi > base:
-        raise ValueError(f"window [{lo}, {hi}) ends past the {base} local elements of its runs")
-    return out
+    return [piece for piece, _ in window_runs(runs, lo, hi)]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ pytest.importorskip("triton")
 
 import dist_memopt as dm
 from dist_memopt import Segment, ShardSpec, set_layout
-from dist_memopt.kernels.runs import Runs
+from dist_memopt.shard.runs import RunsGeometry
+from dist_memopt.shard.spec import Run
 from models import AwkwardModel, loss_fn
 from reference import AladaReference, SMMFReference
 
@@ -113,15 +114,7 @@ def test_two_runs_are_bit_identical(cls):
         assert all(torch.equal(first_opt.state[a][k], second_opt.state[b][k]) for k in first_opt.state[a])
 
 
-class _Strided:
-    """A geometry of strided runs (what a tensor-parallel shard is) with a local window [lo, hi),
-    shaped like dist_memopt.shard.runs.RunsGeometry, as the kernels take it."""
-
-    def __init__(self, rows: int, cols: int, runs: tuple[Runs, ...], lo: int, hi: int) -> None:
-        self.rows, self.cols, self.runs, self.lo, self.hi = rows, cols, runs, lo, hi
-
-
-def _strided_rank(full: torch.Tensor, pieces: tuple[Runs, ...], n: int, m: int, lo: int = 0, hi: int = -1):
+def _strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo: int = 0, hi: int = -1):
     from types import SimpleNamespace
 
     from dist_memopt.optim.base import SegmentPlan
@@ -132,7 +125,7 @@ def _strided_rank(full: torch.Tensor, pieces: tuple[Runs, ...], n: int, m: int, 
     numel = positions.numel()
     state = {k: torch.zeros(n if k.startswith("row") else m) for k in ("row_v", "col_v", "row_m", "col_m")}
     state["sign"] = torch.zeros((numel + 7) // 8, dtype=torch.uint8)
-    seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, numel)), _Strided(n, m, pieces, lo, hi))
+    seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, numel)), RunsGeometry(n, m, pieces, lo, hi))
     item = SimpleNamespace(weight=full.detach()[positions].clone(), grad=torch.zeros(numel), state=state)
     stats = torch.zeros(2 * (n + m))
     return item, seg, positions, stats, (stats[:n], stats[n : n + m], stats[n + m : 2 * n + m], stats[2 * n + m :])
@@ -151,8 +144,8 @@ def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
     torch.manual_seed(0)
     full = torch.nn.Parameter(torch.randn(n * m))
     reference = dm.SMMF([full], kernel="torch", lr=1e-2, weight_decay=0.1)
-    pair = (Runs(2, 2, 6, 10), Runs(4, 2, 6, 10))
-    ranks = [_strided_rank(full, (Runs(0, 2, 6, 10),), n, m), _strided_rank(full, pair, n, m, 0, 27), _strided_rank(full, pair, n, m, 27, 40)]
+    pair = (Run(2, 2, 6, 10), Run(4, 2, 6, 10))
+    ranks = [_strided_rank(full, (Run(0, 2, 6, 10),), n, m), _strided_rank(full, pair, n, m, 0, 27), _strided_rank(full, pair, n, m, 27, 40)]
     generator = torch.Generator().manual_seed(1)
     for t in range(1, 6):
         full.grad = torch.randn(n * m, generator=generator)
@@ -210,11 +203,11 @@ def test_alada_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step()
     full = torch.nn.Parameter(torch.randn(n, m))
     reference = dm.Alada([full], kernel="torch", lr=1e-2, weight_decay=0.1)
     ranks = []
-    for pieces in [(Runs(0, 4, 10, 6),), (Runs(4, 3, 10, 6), Runs(7, 3, 10, 6))]:
+    for pieces in [(Run(0, 4, 10, 6),), (Run(4, 3, 10, 6), Run(7, 3, 10, 6))]:
         positions = torch.cat([p.positions() for p in pieces])
         f64 = dict(dtype=torch.float64)
         state = dict(exp_avg=torch.zeros(positions.numel()), row=torch.zeros(n, **f64), col=torch.zeros(m, **f64), v0=torch.zeros(1, **f64))
-        seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, positions.numel())), _Strided(n, m, pieces, 0, positions.numel()))
+        seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, positions.numel())), RunsGeometry(n, m, pieces, 0, positions.numel()))
         item = SimpleNamespace(weight=full.detach().view(-1)[positions].clone(), grad=torch.zeros(positions.numel()), state=state)
         ranks.append((item, seg, positions, torch.zeros(n + m + 1)))
     generator = torch.Generator().manual_seed(1)

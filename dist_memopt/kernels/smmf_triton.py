@@ -5,7 +5,7 @@ tested against it and against the float64 reference. Per batch of segments shari
 view and a schedule, three launches in all:
 
 1. ``_tile_kernel``: a program per tile of ``TR`` view rows of one segment's runs (see
-   :mod:`.runs`), all columns in blocks of ``BC``. For each local element: decompress V and M
+   :mod:`.tiles`), all columns in blocks of ``BC``. For each local element: decompress V and M
    (sign bit × row ⊗ column factors), fold in the gradient, update the weight (both decay
    modes, ``beta=None``), flip the sign bits that changed (an integer ``atomic_xor`` on the
    32-bit word: flips of distinct bits commute, so segments may share words and the result does

@@ -1,21 +1,23 @@
 """What the fused kernels share: tiles of a segment's runs in its (n, m) view, pointer offsets.
 
-A tile is ``TR`` consecutive view rows of one run-piece, swept in blocks of ``BC`` columns;
-:func:`tile_elements` tells, for each (row, column) of a block, whether this segment holds that
-element and at which local index (the inverse of :class:`~dist_memopt.kernels.runs.Runs`).
+A tile is ``TR`` consecutive view rows of one run group of the segment's window (a
+:class:`~dist_memopt.shard.spec.Run`, cut by the same function the torch path uses), swept in
+blocks of ``BC`` columns; :func:`tile_elements` tells, for each (row, column) of a block, whether
+this segment holds that element and at which local index (the inverse of the run's positions).
 Tensors of one dtype are addressed as a base pointer plus element offsets, so one launch reaches
 every segment of a batch wherever its tensors live.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from dist_memopt.kernels.runs import runs_of
+from dist_memopt.shard.geometry import RangeGeometry
+from dist_memopt.shard.runs import RunsGeometry, runs_of
 
 __all__ = ["TILE_FIELDS", "tiles_shape", "Offsets", "tile_pieces", "tile_elements"]
 
@@ -42,16 +44,19 @@ class Offsets:
         return delta // t.element_size()
 
 
-def tile_pieces(geometry: Any, rows_per_tile: int) -> Iterator[list[int]]:
-    """The :data:`TILE_FIELDS` of every tile covering the segment's runs (none for an empty one)."""
+def tile_pieces(geometry: Union[RangeGeometry, RunsGeometry], rows_per_tile: int) -> Iterator[list[int]]:
+    """The :data:`TILE_FIELDS` of every tile covering the geometry's window (none for an empty one).
+
+    The one translation of a shard geometry into the kernels' int64 table. A single run's stride
+    is its length (the kernel divides by the stride; a single :class:`~dist_memopt.shard.spec.Run` has 0).
+    """
     m = geometry.cols
     k0 = 0
-    for piece in runs_of(geometry):
-        if piece.numel:
-            first_row, last_row = piece.start // m, (piece.start + piece.span - 1) // m
-            for row0 in range(first_row, last_row + 1, rows_per_tile):
-                yield [piece.start, piece.run_length, piece.stride, piece.count, k0, row0]
-        k0 += piece.numel
+    for run in runs_of(geometry):
+        stride = run.stride if run.count > 1 else run.length
+        for row0 in range(run.start // m, (run.last - 1) // m + 1, rows_per_tile):
+            yield [run.start, run.length, stride, run.count, k0, row0]
+        k0 += run.numel
 
 
 @triton.jit

@@ -1,5 +1,6 @@
 """The parallel layout: which backends take model parallelism, and whether the model and the world
-hold it (tensor x pipeline x data parallel ranks)."""
+hold it (tensor x pipeline x data parallel ranks). Checked while the configuration is read, and
+against ``parallel.nproc`` by ``launch.run`` before any process starts."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ def check_model_parallel(config: RunConfig) -> None:
             f"parallel.tensor_model_parallel_size / pipeline_model_parallel_size / sequence_parallel: for "
             f"parallel.backend megatron only (this is {p.backend})"
         )
-    if pp > 1:
+    if pp > 1 and m.type != "gpt2":
         raise ConfigError(
-            f"parallel.pipeline_model_parallel_size ({pp}): the launcher's training loop runs no pipeline "
-            "schedule yet; get_megatron_optimizer supports pipeline stages (use Megatron-LM's pretrain_gpt.py)"
+            f"parallel.pipeline_model_parallel_size ({pp}): the launcher builds pipeline stages for model.type "
+            f"gpt2 only (this is {m.type}; Megatron-LM's pretrain_{m.type}.py runs its own stages)"
         )
     if p.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel: needs parallel.tensor_model_parallel_size > 1")
@@ -32,7 +33,10 @@ def check_model_parallel(config: RunConfig) -> None:
         if value % tp:
             raise ConfigError(f"{name} ({value}) is not divisible by parallel.tensor_model_parallel_size ({tp})")
     if m.num_layers % pp:
-        raise ConfigError(f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline_model_parallel_size ({pp})")
+        raise ConfigError(
+            f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline_model_parallel_size ({pp}): "
+            "Megatron gives every pipeline stage the same number of layers"
+        )
 
 
 def check_world_size(config: RunConfig, world_size: int) -> None:

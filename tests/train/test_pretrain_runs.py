@@ -4,7 +4,8 @@ Eight runs cover tiny GPT-2, BERT and T5 under FSDP2 and DeepSpeed ZeRO-2, and G
 Megatron's DDP + DistributedOptimizer (20 iterations each, SMMF); they are started through torchrun,
 mpirun, the deepspeed launcher and ``launch.run`` so each launcher is exercised once by a run whose
 result is checked anyway. The GPT-2 runs under FSDP2 and Megatron save at iteration 10; a second
-run resumes there and must repeat iterations 11-20 exactly.
+run resumes there and must repeat iterations 11-20 exactly. Megatron's TP=2 and PP=2 runs each
+follow one shared TP=1, PP=1 run's loss curve (dropout off).
 """
 
 from __future__ import annotations

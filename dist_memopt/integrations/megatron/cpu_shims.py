@@ -4,7 +4,8 @@ Megatron-core's ``GPTModel``, ``BertModel`` and ``T5Model`` with the local layer
 ``use_cpu_initialization=True`` run forward and backward on CPU except for these assumptions, and
 so do its ``DistributedDataParallel`` (contiguous grad buffers, bucketed reduce-scatter over gloo),
 ``DistributedOptimizer``, ``Float16OptimizerWithFloat16Params``, ``FP32Optimizer``, gradient
-clipping, loss scaling and distributed checkpoint saving. Each shim below is an explicit function:
+clipping, loss scaling, distributed checkpoint saving and the pipeline schedules (point-to-point
+sends between stages over gloo, tied embeddings copied to the last stage). Each shim below is an explicit function:
 it names the assumptions it replaces, changes nothing when CUDA is available (megatron-core's own
 code runs there), and is idempotent. Call :func:`install_cpu_shims` once before building a model
 and :func:`model_parallel_manual_seed` where Megatron would call ``model_parallel_cuda_manual_seed``.

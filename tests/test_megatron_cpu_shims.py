@@ -12,8 +12,8 @@ from megatron.core.utils import GlobalMemoryBuffer  # noqa: E402
 from dist_memopt.integrations.megatron import cpu_shims  # noqa: E402
 
 
-def _type_name_sites():
-    for module_name, owner_name, attr in cpu_shims.CUDA_TYPE_NAME_SITES:
+def _wrapped_sites():
+    for module_name, owner_name, attr in cpu_shims.CUDA_TYPE_NAME_SITES + cpu_shims.CUDA_COPY_SITES:
         owner = importlib.import_module(module_name)
         yield (getattr(owner, owner_name) if owner_name else owner), attr
 
@@ -27,14 +27,14 @@ def pristine(monkeypatch):
     monkeypatch.setattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False)
     for name in cpu_shims.CUDA_DEVICE_MODULES:
         monkeypatch.setattr(importlib.import_module(name), "torch", torch)
-    for owner, attr in _type_name_sites():
+    for owner, attr in _wrapped_sites():
         fn = getattr(owner, attr)
         monkeypatch.setattr(owner, attr, getattr(fn, "__wrapped__", fn))
     return original
 
 
 def test_shims_do_nothing_when_cuda_is_present(pristine, monkeypatch):
-    sites = {(owner, attr): getattr(owner, attr) for owner, attr in _type_name_sites()}
+    sites = {(owner, attr): getattr(owner, attr) for owner, attr in _wrapped_sites()}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cpu_shims.install_cpu_shims()
     assert GlobalMemoryBuffer.get_tensor is pristine
@@ -124,3 +124,18 @@ def test_rng_tracker_forks_the_cpu_generator(pristine):
     with pytest.raises(KeyError, match="not added"):
         with tracker.fork("missing"):
             pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for CPU-only machines")
+def test_cuda_copies_stay_on_the_cpu_only_inside_the_shimmed_sites(pristine):
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    t = torch.zeros(2)
+    with cpu_shims.cuda_copies_stay():
+        assert t.cuda() is t
+    assert "cuda" not in torch.Tensor.__dict__  # torch's own method again
+    original = LanguageModule.setup_embeddings_and_output_layer
+    cpu_shims.install_cpu_shims()
+    shimmed = LanguageModule.setup_embeddings_and_output_layer
+    cpu_shims.install_cpu_shims()
+    assert LanguageModule.setup_embeddings_and_output_layer is shimmed and shimmed.__wrapped__ is original  # wrapped once

@@ -56,10 +56,14 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().reshape(1).clone()
-    dist.all_reduce(value)
-    return value.item() / dist.get_world_size()
+def _mean_over_ranks(value: Optional[torch.Tensor], device: torch.device) -> float:
+    """The mean of ``value`` over the ranks that have one (all of them, or the last pipeline
+    stage's), the same on every rank."""
+    pair = torch.zeros(2, device=device)
+    if value is not None:
+        pair[0], pair[1] = value.detach().float(), 1.0
+    dist.all_reduce(pair)
+    return pair[0].item() / pair[1].item()
 
 
 def run(config: RunConfig, resume: Optional[str | bool] = None) -> dict:
@@ -145,7 +149,7 @@ def _start(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> _Se
     from dist_memopt.train.models import build_model, init_megatron
 
     stream = TokenStream(_dataset_prefix(config, env))
-    init_megatron(config.train.seed, config.parallel.tensor_model_parallel_size)
+    init_megatron(config.train.seed, config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)
     batches = BatchMaker(stream, config, *_data_parallel_rank())
     model = build_model(config).to(env.device)
     session = _Session(
@@ -183,19 +187,12 @@ def _progress_bar(config: RunConfig, env: DistEnv, session: _Session):
 
 def _iterate(config: RunConfig, env: DistEnv, session: _Session, iteration: int) -> dict:
     """One iteration: the micro-batches' forward/backward, the step; its history record."""
-    from dist_memopt.train.models import compute_loss
-
     tic = time.perf_counter()
     lr = report.lr_at(iteration + 1, config.train)
     session.engine.set_lr(lr)
-    total = torch.zeros((), device=env.device)
-    for micro in range(session.num_micro):
-        batch = _to_device(session.batches.make(iteration, micro), env.device)
-        loss = compute_loss(session.engine, session.kind, batch)
-        session.engine.backward(loss, micro == session.num_micro - 1, session.num_micro)
-        total += loss.detach()
-    session.engine.step()
-    loss_value = _mean_over_ranks(total / session.num_micro)
+    batches = (_to_device(session.batches.make(iteration, micro), env.device) for micro in range(session.num_micro))
+    loss = session.engine.train_step(batches, session.kind, session.num_micro)
+    loss_value = _mean_over_ranks(loss, env.device)
     seconds = time.perf_counter() - tic
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"loss became {loss_value} at iteration {iteration + 1}")
@@ -211,14 +208,21 @@ def _show(config: RunConfig, env: DistEnv, bar, record: dict, first: bool) -> No
 
 
 def _per_rank(config: RunConfig) -> str:
-    return " on this TP rank" if config.parallel.tensor_model_parallel_size > 1 else ""
+    """Whose parameters rank 0 counts: its TP piece, of the first pipeline stage."""
+    tp, pp = config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
+    if pp > 1:
+        return " on the first pipeline stage's TP rank" if tp > 1 else " on the first pipeline stage"
+    return " on this TP rank" if tp > 1 else ""
 
 
 def _layout(config: RunConfig) -> str:
     p = config.parallel
-    if p.tensor_model_parallel_size == 1:
-        return ""
-    return f" (tensor parallel {p.tensor_model_parallel_size}{', sequence parallel' if p.sequence_parallel else ''})"
+    parts = []
+    if p.tensor_model_parallel_size > 1:
+        parts.append(f"tensor parallel {p.tensor_model_parallel_size}" + (", sequence parallel" if p.sequence_parallel else ""))
+    if p.pipeline_model_parallel_size > 1:
+        parts.append(f"pipeline parallel {p.pipeline_model_parallel_size}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _data_parallel_rank() -> tuple[int, int]:

@@ -127,7 +127,9 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         (["parallel.tensor_model_parallel_size=2"], r"for parallel.backend megatron only \(this is fsdp2\)"),
         (["parallel.backend=megatron", "parallel.tensor_model_parallel_size=3"], r"model.num_attention_heads \(4\) is not divisible by parallel.tensor_model_parallel_size \(3\)"),
         (["parallel.backend=megatron", "parallel.sequence_parallel=true"], r"parallel.sequence_parallel: needs parallel.tensor_model_parallel_size > 1"),
-        (["parallel.backend=megatron", "parallel.pipeline_model_parallel_size=2"], r"parallel.pipeline_model_parallel_size \(2\): the launcher's training loop runs no pipeline schedule"),
+        (["parallel.pipeline_model_parallel_size=2"], r"for parallel.backend megatron only \(this is fsdp2\)"),
+        (["parallel.backend=megatron", "parallel.pipeline_model_parallel_size=3"], r"model.num_layers \(2\) is not divisible by parallel.pipeline_model_parallel_size \(3\)"),
+        (["parallel.backend=megatron", "parallel.pipeline_model_parallel_size=0"], r"parallel.pipeline_model_parallel_size: must be > 0"),
         (["parallel.backend=megatron", "parallel.tensor_model_parallel_size=0"], r"parallel.tensor_model_parallel_size: must be > 0"),
     ],
 )
@@ -191,6 +193,29 @@ def test_tensor_parallel_layout_is_checked_against_the_process_count(capsys):
     assert run.main(["--config", str(TINY / "gpt2-tp2.yaml"), "--set", "parallel.nproc=3", "--dry-run"]) == 2
     assert "3 process(es) do not hold tensor x pipeline parallel size (2 x 1)" in capsys.readouterr().err
     assert run.main(["--config", str(TINY / "gpt2-tp2.yaml"), "--set", "parallel.nproc=4", "--dry-run"]) == 0
+
+
+def test_pipeline_layout_is_checked_before_any_process_starts(capsys):
+    """PP for the megatron backend's GPT-2: the world must hold tp x pp, every stage the same number
+    of layers; --print-config shows it. No process starts for any of these."""
+    from launch import run
+
+    config = load_config(TINY / "gpt2-pp2.yaml")
+    assert config.parallel.pipeline_model_parallel_size == 2 and config.parallel.backend == "megatron"
+    assert config.data_parallel_size(2) == 1 and config.num_microbatches(2) == 2  # 8 = 2 x 4 x DP 1
+    assert pretrain.main(["--config", str(TINY / "gpt2-pp2.yaml"), "--print-config"]) == 0
+    assert "pipeline_model_parallel_size: 2" in capsys.readouterr().out and not dist.is_initialized()
+    pp2 = ["--config", str(TINY / "gpt2-pp2.yaml"), "--dry-run"]
+    assert run.main([*pp2, "--set", "parallel.nproc=3"]) == 2
+    assert "3 process(es) do not hold tensor x pipeline parallel size (1 x 2)" in capsys.readouterr().err
+    assert run.main([*pp2, "--set", "parallel.tensor_model_parallel_size=2"]) == 2  # 2 x 2 on 2 processes
+    assert "2 process(es) do not hold tensor x pipeline parallel size (2 x 2)" in capsys.readouterr().err
+    assert run.main([*pp2, "--set", "parallel.tensor_model_parallel_size=2", "parallel.nproc=4"]) == 0
+    assert run.main([*pp2, "--set", "model.num_layers=3"]) == 2
+    assert "model.num_layers (3) is not divisible by parallel.pipeline_model_parallel_size (2)" in capsys.readouterr().err
+    for model in ("bert", "t5"):
+        with pytest.raises(ConfigError, match=rf"pipeline stages for model.type gpt2 only \(this is {model}"):
+            load_config(TINY / f"{model}.yaml", ["parallel.backend=megatron", "parallel.pipeline_model_parallel_size=2"])
 
 
 def test_one_set_flag_takes_several_overrides(capsys):

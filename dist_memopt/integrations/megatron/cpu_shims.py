@@ -4,7 +4,8 @@ Megatron-core's ``GPTModel``, ``BertModel`` and ``T5Model`` with the local layer
 ``use_cpu_initialization=True`` run forward and backward on CPU except for these assumptions, and
 so do its ``DistributedDataParallel`` (contiguous grad buffers, bucketed reduce-scatter over gloo),
 ``DistributedOptimizer``, ``Float16OptimizerWithFloat16Params``, ``FP32Optimizer``, gradient
-clipping, loss scaling and distributed checkpoint saving. Each shim below is an explicit function:
+clipping, loss scaling, distributed checkpoint saving and the pipeline schedules (point-to-point
+sends between stages over gloo, tied embeddings copied to the last stage). Each shim below is an explicit function:
 it names the assumptions it replaces, changes nothing when CUDA is available (megatron-core's own
 code runs there), and is idempotent. Call :func:`install_cpu_shims` once before building a model
 and :func:`model_parallel_manual_seed` where Megatron would call ``model_parallel_cuda_manual_seed``.
@@ -35,6 +36,7 @@ __all__ = [
     "shim_rng_tracker",
     "shim_cuda_allocations",
     "shim_cuda_type_names",
+    "shim_cuda_copies",
     "model_parallel_manual_seed",
     "CPURNGStatesTracker",
 ]
@@ -52,6 +54,7 @@ def install_cpu_shims() -> None:
     shim_rng_tracker()
     shim_cuda_allocations()
     shim_cuda_type_names()
+    shim_cuda_copies()
 
 
 def shim_global_memory_buffer() -> None:
@@ -183,6 +186,8 @@ CUDA_DEVICE_MODULES: dict[str, str] = {
     "megatron.core.tensor_parallel.layers": "the all-gathered input of a sequence-parallel linear's backward",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "the failure flag of a save",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize after staging tensors to save",
+    "megatron.core.pipeline_parallel.p2p_communication": "pipeline stages' receive buffers and shape messages; synchronize",
+    "megatron.core.pipeline_parallel.schedules": "the schedules' token count",
 }
 
 _TENSOR_FACTORIES = ("tensor", "zeros", "ones", "empty", "full")
@@ -257,12 +262,25 @@ def shim_cuda_allocations() -> None:
 
 
 @contextlib.contextmanager
+def _tensor_method(name: str, replacement: Callable) -> Any:
+    """``torch.Tensor.<name>`` is ``replacement`` while active, torch's own afterwards."""
+    saved = torch.Tensor.__dict__.get(name)
+    setattr(torch.Tensor, name, replacement)
+    try:
+        yield
+    finally:
+        if saved is None:
+            delattr(torch.Tensor, name)
+        else:
+            setattr(torch.Tensor, name, saved)
+
+
+@contextlib.contextmanager
 def cuda_type_names():
     """While active, ``tensor.type()`` names CPU tensors as CUDA ones (``torch.cuda.FloatTensor``).
 
     Only the no-argument form changes; ``tensor.type(dtype)`` conversions are untouched.
     """
-    saved = torch.Tensor.__dict__.get("type")
     original = torch._C.TensorBase.type
 
     def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
@@ -270,14 +288,8 @@ def cuda_type_names():
             return original(self).replace("torch.", "torch.cuda.", 1)
         return original(self, dtype, non_blocking, **kwargs)
 
-    torch.Tensor.type = type_
-    try:
+    with _tensor_method("type", type_):
         yield
-    finally:
-        if saved is None:
-            del torch.Tensor.type
-        else:
-            torch.Tensor.type = saved
 
 
 # (module, class or None, function) whose dtype checks compare ``param.type()`` with
@@ -290,14 +302,26 @@ CUDA_TYPE_NAME_SITES: tuple[tuple[str, Optional[str], str], ...] = (
 )
 
 
-def _with_cuda_type_names(fn: Callable) -> Callable:
+def _within(context: Callable[[], Any], fn: Callable) -> Callable:
+    """``fn`` run inside ``context()`` (marked as a shim)."""
+
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        with cuda_type_names():
+        with context():
             return fn(*args, **kwargs)
 
     setattr(call, _MARK, True)
     return call
+
+
+def _wrap_sites(sites: tuple[tuple[str, Optional[str], str], ...], context: Callable[[], Any]) -> None:
+    for module_name, owner_name, attr in sites:
+        owner = importlib.import_module(module_name)
+        if owner_name is not None:
+            owner = getattr(owner, owner_name)
+        fn = getattr(owner, attr)
+        if not getattr(fn, _MARK, False):
+            setattr(owner, attr, _within(context, fn))
 
 
 def shim_cuda_type_names() -> None:
@@ -310,10 +334,30 @@ def shim_cuda_type_names() -> None:
     """
     if _cuda():
         return
-    for module_name, owner_name, attr in CUDA_TYPE_NAME_SITES:
-        owner = importlib.import_module(module_name)
-        if owner_name is not None:
-            owner = getattr(owner, owner_name)
-        fn = getattr(owner, attr)
-        if not getattr(fn, _MARK, False):
-            setattr(owner, attr, _with_cuda_type_names(fn))
+    _wrap_sites(CUDA_TYPE_NAME_SITES, cuda_type_names)
+
+
+@contextlib.contextmanager
+def cuda_copies_stay():
+    """While active, ``tensor.cuda()`` of a CPU tensor returns the tensor itself (no copy)."""
+
+    def cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self
+
+    with _tensor_method("cuda", cuda):
+        yield
+
+
+# (module, class, function) that move a parameter with ``.cuda()`` before a collective.
+CUDA_COPY_SITES: tuple[tuple[str, Optional[str], str], ...] = (
+    # pipeline stages with tied embeddings: the last stage's copy all-reduced from the first stage's
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule", "setup_embeddings_and_output_layer"),
+)
+
+
+def shim_cuda_copies() -> None:
+    """Replaces: the ``weight.data.cuda()`` of :data:`CUDA_COPY_SITES` (each runs inside
+    :func:`cuda_copies_stay`; the original function is its ``__wrapped__``)."""
+    if _cuda():
+        return
+    _wrap_sites(CUDA_COPY_SITES, cuda_copies_stay)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -27,7 +27,8 @@ def make_optimizer(config, named_params: Iterable[tuple[str, nn.Parameter]], no_
 
 
 class Engine(ABC):
-    """A wrapped model and its optimizer: forward, backward per micro-batch, one step per iteration.
+    """A wrapped model and its optimizer: :meth:`train_step` runs one iteration (by default
+    forward and :meth:`backward` per micro-batch, then one :meth:`step`).
 
     ``optimizer`` is the user-level optimizer (ours or a baseline): its ``param_groups`` carry the
     learning rate and its ``state`` is what :meth:`state_bytes` counts.
@@ -39,13 +40,29 @@ class Engine(ABC):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    @abstractmethod
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], kind: str, num_micro: int) -> Optional[torch.Tensor]:
+        """One iteration: forward/backward of ``num_micro`` micro-batches from ``batches``, then the
+        step. Returns the mean of the micro-batches' losses where this rank computes the loss (None
+        on pipeline stages before the last)."""
+        from dist_memopt.train.models import compute_loss
+
+        total = None
+        for micro, batch in enumerate(batches):
+            loss = compute_loss(self, kind, batch)
+            self.backward(loss, micro == num_micro - 1, num_micro)
+            total = loss.detach() if total is None else total + loss.detach()
+        self.step()
+        return total / num_micro
+
+    # the default train_step's two halves (an engine that replaces train_step needs neither)
+
     def backward(self, loss: torch.Tensor, last_micro: bool, num_micro: int) -> None:
         """Backpropagate one micro-batch's mean loss; gradients average over micro-batches."""
+        raise NotImplementedError
 
-    @abstractmethod
     def step(self) -> None:
         """Clip (``train.clip_grad``), step the optimizer, clear gradients."""
+        raise NotImplementedError
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

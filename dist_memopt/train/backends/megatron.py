@@ -6,16 +6,20 @@ comes from :func:`dist_memopt.integrations.megatron.get_megatron_optimizer` with
 ``use_distributed_optimizer=True``: SMMF and Alada on the distributed optimizer's fp32 shards, or
 AdamW through Megatron's own Adam. With ``parallel.tensor_model_parallel_size`` > 1 (and
 ``sequence_parallel``) the model is split by Megatron's tensor parallelism and the optimizer steps
-each rank's piece exactly as the TP=1 parameter. Clipping is Megatron's (``train.clip_grad``); biases and 1-D
-parameters get no weight decay (Megatron's ``wd_mult``). Checkpoints are Megatron distributed
+each rank's piece exactly as the TP=1 parameter; with ``parallel.pipeline_model_parallel_size`` > 1
+each rank holds one pipeline stage's layers. Every iteration runs Megatron-core's own schedule
+(``get_forward_backward_func()``: 1F1B across stages), as Megatron-LM's ``train_step`` does; the
+loss comes from the last stage. Clipping is Megatron's (``train.clip_grad``, the norm over all
+stages); biases and 1-D parameters get no weight decay (Megatron's ``wd_mult``). Checkpoints are Megatron distributed
 checkpoints (``torch_dist``). On CPU, :mod:`dist_memopt.integrations.megatron.cpu_shims` (installed
 with the model) puts megatron-core's buffers on the CPU and the collectives go over gloo.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,9 +66,24 @@ def _optimizer_setup(config) -> tuple[Any, dict]:
     return OptimizerConfig(**fields), kwargs
 
 
+def _forward_step(kind: str, data_iterator: Iterator[dict[str, torch.Tensor]], model: nn.Module) -> tuple:
+    """Megatron's ``forward_step_func``: the stage's output and, for the last stage, the loss."""
+    from dist_memopt.train.models import token_losses
+
+    batch = next(data_iterator)
+    return token_losses(model, kind, batch), functools.partial(_loss, batch["loss_mask"])
+
+
+def _loss(mask: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from dist_memopt.train.models import masked_mean
+
+    loss = masked_mean(losses, mask)
+    return loss, {"loss": loss.detach().clone()}  # the schedule divides ``loss`` in place
+
+
 class MegatronEngine(Engine):
     def __init__(self, model: nn.Module, config, context) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.transformer.module import Float16Module
 
         from dist_memopt.integrations.megatron import get_megatron_optimizer
@@ -78,24 +97,39 @@ class MegatronEngine(Engine):
         self.weight_decay = config.train.weight_decay
         for group in self.optimizer.param_groups:
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+        # what Megatron-LM's training loop hands its schedule
+        model.config.grad_scale_func = self.megatron_optimizer.scale_loss
+        model.config.finalize_model_grads_func = finalize_model_grads
+        self.seq_length, self.decoder_seq_length = config.model.seq_length, config.model.decoder_seq_length
+        self.micro_batch_size = config.train.micro_batch_size
 
     def _inner(self) -> list[torch.optim.Optimizer]:
         return [o.optimizer for o in self.megatron_optimizer.chained_optimizers if o.optimizer is not None]
 
-    def backward(self, loss: torch.Tensor, last_micro: bool, num_micro: int) -> None:
-        # gradients accumulate in DDP's buffers; they are reduced once, in step()
-        self.megatron_optimizer.scale_loss(loss / num_micro).backward()
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], kind: str, num_micro: int) -> Optional[torch.Tensor]:
+        """Megatron's schedule for the layout (1F1B across pipeline stages; one after another
+        without them): the loss scaled by the optimizer and divided by ``num_micro``, gradients
+        accumulated in DDP's buffers and reduced once at the end by ``finalize_model_grads``
+        (the data-parallel reduce-scatter, sequence-parallel norms over TP, tied embeddings across
+        the first and last stage), then Megatron's step (clipping by the norm over all stages)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    def step(self) -> None:
-        from megatron.core.distributed import finalize_model_grads
-
-        # DDP's reduce-scatter, plus the tensor-parallel all-reduce of sequence-parallel norms' grads
-        finalize_model_grads([self.model])
+        self.megatron_optimizer.zero_grad()
+        self.model.zero_grad_buffer()
+        reported = get_forward_backward_func()(
+            forward_step_func=functools.partial(_forward_step, kind), data_iterator=batches, model=[self.model],
+            num_microbatches=num_micro, seq_length=self.seq_length, micro_batch_size=self.micro_batch_size,
+            decoder_seq_length=self.decoder_seq_length, forward_only=False,
+        )
         success, _, _ = self.megatron_optimizer.step()
         if not success:
             raise FloatingPointError("Megatron skipped the optimizer step: non-finite gradients")
-        self.model.zero_grad_buffer()
-        self.megatron_optimizer.zero_grad()
+        if not reported:  # a pipeline stage before the last
+            return None
+        total = reported[0]["loss"]
+        for item in reported[1:]:
+            total = total + item["loss"]
+        return total / num_micro
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -1,4 +1,4 @@
-"""The fast path (small whole tensors stepped as a batch) against the per-tensor path.
+"""The fast path (small tensors of one view stepped as a stack) against the per-tensor path.
 
 The per-tensor path (``foreach=False``) and the fast path both meet the float64 references in
 test_fidelity.py, where every tensor has its own 2-D view. Here several tensors share a view, so
@@ -18,7 +18,8 @@ STEPS = 12
 # same-view tensors: three (24,) biases with a (6, 4) matrix, two (7,) vectors, two scalars, two conv kernels
 SHAPES = [(24,), (24,), (24,), (7,), (7,), (), (), (4, 3, 3, 3), (4, 3, 3, 3), (13,), (40, 30), (6, 4)]
 LARGE = (40, 30)  # 1200 elements: over the batch_numel set below, so it takes the per-tensor path
-BATCH_FUNCTION = {dm.SMMF: (smmf_module, "_factored_batch_step"), dm.Alada: (alada_module, "_batch_step")}
+# the function that steps each stack of segments (a stack of one is the per-tensor path)
+BATCH_FUNCTION = {dm.SMMF: (smmf_module, "_factored_step"), dm.Alada: (alada_module, "_refit_and_update")}
 CASES = {
     "smmf-adamw-decay": (dm.SMMF, dict(weight_decay=0.1)),
     "smmf-adam-decay": (dm.SMMF, dict(weight_decay=0.1, weight_decay_mode="adam")),
@@ -39,22 +40,23 @@ def _run(cls, foreach, config, monkeypatch, dtype=torch.float32):
     module, function = BATCH_FUNCTION[cls]
     original = getattr(module, function)
 
-    def counting(batch, hp):
-        batched.append(sorted(tuple(item.param.shape) for item, _ in batch))
-        original(batch, hp)
+    def counting(stack):
+        batched.append(sorted(tuple(work.item.param.shape) for work in stack.works))
+        original(stack)
 
-    monkeypatch.setattr(module, function, counting)
     generator = torch.Generator().manual_seed(1)
     in_grad = config.get("momentum_in_grad", False)
-    for _ in range(STEPS):
-        optimizer.zero_grad()  # momentum_in_grad: M ← β1·M in .grad
-        for p in params:
-            grad = torch.randn(p.shape, generator=generator).to(dtype)
-            if in_grad:
-                p.grad.add_(grad, alpha=1 - optimizer.defaults["betas"][0])
-            else:
-                p.grad = grad
-        optimizer.step()
+    with monkeypatch.context() as patch:  # this run's stacks only
+        patch.setattr(module, function, counting)
+        for _ in range(STEPS):
+            optimizer.zero_grad()  # momentum_in_grad: M ← β1·M in .grad
+            for p in params:
+                grad = torch.randn(p.shape, generator=generator).to(dtype)
+                if in_grad:
+                    p.grad.add_(grad, alpha=1 - optimizer.defaults["betas"][0])
+                else:
+                    p.grad = grad
+            optimizer.step()
     return params, optimizer, batched
 
 
@@ -62,12 +64,13 @@ def _run(cls, foreach, config, monkeypatch, dtype=torch.float32):
 def test_fast_path_equals_per_tensor_path(cls, config, monkeypatch):
     fast, fast_opt, batched = _run(cls, None, config, monkeypatch)
     plain, plain_opt, plain_batched = _run(cls, False, config, monkeypatch)
-    assert plain_batched == []
-    # every factored tensor but the large one went through a batch, tensors of one view together
+    assert plain_batched and all(len(stack) == 1 for stack in plain_batched)
+    # every factored tensor was stepped once per step, the small ones of one view together
     per_step = batched[: len(batched) // STEPS]
     vectors_factored = config.get("vector_reshape", True)
-    factored = [s for s in SHAPES if s != LARGE and (vectors_factored or sum(d != 1 for d in s) > 1)]
+    factored = [s for s in SHAPES if vectors_factored or sum(d != 1 for d in s) > 1]
     assert sorted(s for b in per_step for s in b) == sorted(factored)
+    assert [LARGE] in per_step
     if vectors_factored and cls is dm.SMMF:  # square matricization: (24,) is viewed as (6, 4)
         assert [(6, 4), (24,), (24,), (24,)] in per_step and [(), ()] in per_step
     if cls is dm.Alada:  # eq. (12) splits (6, 4) as it is and (24,) by square matricization
@@ -91,7 +94,7 @@ def test_fast_path_equals_per_tensor_path(cls, config, monkeypatch):
 def test_fast_path_keeps_bf16_parameters_and_fp32_state(cls, monkeypatch):
     fast, fast_opt, batched = _run(cls, None, {}, monkeypatch, dtype=torch.bfloat16)
     plain, _, _ = _run(cls, False, {}, monkeypatch, dtype=torch.bfloat16)
-    assert batched
+    assert any(len(stack) > 1 for stack in batched)
     for a, b in zip(fast, plain):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a, b, rtol=0, atol=1e-2)  # within one bf16 rounding of the weight
@@ -107,7 +110,7 @@ def test_batches_are_cut_to_the_chunk_size(cls, monkeypatch):
     sizes = []
     module, function = BATCH_FUNCTION[cls]
     original = getattr(module, function)
-    monkeypatch.setattr(module, function, lambda batch, hp: (sizes.append(len(batch)), original(batch, hp)))
+    monkeypatch.setattr(module, function, lambda stack: (sizes.append(stack.count), original(stack)))
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()

@@ -22,16 +22,17 @@ from torch import Tensor
 
 from dist_memopt.optim.base import (
     FactoredOptimizer,
-    SegmentBatches,
-    SegmentPlan,
-    StepItem,
+    SegmentStack,
+    SegmentWork,
+    Side,
+    StepWork,
     check_foreach,
     check_number,
     chunk_ranges,
-    decay_weights,
 )
-from dist_memopt.kernels.select import check_kernel, fused_item, fused_step
+from dist_memopt.kernels.select import check_kernel
 from dist_memopt.optim.grad_contract import GradContract
+from dist_memopt.optim.stacks import local_weight
 from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import balanced_split
 from dist_memopt.shard.reduce import StatReducer
@@ -163,70 +164,38 @@ class Alada(FactoredOptimizer):
 
     # --- step ------------------------------------------------------------------------------
 
-    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[tuple[StepItem, SegmentPlan, Optional[tuple[int, int, int]]]]:
-        """Per factored segment, slots for V·q, Vᵀ·p and ‖G0‖², whatever the step.
+    kernel_family = "Alada"
+
+    def statistics(self, group: dict[str, Any]) -> dict[str, Side]:
+        """V·q, Vᵀ·p and ‖G0‖², whatever the step.
 
         Only one statistic is needed per step (and ‖G0‖² only at t = 0), but a layout that does
         not depend on the step count keeps the collective identical on every rank even where a
         rank's count differs: FSDP1's optim_state_dict_to_load gives a rank whose shard of a
         parameter is empty no state for it, so that rank restarts the parameter at t = 0 (harmless:
-        it updates no element of it). Segments on the fast path get None (nothing to reduce).
+        it updates no element of it).
         """
-        jobs: list[tuple[StepItem, SegmentPlan, Optional[tuple[int, int, int]]]] = []
-        for item in items:
-            device = item.weight.device
-            for seg in item.plan.factored:
-                geo = seg.geometry
-                assert geo is not None
-                if self._batched(item.group, seg) and not fused_item(item):
-                    jobs.append((item, seg, None))
-                    continue
-                slots = (
-                    reducer.reserve(seg.group, geo.rows, device),
-                    reducer.reserve(seg.group, geo.cols, device),
-                    reducer.reserve(seg.group, 1, device),
-                )
-                jobs.append((item, seg, slots))
-        return jobs
+        return {"row": "rows", "col": "cols", "norm": 1}
 
-    def _apply(self, items: list[StepItem], reducer: StatReducer, jobs: list[tuple[StepItem, SegmentPlan, Optional[tuple[int, int, int]]]]) -> None:
-        steps: dict[int, _Schedule] = {}
-        decays: list[tuple[Tensor, float]] = []
-        for item, t in zip(items, self._advance_steps(items)):
-            for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
-                self._ensure(item.state, key, numel, dtype, item.weight.device)
-            hp = steps[id(item)] = _Schedule.at(item.group, t - 1)
-            if hp.weight_decay and not fused_item(item):
-                decays.append((item.weight, 1.0 - hp.lr * hp.weight_decay))
-        batches = SegmentBatches()
-        reduced = []
-        fused = fused_step(items, "Alada")  # the Triton kernels, for the items whose group selects them
+    def _schedule(self, group: dict[str, Any], t: int) -> "_Schedule":
+        return _Schedule.at(group, t - 1)  # Algorithm 2 counts from 0
 
-        def slots(job_slots: tuple[int, int, int], hp: "_Schedule") -> tuple[Tensor, Tensor]:
-            rows, cols, norm = job_slots
-            return reducer.slot(cols if hp.t % 2 == 1 else rows), reducer.slot(norm)
-
-        for item, seg, job_slots in jobs:
-            hp = steps[id(item)]
-            if fused is not None and fused_item(item):
-                assert job_slots is not None
-                fused.add(item, seg, hp, *slots(job_slots, hp))
-            elif job_slots is None:
-                batches.add(item, seg, hp)
-            else:
-                reduced.append((item, seg, hp, job_slots))
-        for item, seg, hp, job_slots in reduced:
-            _partial_statistics(item, seg, hp, *slots(job_slots, hp))
+    def _update(self, work: StepWork, reducer: StatReducer) -> None:
+        for stack in work.stacks:
+            _partial_statistics(stack)
+            stack.publish()
+        fused = work.fused
         if fused is not None:
+            for w in work.fused_works:
+                hp = w.schedule
+                fused.add(w.item, w.seg, hp, w.slots["col" if hp.t % 2 == 1 else "row"], w.slots["norm"])
             fused.statistics()
-        reducer.reduce(async_op=False)
-        decay_weights(decays)  # W ← W·(1 − lr·wd) before the update (the kernels decay their own)
-        batches.run(_batch_step)
-        for item, seg, hp, job_slots in reduced:
-            _refit_and_update(item, seg, hp, *slots(job_slots, hp))
+        reducer.reduce(async_op=False)  # the refits need the complete statistics at once
+        for stack in work.stacks:
+            _refit_and_update(stack)
         if fused is not None:
             fused.update()
-        for item in items:
+        for item in work.items:
             item.commit()
 
 
@@ -259,43 +228,67 @@ class _Schedule:
             bias2=1.0 - beta2 ** (t + 1),
         )
 
+    @property
+    def decay_factor(self) -> Optional[float]:
+        """Decoupled decay W ← W·(1 − lr·wd), applied before the update (None: no decay)."""
+        return 1.0 - self.lr * self.weight_decay if self.weight_decay else None
 
-def _momentum(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> Tensor:
+
+def _momentum(work: SegmentWork) -> Tensor:
     """M_{t+1} for this segment (the state, or the gradient buffer that holds it)."""
-    if hp.in_grad:
-        return seg.local(item.grad)
-    return seg.elems(item.state["exp_avg"])
+    if work.schedule.in_grad:
+        return work.seg.local(work.item.grad)
+    return work.seg.elems(work.item.state["exp_avg"])
 
 
-def _partial_statistics(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Tensor, norm: Tensor) -> None:
+def _statistic_name(hp: "_Schedule") -> str:
+    return "col" if hp.t % 2 == 1 else "row"
+
+
+def _partial_statistics(stack: SegmentStack) -> None:
     """Update M, then add this range's V·q (even t) or Vᵀ·p (odd t), and ‖G0‖² at t = 0."""
-    geo = seg.geometry
-    assert geo is not None
-    grads, momenta = seg.local(item.grad), _momentum(item, seg, hp)
+    geo, hp = stack.geometry, stack.schedule
+    in_place = stack.count == 1  # one segment: M updated in place, chunk by chunk
+    if not hp.in_grad and not in_place:  # several: on the members' own tensors, then stacked
+        grad_views = [w.seg.local(w.item.grad) for w in stack.works]
+        momentum_views = [_momentum(w) for w in stack.works]
+        torch._foreach_mul_(momentum_views, hp.beta1)
+        torch._foreach_add_(momentum_views, grad_views, alpha=1.0 - hp.beta1)
+    momenta = stack.memo("momenta", lambda: stack.gather(_momentum))
+    needs_grad = hp.t == 0 or (in_place and not hp.in_grad)
+    grads = stack.gather(lambda w: w.seg.local(w.item.grad)) if needs_grad else None
+    stat = stack.statistic(_statistic_name(hp))
+    norm = stack.statistic("norm") if hp.t == 0 else None
     if hp.t % 2 == 1:
-        weights = seg.rows(item.state["row"]).float()
+        weights = stack.memo("row", lambda: stack.gather(lambda w: w.seg.rows(w.item.state["row"]))).float()
     elif hp.t > 0:
-        weights = seg.cols(item.state["col"]).float()
+        weights = stack.memo("col", lambda: stack.gather(lambda w: w.seg.cols(w.item.state["col"]))).float()
     else:
         # q_0 = sqrt(v0)·1 is not known before ‖G0‖² is complete: send plain row sums of V and
         # scale them by sqrt(v0) once it is (V·q_0 = sqrt(v0)·rowsum(V)).
-        weights = torch.ones(geo.cols, dtype=torch.float32, device=stat.device)
-    for lo, hi in chunk_ranges(geo.numel, item.chunk):
+        weights = torch.ones(stack.count, geo.cols, dtype=torch.float32, device=stat.device)
+    for lo, hi in chunk_ranges(geo.numel, stack.chunk):
         part = geo.sub(lo, hi)
-        grad, momentum = grads[lo:hi], momenta[lo:hi]
-        if not hp.in_grad:
-            momentum.mul_(hp.beta1).add_(grad, alpha=1.0 - hp.beta1)
-        second = momentum.div(hp.bias1).square_()
+        momentum = momenta[:, lo:hi]
+        if in_place and not hp.in_grad:
+            assert grads is not None
+            momentum.mul_(hp.beta1).add_(grads[:, lo:hi], alpha=1.0 - hp.beta1)
+        corrected = momentum.div(hp.bias1)  # M̃
+        if hi - lo == geo.numel:  # one chunk: the update reuses M̃ instead of dividing again
+            stack.memo("corrected", lambda kept=corrected: kept)
+        second = corrected.square()
         if hp.t % 2 == 1:
             part.add_weighted_col_sums(second, weights, stat)
         else:
             part.add_weighted_row_sums(second, weights, stat)
-        if hp.t == 0:
+        if norm is not None:
+            assert grads is not None
+            grad = grads[:, lo:hi]
             g0 = grad if not hp.in_grad else grad / (1.0 - hp.beta1)
-            norm += torch.dot(g0, g0)
+            norm.add_((g0 * g0).sum(1, keepdim=True))
 
 
-def _refit_and_update(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Tensor, norm: Tensor) -> None:
+def _refit_and_update(stack: SegmentStack) -> None:
     """Alternating refit of p or q from the complete statistic, then the preconditioned update.
 
     Ũ = (p·qᵀ − β2^(t+1)·v0)/(1 − β2^(t+1)) subtracts two nearly equal terms wherever a row or
@@ -304,76 +297,31 @@ def _refit_and_update(item: StepItem, seg: SegmentPlan, hp: _Schedule, stat: Ten
     float64 and Ũ is formed in float64 (p and q are O(rows + cols), so this costs nothing in
     memory); M and the update stay fp32.
     """
-    geo = seg.geometry
-    assert geo is not None
-    state = item.state
-    p, q = seg.rows(state["row"]), seg.cols(state["col"])
-    v0 = state["v0"][seg.factor_index]
-    stat = stat.to(torch.float64)
+    geo, hp = stack.geometry, stack.schedule
+    p = stack.memo("row", lambda: stack.gather(lambda w: w.seg.rows(w.item.state["row"])))  # (B, n) float64
+    q = stack.memo("col", lambda: stack.gather(lambda w: w.seg.cols(w.item.state["col"])))  # (B, m)
+    v0 = stack.gather(lambda w: w.item.state["v0"][w.seg.factor_index])  # (B,)
+    stat = stack.complete(_statistic_name(hp)).to(torch.float64)
     if hp.t == 0:
-        v0.copy_(norm[0] / (geo.rows * geo.cols))
-        root = v0.sqrt()
+        v0.copy_(stack.complete("norm")[:, 0] / (geo.rows * geo.cols))
+        root = v0.sqrt().unsqueeze(1)
         p.copy_(root.expand_as(p))
         q.copy_(root.expand_as(q))
         stat.mul_(root)  # rowsum(V) -> V·q_0
     if hp.t % 2 == 0:
-        p.mul_(hp.beta2).add_(stat.div_(q.dot(q) + hp.eps), alpha=1.0 - hp.beta2)
+        p.mul_(hp.beta2).add_(stat.div_((q * q).sum(1, keepdim=True) + hp.eps), alpha=1.0 - hp.beta2)
     else:
-        q.mul_(hp.beta2).add_(stat.div_(p.dot(p) + hp.eps), alpha=1.0 - hp.beta2)
-    shift = -v0 * hp.beta2 ** (hp.t + 1) / hp.bias2  # a 0-d float64 tensor: no host sync
-    weights, momenta = seg.local(item.weight), _momentum(item, seg, hp)
-    for lo, hi in chunk_ranges(geo.numel, item.chunk):
+        q.mul_(hp.beta2).add_(stat.div_((p * p).sum(1, keepdim=True) + hp.eps), alpha=1.0 - hp.beta2)
+    shift = -v0 * hp.beta2 ** (hp.t + 1) / hp.bias2  # (B,) float64 on the device: no host sync
+    momenta = stack.memo("momenta", lambda: stack.gather(_momentum))  # updated by the first phase
+    for lo, hi in chunk_ranges(geo.numel, stack.chunk):
         second = geo.sub(lo, hi).outer(p, q, scale=1.0 / hp.bias2, shift=shift)
         denom = second.clamp_min_(0.0).add_(hp.eps).sqrt_().to(torch.float32)
-        weights[lo:hi].addcdiv_(momenta[lo:hi].div(hp.bias1), denom, value=-hp.lr)
-
-
-def _batch_step(batch: list[tuple[StepItem, SegmentPlan]], hp: _Schedule) -> None:
-    """The fast path: both halves of the step for whole, unsharded segments of one (n, m) view.
-
-    Stacked into (B, n, m) tensors, the statistics are complete locally, so the refit and the
-    update follow at once; states and weights are read and written through lists of views.
-    """
-    geo = batch[0][1].geometry
-    assert geo is not None
-    n, m, count = geo.rows, geo.cols, len(batch)
-    grad_views = [seg.local(item.grad) for item, seg in batch]
-    momentum_views = [_momentum(item, seg, hp) for item, seg in batch]
-    if not hp.in_grad:
-        torch._foreach_mul_(momentum_views, hp.beta1)
-        torch._foreach_add_(momentum_views, grad_views, alpha=1.0 - hp.beta1)
-    corrected = torch.stack(momentum_views).view(count, n, m).div_(hp.bias1)  # M̃
-    second = corrected.square()
-    p = torch.stack([seg.rows(item.state["row"]) for item, seg in batch])  # (B, n) float64
-    q = torch.stack([seg.cols(item.state["col"]) for item, seg in batch])  # (B, m)
-    v0_views = [item.state["v0"][seg.factor_index] for item, seg in batch]
-    if hp.t == 0:
-        g0 = torch.stack(grad_views)
-        if hp.in_grad:
-            g0 = g0 / (1.0 - hp.beta1)
-        v0 = ((g0 * g0).sum(1) / (n * m)).to(torch.float64)  # ‖G0‖²/(mn)
-        root = v0.sqrt().unsqueeze(1)
-        p, q = root.expand(count, n).clone(), root.expand(count, m).clone()
-    else:
-        v0 = torch.stack(v0_views)
-    if hp.t % 2 == 0:  # p ← β2·p + (1 − β2)·V q/(‖q‖² + eps); at t = 0, V·q_0 = sqrt(v0)·rowsum(V)
-        weights = second.new_ones(count, m) if hp.t == 0 else q.float()
-        stat = torch.bmm(second, weights.unsqueeze(2)).squeeze(2).to(torch.float64)
-        if hp.t == 0:
-            stat.mul_(root)
-        p.mul_(hp.beta2).add_(stat.div_((q * q).sum(1, keepdim=True) + hp.eps), alpha=1.0 - hp.beta2)
-    else:  # q ← β2·q + (1 − β2)·Vᵀ p/(‖p‖² + eps)
-        stat = torch.bmm(second.transpose(1, 2), p.float().unsqueeze(2)).squeeze(2).to(torch.float64)
-        q.mul_(hp.beta2).add_(stat.div_((p * p).sum(1, keepdim=True) + hp.eps), alpha=1.0 - hp.beta2)
-    shift = (-v0 * hp.beta2 ** (hp.t + 1) / hp.bias2).view(count, 1, 1)
-    refit = torch.mul(p.unsqueeze(2), q.unsqueeze(1)).mul_(1.0 / hp.bias2).add_(shift)  # Ũ, float64
-    denominator = refit.clamp_min_(0.0).add_(hp.eps).sqrt_().to(torch.float32)
-    torch._foreach_addcdiv_(
-        [seg.local(item.weight) for item, seg in batch],
-        list(corrected.view(count, -1).unbind(0)),
-        list(denominator.view(count, -1).unbind(0)),
-        value=-hp.lr,
-    )
-    torch._foreach_copy_([seg.rows(item.state["row"]) for item, seg in batch], list(p.unbind(0)))
-    torch._foreach_copy_([seg.cols(item.state["col"]) for item, seg in batch], list(q.unbind(0)))
-    torch._foreach_copy_(v0_views, list(v0.unbind(0)))
+        if hi - lo == geo.numel:  # one chunk: M̃ as the first phase kept it
+            corrected = stack.memo("corrected", lambda: momenta.div(hp.bias1))
+        else:
+            corrected = momenta[:, lo:hi].div(hp.bias1)
+        stack.addcdiv_(local_weight, lo, hi, corrected, denom, value=-hp.lr)
+    stack.scatter(p, lambda w: w.seg.rows(w.item.state["row"]))
+    stack.scatter(q, lambda w: w.seg.cols(w.item.state["col"]))
+    stack.scatter(v0, lambda w: w.item.state["v0"][w.seg.factor_index])

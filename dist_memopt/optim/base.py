@@ -10,19 +10,20 @@ completes, and keeps ``state_dict`` / ``load_state_dict`` conventional and safe.
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from dist_memopt.optim.bits import packed_numel
-from dist_memopt.optim.plan import ParamPlan, SegmentBatches, SegmentPlan, StepItem, decay_weights
-from dist_memopt.optim.preflight import StepCounts, agree, first_nonfinite, nonfinite_candidate
+from dist_memopt.kernels.select import fused_item, fused_step
+from dist_memopt.optim.plan import ParamPlan, SegmentPlan, StepItem, decay_weights
+from dist_memopt.optim.preflight import NonFiniteGradientError, StepCounts, check_step, first_nonfinite
 from dist_memopt.optim.state_dict import StateDictMixin
+from dist_memopt.optim.stacks import SegmentStack, SegmentWork, Side, StepWork, reserve_statistics, stack_segments
 from dist_memopt.optim.state_layout import STATE_KINDS, StateKey, expected_state, kinds_of
+from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.reduce import StatReducer
 from dist_memopt.shard.runs import view_geometry
 from dist_memopt.shard.spec import ParamLayout, grad_like_param, layout_of, local_tensor
@@ -33,7 +34,9 @@ __all__ = [
     "SegmentPlan",
     "ParamPlan",
     "StepItem",
-    "SegmentBatches",
+    "SegmentStack",
+    "SegmentWork",
+    "StepWork",
     "decay_weights",
     "NonFiniteGradientError",
     "check_number",
@@ -63,10 +66,6 @@ def chunk_ranges(numel: int, chunk: int):
         yield lo, min(numel, lo + chunk)
 
 
-class NonFiniteGradientError(RuntimeError):
-    """A gradient holds inf or NaN; raised before any optimizer state or parameter changes."""
-
-
 def _flat_fp32(t: Tensor) -> Tensor:
     """A flat fp32 view of ``t`` when possible, else a flat fp32 copy."""
     if t.dtype == torch.float32 and t.is_contiguous():
@@ -85,8 +84,10 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
     #: (key -> kind) derives from it
     state_layout: dict[str, StateKey] = {}
     state_kinds: dict[str, str] = {}
-    #: largest segment (elements) the fast path stacks with others; bigger ones gain nothing
+    #: largest segment (elements) stacked with others; bigger ones gain nothing
     batch_numel: int = 1 << 16
+    #: the ``dist_memopt.kernels`` module family of this optimizer's fused kernels
+    kernel_family: str = ""
     #: param-group keys of other optimizers that this one would silently ignore -> what to write
     #: instead; :data:`IGNORED_FLAGS` are refused only when truthy (``fused=False`` is harmless)
     ignored_keys: dict[str, str] = {}
@@ -119,22 +120,29 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         """State keys this parameter must hold, with element counts and dtypes (from :attr:`state_layout`)."""
         return expected_state(self.state_layout, group, plan)
 
-    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> Any:
-        """Reserve statistic slots for this step; must not change any state."""
+    def statistics(self, group: dict[str, Any]) -> dict[str, Side]:
+        """The row/column statistics each factored segment of this group sums per step, by name
+        (lengths ``"rows"``, ``"cols"`` or a count); a sharded segment's are completed by the reducer."""
         raise NotImplementedError
 
-    def _apply(self, items: list[StepItem], reducer: StatReducer, reserved: Any) -> None:
-        """Update state and weights (gradients and layouts already checked on every rank)."""
+    def _schedule(self, group: dict[str, Any], t: int) -> Any:
+        """The group's hyperparameters at step ``t`` (counting from 1): a hashable value, equal for
+        segments that may step together, with ``decay_factor`` (W ← W·factor first, or None)."""
+        raise NotImplementedError
+
+    def _update(self, work: StepWork, reducer: StatReducer) -> None:
+        """The optimizer's math: step ``work``'s stacks and fused segments (gradients and layouts
+        already checked on every rank, state present, step counts advanced, decoupled decay done)."""
         raise NotImplementedError
 
     def _check_loop(self) -> None:
         """Raise if the training loop broke a contract this optimizer relies on (before any change)."""
 
-    def _batched(self, group: dict[str, Any], seg: SegmentPlan) -> bool:
-        """Whether ``seg`` takes the fast path: small, whole and unsharded (no statistics to reduce)."""
-        geo = seg.geometry
-        assert geo is not None
-        return group.get("foreach") is not False and seg.group is None and geo.is_full and geo.numel <= self.batch_numel
+    def _stackable(self, work: SegmentWork) -> bool:
+        """Whether a segment may share a stack: small (stacking big ones gains nothing and copies
+        them), a contiguous range, and the group's ``foreach`` not False."""
+        geo = work.seg.geometry
+        return work.item.group.get("foreach") is not False and isinstance(geo, RangeGeometry) and geo.numel <= self.batch_numel
 
     # --- parameter groups ------------------------------------------------------------------
 
@@ -220,13 +228,36 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         if not items:
             return loss
         reducer = StatReducer()
-        reserved = self._reserve(items, reducer)
+        works = reserve_statistics(items, self.statistics, _needs_slots, reducer)
         reducer.allocate()
         self._preflight(items, reducer)
         for item in items:
             self.state[item.param] = item.state
-        self._apply(items, reducer, reserved)
+        self._update(self._begin(items, works, reducer), reducer)
         return loss
+
+    def _begin(self, items: list[StepItem], works: list[SegmentWork], reducer: StatReducer) -> StepWork:
+        """The step's common prologue: state, step counts, schedules, decoupled decay, and the split
+        into fused segments and torch-path stacks."""
+        schedules = [self._schedule(item.group, t) for item, t in zip(items, self._advance_steps(items))]
+        fused = fused_step(items, self.kernel_family)
+        decays: list[tuple[Tensor, float]] = []
+        for item, hp in zip(items, schedules):
+            for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
+                self._ensure(item.state, key, numel, dtype, item.weight.device)
+            if hp.decay_factor is not None:  # the fused kernels decay their own segments' elements
+                in_kernel = fused is not None and fused_item(item)
+                targets = [s.local(item.weight) for s in item.plan.dense_segments] if in_kernel else [item.weight]
+                decays += [(target, hp.decay_factor) for target in targets]
+        decay_weights(decays)  # W ← W·(1 − lr·wd) before any update
+        by_item = {id(item): hp for item, hp in zip(items, schedules)}
+        torch_works, fused_works = [], []
+        for work in works:
+            work.schedule = by_item[id(work.item)]
+            if work.ticket is not None:
+                work.span = reducer.slot(work.ticket)
+            (fused_works if fused is not None and fused_item(work.item) else torch_works).append(work)
+        return StepWork(items, schedules, stack_segments(torch_works, self._stackable), fused_works, fused)
 
     def _collect(self) -> list[StepItem]:
         items = []
@@ -264,62 +295,10 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         return items
 
     def _preflight(self, items: list[StepItem], reducer: StatReducer) -> None:
-        """Raise, on every rank alike and before any state changes, on bad gradients or layouts.
-
-        Locally: whether a gradient's norm is not finite, kept on the device. Then one small
-        all_reduce per process group carries that verdict and a fingerprint of the statistic
-        layout: a rank stepping other parameters would post collectives of other sizes and hang, so
-        a mismatch becomes an error instead. One host sync reads the verdict (none without
-        ``check_finite``, once the ranks agreed on this layout: see :mod:`.preflight`); only a
-        non-finite norm costs a second, exact round.
-        """
-        checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
-        verdict = any(g.get("check_finite", True) for g in self.param_groups)  # the same on every rank
-        candidate = (
-            nonfinite_candidate([items[i].grad for i in checked], checked, items[0].grad.device) if verdict else _NO_VERDICT
-        )
-        fingerprints = _with_signatures(reducer.fingerprints(), items)
+        """Raise, on every rank alike and before any state changes, on bad gradients or layouts
+        (see :func:`~dist_memopt.optim.preflight.check_step`)."""
         agreed = self.__dict__.setdefault("_agreed", {})
-        suspects = []
-        groups = _distinct_groups(it.plan for it in items)
-        for group in groups:
-            fingerprint = fingerprints.get(id(group), 0)
-            if not verdict and agreed.get(id(group)) == fingerprint:
-                continue
-            smallest, same = agree(candidate, fingerprint, group, _group_device(group))
-            if not same:
-                raise RuntimeError(
-                    f"{type(self).__name__}: the ranks of a process group (this is rank "
-                    f"{dist.get_rank()}) step different parameters, shapes or placements; build the "
-                    "optimizer from the same model, wrapped the same way (same device mesh and "
-                    "placements), on every rank"
-                )
-            agreed[id(group)] = fingerprint
-            if smallest != math.inf:
-                suspects.append((group, fingerprint))
-        if not groups and verdict and candidate.item() != math.inf:
-            suspects.append((None, 0))
-        if not suspects:
-            return
-        bad = self._first_nonfinite(items)  # exact, on suspicion only
-        for group, fingerprint in suspects:
-            if group is not None:
-                bad = min(bad, agree(torch.tensor(bad), fingerprint, group, _group_device(group))[0])
-        if bad != math.inf:
-            item = items[int(bad)]
-            raise NonFiniteGradientError(
-                f"non-finite gradient (inf or NaN) for {item.name} of shape "
-                f"{tuple(item.param.shape)}; no parameter or optimizer state was changed. "
-                "Skip the step, lower the learning rate or use loss scaling; pass "
-                "check_finite=False to skip this check."
-            )
-
-    @staticmethod
-    def _first_nonfinite(items: list[StepItem]) -> float:
-        """Index (as a float, inf if none) of the first checked item with an inf/NaN gradient."""
-        checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
-        first = first_nonfinite([items[i].grad for i in checked])
-        return math.inf if first is None else float(checked[first])
+        check_step(type(self).__name__, items, reducer, self.param_groups, agreed)
 
     # --- statistic reduction ---------------------------------------------------------------
 
@@ -361,40 +340,9 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         return counts.advance([item.state for item in items])
 
 
-_NO_VERDICT = torch.tensor(math.inf, dtype=torch.float64)  # check_finite=False everywhere: nothing to report
-
-
-def _with_signatures(fingerprints: dict[int, int], items: list[StepItem]) -> dict[int, int]:
-    """Fold each segment's layout signature (placements, mesh shape) into its groups' fingerprints:
-    holders that disagree on how a parameter is divided would post sums of mismatched pieces."""
-    result = dict(fingerprints)
-    for item in items:
-        for seg in item.plan.segments:
-            signature = seg.segment.spec.signature
-            if signature:
-                for group in seg.segment.spec.groups:
-                    key = id(group)
-                    result[key] = hash((result.get(key, 0), zlib.crc32(signature.encode()))) % (1 << 52)
-    return result
-
-
-def _distinct_groups(plans: Iterable[ParamPlan]) -> list[dist.ProcessGroup]:
-    seen: dict[int, dist.ProcessGroup] = {}
-    for plan in plans:
-        for seg in plan.segments:
-            for group in seg.segment.spec.groups:
-                seen.setdefault(id(group), group)
-    return list(seen.values())
-
-
-def _group_device(group: dist.ProcessGroup) -> torch.device:
-    """Where tensors for collectives on ``group`` must live (CPU for gloo, else CUDA)."""
-    backend = dist.get_backend(group)
-    if backend == dist.Backend.GLOO:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _needs_slots(item: StepItem, seg: SegmentPlan) -> bool:
+    """Reducer slots for sharded segments, and for the fused kernels (they write sums there)."""
+    return seg.group is not None or fused_item(item)
 
 
 #: torch.optim flags with no meaning here: refused when set (truthy), accepted when off.

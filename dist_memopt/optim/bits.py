@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["packed_numel", "pack_signs", "unpack_signs"]
+__all__ = ["packed_numel", "pack_signs", "unpack_signs", "pack_sign_rows", "unpack_sign_rows"]
 
 _WEIGHTS: dict[torch.device, Tensor] = {}
 _SIGN_TABLES: dict[torch.device, Tensor] = {}
@@ -75,3 +75,30 @@ def unpack_signs(packed: Tensor, numel: int) -> Tensor:
     table = _sign_table(packed.device)
     # index_select is several times faster than advanced indexing (table[...]) on CPU
     return torch.index_select(table, 0, packed.long()).view(-1)[:numel]
+
+
+def unpack_sign_rows(packed: Tensor, numel: int) -> Tensor:
+    """(B, numel) signs from (B, bytes) packed rows, each row a segment's bytes (its own padding)."""
+    if packed.shape[0] == 1:
+        return unpack_signs(packed[0], numel).unsqueeze(0)
+    count, words = packed.shape
+    table = _sign_table(packed.device)
+    return torch.index_select(table, 0, packed.reshape(-1).long()).view(count, words * 8)[:, :numel]
+
+
+def pack_sign_rows(nonnegative: Tensor, out: Tensor) -> None:
+    """Pack (B, numel) bools into (B, bytes) rows of ``out`` (in place), padding bits 0 per row."""
+    if out.shape[0] == 1:
+        return pack_signs(nonnegative[0], out[0])
+    count, words = out.shape
+    numel = nonnegative.shape[1]
+    if numel != words * 8:
+        padded = nonnegative.new_zeros(count, words * 8)
+        padded[:, :numel] = nonnegative
+        nonnegative = padded
+    if out.is_contiguous():
+        pack_signs(nonnegative.reshape(-1), out.view(-1))
+    else:
+        packed = out.new_empty(count * words)
+        pack_signs(nonnegative.reshape(-1), packed)
+        out.copy_(packed.view(count, words))

@@ -1,15 +1,15 @@
 """A parameter's plan for a step: its segments' 2-D views and where their state lives.
 
 :class:`SegmentPlan` slices one segment's part out of a parameter's concatenated state;
-:class:`StepItem` is a parameter taking part in a step; :class:`SegmentBatches` groups the fast
-path's segments by view.
+:class:`StepItem` is a parameter taking part in a step (see :mod:`.stacks` for how segments are
+grouped into batches).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,7 @@ from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.runs import RunsGeometry
 from dist_memopt.shard.spec import Segment
 
-__all__ = ["SegmentPlan", "ParamPlan", "StepItem", "SegmentBatches", "decay_weights"]
+__all__ = ["SegmentPlan", "ParamPlan", "StepItem", "decay_weights"]
 
 
 @dataclass(frozen=True)
@@ -104,28 +104,6 @@ class StepItem:
     def commit(self) -> None:
         if self.weight.data_ptr() != self._data.data_ptr():
             self._data.copy_(self.weight.view_as(self._data))
-
-
-class SegmentBatches:
-    """Fast-path segments grouped by 2-D view, device and schedule, for batched steps.
-
-    :meth:`run` hands each group to the step function in pieces whose stacked (B, n, m)
-    temporaries stay within the chunk size, as a per-tensor step's do.
-    """
-
-    def __init__(self) -> None:
-        self._batches: dict[tuple, list[tuple[StepItem, SegmentPlan]]] = defaultdict(list)
-
-    def add(self, item: StepItem, seg: SegmentPlan, schedule: Any) -> None:
-        geo = seg.geometry
-        assert geo is not None
-        self._batches[(geo.rows, geo.cols, item.weight.device, schedule)].append((item, seg))
-
-    def run(self, step: Callable[[list[tuple[StepItem, SegmentPlan]], Any], None]) -> None:
-        for (rows, cols, _, schedule), batch in self._batches.items():
-            per_call = max(1, batch[0][0].chunk // (rows * cols))
-            for lo in range(0, len(batch), per_call):
-                step(batch[lo : lo + per_call], schedule)
 
 
 def decay_weights(decays: Iterable[tuple[Tensor, float]]) -> None:

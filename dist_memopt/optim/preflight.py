@@ -18,7 +18,64 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["nonfinite_candidate", "first_nonfinite", "agree", "StepCounts"]
+from dist_memopt.shard.probe import agree, distinct_groups, group_device, with_signatures
+
+_NO_VERDICT = torch.tensor(math.inf, dtype=torch.float64)  # check_finite=False everywhere: nothing to report
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A gradient holds inf or NaN; raised before any optimizer state or parameter changes."""
+
+
+def check_step(kind: str, items: list[Any], reducer: Any, param_groups: list[dict[str, Any]], agreed: dict[int, int]) -> None:
+    """Raise, on every rank alike and before any state changes, on bad gradients or layouts.
+
+    Locally: whether a gradient's norm is not finite, kept on the device. Then one small
+    all_reduce per process group (:func:`~dist_memopt.shard.probe.agree`) carries that verdict and
+    a fingerprint of the statistic layout. One host sync reads the verdict (none without
+    ``check_finite``, once the ranks agreed on this layout: ``agreed`` remembers it per group);
+    only a non-finite norm costs a second, exact round.
+    """
+    checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
+    verdict = any(g.get("check_finite", True) for g in param_groups)  # the same on every rank
+    candidate = nonfinite_candidate([items[i].grad for i in checked], checked, items[0].grad.device) if verdict else _NO_VERDICT
+    specs = [seg.segment.spec for it in items for seg in it.plan.segments]
+    fingerprints = with_signatures(reducer.fingerprints(), specs)
+    suspects = []
+    groups = distinct_groups(specs)
+    for group in groups:
+        fingerprint = fingerprints.get(id(group), 0)
+        if not verdict and agreed.get(id(group)) == fingerprint:
+            continue
+        smallest, same = agree(candidate, fingerprint, group, group_device(group))
+        if not same:
+            raise RuntimeError(
+                f"{kind}: the ranks of a process group (this is rank {dist.get_rank()}) step different "
+                "parameters, shapes or placements; build the optimizer from the same model, wrapped "
+                "the same way (same device mesh and placements), on every rank"
+            )
+        agreed[id(group)] = fingerprint
+        if smallest != math.inf:
+            suspects.append((group, fingerprint))
+    if not groups and verdict and candidate.item() != math.inf:
+        suspects.append((None, 0))
+    if not suspects:
+        return
+    first = first_nonfinite([items[i].grad for i in checked])  # exact, on suspicion only
+    bad = math.inf if first is None else float(checked[first])
+    for group, fingerprint in suspects:
+        if group is not None:
+            bad = min(bad, agree(torch.tensor(bad), fingerprint, group, group_device(group))[0])
+    if bad != math.inf:
+        item = items[int(bad)]
+        raise NonFiniteGradientError(
+            f"non-finite gradient (inf or NaN) for {item.name} of shape "
+            f"{tuple(item.param.shape)}; no parameter or optimizer state was changed. "
+            "Skip the step, lower the learning rate or use loss scaling; pass "
+            "check_finite=False to skip this check."
+        )
+
+__all__ = ["NonFiniteGradientError", "check_step", "nonfinite_candidate", "first_nonfinite", "StepCounts"]
 
 
 def nonfinite_candidate(tensors: list[Tensor], indices: list[int], device: torch.device) -> Tensor:
@@ -50,17 +107,6 @@ def first_nonfinite(tensors: list[Tensor]) -> Optional[int]:
         if not bool(torch.isfinite(tensors[index]).all()):
             return index
     return None
-
-
-def agree(value: Tensor, fingerprint: int, group: dist.ProcessGroup, device: torch.device) -> tuple[float, bool]:
-    """All-reduce ``value`` (MIN) and a layout fingerprint over ``group``: one collective, one sync.
-
-    Returns the group's minimum of ``value`` and whether every rank posted the same fingerprint.
-    """
-    probe = torch.cat([value.to(device, torch.float64).view(1), torch.tensor([fingerprint, -fingerprint], dtype=torch.float64, device=device)])
-    dist.all_reduce(probe, op=dist.ReduceOp.MIN, group=group)
-    smallest, low, neg_high = probe.tolist()
-    return smallest, low == -neg_high
 
 
 class StepCounts:

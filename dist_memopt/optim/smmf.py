@@ -18,16 +18,18 @@ from torch import Tensor
 
 from dist_memopt.optim.base import (
     FactoredOptimizer,
-    SegmentBatches,
     SegmentPlan,
+    SegmentStack,
+    Side,
     StepItem,
+    StepWork,
     check_foreach,
     check_number,
     chunk_ranges,
-    decay_weights,
 )
-from dist_memopt.kernels.select import check_kernel, fused_item, fused_step
-from dist_memopt.optim.bits import pack_signs, unpack_signs
+from dist_memopt.kernels.select import check_kernel
+from dist_memopt.optim.bits import pack_sign_rows, unpack_sign_rows
+from dist_memopt.optim.stacks import local_weight
 from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import square_matricize
 from dist_memopt.shard.reduce import StatReducer
@@ -38,9 +40,12 @@ WEIGHT_DECAY_MODES = ("adam", "adamw")
 
 
 def normalize_factors(rows: Tensor, cols: Tensor) -> None:
-    """Algorithms 4/5: divide the shorter side (rows when n <= m) by its total, if non-zero."""
-    side = rows if rows.numel() <= cols.numel() else cols
-    total = side.sum()
+    """Algorithms 4/5: divide the shorter side (rows when n <= m) by its total, if non-zero.
+
+    Leading dimensions are a batch: (B, n) rows and (B, m) columns normalise each segment alone.
+    """
+    side = rows if rows.shape[-1] <= cols.shape[-1] else cols
+    total = side.sum(-1, keepdim=True)
     # A zero total means a zero side (its entries are non-negative): dividing by 1 keeps it, and
     # avoids a host sync that an `if` on the total would cost.
     side.div_(torch.where(total > 0, total, torch.ones_like(total)))
@@ -157,75 +162,41 @@ class SMMF(FactoredOptimizer):
 
     # --- step ------------------------------------------------------------------------------
 
-    def _reserve(self, items: list[StepItem], reducer: StatReducer) -> list[list[Optional[tuple[int, int, int, int]]]]:
-        """Slots per factored segment: row/col sums of V, and of |M| when there is a first moment.
+    kernel_family = "SMMF"
 
-        Segments on the fast path get None: their sums never leave the process.
-        """
-        tickets = []
-        for item in items:
-            device = item.weight.device
-            with_first = item.group["beta"] is not None
-            per_item: list[Optional[tuple[int, int, int, int]]] = []
-            for seg in item.plan.factored:
-                geo = seg.geometry
-                assert geo is not None
-                if self._batched(item.group, seg) and not fused_item(item):
-                    per_item.append(None)
-                    continue
-                per_item.append(
-                    (
-                        reducer.reserve(seg.group, geo.rows, device),
-                        reducer.reserve(seg.group, geo.cols, device),
-                        reducer.reserve(seg.group, geo.rows, device) if with_first else -1,
-                        reducer.reserve(seg.group, geo.cols, device) if with_first else -1,
-                    )
-                )
-            tickets.append(per_item)
-        return tickets
+    def statistics(self, group: dict[str, Any]) -> dict[str, Side]:
+        """Row/column sums of V, and of |M| when there is a first moment."""
+        names: dict[str, Side] = {"row_v": "rows", "col_v": "cols"}
+        if group["beta"] is not None:
+            names.update(row_m="rows", col_m="cols")
+        return names
 
-    def _apply(self, items: list[StepItem], reducer: StatReducer, tickets: list[list[Optional[tuple[int, int, int, int]]]]) -> None:
-        jobs: list[tuple[StepItem, SegmentPlan, _Schedule, tuple[int, int, int, int]]] = []
-        batches = SegmentBatches()
-        decays: list[tuple[Tensor, float]] = []
-        schedules: list[_Schedule] = []
-        fused = fused_step(items, "SMMF")  # the Triton kernels, for the items whose group selects them
-        for item, per_item, t in zip(items, tickets, self._advance_steps(items)):
-            for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
-                self._ensure(item.state, key, numel, dtype, item.weight.device)
-            hp = _Schedule.at(item.group, t)
-            schedules.append(hp)
-            in_kernel = fused is not None and fused_item(item)
-            if hp.decoupled_decay:  # the kernel decays its own segments' elements
-                targets = [s.local(item.weight) for s in item.plan.dense_segments] if in_kernel else [item.weight]
-                decays += [(target, 1.0 - hp.lr * hp.weight_decay) for target in targets]
-            for seg, t in zip(item.plan.factored, per_item):
-                if in_kernel:
-                    assert fused is not None and t is not None
-                    fused.add(item, seg, hp, _slots(reducer, t))
-                elif t is None:
-                    batches.add(item, seg, hp)
-                else:
-                    jobs.append((item, seg, hp, t))
+    def _schedule(self, group: dict[str, Any], t: int) -> "_Schedule":
+        return _Schedule.at(group, t)
 
-        decay_weights(decays)  # W ← W·(1 − lr·wd) before any update
-        for item, hp in zip(items, schedules):
+    def _update(self, work: StepWork, reducer: StatReducer) -> None:
+        for item, hp in zip(work.items, work.schedules):
             for seg in item.plan.dense_segments:
                 _dense_step(item, seg, hp)
-        batches.run(_factored_batch_step)
-        for item, seg, hp, (t_rv, t_cv, t_rm, t_cm) in jobs:
-            stats_m = (reducer.slot(t_rm), reducer.slot(t_cm)) if t_rm >= 0 else None
-            _factored_step(item, seg, hp, (reducer.slot(t_rv), reducer.slot(t_cv)), stats_m)
+        reduced = []
+        for stack in work.stacks:
+            _factored_step(stack)
+            if stack.reduced:
+                stack.publish()
+                reduced.append(stack)
+            else:
+                _store_stack_factors(stack)
+        fused = work.fused
         if fused is not None:
+            for w in work.fused_works:
+                fused.add(w.item, w.seg, w.schedule, (w.slots["row_v"], w.slots["col_v"], w.slots.get("row_m"), w.slots.get("col_m")))
             fused.run()
-        for item in items:
+        for item in work.items:
             item.commit()
 
         def finish() -> None:
-            for item, seg, _, (t_rv, t_cv, t_rm, t_cm) in jobs:
-                _store_factors(seg, item.state, "row_v", "col_v", reducer.slot(t_rv), reducer.slot(t_cv))
-                if t_rm >= 0:
-                    _store_factors(seg, item.state, "row_m", "col_m", reducer.slot(t_rm), reducer.slot(t_cm))
+            for stack in reduced:
+                _store_stack_factors(stack)
             if fused is not None:
                 fused.finish()
 
@@ -234,10 +205,6 @@ class SMMF(FactoredOptimizer):
             self._pending = (reducer, finish)
         else:
             finish()
-
-
-def _slots(reducer: StatReducer, tickets: tuple[int, int, int, int]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    return tuple(reducer.slot(t) if t >= 0 else None for t in tickets)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -265,6 +232,11 @@ class _Schedule:
             beta2=1.0 - t ** group["decay_rate"],
         )
 
+    @property
+    def decay_factor(self) -> Optional[float]:
+        """Decoupled decay W ← W·(1 − lr·wd), applied before the update (None: no decay)."""
+        return 1.0 - self.lr * self.weight_decay if self.decoupled_decay else None
+
 
 def _dense_step(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> None:
     """vector_reshape=False: 1-D tensors keep dense moments with the same schedules."""
@@ -282,102 +254,51 @@ def _dense_step(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> None:
     weight.addcdiv_(numerator, exp_avg_sq.sqrt().add_(hp.eps), value=-hp.lr)
 
 
-def _factored_step(
-    item: StepItem,
-    seg: SegmentPlan,
-    hp: _Schedule,
-    stats_v: tuple[Tensor, Tensor],
-    stats_m: Optional[tuple[Tensor, Tensor]],
-) -> None:
-    """Decompress, fold in the gradient, update the weight, add partial factor sums; by chunks."""
-    geo = seg.geometry
-    assert geo is not None
-    state = item.state
-    weights, grads = seg.local(item.weight), seg.local(item.grad)
+def _factored_step(stack: SegmentStack) -> None:
+    """Decompress, fold in the gradient, update the weights, add partial factor sums; by chunks.
+
+    One stack of segments at a time (a lone segment works on views of its own tensors); the sums
+    go to the stack's statistics, completed over the ranks that hold the segments when sharded.
+    """
+    geo, hp = stack.geometry, stack.schedule
+    grads = stack.gather(lambda w: w.seg.local(w.item.grad))
+    if hp.coupled_decay:
+        weights = stack.gather(lambda w: w.seg.local(w.item.weight))
     # β·(r ⊗ c) = (β·r) ⊗ c: scale the short factor once instead of every element
-    row_v, col_v = seg.rows(state["row_v"]) * hp.beta2, seg.cols(state["col_v"])
+    row_v = stack.gather(lambda w: w.seg.rows(w.item.state["row_v"])) * hp.beta2
+    col_v = stack.gather(lambda w: w.seg.cols(w.item.state["col_v"]))
+    stats_v = stack.statistic("row_v"), stack.statistic("col_v")
     if hp.beta1 is not None:
-        row_m, col_m = seg.rows(state["row_m"]) * hp.beta1, seg.cols(state["col_m"])
-        signs = seg.bits(state["sign"])
-    for lo, hi in chunk_ranges(geo.numel, item.chunk):
+        row_m = stack.gather(lambda w: w.seg.rows(w.item.state["row_m"])) * hp.beta1
+        col_m = stack.gather(lambda w: w.seg.cols(w.item.state["col_m"]))
+        stats_m = stack.statistic("row_m"), stack.statistic("col_m")
+        signs = stack.gather(lambda w: w.seg.bits(w.item.state["sign"]))
+    for lo, hi in chunk_ranges(geo.numel, stack.chunk):
         part = geo.sub(lo, hi)
-        weight, grad = weights[lo:hi], grads[lo:hi]
+        grad = grads[:, lo:hi]
         if hp.coupled_decay:
-            grad = grad.add(weight, alpha=hp.weight_decay)
+            grad = grad.add(weights[:, lo:hi], alpha=hp.weight_decay)
         second = part.outer(row_v, col_v).addcmul_(grad, grad, value=1.0 - hp.beta2)
         part.add_row_col_sums(second, *stats_v)
         if hp.beta1 is None:
             numerator = grad
         else:
-            assert stats_m is not None
-            bits = signs[lo // 8 : (hi + 7) // 8]
-            first = part.outer(row_m, col_m).mul_(unpack_signs(bits, hi - lo))
+            bits = signs[:, lo // 8 : (hi + 7) // 8]
+            first = part.outer(row_m, col_m).mul_(unpack_sign_rows(bits, hi - lo))
             first.add_(grad, alpha=1.0 - hp.beta1)
-            pack_signs(first >= 0, bits)
+            pack_sign_rows(first >= 0, bits)
             part.add_row_col_sums(first.abs(), *stats_m)
             numerator = first
-        weight.addcdiv_(numerator, second.sqrt_().add_(hp.eps), value=-hp.lr)
+        stack.addcdiv_(local_weight, lo, hi, numerator, second.sqrt_().add_(hp.eps), value=-hp.lr)
+    if hp.beta1 is not None:
+        stack.scatter(signs, lambda w: w.seg.bits(w.item.state["sign"]))
 
 
-def _factored_batch_step(batch: list[tuple[StepItem, SegmentPlan]], hp: _Schedule) -> None:
-    """The fast path: :func:`_factored_step` for whole, unsharded segments of one (n, m) view.
-
-    The segments are stacked into (B, n, m) tensors, so that each op of the step runs once for
-    the batch; states and weights are read and written through lists of views (foreach ops).
-    """
-    geo = batch[0][1].geometry
-    assert geo is not None
-    n, m, count = geo.rows, geo.cols, len(batch)
-    weights = [seg.local(item.weight) for item, seg in batch]
-    grads = torch.stack([seg.local(item.grad) for item, seg in batch]).view(count, n, m)
-    if hp.coupled_decay:
-        grads.add_(torch.stack(weights).view(count, n, m), alpha=hp.weight_decay)
-
-    def factors(row_key: str, col_key: str) -> tuple[Tensor, Tensor]:
-        rows = torch.stack([seg.rows(item.state[row_key]) for item, seg in batch])
-        return rows, torch.stack([seg.cols(item.state[col_key]) for item, seg in batch])
-
-    row_v, col_v = factors("row_v", "col_v")
-    second = torch.mul((row_v * hp.beta2).unsqueeze(2), col_v.unsqueeze(1))
-    second.addcmul_(grads, grads, value=1.0 - hp.beta2)
-    _store_batch_factors(batch, "row_v", "col_v", second.sum(2), second.sum(1))
-    if hp.beta1 is None:
-        numerator = grads
-    else:
-        row_m, col_m = factors("row_m", "col_m")
-        sign_views = [seg.bits(item.state["sign"]) for item, seg in batch]
-        words = sign_views[0].numel()
-        signs = unpack_signs(torch.stack(sign_views).view(-1), count * words * 8).view(count, words * 8)
-        first = torch.mul((row_m * hp.beta1).unsqueeze(2), col_m.unsqueeze(1))
-        first.mul_(signs[:, : n * m].view(count, n, m)).add_(grads, alpha=1.0 - hp.beta1)
-        nonnegative = signs.new_zeros(count, words * 8, dtype=torch.bool)  # padding bits stay 0
-        nonnegative[:, : n * m] = (first >= 0).view(count, n * m)
-        packed = sign_views[0].new_empty(count * words)
-        pack_signs(nonnegative, packed)
-        torch._foreach_copy_(sign_views, list(packed.view(count, words).unbind(0)))
-        magnitude = first.abs()
-        _store_batch_factors(batch, "row_m", "col_m", magnitude.sum(2), magnitude.sum(1))
-        numerator = first
-    denominator = second.sqrt_().add_(hp.eps)
-    torch._foreach_addcdiv_(
-        weights, list(numerator.view(count, -1).unbind(0)), list(denominator.view(count, -1).unbind(0)), value=-hp.lr
-    )
-
-
-def _store_batch_factors(
-    batch: list[tuple[StepItem, SegmentPlan]], row_key: str, col_key: str, rows: Tensor, cols: Tensor
-) -> None:
-    """:func:`_store_factors` for a batch: (B, n) row and (B, m) column sums, normalised per segment."""
-    side = rows if rows.shape[1] <= cols.shape[1] else cols
-    total = side.sum(1, keepdim=True)
-    side.div_(torch.where(total > 0, total, torch.ones_like(total)))
-    torch._foreach_copy_([seg.rows(item.state[row_key]) for item, seg in batch], list(rows.unbind(0)))
-    torch._foreach_copy_([seg.cols(item.state[col_key]) for item, seg in batch], list(cols.unbind(0)))
-
-
-def _store_factors(seg: SegmentPlan, state: dict[str, Tensor], row_key: str, col_key: str, rows: Tensor, cols: Tensor) -> None:
-    """Complete sums → normalised factors in the state."""
-    row_state, col_state = seg.rows(state[row_key]), seg.cols(state[col_key])
-    row_state.copy_(rows)
-    col_state.copy_(cols)
-    normalize_factors(row_state, col_state)
+def _store_stack_factors(stack: SegmentStack) -> None:
+    """Complete sums → normalised factors in the state, for V and (with a first moment) |M|."""
+    pairs = [("row_v", "col_v")] + ([("row_m", "col_m")] if stack.schedule.beta1 is not None else [])
+    for row_key, col_key in pairs:
+        rows, cols = stack.complete(row_key), stack.complete(col_key)
+        normalize_factors(rows, cols)
+        for key, values, view in ((row_key, rows, SegmentPlan.rows), (col_key, cols, SegmentPlan.cols)):
+            torch._foreach_copy_([view(w.seg, w.item.state[key]) for w in stack.works], list(values.unbind(0)))

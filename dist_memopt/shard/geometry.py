@@ -132,16 +132,16 @@ class RangeGeometry:
         head, body, tail = self._pieces(x)
         r = self.row0
         if self.head:
-            rows_out[r] += head.sum()
-            cols_out[self.col0 : self.col0 + self.head] += head
+            rows_out[r].add_(head.sum())
+            cols_out[self.col0 : self.col0 + self.head].add_(head)
             r += 1
         if self.body_rows:
-            rows_out[r : r + self.body_rows] += body.sum(dim=1)
-            cols_out += body.sum(dim=0)
+            rows_out[r : r + self.body_rows].add_(body.sum(dim=1))
+            cols_out.add_(body.sum(dim=0))
             r += self.body_rows
         if self.tail:
-            rows_out[r] += tail.sum()
-            cols_out[: self.tail] += tail
+            rows_out[r].add_(tail.sum())
+            cols_out[: self.tail].add_(tail)
 
     def add_weighted_row_sums(self, x: Tensor, col_weights: Tensor, rows_out: Tensor) -> None:
         """``rows_out[i] += sum_j x[i, j] * col_weights[j]`` over this range."""
@@ -150,13 +150,13 @@ class RangeGeometry:
         head, body, tail = self._pieces(x)
         r = self.row0
         if self.head:
-            rows_out[r] += torch.dot(head, col_weights[self.col0 : self.col0 + self.head])
+            rows_out[r].add_(torch.dot(head, col_weights[self.col0 : self.col0 + self.head]))
             r += 1
         if self.body_rows:
-            rows_out[r : r + self.body_rows] += torch.mv(body, col_weights)
+            rows_out[r : r + self.body_rows].add_(torch.mv(body, col_weights))
             r += self.body_rows
         if self.tail:
-            rows_out[r] += torch.dot(tail, col_weights[: self.tail])
+            rows_out[r].add_(torch.dot(tail, col_weights[: self.tail]))
 
     def add_weighted_col_sums(self, x: Tensor, row_weights: Tensor, cols_out: Tensor) -> None:
         """``cols_out[j] += sum_i row_weights[i] * x[i, j]`` over this range."""
@@ -165,13 +165,13 @@ class RangeGeometry:
         head, body, tail = self._pieces(x)
         r = self.row0
         if self.head:
-            cols_out[self.col0 : self.col0 + self.head] += head * row_weights[r]
+            cols_out[self.col0 : self.col0 + self.head].add_(head * row_weights[r])
             r += 1
         if self.body_rows:
-            cols_out += torch.mv(body.t(), row_weights[r : r + self.body_rows])
+            cols_out.add_(torch.mv(body.t(), row_weights[r : r + self.body_rows]))
             r += self.body_rows
         if self.tail:
-            cols_out[: self.tail] += tail * row_weights[r]
+            cols_out[: self.tail].add_(tail * row_weights[r])
 
     # --- decompression restricted to the range ----------------------------------------------
 

@@ -186,6 +186,22 @@ def max_errors(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor])
             for n, ref in reference.items()}
 
 
+def bf16_spacings(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """The largest difference, in units of the reference element's own bf16 spacing.
+
+    bf16 weights are the fp32 main weights rounded. Main weights equal to fp32 rounding of the
+    step's scale (1e-7 of the largest element) still round apart, by one spacing, wherever an
+    element straddles a rounding boundary, and small elements have fine spacings: so bf16 layouts
+    are held to one spacing per element (a wrong statistic moves updates by percent, many spacings).
+    """
+    worst = 0.0
+    for name, ref in reference.items():
+        ref, value = ref.reshape(-1).float(), got[name].reshape(-1).float()
+        spacing = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(2.0**-100))) - 7)
+        worst = max(worst, ((value - ref).abs() / spacing).max().item())
+    return worst
+
+
 def save(ddp: nn.Module, optimizer: Any, path: str) -> None:
     """A Megatron distributed checkpoint (torch_dist) of the model and the optimizer."""
     import os

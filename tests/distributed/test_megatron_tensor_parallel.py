@@ -184,7 +184,12 @@ def test_tp2_equals_tp1(runs, world, label):
     errors = mt.max_errors(got, expected)
     worst = max(errors, key=errors.get)
     print(f"TP=2 x DP={world // 2} {label}: max relative difference {errors[worst]:.3g} ({worst}); replicas {disagreement:.3g}")
-    assert errors[worst] <= TOLERANCE, f"{label}: {worst} off by {errors[worst]:.3g}"
+    if RUNS[label][2] == torch.bfloat16:
+        # the fp32 main weights agree to rounding; their bf16 roundings by at most one spacing
+        spacings = mt.bf16_spacings(got, expected)
+        assert spacings <= 1.0, f"{label}: off by {spacings:.3g} bf16 spacings"
+    else:
+        assert errors[worst] <= TOLERANCE, f"{label}: {worst} off by {errors[worst]:.3g}"
     assert disagreement <= TOLERANCE
     marked = tp2[world][0]["runs"][label]["sequence_parallel"]
     # sequence parallelism marks the norms (2 per layer and the final one, weight and bias) and the

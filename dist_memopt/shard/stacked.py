@@ -1,0 +1,137 @@
+"""One geometry's row/column arithmetic for a stack of segments that share it.
+
+On one rank, many segments have the same (rows, cols) view and the same place in it: every
+transformer block's shard of a same-shaped weight under FSDP2, FSDP1, ZeRO or Megatron's
+distributed optimizer, or the whole small tensors of a single process. Stepped as one (B, numel)
+stack, each operation of the step runs once for all of them. :class:`StackedGeometry` gives such a
+stack the interface of :class:`~dist_memopt.shard.geometry.RangeGeometry`, with a leading batch
+dimension on every tensor: data (B, numel), row factors and sums (B, rows), column ones (B, cols).
+
+A stack of one calls its geometry's own operations on the row's views, so a lone segment (any
+geometry, strided runs included) steps exactly as before; larger stacks need a contiguous range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from dist_memopt.shard.geometry import RangeGeometry
+from dist_memopt.shard.runs import RunsGeometry
+
+__all__ = ["StackedGeometry"]
+
+Geometry = Union[RangeGeometry, RunsGeometry]
+Shift = Union[float, Tensor]
+
+
+@dataclass(frozen=True)
+class StackedGeometry:
+    """``count`` segments, each the range (or runs) ``geometry`` of its own (rows, cols) view."""
+
+    geometry: Geometry
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count > 1 and not isinstance(self.geometry, RangeGeometry):
+            raise ValueError("only contiguous ranges stack; strided runs step one segment at a time")
+
+    @property
+    def rows(self) -> int:
+        return self.geometry.rows
+
+    @property
+    def cols(self) -> int:
+        return self.geometry.cols
+
+    @property
+    def numel(self) -> int:
+        return self.geometry.numel
+
+    def sub(self, lo: int, hi: int) -> "StackedGeometry":
+        """Elements ``[lo, hi)`` of every segment (for processing the stack in chunks)."""
+        return StackedGeometry(self.geometry.sub(lo, hi), self.count)
+
+    @property
+    def _range(self) -> RangeGeometry:
+        assert isinstance(self.geometry, RangeGeometry)
+        return self.geometry
+
+    # --- reductions (accumulating into the outputs, as the geometry's own) ---------------------
+
+    def add_row_col_sums(self, x: Tensor, rows_out: Tensor, cols_out: Tensor) -> None:
+        if self.count == 1:
+            return self.geometry.add_row_col_sums(x[0], rows_out[0], cols_out[0])
+        g = self._range
+        head, body, tail, r = *self._pieces(x), g.row0
+        if g.head:
+            rows_out[:, r].add_(head.sum(1))
+            cols_out[:, g.col0 : g.col0 + g.head].add_(head)
+            r += 1
+        if g.body_rows:
+            rows_out[:, r : r + g.body_rows].add_(body.sum(2))
+            cols_out.add_(body.sum(1))
+            r += g.body_rows
+        if g.tail:
+            rows_out[:, r].add_(tail.sum(1))
+            cols_out[:, : g.tail].add_(tail)
+
+    def add_weighted_row_sums(self, x: Tensor, col_weights: Tensor, rows_out: Tensor) -> None:
+        """``rows_out[b, i] += Σ_j x[b, i, j]·col_weights[b, j]`` over the range."""
+        if self.count == 1:
+            return self.geometry.add_weighted_row_sums(x[0], col_weights[0], rows_out[0])
+        g = self._range
+        head, body, tail, r = *self._pieces(x), g.row0
+        if g.head:
+            rows_out[:, r].add_((head * col_weights[:, g.col0 : g.col0 + g.head]).sum(1))
+            r += 1
+        if g.body_rows:
+            rows_out[:, r : r + g.body_rows].add_(torch.bmm(body, col_weights.unsqueeze(2)).squeeze(2))
+            r += g.body_rows
+        if g.tail:
+            rows_out[:, r].add_((tail * col_weights[:, : g.tail]).sum(1))
+
+    def add_weighted_col_sums(self, x: Tensor, row_weights: Tensor, cols_out: Tensor) -> None:
+        """``cols_out[b, j] += Σ_i row_weights[b, i]·x[b, i, j]`` over the range."""
+        if self.count == 1:
+            return self.geometry.add_weighted_col_sums(x[0], row_weights[0], cols_out[0])
+        g = self._range
+        head, body, tail, r = *self._pieces(x), g.row0
+        if g.head:
+            cols_out[:, g.col0 : g.col0 + g.head].add_(head * row_weights[:, r : r + 1])
+            r += 1
+        if g.body_rows:
+            cols_out.add_(torch.bmm(row_weights[:, r : r + g.body_rows].unsqueeze(1), body).squeeze(1))
+            r += g.body_rows
+        if g.tail:
+            cols_out[:, : g.tail].add_(tail * row_weights[:, r : r + 1])
+
+    # --- decompression ---------------------------------------------------------------------------
+
+    def outer(self, row_factor: Tensor, col_factor: Tensor, scale: float = 1.0, shift: Shift = 0.0) -> Tensor:
+        """(B, numel): ``scale·(row_factor[b] ⊗ col_factor[b]) + shift[b]`` over the range.
+
+        ``shift`` is a float or a (B,) tensor (one value per segment, computed on the device).
+        """
+        if self.count == 1:
+            one = shift[0] if isinstance(shift, Tensor) else shift
+            return self.geometry.outer(row_factor[0], col_factor[0], scale, one).unsqueeze(0)
+        g = self._range
+        rows = row_factor if g.is_full else row_factor[:, g.row0 : g.row0 + g.touched_rows]
+        block = torch.mul(rows.unsqueeze(2), col_factor.unsqueeze(1))
+        if scale != 1.0:
+            block.mul_(scale)
+        if isinstance(shift, Tensor):
+            block.add_(shift.view(self.count, 1, 1))
+        elif shift != 0.0:
+            block.add_(shift)
+        flat = block.view(self.count, -1)
+        return flat if g.is_full else flat[:, g.col0 : g.col0 + g.numel]
+
+    def _pieces(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        g = self._range
+        h, nb, m = g.head, g.body_rows, g.cols
+        return x[:, :h], x[:, h : h + nb * m].reshape(self.count, nb, m), x[:, h + nb * m :]

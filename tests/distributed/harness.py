@@ -2,6 +2,11 @@
 
 Failures come back as the failing rank's traceback; a run that outlives its timeout is killed and
 reported, so a hang in the code under test fails the test instead of the CI job.
+
+Ranks are forked from a forkserver that has imported torch and dist_memopt once (and done nothing
+else: no thread pool, no process group), so a rank starts in a fraction of a second instead of
+re-importing torch (several CPU seconds per rank, the larger part of a small launch on 2 cores).
+Everything a test configures (environment, process group, threads) still happens in the rank.
 """
 
 from __future__ import annotations
@@ -19,6 +24,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+PRELOADED = ("torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "dist_memopt")
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOADED))  # read when the forkserver starts (the first launch)
+    return ctx
 
 
 def free_port() -> int:
@@ -77,7 +91,7 @@ def run_distributed(
     killed like the others when the run fails or times out. With ``backend="nccl"`` rank r uses
     CUDA device r (modulo the device count).
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [
@@ -117,3 +131,39 @@ def run_distributed(
         rank, tb = min(failures.items())
         raise AssertionError(f"rank {rank} of {world_size} failed:\n{tb}")
     return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
+
+
+def _run_cases(rank: int, world_size: int, cases: dict) -> dict:
+    """Each case's ``(True, result)`` or ``(False, traceback)``; after a failure the rest are not run
+    (the ranks' collectives would no longer match)."""
+    out, failed = {}, None
+    for key, (fn, args) in cases.items():
+        if failed is not None:
+            out[key] = (False, f"not run: case {failed!r} failed before it on this rank")
+            continue
+        try:
+            out[key] = (True, fn(rank, world_size, *args))
+        except Exception:  # noqa: BLE001 - reported by the case's own test
+            out[key], failed = (False, traceback.format_exc()), key
+    return out
+
+
+class Launch:
+    """Several cases run one after another in one launch of ``world_size`` ranks (one process group,
+    one start-up), each reported on its own: ``case(key)`` gives every rank's result of that case, or
+    fails with the first failing rank's traceback. A module-scoped fixture holds the launch and one
+    test per case reads it, so cases still pass and fail separately."""
+
+    def __init__(self, cases: dict, world_size: int, timeout: float = 300, env: dict | None = None) -> None:
+        """``cases``: key -> ``(fn, args)``, run in order as ``fn(rank, world_size, *args)``."""
+        self.world_size = world_size
+        self.results = run_distributed(_run_cases, world_size, cases, timeout=timeout, env=env)
+
+    def case(self, key: Any) -> list:
+        for rank, per_case in enumerate(self.results):
+            ok, value = per_case[key]
+            if not ok:
+                import pytest
+
+                pytest.fail(f"rank {rank} of {self.world_size}, case {key!r}:\n{value}", pytrace=False)
+        return [per_case[key][1] for per_case in self.results]

@@ -1,4 +1,7 @@
-"""Communication: constant collectives per step, none for DDP, mismatches fail instead of hanging."""
+"""Communication: constant collectives per step, none for DDP, mismatches fail instead of hanging.
+
+Every case runs in one 2-rank launch (harness.Launch, a module-scoped fixture); each test reads its own.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import dist_memopt as dm
 from dist_memopt import Segment, ShardSpec, set_layout
 from dist_memopt.shard.geometry import square_matricize
-from harness import run_distributed
+from harness import Launch
 from models import AwkwardModel, loss_fn
 
 
@@ -62,8 +65,8 @@ def _collectives_per_step(rank, world_size):
     return counts
 
 
-def test_collectives_per_step_do_not_grow_with_parameters():
-    counts = run_distributed(_collectives_per_step, 2)[0]
+def test_collectives_per_step_do_not_grow_with_parameters(two_ranks):
+    counts = two_ranks.case("collectives per step")[0]
     # one probe (non-finite verdict + layout fingerprint) and one statistics all_reduce per step,
     # for 2 layers (4 parameters) as for 12 layers (24 parameters)
     for cls_name in ("SMMF", "Alada"):
@@ -89,9 +92,9 @@ def _unchecked_steps(rank, world_size):
     return collectives, syncs
 
 
-def test_without_check_finite_the_layout_is_agreed_once():
+def test_without_check_finite_the_layout_is_agreed_once(two_ranks):
     """check_finite=False: the probe runs on the first step only (layouts known), no host syncs after."""
-    for collectives, syncs in run_distributed(_unchecked_steps, 2):
+    for collectives, syncs in two_ranks.case("unchecked steps"):
         assert collectives == [2, 1, 1, 1]
         assert syncs[1:] == [0, 0, 0]  # the first step also resolves the layouts
 
@@ -110,7 +113,7 @@ def _ddp_run(rank, world_size):
     return calls, {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_ddp_needs_no_optimizer_communication():
+def test_ddp_needs_no_optimizer_communication(two_ranks):
     torch.manual_seed(0)
     reference = AwkwardModel()
     optimizer = dm.SMMF(reference.parameters(), lr=1e-2)
@@ -118,7 +121,7 @@ def test_ddp_needs_no_optimizer_communication():
         optimizer.zero_grad()
         loss_fn(reference, step).backward()
         optimizer.step()
-    for calls, params in run_distributed(_ddp_run, 2):
+    for calls, params in two_ranks.case("ddp"):
         assert calls == 0
         for name, p in reference.named_parameters():
             assert (params[name] - p.detach()).abs().max().item() <= 1e-6
@@ -136,10 +139,10 @@ def _per_rank_state(rank, world_size):
     return dm.state_bytes(optimizer), local
 
 
-def test_sign_state_is_divided_across_ranks():
+def test_sign_state_is_divided_across_ranks(two_ranks):
     rows, cols = square_matricize(23 * 40)
     factors = 4 * 2 * (rows + cols)  # row/col sums of |M| and of V, fp32, on every rank
-    results = run_distributed(_per_rank_state, 2)
+    results = two_ranks.case("per-rank state")
     assert [local for _, local in results] == [12 * 40, 11 * 40]
     for held, local in results:
         assert held == math.ceil(local / 8) + factors + 4  # + the step counter
@@ -177,5 +180,17 @@ def _bad_input(rank, world_size):
     return mismatch_state, nonfinite_state
 
 
-def test_bad_input_fails_on_every_rank_without_hanging_or_changing_state():
-    assert run_distributed(_bad_input, 2, timeout=90) == [(0, 0), (0, 0)]
+def test_bad_input_fails_on_every_rank_without_hanging_or_changing_state(two_ranks):
+    assert two_ranks.case("bad input") == [(0, 0), (0, 0)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    cases = {
+        "collectives per step": (_collectives_per_step, ()),
+        "unchecked steps": (_unchecked_steps, ()),
+        "ddp": (_ddp_run, ()),
+        "per-rank state": (_per_rank_state, ()),
+        "bad input": (_bad_input, ()),  # a hang in any case times the launch out and fails every test
+    }
+    return Launch(cases, 2, timeout=300)

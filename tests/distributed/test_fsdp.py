@@ -5,9 +5,13 @@ up to rounding; the tolerance is 1e-6 of the parameter scale (observed: ~5e-8). 
 weight with 23 rows (uneven on 2 and 3 ranks), one with 2 rows (an empty shard on 3 ranks), a
 prime-sized vector, a 4-D conv kernel, vectors and a scalar (FSDP rejects 0-d parameters, so the
 scalar stays outside FSDP, replicated: a group mixing sharded and unsharded parameters).
+
+The cases run in one launch per world size (harness.Launch, module-scoped fixtures).
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import ShardingStrategy, fully_shard
 
 import dist_memopt as dm
-from harness import run_distributed
+from harness import Launch
 from models import AwkwardModel, loss_fn
 
 STEPS = 10
@@ -30,6 +34,7 @@ CONFIGS = {
 }
 
 
+@functools.cache
 def _single_process(name: str, steps: int = STEPS) -> dict[str, torch.Tensor]:
     cls_name, config = CONFIGS[name]
     torch.manual_seed(0)
@@ -110,22 +115,46 @@ def _assert_all_equal_single(results_per_rank, names):
                 assert error <= TOLERANCE * scale, f"{name}, rank {rank}, {param}: off by {error:.3g}"
 
 
+ALL = list(CONFIGS)
+FSDP1_NAMES = ["smmf-adamw", "smmf-no-first-moment", "alada"]
+HSDP_NAMES = ["smmf-adamw", "alada"]
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """world size -> its launch, started on first use."""
+    cases = {
+        2: {"fsdp2": (_fsdp2_runs, (ALL,)), "alada in grad": (_alada_in_grad, ())},
+        3: {
+            "fsdp2": (_fsdp2_runs, (ALL,)),
+            ("fsdp1", False): (_fsdp1_runs, (FSDP1_NAMES, False)),
+            ("fsdp1", True): (_fsdp1_runs, (FSDP1_NAMES, True)),
+        },
+        4: {"hsdp": (_fsdp2_runs, (HSDP_NAMES, (2, 2)))},
+    }
+    started = {}
+
+    def launch(world_size: int) -> Launch:
+        if world_size not in started:
+            started[world_size] = Launch(cases[world_size], world_size)
+        return started[world_size]
+
+    return launch
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_fsdp2_equals_single_process(world_size):
-    names = list(CONFIGS)
-    _assert_all_equal_single(run_distributed(_fsdp2_runs, world_size, names), names)
+def test_fsdp2_equals_single_process(world_size, launches):
+    _assert_all_equal_single(launches(world_size).case("fsdp2"), ALL)
 
 
-def test_hsdp_2x2_equals_single_process():
+def test_hsdp_2x2_equals_single_process(launches):
     """(Replicate, Shard) mesh: statistics reduced over the shard dim only; replicas identical."""
-    names = ["smmf-adamw", "alada"]
-    _assert_all_equal_single(run_distributed(_fsdp2_runs, 4, names, (2, 2)), names)
+    _assert_all_equal_single(launches(4).case("hsdp"), HSDP_NAMES)
 
 
 @pytest.mark.parametrize("use_orig_params", [False, True], ids=["flat", "orig-params"])
-def test_fsdp1_equals_single_process(use_orig_params):
-    names = ["smmf-adamw", "smmf-no-first-moment", "alada"]
-    _assert_all_equal_single(run_distributed(_fsdp1_runs, 3, names, use_orig_params), names)
+def test_fsdp1_equals_single_process(use_orig_params, launches):
+    _assert_all_equal_single(launches(3).case(("fsdp1", use_orig_params)), FSDP1_NAMES)
 
 
 def _alada_in_grad(rank, world_size):
@@ -136,10 +165,10 @@ def _alada_in_grad(rank, world_size):
     return _full(model), sorted(held)
 
 
-def test_alada_momentum_in_fsdp2_grads():
+def test_alada_momentum_in_fsdp2_grads(launches):
     """FSDP2 accumulates reduce-scattered gradients into the existing .grad: M lives there."""
     reference = _single_process("alada")
-    for full, keys in run_distributed(_alada_in_grad, 2):
+    for full, keys in launches(2).case("alada in grad"):
         assert "exp_avg" not in keys
         for name, expected in reference.items():
             assert (full[name] - expected).abs().max().item() <= TOLERANCE * max(1.0, expected.abs().max().item())

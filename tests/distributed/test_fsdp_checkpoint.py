@@ -1,13 +1,18 @@
-"""torch.distributed.checkpoint: optimizer state saved on 2 ranks loads on 3 and continues exactly."""
+"""torch.distributed.checkpoint: optimizer state saved on 2 ranks loads on 3 and continues exactly.
+
+One 2-rank launch saves (DCP and FSDP1), then one 3-rank launch loads (harness.Launch, module-scoped
+fixtures); each test reads its own cases.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import dist_memopt as dm
-from harness import run_distributed
+from harness import Launch
 from models import AwkwardModel
 from test_fsdp import CONFIGS, STEPS, TOLERANCE, _full, _single_process, _train, fsdp2_model
 
@@ -51,12 +56,12 @@ def _dcp_load_and_continue(rank, world_size, path):
     return results
 
 
-def test_dcp_save_on_2_ranks_load_on_3_continues_exactly(tmp_path):
-    saved = run_distributed(_dcp_save, 2, str(tmp_path))[0]
+def test_dcp_save_on_2_ranks_load_on_3_continues_exactly(two_ranks, three_ranks):
+    saved = two_ranks.case("dcp save")[0]
     # per-element state is sharded like the parameter; factors are plain (replicated) tensors
     assert saved["smmf-adamw"]["sign"] == "DTensor" and saved["smmf-adamw"]["row_m"] == "Tensor"
     assert saved["alada"]["exp_avg"] == "DTensor" and saved["alada"]["row"] == "Tensor"
-    for results in run_distributed(_dcp_load_and_continue, 3, str(tmp_path)):
+    for results in three_ranks.case("dcp load"):
         for name in NAMES:
             full, steps = results[name]
             assert steps == {SAVED_AT}
@@ -132,13 +137,28 @@ def _fsdp1_load_full(rank, world_size, path):
     return results
 
 
-def test_fsdp1_optim_state_dict_full_and_sharded(tmp_path):
+def test_fsdp1_optim_state_dict_full_and_sharded(two_ranks, three_ranks):
     """FSDP1's optim_state_dict / optim_state_dict_to_load, flat and orig-params, full and sharded
     (each resumed in memory on 2 ranks); the full ones also written on 2 ranks, loaded on 3."""
     references = {name: _single_process(name) for name in NAMES}
-    for rank_results in run_distributed(_fsdp1_save, 2, str(tmp_path)):
+    for rank_results in two_ranks.case("fsdp1 save"):
         for (name, orig, full), params in rank_results.items():
             _assert_matches(references[name], params, f"2 ranks {name} orig={orig} full={full}")
-    for rank_results in run_distributed(_fsdp1_load_full, 3, str(tmp_path)):
+    for rank_results in three_ranks.case("fsdp1 load"):
         for (name, orig), params in rank_results.items():
             _assert_matches(references[name], params, f"3 ranks {name} orig={orig}")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("fsdp-checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpoints):
+    return Launch({"dcp save": (_dcp_save, (checkpoints,)), "fsdp1 save": (_fsdp1_save, (checkpoints,))}, 2)
+
+
+@pytest.fixture(scope="module")
+def three_ranks(checkpoints, two_ranks):  # loads what the 2-rank launch saved
+    return Launch({"dcp load": (_dcp_load_and_continue, (checkpoints,)), "fsdp1 load": (_fsdp1_load_full, (checkpoints,))}, 3)

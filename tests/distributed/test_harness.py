@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import run_distributed
+from harness import Launch, run_distributed
 
 
 def _sum_ranks(rank, world_size):
@@ -40,3 +40,18 @@ def test_a_failing_rank_is_reported():
 def test_a_hang_becomes_a_timeout():
     with pytest.raises(TimeoutError, match="did not finish"):
         run_distributed(_hang, 2, timeout=8)
+
+
+def _fail_on_case_b(rank, world_size, tag):
+    if tag == "b":
+        raise ValueError(f"boom in b on rank {rank}")
+    return _sum_ranks(rank, world_size) + len(tag)
+
+
+def test_cases_in_one_launch_are_reported_one_by_one():
+    launch = Launch({"a": (_fail_on_case_b, ("a",)), "b": (_fail_on_case_b, ("b",)), "c": (_fail_on_case_b, ("cc",))}, 2)
+    assert launch.case("a") == [2.0, 2.0]
+    with pytest.raises(pytest.fail.Exception, match="(?s)rank 0 of 2, case 'b'.*boom in b on rank 0"):
+        launch.case("b")
+    with pytest.raises(pytest.fail.Exception, match="(?s)case 'c'.*not run: case 'b' failed before it"):
+        launch.case("c")

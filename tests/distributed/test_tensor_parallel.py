@@ -10,6 +10,9 @@ replicated over tp, a zero gradient row, and hand-placed DTensors sharded on a m
 conv kernel over dp × tp, a 3-D tensor with 7 entries over 2 tp ranks, a matrix on a mesh without
 dimension names, reduced over a chain of groups) and a replicated scalar.
 After 12 steps on identical injected gradients, the full parameters equal a single process.
+
+All cases run in two launches (harness.Launch, module-scoped fixtures): one on 4 ranks, then one on
+2 ranks that also loads the 4-rank launch's checkpoint; each test reads its own case.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pytest
 import torch
 
 import dist_memopt as dm
-from harness import run_distributed
+from harness import Launch
 from tp_cases import CONFIGS, MESHES, STEPS, TOLERANCE, build, full_values, inject, max_errors, named_params, single_process
 
 
@@ -37,9 +40,8 @@ def _train_all_configs(rank, world_size, mesh_name):
 
 
 @pytest.mark.parametrize("mesh_name", ["tp2", "dp2-tp2", "dp2-tp1", "hsdp2-tp2"])
-def test_tensor_parallel_equals_single_process(mesh_name):
-    world_size = MESHES[mesh_name][0]
-    results = run_distributed(_train_all_configs, world_size, mesh_name, timeout=420)
+def test_tensor_parallel_equals_single_process(mesh_name, request):
+    results = _launch(request, MESHES[mesh_name][0]).case(("equal", mesh_name))
     errors, placements = results[0]
     if mesh_name == "dp2-tp2":  # the layouts this test is about were really produced
         assert "_StridedShard" in placements["up.weight"] and "Shard(dim=1)" in placements["down.weight"]
@@ -119,8 +121,8 @@ def _mesh_checks(rank, world_size):
     return out
 
 
-def test_mesh_collectives_training_and_errors():
-    for out in run_distributed(_mesh_checks, 4, timeout=420):
+def test_mesh_collectives_training_and_errors(four_ranks):
+    for out in four_ranks.case("mesh checks"):
         for cls_name in ("SMMF", "Alada"):
             small, large = out["collectives", cls_name]
             # per step, a probe on each group, then one all_reduce per buffer: over the flattened
@@ -173,11 +175,34 @@ def _dcp_save_then_load(rank, world_size, path, save_mesh, load_mesh):
     return results
 
 
-def test_dcp_reshards_between_2d_meshes(tmp_path):
+@pytest.mark.parametrize("load_mesh", ["dp4-tp1", "dp1-tp2"])
+def test_dcp_reshards_between_2d_meshes(load_mesh, request):
     """Saved on (dp=2, tp=2), loaded on (dp=4, tp=1) and on (dp=1, tp=2): equal to uninterrupted."""
-    runs = [(4, "dp2-tp2", "dp4-tp1"), (2, None, "dp1-tp2")]
-    for world_size, save_mesh, load_mesh in runs:
-        for rank_results in run_distributed(_dcp_save_then_load, world_size, str(tmp_path), save_mesh, load_mesh, timeout=420):
-            for config, per_param in rank_results.items():
-                worst = max(per_param, key=per_param.get)
-                assert per_param[worst] <= TOLERANCE, f"{load_mesh} {config}: {worst} off by {per_param[worst]:.3g}"
+    for rank_results in _launch(request, MESHES[load_mesh][0]).case(("dcp", load_mesh)):
+        for config, per_param in rank_results.items():
+            worst = max(per_param, key=per_param.get)
+            assert per_param[worst] <= TOLERANCE, f"{load_mesh} {config}: {worst} off by {per_param[worst]:.3g}"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tp-dcp"))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(checkpoints):
+    cases = {("equal", mesh): (_train_all_configs, (mesh,)) for mesh in ("dp2-tp2", "hsdp2-tp2")}
+    cases["mesh checks"] = (_mesh_checks, ())
+    cases["dcp", "dp4-tp1"] = (_dcp_save_then_load, (checkpoints, "dp2-tp2", "dp4-tp1"))  # saves what 2 ranks load
+    return Launch(cases, 4, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpoints, four_ranks):
+    cases = {("equal", mesh): (_train_all_configs, (mesh,)) for mesh in ("tp2", "dp2-tp1")}
+    cases["dcp", "dp1-tp2"] = (_dcp_save_then_load, (checkpoints, None, "dp1-tp2"))
+    return Launch(cases, 2, timeout=600)
+
+
+def _launch(request, world_size: int) -> Launch:
+    return request.getfixturevalue({4: "four_ranks", 2: "two_ranks"}[world_size])

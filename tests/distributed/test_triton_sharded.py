@@ -4,6 +4,7 @@ FSDP2 on 3 ranks (uneven rows, an empty shard of a 2-row weight) and FSDP1 flat 
 ranks (several segments per tensor, ranges cutting rows): after a few steps with
 ``kernel="triton"`` the full parameters equal a single-process torch-path run, as the torch path's
 own sharded runs do (test_fsdp.py). Ranks inherit ``TRITON_INTERPRET=1`` from tests/conftest.py.
+One launch per world size runs its cases (harness.Launch, a module-scoped fixture).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 import dist_memopt as dm
-from harness import run_distributed
+from harness import Launch
 from models import AwkwardModel
 from test_fsdp import TOLERANCE, _full, _train, fsdp2_model
 
@@ -46,15 +47,33 @@ def _fsdp1_flat(rank, world_size, cls_name):
         return _full(model)
 
 
+CASES = {  # key -> (run, world size, optimizer)
+    "fsdp2-3-ranks-smmf": (_fsdp2, 3, "SMMF"),
+    "fsdp2-3-ranks-alada": (_fsdp2, 3, "Alada"),
+    "fsdp1-flat-2-ranks-smmf": (_fsdp1_flat, 2, "SMMF"),
+}
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """world size -> its launch of every case on that many ranks, started on first use."""
+    started = {}
+
+    def launch(world_size: int) -> Launch:
+        if world_size not in started:
+            cases = {key: (run, (cls_name,)) for key, (run, world, cls_name) in CASES.items() if world == world_size}
+            started[world_size] = Launch(cases, world_size)
+        return started[world_size]
+
+    return launch
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU ranks need Triton's interpreter")
-@pytest.mark.parametrize(
-    "run, world_size, cls_name",
-    [(_fsdp2, 3, "SMMF"), (_fsdp2, 3, "Alada"), (_fsdp1_flat, 2, "SMMF")],
-    ids=["fsdp2-3-ranks-smmf", "fsdp2-3-ranks-alada", "fsdp1-flat-2-ranks-smmf"],
-)
-def test_triton_kernels_on_shards_equal_one_process(run, world_size, cls_name):
+@pytest.mark.parametrize("key", CASES)
+def test_triton_kernels_on_shards_equal_one_process(key, launches):
+    _, world_size, cls_name = CASES[key]
     expected = _single_process(cls_name)
-    for params in run_distributed(run, world_size, cls_name):
+    for params in launches(world_size).case(key):
         for name, value in expected.items():
             scale = max(1.0, value.abs().max().item())
             assert (params[name] - value).abs().max().item() <= TOLERANCE * scale, name

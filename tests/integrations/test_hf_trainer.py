@@ -1,8 +1,10 @@
 """HF Trainer (transformers 5.24, accelerate 1.15): SMMF and Alada through optimizer_cls_and_kwargs,
-in one process, under DDP and with DeepSpeed ZeRO-2 by name, equal a plain one-process loop."""
+in one process, under DDP, under accelerate's FSDP2 and with DeepSpeed ZeRO-2 by name, equal a plain
+one-process loop."""
 
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dist_memopt as dm  # noqa: E402
-from harness import run_distributed  # noqa: E402
+from harness import Launch  # noqa: E402
 from trainer_models import TOLERANCE, max_error, reference, samples, state, tiny_gpt2  # noqa: E402
 
 STEPS, PER_DEVICE, LR, WD = 4, 4, 1e-3, 0.1  # at lr 1e-2 AdamW itself is 2.6e-5 off under DDP (summation order)
@@ -57,9 +59,12 @@ def test_alada_momentum_in_grad_is_refused_under_trainer(tmp_path):
 
 
 def _distributed(rank: int, world: int, folder: str, variant: str) -> dict:
+    # HF reads ACCELERATE_USE_CPU when TrainingArguments are built; with it, HF would drop DeepSpeed
     if variant == "ddp":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
         trainer = _trainer(folder, PER_DEVICE, (dm.SMMF, KWARGS["SMMF"]))
     else:  # "optimizer" named in the ds_config, as the HF docs show ("auto" lr, weight decay and clipping are safe)
+        os.environ.pop("ACCELERATE_USE_CPU", None)
         import dist_memopt.integrations.deepspeed  # noqa: F401  registers "SMMF" with DeepSpeed
 
         config = {
@@ -78,9 +83,8 @@ def _distributed(rank: int, world: int, folder: str, variant: str) -> dict:
 
 
 @pytest.mark.parametrize("variant", ["ddp", "deepspeed-zero2"])
-def test_trainer_distributed_equals_one_process(variant, tmp_path):
-    env = {"ACCELERATE_USE_CPU": "true"} if variant == "ddp" else {"DS_ACCELERATOR": "cpu"}
-    results = run_distributed(_distributed, 2, str(tmp_path), variant, env=env, timeout=300)
+def test_trainer_distributed_equals_one_process(variant, two_ranks):
+    results = two_ranks.case(variant)
     numel = sum(p.numel() for p in tiny_gpt2().parameters())
     if variant == "ddp":
         assert results[0]["engine"] == "DistributedDataParallel" and results[0]["data_ranks"] == 2
@@ -94,4 +98,77 @@ def test_trainer_distributed_equals_one_process(variant, tmp_path):
     for got in results:
         error = max_error(got["params"], expected)
         print(f"{variant}: {error:.3g}")
+        assert error <= TOLERANCE, error
+
+
+class _Recording:
+    """Records the type of every parameter the optimizer was built with (FSDP2 swaps them later)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.built_with = sorted({type(p).__name__ for g in self.param_groups for p in g["params"]})
+
+
+RECORDING = {name: type(name, (_Recording, getattr(dm, name)), {}) for name in KWARGS}
+
+
+def _allow_fsdp_on_cpu() -> None:
+    """accelerate 1.15 keeps an FSDP plugin only for accelerator devices: in ``AcceleratorState.__init__``
+    the branch that sets ``distributed_type = FSDP`` and ``fsdp_plugin`` is reached only when the
+    distributed type is in a list of MULTI_GPU/NPU/XPU/... that lacks MULTI_CPU, so on CPU the plugin
+    is dropped without a word and Trainer trains DDP. This does what that skipped branch does; the
+    FSDP2 wrapping, the optimizer's parameter swap and the training stay accelerate's own."""
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    original = accelerate.state.AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    accelerate.state.AcceleratorState.__init__ = __init__
+
+
+def _accelerate_fsdp2(rank: int, world: int, folder: str) -> dict:
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    _allow_fsdp_on_cpu()
+    out = {}
+    for name in KWARGS:
+        trainer = _trainer(f"{folder}/{name}", PER_DEVICE, (RECORDING[name], KWARGS[name]), fsdp=True, fsdp_config={"fsdp_version": 2})
+        trainer.train()
+        optimizer = trainer.optimizer.optimizer  # accelerate's AcceleratedOptimizer around ours
+        out[name] = dict(params=state(trainer.model), built_with=optimizer.built_with, distributed=str(trainer.accelerator.distributed_type),
+                         stepped_on=sorted({type(p).__name__ for g in optimizer.param_groups for p in g["params"]}),
+                         local=sum(p.to_local().numel() for p in trainer.model.parameters()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One 2-rank launch: DDP, accelerate's FSDP2 (SMMF, then Alada), DeepSpeed ZeRO-2 (last: it is
+    launched without ACCELERATE_USE_CPU, which would make HF drop DeepSpeed)."""
+    folder = str(tmp_path_factory.mktemp("hf"))
+    cases = {
+        "ddp": (_distributed, (f"{folder}/ddp", "ddp")),
+        "accelerate-fsdp2": (_accelerate_fsdp2, (f"{folder}/fsdp2",)),
+        "deepspeed-zero2": (_distributed, (f"{folder}/ds", "deepspeed-zero2")),
+    }
+    return Launch(cases, 2, timeout=400, env={"DS_ACCELERATOR": "cpu"})
+
+
+@pytest.mark.parametrize("name", ["SMMF", "Alada"])
+def test_trainer_accelerate_fsdp2_equals_one_process(name, two_ranks):
+    """The optimizer is built on the plain parameters; accelerate swaps them for DTensor shards."""
+    numel = sum(p.numel() for p in tiny_gpt2().parameters())
+    expected = _reference(name, 2)
+    for got in (run[name] for run in two_ranks.case("accelerate-fsdp2")):
+        assert got["distributed"] == "DistributedType.FSDP", got["distributed"]
+        assert got["built_with"] == ["Parameter"] and got["stepped_on"] == ["DTensor"], (got["built_with"], got["stepped_on"])
+        assert got["local"] < numel  # each rank holds a shard
+        error = max_error(got["params"], expected)
+        print(f"accelerate FSDP2 {name}: {error:.3g}")
         assert error <= TOLERANCE, error

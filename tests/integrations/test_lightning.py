@@ -9,7 +9,7 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 
 import dist_memopt as dm  # noqa: E402
-from harness import run_distributed  # noqa: E402
+from harness import Launch  # noqa: E402
 from trainer_models import TOLERANCE, max_error, reference, samples, state, tiny_gpt2  # noqa: E402
 
 STEPS, PER_DEVICE, LR, WD = 4, 4, 1e-3, 0.1
@@ -61,9 +61,19 @@ def _fit(rank: int, world: int, folder: str, variant: str) -> dict[str, torch.Te
     return dict(params=state(module.model), sharded=sharded)
 
 
-@pytest.mark.parametrize("variant", ["ddp", "model-parallel-fsdp2"])
-def test_lightning_equals_one_process(variant, tmp_path):
-    results = run_distributed(_fit, 2, str(tmp_path), variant, timeout=300)
+VARIANTS = ["ddp", "model-parallel-fsdp2"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One 2-rank launch fitting each variant in turn."""
+    folder = str(tmp_path_factory.mktemp("lightning"))
+    return Launch({variant: (_fit, (f"{folder}/{variant}", variant)) for variant in VARIANTS}, 2, timeout=400)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lightning_equals_one_process(variant, two_ranks):
+    results = two_ranks.case(variant)
     expected = reference(lambda m: dm.SMMF(dm.decay_param_groups(m, WD), **KWARGS), 2 * PER_DEVICE, STEPS)
     for result in results:
         assert result["sharded"] == (variant != "ddp")

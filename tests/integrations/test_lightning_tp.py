@@ -14,7 +14,7 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 
 import dist_memopt as dm  # noqa: E402
-from harness import run_distributed  # noqa: E402
+from harness import Launch  # noqa: E402
 from tp_cases import PLAN, TPModel  # noqa: E402
 
 STEPS, TOLERANCE = 4, 1e-6
@@ -71,12 +71,19 @@ def _one_process(optimizer: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One 2-rank launch fitting each optimizer in turn."""
+    folder = str(tmp_path_factory.mktemp("lightning-tp"))
+    return Launch({name: (_fit, (f"{folder}/{name}", name)) for name in OPTIMIZERS}, 2, timeout=400)
+
+
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_lightning_tensor_parallel_equals_one_process(optimizer, tmp_path):
+def test_lightning_tensor_parallel_equals_one_process(optimizer, two_ranks):
     expected = _one_process(optimizer)
     initial = {n: p.detach() for n, p in _model().named_parameters()}
     assert any(not torch.equal(initial[n], v) for n, v in expected.items())
-    for result in run_distributed(_fit, 2, str(tmp_path), optimizer, timeout=300):
+    for result in two_ranks.case(optimizer):
         assert "Shard(dim=1)" in result["placements"]  # the row-wise weight really is a column block
         errors = {n: (result["params"][n] - v).abs().max().item() / max(1.0, v.abs().max().item()) for n, v in expected.items()}
         worst = max(errors, key=errors.get)

@@ -9,15 +9,17 @@ The model (megatron_moe_setup.gpt_moe) has two MoE layers of 4 SwiGLU experts (S
   optimizer; reducing their statistics over the dense data-parallel group (which pairs ranks
   holding *different* experts) instead of the expert one fails this case;
 - TP=1, ETP=2, EP=2: the experts are split over an expert tensor-parallel group that is not the
-  (size-1) dense tensor-parallel group; completing them over the dense group fails this case.
+  (size-1) dense tensor-parallel group; completing them over the dense group fails this case;
+- TP=2, ETP=1, EP=2: whole experts beside TP-split dense weights (their pieces checked against the
+  expert tensor-parallel size, 1, not the dense one).
 
 Every layout starts from the same full weights and steps on the same injected main gradients
 (each rank's piece of the TP=1 gradient); after 10 steps with clipping active the assembled
 parameters equal TP=1's to 1e-6 of their scale, with the distributed optimizer on and off. The
 TP=1 x ETP=2 x EP=2 SMMF run is also saved at step 5 with Megatron's distributed checkpointing
-and resumed at ETP=1 (EP=2: the same two chained optimizers; Megatron keys a checkpoint's
-optimizers by their number, so EP=2 to EP=1 does not load, for Adam neither). Grouped-GEMM experts
-are refused with a clear error.
+and resumed at ETP=1 (EP=2: the same two chained optimizers; Megatron's ChainedOptimizer keys its
+optimizers' state by number and loads only into as many, so EP=2 to EP=1 does not load, whatever
+the optimizer). Grouped-GEMM experts are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ LAYOUTS = {
     (2, 2, 1): [("smmf", True), ("smmf", False), ("alada", True), ("alada", False)],
     (2, 2, 2): [("smmf", True), ("smmf", False), ("alada", True), ("alada", False)],
     (1, 2, 2): [("smmf", True), ("alada", True)],
+    (2, 1, 2): [("smmf", True), ("alada", True)],
 }
 CASES = [(layout, name, distributed) for layout, cases in LAYOUTS.items() if layout != REFERENCE for name, distributed in cases]
 FC1 = "decoder.layers.0.mlp.experts.local_experts.{}.linear_fc1.weight"
@@ -134,6 +137,7 @@ def test_expert_statistics_are_reduced_over_expert_groups(runs):
         (2, 2, 1): ([(0, 1), (0, 2)], [(0, 1), (0, 2)]),  # expert DP = DP at EP=1
         (2, 2, 2): ([(0, 1)], [(0, 1), (0, 2)]),  # expert DP of one rank: nothing to complete
         (1, 2, 2): ([(0, 1)], [(0, 1, 2, 3)]),  # dense: DP=4; experts: their own TP group
+        (2, 1, 2): ([(0, 2)], [(0, 1), (0, 2)]),  # whole experts: expert DP only
     }
     for layout, (expert, dense) in expected.items():
         reduced = runs[0][layout, "smmf", True]["reduced_over"]

@@ -10,7 +10,8 @@ ranks the splits differ. Every rank trains on the same batches, so after 10 step
 equal one process running the same optimizer with the same clipping (tolerance 1e-6 of the
 parameter scale). Two processes: 2 ranks (exactness, layouts, checkpoint/resume, an expert-parallel
 parameter), then 3 ranks (the 2-rank checkpoint resharded, bf16 with loss scaling and a skipped
-step, the whole-parameter fp32 and bf16 optimizers, expert tensor parallelism rejected).
+step, the whole-parameter fp32 and bf16 optimizers, an expert parameter at expert tensor parallel
+size 3).
 """
 
 from __future__ import annotations
@@ -165,10 +166,9 @@ def _three_ranks(rank: int, world_size: int, root: str) -> dict:
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(3, 1)  # expert tensor parallelism follows TP: 3
-    try:
-        _build("smmf-adamw", expert_param=True)
-    except ValueError as error:
-        results["expert_tensor_parallel_error"] = str(error)
+    ddp, optimizer = _build("smmf-adamw", expert_param=True)  # a model that splits nothing: replicated over TP
+    ms.train_megatron(ddp, optimizer, range(STEPS))
+    results["expert_tensor_parallel"] = ms.model_weights(ddp)
     return results
 
 
@@ -285,7 +285,10 @@ def test_bf16_without_distributed_optimizer(runs):
         _assert_close(result["whole_bf16"]["main"], reference, "Float16OptimizerWithFloat16Params")
 
 
-def test_expert_tensor_parallelism_is_rejected(runs):
+def test_expert_parameter_at_expert_tensor_parallel_size_3(runs):
+    """Expert tensor parallelism (split experts: test_megatron_expert_tensor_parallel.py) on a model
+    whose expert parameter is replicated over the expert-TP ranks: stepped like one process."""
     _, three = runs
-    for result in three:
-        assert "expert_tensor_parallel_size=3 is not supported" in result["expert_tensor_parallel_error"]
+    reference, _ = ms.train_reference("smmf-adamw", STEPS)
+    for rank, result in enumerate(three):
+        _assert_close(result["expert_tensor_parallel"], reference, f"expert parameter at TP=3, rank {rank}")

@@ -117,14 +117,10 @@ def check_supported(config: Any, model_chunks: list, pg_collection: Any = None) 
         raise ValueError(f"optimizer={name!r}: Megatron FSDP (use_megatron_fsdp) is not supported; use DDP with use_distributed_optimizer")
     if any(is_float8tensor(p) for chunk in model_chunks for p in chunk.parameters()):
         raise ValueError(f"optimizer={name!r}: fp8 parameters are not supported")
-    has_experts = any(not getattr(p, "allreduce", True) for chunk in model_chunks for p in chunk.parameters())
-    expert_tp_size = _expert_tp_size(pg_collection) if has_experts else 1
-    if expert_tp_size > 1:
-        raise ValueError(
-            f"optimizer={name!r} with expert_tensor_parallel_size={expert_tp_size} is not supported: the "
-            "pieces of tensor-parallel expert weights are not described yet; set expert_tensor_parallel_size=1 "
-            "(tensor, sequence, pipeline, data and expert parallelism are supported)"
-        )
+    if _group_size(_tp_group(pg_collection)) > 1 or _group_size(_expert_tp_group(pg_collection)) > 1:
+        from dist_memopt.integrations.megatron.tensor_parallel import refuse_grouped_experts
+
+        refuse_grouped_experts(model_chunks)
 
 
 def _tp_group(pg_collection: Any) -> Any:
@@ -135,22 +131,27 @@ def _tp_group(pg_collection: Any) -> Any:
     return parallel_state.get_tensor_model_parallel_group(check_initialized=False)
 
 
-def _expert_tp_size(pg_collection: Any) -> int:
+def _expert_tp_group(pg_collection: Any) -> Any:
+    """The group MoE expert weights are split over (Megatron's expert tensor-parallel group)."""
     from megatron.core import parallel_state
 
-    if pg_collection is not None:
-        return _group_size(getattr(pg_collection, "expt_tp", None))
-    return parallel_state.get_expert_tensor_parallel_world_size() or 1
+    if pg_collection is not None and hasattr(pg_collection, "expt_tp"):
+        return pg_collection.expt_tp
+    return parallel_state.get_expert_tensor_parallel_group(check_initialized=False)
 
 
 def tensor_parallel_pieces(model_chunks: list, pg_collection: Any = None) -> dict:
-    """id(parameter) -> its piece of the TP=1 parameter; empty without tensor parallelism."""
+    """id(parameter) -> its piece of the TP=1 parameter; empty without (expert) tensor parallelism."""
     from dist_memopt.integrations.megatron.tensor_parallel import tp_pieces
 
-    group = _tp_group(pg_collection)
-    if _group_size(group) == 1:
+    group, expert_group = _tp_group(pg_collection), _expert_tp_group(pg_collection)
+    if _group_size(group) == 1 and _group_size(expert_group) == 1:
         return {}
-    return tp_pieces(model_chunks, group.rank(), group.size())
+
+    def rank_size(g: Any) -> tuple[int, int]:
+        return (0, 1) if g is None else (g.rank(), g.size())
+
+    return tp_pieces(model_chunks, *rank_size(group), *rank_size(expert_group))
 
 
 def _grad_scaler(config: Any) -> Any:
@@ -199,7 +200,7 @@ def _build(
     )
 
     inner = cls(param_groups, **arguments) if param_groups else None
-    tp = dict(pieces=pieces, tp_group=_tp_group(pg_collection))
+    tp = dict(pieces=pieces, tp_group=_tp_group(pg_collection), expert_tp_group=_expert_tp_group(pg_collection))
     if config.use_distributed_optimizer:
         optimizer = FactoredDistributedOptimizer(
             inner, config, _grad_scaler(config), _no_state_init,
@@ -253,7 +254,8 @@ def get_megatron_optimizer(
     shards, their statistics completed over each buffer's data-parallel group; without it, whole
     parameters. With tensor parallelism each TP rank's piece is placed in the TP=1 parameter
     (:mod:`.tensor_parallel`) and a split parameter's statistics are completed over the
-    tensor-parallel group too, so the update does not depend on the layout. Returns what Megatron
+    tensor-parallel group too (an MoE expert's over the expert tensor-parallel group), so the
+    update does not depend on the layout. Returns what Megatron
     returns (a ``ChainedOptimizer``).
     """
     import megatron.core.optimizer as megatron_optimizer

@@ -51,21 +51,30 @@ class _TensorParallel:
 
     pieces: dict[int, TPPiece] = {}
     tp_group: Any = None
+    expert_tp_group: Any = None
 
-    def _tp_setup(self, pieces: Optional[dict[int, TPPiece]], tp_group: Any) -> None:
-        self.pieces, self.tp_group = pieces or {}, tp_group
+    def _tp_setup(self, pieces: Optional[dict[int, TPPiece]], tp_group: Any, expert_tp_group: Any = None) -> None:
+        self.pieces, self.tp_group, self.expert_tp_group = pieces or {}, tp_group, expert_tp_group
+
+    def _spec(self, model_param: Tensor, window: Optional[tuple[int, int]], dp_group: Any) -> Any:
+        """The shard description of (``window`` of) ``model_param``'s piece, statistics over its groups."""
+        return piece_spec(model_param.shape, self.pieces.get(id(model_param)), window, self.tp_group, dp_group, self.expert_tp_group)
 
     def _declare_whole(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         """(stepped tensor, model parameter): each stepped tensor is its parameter's whole TP piece."""
         for tensor, model_param in pairs:
-            spec = piece_spec(model_param.shape, self.pieces.get(id(model_param)), None, self.tp_group, None)
+            spec = self._spec(model_param, None, None)
             set_layout(tensor, [Segment(0, spec)], checkpoint="megatron")
 
     def _tp_rank(self) -> int:
         return self.tp_group.rank() if self.tp_group is not None else 0
 
     def _entry(self, tensor: Tensor, model_param: Tensor, elements: Optional[tuple[int, int]]) -> StateEntry:
-        return StateEntry(tensor, model_param, elements, self.pieces.get(id(model_param)))
+        piece = self.pieces.get(id(model_param))
+        tp_rank = None  # the wrapper's tensor-parallel rank
+        if piece is not None and piece.expert:
+            tp_rank = self.expert_tp_group.rank() if self.expert_tp_group is not None else 0
+        return StateEntry(tensor, model_param, elements, piece, tp_rank)
 
 
 class _FactoredCheckpointing(_TensorParallel):
@@ -134,6 +143,7 @@ class FactoredDistributedOptimizer(_FactoredCheckpointing, DistributedOptimizer)
         distributed_optimizer_instance_id: int,
         pieces: Optional[dict[int, TPPiece]] = None,
         tp_group: Any = None,
+        expert_tp_group: Any = None,
     ) -> None:
         # Megatron's constructor accepts only Adam (for its Adam-shaped checkpoints, replaced here).
         # It gets a stand-in over the same groups, builds its ranges and shards, and SMMF/Alada take
@@ -146,7 +156,7 @@ class FactoredDistributedOptimizer(_FactoredCheckpointing, DistributedOptimizer)
             data_parallel_group, data_parallel_group_gloo, data_parallel_group_idx, distributed_optimizer_instance_id,
         )
         self._entries: list[StateEntry] = []
-        self._tp_setup(pieces, tp_group)
+        self._tp_setup(pieces, tp_group, expert_tp_group)
         if optimizer is not None:
             self.optimizer = optimizer
             self._seat_on_shards()
@@ -173,7 +183,7 @@ class FactoredDistributedOptimizer(_FactoredCheckpointing, DistributedOptimizer)
                     elements = self._get_model_param_range_map(model_param)["param"]
                     start, end = elements.start, elements.end
                     self.model_param_group_index_map[model_param] = (group_index, len(tensors))
-                spec = piece_spec(model_param.shape, self.pieces.get(id(model_param)), (start, end), self.tp_group, dp_group)
+                spec = self._spec(model_param, (start, end), dp_group)
                 set_layout(shard, [Segment(0, spec, name)], checkpoint="megatron")
                 self._entries.append(self._entry(shard, model_param, (start, end)))
                 tensors.append(shard)
@@ -221,9 +231,9 @@ class FactoredFloat16Optimizer(_FactoredCheckpointing, Float16OptimizerWithFloat
     """Megatron's bf16/fp16 optimizer (fp32 main copies of whole parameters) with SMMF or Alada."""
 
     def __init__(self, optimizer: Optional[FactoredOptimizer], config: Any, grad_scaler: Any, init_state_fn: Callable,
-                 pieces: Optional[dict[int, TPPiece]] = None, tp_group: Any = None) -> None:
+                 pieces: Optional[dict[int, TPPiece]] = None, tp_group: Any = None, expert_tp_group: Any = None) -> None:
         super().__init__(optimizer, config, grad_scaler, init_state_fn)
-        self._tp_setup(pieces, tp_group)
+        self._tp_setup(pieces, tp_group, expert_tp_group)
         if optimizer is not None:
             self._declare_whole([(entry.tensor, entry.model_param) for entry in self._state_entries()])
 
@@ -248,9 +258,9 @@ class FactoredFP32Optimizer(_FactoredCheckpointing, FP32Optimizer):
     grad_scaler = None
 
     def __init__(self, optimizer: Optional[FactoredOptimizer], config: Any, init_state_fn: Callable,
-                 pieces: Optional[dict[int, TPPiece]] = None, tp_group: Any = None) -> None:
+                 pieces: Optional[dict[int, TPPiece]] = None, tp_group: Any = None, expert_tp_group: Any = None) -> None:
         super().__init__(optimizer, config, init_state_fn)
-        self._tp_setup(pieces, tp_group)
+        self._tp_setup(pieces, tp_group, expert_tp_group)
         if optimizer is not None:
             self._declare_whole([(p, p) for group in optimizer.param_groups for p in group["params"]])
 

@@ -55,6 +55,7 @@ class StateEntry:
     model_param: Tensor
     elements: Optional[tuple[int, int]]
     piece: Optional[TPPiece] = None
+    tp_rank: Optional[int] = None  # the rank in the group ``piece`` is split over (None: the caller's tp_rank)
 
     def boxes(self) -> tuple[torch.Size, list[Box]]:
         """The TP=1 shape, and the boxes of it this entry holds, in the order of its elements."""
@@ -195,7 +196,8 @@ def sharded_param_state(
         else:  # a distinct range on each data-parallel rank: replicated only across optimizer instances
             replica_id = (*meta.replica_id[:2], instance_id)
         split = entry.piece is not None and entry.piece.is_split
-        factor_replica = (*_replica_tuple(meta.replica_id), tp_rank if split else 0)
+        piece_rank = tp_rank if entry.tp_rank is None else entry.tp_rank
+        factor_replica = (*_replica_tuple(meta.replica_id), piece_rank if split else 0)
         tensors: dict[str, Any] = {}
         for key, value in dict(state, **{MAIN_PARAM_KEY: entry.tensor.detach()}).items():
             if key in elementwise or key == MAIN_PARAM_KEY:

@@ -13,6 +13,15 @@ The parameters' own tensor-parallel attributes (``tensor_model_parallel``, ``par
 cut into ``stride × tp`` chunks, rank r holding chunks r, r + tp, ...); each piece is checked
 against them, so a module whose checkpoint metadata and weights disagree is an error, not a
 silently wrong factorization. Stacking axes that Megatron prepends (the layer index) are dropped.
+
+MoE experts (``SequentialMLP``: each local expert an MLP of its own) are split over the *expert*
+tensor-parallel group, not the dense one: their pieces are checked against that group's rank and
+size and marked ``expert``, so that their statistics are completed over it. Megatron's checkpoint
+metadata gives each expert its global index as a prepended (stacking) axis, so every expert, on
+whichever expert-parallel rank, is a parameter of its own: nothing is reduced across experts.
+Grouped-GEMM experts (``GroupedMLP``, ``TEGroupedMLP``) hold all local experts in one fused weight
+that the metadata describes expert by expert; they are refused (see
+:func:`refuse_grouped_experts`).
 """
 
 from __future__ import annotations
@@ -27,7 +36,10 @@ from torch import Tensor
 from dist_memopt.integrations.dtensor import box_runs
 from dist_memopt.shard.spec import Run, ShardSpec, cut_runs
 
-__all__ = ["Box", "TPPiece", "tp_pieces", "piece_spec", "piece_from_sharded_tensors", "attribute_boxes"]
+__all__ = [
+    "Box", "TPPiece", "tp_pieces", "piece_spec", "piece_from_sharded_tensors", "attribute_boxes",
+    "expert_parameter_ids", "refuse_grouped_experts",
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class TPPiece:
 
     global_shape: torch.Size
     boxes: tuple[Box, ...]
+    expert: bool = False  # an MoE expert's: split over the expert tensor-parallel group
 
     @property
     def is_split(self) -> bool:
@@ -117,13 +130,37 @@ def _unwrapped(chunk: Any) -> Any:
     return chunk
 
 
+def expert_parameter_ids(module: Any) -> set[int]:
+    """id() of every parameter of an MoE expert layer in ``module`` (Megatron's ``is_expert``
+    linear layers: split over the expert tensor-parallel group)."""
+    return {id(p) for m in module.modules() if getattr(m, "is_expert", False) for p in m.parameters(recurse=False)}
+
+
+def refuse_grouped_experts(model_chunks: Iterable[Any]) -> None:
+    """ValueError if a model has grouped-GEMM experts, whose fused weight's pieces are not described."""
+    from megatron.core.transformer.moe.experts import GroupedMLP, TEGroupedMLP
+
+    for chunk in map(_unwrapped, model_chunks):
+        for name, module in chunk.named_modules():
+            if isinstance(module, (GroupedMLP, TEGroupedMLP)):
+                raise ValueError(
+                    f"{name or 'the model'} is a {type(module).__name__}: grouped-GEMM experts hold all local experts in "
+                    "one fused weight, which Megatron's checkpoint metadata describes expert by expert; with tensor or "
+                    "expert tensor parallelism SMMF/Alada need each piece's place, so use SequentialMLP experts "
+                    "(moe_grouped_gemm=False)"
+                )
+
+
 def piece_spec(shape: torch.Size, piece: Optional[TPPiece], window: Optional[tuple[int, int]],
-               tp_group: Any, dp_group: Any) -> ShardSpec:
+               tp_group: Any, dp_group: Any, expert_tp_group: Any = None) -> ShardSpec:
     """The shard description of a tensor the optimizer steps: the parameter's TP piece (or all of
     it), cut to ``window`` of its local elements (the distributed optimizer's range, or None), its
-    statistics completed over the tensor-parallel group if it is split and the data-parallel group
-    if it is cut; groups of one rank are left out (nothing to complete)."""
+    statistics completed over the tensor-parallel group (``expert_tp_group`` for an expert's piece)
+    if it is split and the data-parallel group if it is cut; groups of one rank are left out
+    (nothing to complete)."""
     split = piece is not None and piece.is_split
+    if split and piece.expert:
+        tp_group = expert_tp_group
     global_shape = piece.global_shape if split else torch.Size(shape)
     numel = math.prod(shape)
     runs = piece.runs() if split else ([Run(0, numel)] if numel else [])
@@ -134,15 +171,23 @@ def piece_spec(shape: torch.Size, piece: Optional[TPPiece], window: Optional[tup
     return ShardSpec.of_runs(global_shape, runs, groups if len(groups) > 1 else (groups[0] if groups else None), signature)
 
 
-def tp_pieces(model_chunks: Iterable[Any], tp_rank: int, tp_size: int) -> dict[int, TPPiece]:
-    """id(parameter) -> its piece, for every parameter of ``model_chunks`` (Megatron modules)."""
+def tp_pieces(model_chunks: Iterable[Any], tp_rank: int, tp_size: int,
+              expert_tp_rank: Optional[int] = None, expert_tp_size: Optional[int] = None) -> dict[int, TPPiece]:
+    """id(parameter) -> its piece, for every parameter of ``model_chunks`` (Megatron modules);
+    experts' pieces are checked against the expert tensor-parallel rank and size (default: the
+    tensor-parallel ones)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
     from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 
+    model_chunks = list(model_chunks)
+    refuse_grouped_experts(model_chunks)
+    expert_rank = tp_rank if expert_tp_rank is None else expert_tp_rank
+    expert_size = tp_size if expert_tp_size is None else expert_tp_size
     pieces: dict[int, TPPiece] = {}
     for chunk in map(_unwrapped, model_chunks):
         names = {id(p): n for n, p in chunk.named_parameters()}
+        experts = expert_parameter_ids(chunk)
         sharded, _ = extract_sharded_tensors_and_factories(chunk.sharded_state_dict())
         for sh in nested_values(sharded):
             param_id = id(sh.data)
@@ -151,7 +196,11 @@ def tp_pieces(model_chunks: Iterable[Any], tp_rank: int, tp_size: int) -> dict[i
             built = list(nested_values(sh.build())) if isinstance(sh, ShardedTensorFactory) else [sh]
             param = sh.data
             piece = piece_from_sharded_tensors(param, built, names[param_id])
-            expected = attribute_boxes(param, piece.global_shape, tp_rank, tp_size)
+            if param_id in experts:
+                piece = TPPiece(piece.global_shape, piece.boxes, expert=True)
+                expected = attribute_boxes(param, piece.global_shape, expert_rank, expert_size)
+            else:
+                expected = attribute_boxes(param, piece.global_shape, tp_rank, tp_size)
             if not _same_elements(piece.boxes, expected, piece.global_shape):
                 raise ValueError(
                     f"parameter {names[param_id]!r}: Megatron's checkpoint metadata places it at {piece.boxes} of "

@@ -275,8 +275,9 @@ def _partial_statistics(stack: SegmentStack) -> None:
             momentum.mul_(hp.beta1).add_(grads[:, lo:hi], alpha=1.0 - hp.beta1)
         corrected = momentum.div(hp.bias1)  # M̃
         if hi - lo == geo.numel:  # one chunk: the update reuses M̃ instead of dividing again
-            stack.memo("corrected", lambda kept=corrected: kept)
-        second = corrected.square()
+            second = stack.memo("corrected", lambda kept=corrected: kept).square()
+        else:
+            second = corrected.square_()  # in place: a chunk's temporaries stay few (in cache)
         if hp.t % 2 == 1:
             part.add_weighted_col_sums(second, weights, stat)
         else:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from dist_memopt.optim.base import (
     FactoredOptimizer,
+    SegmentPlan,
     SegmentStack,
     SegmentWork,
     Side,
@@ -32,7 +33,7 @@ from dist_memopt.optim.base import (
 )
 from dist_memopt.kernels.select import check_kernel
 from dist_memopt.optim.grad_contract import GradContract
-from dist_memopt.optim.stacks import local_weight
+from dist_memopt.optim.stacks import local_grad, local_weight, state_view
 from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import balanced_split
 from dist_memopt.shard.reduce import StatReducer
@@ -188,7 +189,8 @@ class Alada(FactoredOptimizer):
         if fused is not None:
             for w in work.fused_works:
                 hp = w.schedule
-                fused.add(w.item, w.seg, hp, w.slots["col" if hp.t % 2 == 1 else "row"], w.slots["norm"])
+                slots = w.slots
+                fused.add(w.item, w.seg, hp, slots[_statistic_name(hp)], slots["norm"])
             fused.statistics()
         reducer.reduce(async_op=False)  # the refits need the complete statistics at once
         for stack in work.stacks:
@@ -242,7 +244,16 @@ def _momentum(work: SegmentWork) -> Tensor:
 
 
 def _statistic_name(hp: "_Schedule") -> str:
+    """The statistic step ``t`` refits with: Vᵀ·p at odd t (for q), V·q at even t (for p)."""
     return "col" if hp.t % 2 == 1 else "row"
+
+
+_P = state_view("row", SegmentPlan.rows)  # float64
+_Q = state_view("col", SegmentPlan.cols)
+
+
+def _v0(work: SegmentWork) -> Tensor:
+    return work.item.state["v0"][work.seg.factor_index]
 
 
 def _partial_statistics(stack: SegmentStack) -> None:
@@ -250,19 +261,19 @@ def _partial_statistics(stack: SegmentStack) -> None:
     geo, hp = stack.geometry, stack.schedule
     in_place = stack.count == 1  # one segment: M updated in place, chunk by chunk
     if not hp.in_grad and not in_place:  # several: on the members' own tensors, then stacked
-        grad_views = [w.seg.local(w.item.grad) for w in stack.works]
+        grad_views = [local_grad(w) for w in stack.works]
         momentum_views = [_momentum(w) for w in stack.works]
         torch._foreach_mul_(momentum_views, hp.beta1)
         torch._foreach_add_(momentum_views, grad_views, alpha=1.0 - hp.beta1)
     momenta = stack.memo("momenta", lambda: stack.gather(_momentum))
     needs_grad = hp.t == 0 or (in_place and not hp.in_grad)
-    grads = stack.gather(lambda w: w.seg.local(w.item.grad)) if needs_grad else None
+    grads = stack.gather(local_grad) if needs_grad else None
     stat = stack.statistic(_statistic_name(hp))
     norm = stack.statistic("norm") if hp.t == 0 else None
     if hp.t % 2 == 1:
-        weights = stack.memo("row", lambda: stack.gather(lambda w: w.seg.rows(w.item.state["row"]))).float()
+        weights = stack.memo("row", lambda: stack.gather(_P)).float()
     elif hp.t > 0:
-        weights = stack.memo("col", lambda: stack.gather(lambda w: w.seg.cols(w.item.state["col"]))).float()
+        weights = stack.memo("col", lambda: stack.gather(_Q)).float()
     else:
         # q_0 = sqrt(v0)·1 is not known before ‖G0‖² is complete: send plain row sums of V and
         # scale them by sqrt(v0) once it is (V·q_0 = sqrt(v0)·rowsum(V)).
@@ -299,9 +310,9 @@ def _refit_and_update(stack: SegmentStack) -> None:
     memory); M and the update stay fp32.
     """
     geo, hp = stack.geometry, stack.schedule
-    p = stack.memo("row", lambda: stack.gather(lambda w: w.seg.rows(w.item.state["row"])))  # (B, n) float64
-    q = stack.memo("col", lambda: stack.gather(lambda w: w.seg.cols(w.item.state["col"])))  # (B, m)
-    v0 = stack.gather(lambda w: w.item.state["v0"][w.seg.factor_index])  # (B,)
+    p = stack.memo("row", lambda: stack.gather(_P))  # (B, n) float64
+    q = stack.memo("col", lambda: stack.gather(_Q))  # (B, m)
+    v0 = stack.gather(_v0)  # (B,)
     stat = stack.complete(_statistic_name(hp)).to(torch.float64)
     if hp.t == 0:
         v0.copy_(stack.complete("norm")[:, 0] / (geo.rows * geo.cols))
@@ -323,6 +334,6 @@ def _refit_and_update(stack: SegmentStack) -> None:
         else:
             corrected = momenta[:, lo:hi].div(hp.bias1)
         stack.addcdiv_(local_weight, lo, hi, corrected, denom, value=-hp.lr)
-    stack.scatter(p, lambda w: w.seg.rows(w.item.state["row"]))
-    stack.scatter(q, lambda w: w.seg.cols(w.item.state["col"]))
-    stack.scatter(v0, lambda w: w.item.state["v0"][w.seg.factor_index])
+    stack.scatter(p, _P)
+    stack.scatter(q, _Q)
+    stack.scatter(v0, _v0)

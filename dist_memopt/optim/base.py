@@ -241,13 +241,13 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         into fused segments and torch-path stacks."""
         schedules = [self._schedule(item.group, t) for item, t in zip(items, self._advance_steps(items))]
         fused = fused_step(items, self.kernel_family)
+        in_kernel = {id(item) for item in items if fused is not None and fused_item(item)}
         decays: list[tuple[Tensor, float]] = []
         for item, hp in zip(items, schedules):
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
             if hp.decay_factor is not None:  # the fused kernels decay their own segments' elements
-                in_kernel = fused is not None and fused_item(item)
-                targets = [s.local(item.weight) for s in item.plan.dense_segments] if in_kernel else [item.weight]
+                targets = [s.local(item.weight) for s in item.plan.dense_segments] if id(item) in in_kernel else [item.weight]
                 decays += [(target, hp.decay_factor) for target in targets]
         decay_weights(decays)  # W ← W·(1 − lr·wd) before any update
         by_item = {id(item): hp for item, hp in zip(items, schedules)}
@@ -256,7 +256,7 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
             work.schedule = by_item[id(work.item)]
             if work.ticket is not None:
                 work.span = reducer.slot(work.ticket)
-            (fused_works if fused is not None and fused_item(work.item) else torch_works).append(work)
+            (fused_works if id(work.item) in in_kernel else torch_works).append(work)
         return StepWork(items, schedules, stack_segments(torch_works, self._stackable), fused_works, fused)
 
     def _collect(self) -> list[StepItem]:

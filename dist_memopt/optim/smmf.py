@@ -29,7 +29,7 @@ from dist_memopt.optim.base import (
 )
 from dist_memopt.kernels.select import check_kernel
 from dist_memopt.optim.bits import pack_sign_rows, unpack_sign_rows
-from dist_memopt.optim.stacks import local_weight
+from dist_memopt.optim.stacks import local_grad, local_weight, state_view
 from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import square_matricize
 from dist_memopt.shard.reduce import StatReducer
@@ -189,7 +189,8 @@ class SMMF(FactoredOptimizer):
         fused = work.fused
         if fused is not None:
             for w in work.fused_works:
-                fused.add(w.item, w.seg, w.schedule, (w.slots["row_v"], w.slots["col_v"], w.slots.get("row_m"), w.slots.get("col_m")))
+                slots = w.slots
+                fused.add(w.item, w.seg, w.schedule, (slots["row_v"], slots["col_v"], slots.get("row_m"), slots.get("col_m")))
             fused.run()
         for item in work.items:
             item.commit()
@@ -254,6 +255,9 @@ def _dense_step(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> None:
     weight.addcdiv_(numerator, exp_avg_sq.sqrt().add_(hp.eps), value=-hp.lr)
 
 
+_SIGNS = state_view("sign", SegmentPlan.bits)
+
+
 def _factored_step(stack: SegmentStack) -> None:
     """Decompress, fold in the gradient, update the weights, add partial factor sums; by chunks.
 
@@ -261,18 +265,18 @@ def _factored_step(stack: SegmentStack) -> None:
     go to the stack's statistics, completed over the ranks that hold the segments when sharded.
     """
     geo, hp = stack.geometry, stack.schedule
-    grads = stack.gather(lambda w: w.seg.local(w.item.grad))
+    grads = stack.gather(local_grad)
     if hp.coupled_decay:
-        weights = stack.gather(lambda w: w.seg.local(w.item.weight))
+        weights = stack.gather(local_weight)
     # β·(r ⊗ c) = (β·r) ⊗ c: scale the short factor once instead of every element
-    row_v = stack.gather(lambda w: w.seg.rows(w.item.state["row_v"])) * hp.beta2
-    col_v = stack.gather(lambda w: w.seg.cols(w.item.state["col_v"]))
+    row_v = stack.gather(state_view("row_v", SegmentPlan.rows)) * hp.beta2
+    col_v = stack.gather(state_view("col_v", SegmentPlan.cols))
     stats_v = stack.statistic("row_v"), stack.statistic("col_v")
     if hp.beta1 is not None:
-        row_m = stack.gather(lambda w: w.seg.rows(w.item.state["row_m"])) * hp.beta1
-        col_m = stack.gather(lambda w: w.seg.cols(w.item.state["col_m"]))
+        row_m = stack.gather(state_view("row_m", SegmentPlan.rows)) * hp.beta1
+        col_m = stack.gather(state_view("col_m", SegmentPlan.cols))
         stats_m = stack.statistic("row_m"), stack.statistic("col_m")
-        signs = stack.gather(lambda w: w.seg.bits(w.item.state["sign"]))
+        signs = stack.gather(_SIGNS)
     for lo, hi in chunk_ranges(geo.numel, stack.chunk):
         part = geo.sub(lo, hi)
         grad = grads[:, lo:hi]
@@ -291,7 +295,7 @@ def _factored_step(stack: SegmentStack) -> None:
             numerator = first
         stack.addcdiv_(local_weight, lo, hi, numerator, second.sqrt_().add_(hp.eps), value=-hp.lr)
     if hp.beta1 is not None:
-        stack.scatter(signs, lambda w: w.seg.bits(w.item.state["sign"]))
+        stack.scatter(signs, _SIGNS)
 
 
 def _store_stack_factors(stack: SegmentStack) -> None:
@@ -300,5 +304,6 @@ def _store_stack_factors(stack: SegmentStack) -> None:
     for row_key, col_key in pairs:
         rows, cols = stack.complete(row_key), stack.complete(col_key)
         normalize_factors(rows, cols)
-        for key, values, view in ((row_key, rows, SegmentPlan.rows), (col_key, cols, SegmentPlan.cols)):
-            torch._foreach_copy_([view(w.seg, w.item.state[key]) for w in stack.works], list(values.unbind(0)))
+        for key, values, part in ((row_key, rows, SegmentPlan.rows), (col_key, cols, SegmentPlan.cols)):
+            view = state_view(key, part)
+            torch._foreach_copy_([view(w) for w in stack.works], list(values.unbind(0)))

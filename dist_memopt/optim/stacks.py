@@ -22,7 +22,7 @@ from dist_memopt.optim.plan import SegmentPlan, StepItem
 from dist_memopt.shard.reduce import StatReducer, group_chain
 from dist_memopt.shard.stacked import StackedGeometry
 
-__all__ = ["SegmentWork", "SegmentStack", "StepWork", "reserve_statistics", "stack_segments", "local_weight", "Side"]
+__all__ = ["SegmentWork", "SegmentStack", "StepWork", "reserve_statistics", "stack_segments", "local_weight", "local_grad", "state_view", "Side"]
 
 #: a statistic's length: the view's "rows" or "cols", or a fixed count
 Side = Union[str, int]
@@ -56,6 +56,17 @@ class SegmentWork:
 def local_weight(work: SegmentWork) -> Tensor:
     """The segment's elements of its parameter's fp32 local weight (what an update writes)."""
     return work.seg.local(work.item.weight)
+
+
+def local_grad(work: SegmentWork) -> Tensor:
+    """The segment's elements of its parameter's fp32 local gradient."""
+    return work.seg.local(work.item.grad)
+
+
+def state_view(key: str, part: Callable[[SegmentPlan, Tensor], Tensor]) -> Callable[[SegmentWork], Tensor]:
+    """The view of state ``key`` that ``part`` (``SegmentPlan.rows``, ``.cols``, ``.bits``, ...)
+    slices out for a segment: what a stack gathers from and scatters back to."""
+    return lambda work: part(work.seg, work.item.state[key])
 
 
 def split_statistics(span: Tensor, sizes: dict[str, int]) -> dict[str, Tensor]:

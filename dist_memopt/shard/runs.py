@@ -81,7 +81,7 @@ class RunsGeometry:
             elif self._aligned(piece):
                 for block, rows_of, col_lo in self._blocks(piece, part):
                     rows_of(rows_out).add_(block.sum(-1))
-                    cols_out[col_lo : col_lo + block.shape[-1]] += block.sum(dim=tuple(range(block.dim() - 1)))
+                    cols_out[col_lo : col_lo + block.shape[-1]].add_(block.sum(dim=tuple(range(block.dim() - 1))))
             else:
                 row_index, col_index = self._positions(piece, x.device)
                 rows_out.index_add_(0, row_index, part)
@@ -109,7 +109,7 @@ class RunsGeometry:
             elif self._aligned(piece):
                 for block, rows_of, col_lo in self._blocks(piece, part):
                     weights = rows_of(row_weights)
-                    cols_out[col_lo : col_lo + block.shape[-1]] += torch.tensordot(weights, block, dims=weights.dim())
+                    cols_out[col_lo : col_lo + block.shape[-1]].add_(torch.tensordot(weights, block, dims=weights.dim()))
             else:
                 row_index, col_index = self._positions(piece, x.device)
                 cols_out.index_add_(0, col_index, part * row_weights[row_index])

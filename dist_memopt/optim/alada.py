@@ -257,38 +257,37 @@ def _v0(work: SegmentWork) -> Tensor:
 
 
 def _partial_statistics(stack: SegmentStack) -> None:
-    """Update M, then add this range's V·q (even t) or Vᵀ·p (odd t), and ‖G0‖² at t = 0."""
+    """Update M, then add this range's V·q (even t) or Vᵀ·p (odd t), and ‖G0‖² at t = 0.
+
+    V = M̃² = M²/bias1²: the 1/bias1² goes into the (rows or cols) weights of the sums, so a chunk
+    squares M once instead of dividing and then squaring.
+    """
     geo, hp = stack.geometry, stack.schedule
     in_place = stack.count == 1  # one segment: M updated in place, chunk by chunk
     if not hp.in_grad and not in_place:  # several: on the members' own tensors, then stacked
-        grad_views = [local_grad(w) for w in stack.works]
         momentum_views = [_momentum(w) for w in stack.works]
-        torch._foreach_mul_(momentum_views, hp.beta1)
-        torch._foreach_add_(momentum_views, grad_views, alpha=1.0 - hp.beta1)
+        torch._foreach_lerp_(momentum_views, [local_grad(w) for w in stack.works], 1.0 - hp.beta1)
     momenta = stack.memo("momenta", lambda: stack.gather(_momentum))
     needs_grad = hp.t == 0 or (in_place and not hp.in_grad)
     grads = stack.gather(local_grad) if needs_grad else None
     stat = stack.statistic(_statistic_name(hp))
     norm = stack.statistic("norm") if hp.t == 0 else None
+    unbias = 1.0 / (hp.bias1 * hp.bias1)
     if hp.t % 2 == 1:
-        weights = stack.memo("row", lambda: stack.gather(_P)).float()
+        weights = stack.memo("row", lambda: stack.gather(_P)).float().mul_(unbias)
     elif hp.t > 0:
-        weights = stack.memo("col", lambda: stack.gather(_Q)).float()
+        weights = stack.memo("col", lambda: stack.gather(_Q)).float().mul_(unbias)
     else:
         # q_0 = sqrt(v0)·1 is not known before ‖G0‖² is complete: send plain row sums of V and
         # scale them by sqrt(v0) once it is (V·q_0 = sqrt(v0)·rowsum(V)).
-        weights = torch.ones(stack.count, geo.cols, dtype=torch.float32, device=stat.device)
+        weights = torch.full((stack.count, geo.cols), unbias, dtype=torch.float32, device=stat.device)
     for lo, hi in chunk_ranges(geo.numel, stack.chunk):
         part = geo.sub(lo, hi)
         momentum = momenta[:, lo:hi]
         if in_place and not hp.in_grad:
             assert grads is not None
-            momentum.mul_(hp.beta1).add_(grads[:, lo:hi], alpha=1.0 - hp.beta1)
-        corrected = momentum.div(hp.bias1)  # M̃
-        if hi - lo == geo.numel:  # one chunk: the update reuses M̃ instead of dividing again
-            second = stack.memo("corrected", lambda kept=corrected: kept).square()
-        else:
-            second = corrected.square_()  # in place: a chunk's temporaries stay few (in cache)
+            momentum.lerp_(grads[:, lo:hi], 1.0 - hp.beta1)
+        second = momentum.square()  # M², weighted by 1/bias1² in the sums
         if hp.t % 2 == 1:
             part.add_weighted_col_sums(second, weights, stat)
         else:
@@ -324,16 +323,15 @@ def _refit_and_update(stack: SegmentStack) -> None:
         p.mul_(hp.beta2).add_(stat.div_((q * q).sum(1, keepdim=True) + hp.eps), alpha=1.0 - hp.beta2)
     else:
         q.mul_(hp.beta2).add_(stat.div_((p * p).sum(1, keepdim=True) + hp.eps), alpha=1.0 - hp.beta2)
-    shift = -v0 * hp.beta2 ** (hp.t + 1) / hp.bias2  # (B,) float64 on the device: no host sync
+    # Ũ + eps in float64 (where the cancellation happens), then fp32: max(Ũ, 0) + eps is
+    # max(Ũ + eps, eps), so one clamp and one sqrt finish the denominator
+    shift = hp.eps - v0 * hp.beta2 ** (hp.t + 1) / hp.bias2  # (B,) on the device: no host sync
     momenta = stack.memo("momenta", lambda: stack.gather(_momentum))  # updated by the first phase
     for lo, hi in chunk_ranges(geo.numel, stack.chunk):
         second = geo.sub(lo, hi).outer(p, q, scale=1.0 / hp.bias2, shift=shift)
-        denom = second.clamp_min_(0.0).add_(hp.eps).sqrt_().to(torch.float32)
-        if hi - lo == geo.numel:  # one chunk: M̃ as the first phase kept it
-            corrected = stack.memo("corrected", lambda: momenta.div(hp.bias1))
-        else:
-            corrected = momenta[:, lo:hi].div(hp.bias1)
-        stack.addcdiv_(local_weight, lo, hi, corrected, denom, value=-hp.lr)
+        denom = second.to(torch.float32).clamp_min_(hp.eps).sqrt_()
+        # M̃ / denom = M / (bias1·denom): the bias correction goes into the step size
+        stack.addcdiv_(local_weight, lo, hi, momenta[:, lo:hi], denom, value=-hp.lr / hp.bias1)
     stack.scatter(p, _P)
     stack.scatter(q, _Q)
     stack.scatter(v0, _v0)

@@ -36,12 +36,17 @@ def _sign_table(device: torch.device) -> Tensor:
     return _SIGN_TABLES[device]
 
 
+#: Σ_k 2^(56 − 7k): multiplying eight 0/1 bytes (byte k at bit 8k) by it puts byte k's bit at
+#: bit 56 + k, and every cross term at a distinct bit below 56 or past bit 63 (no carries)
+_GATHER_BITS = 0x0102040810204080
+
+
 def pack_signs(nonnegative: Tensor, out: Tensor) -> None:
     """Pack a bool tensor (True = sign bit 1 = non-negative) into ``out`` (uint8, in place).
 
     Eight bools are eight bytes of 0/1, read as one int64 word (little-endian: element k is byte
-    k). Three shift-or folds gather bit 8k into bit k of the lowest byte, which is the packed
-    byte: a few passes over N/8 words, about 5x faster on CPU than weighting and summing bytes.
+    k). One wrapping multiply gathers bit 8k into bit 56 + k, and a shift brings that top byte
+    down: three passes over N/8 words (the shift-or folds this replaces took seven).
     """
     numel = nonnegative.numel()
     if out.numel() != packed_numel(numel):
@@ -58,10 +63,8 @@ def pack_signs(nonnegative: Tensor, out: Tensor) -> None:
             # an int64 view needs contiguous bytes starting on a word boundary
             bools = bools.clone(memory_format=torch.contiguous_format)
         words = bools.view(torch.uint8).view(torch.int64)
-        folded = words | (words >> 7)  # byte j: bits 0-1 = elements j, j+1
-        folded |= folded >> 14  # bits 0-3 = elements j..j+3
-        folded |= folded >> 28  # byte 0: bits 0-7 = elements 0..7
-        out[:full].copy_(folded)  # int64 -> uint8 keeps the lowest byte
+        gathered = words.mul(_GATHER_BITS).bitwise_right_shift_(56)  # low byte: elements 0..7
+        out[:full].copy_(gathered)  # int64 -> uint8 keeps the lowest byte
     rest = numel - full * 8
     if rest:
         last = flat[full * 8 :].to(torch.uint8).mul_(_bit_weights(flat.device)[:rest])
@@ -73,8 +76,9 @@ def unpack_signs(packed: Tensor, numel: int) -> Tensor:
     if packed.numel() != packed_numel(numel):
         raise ValueError(f"sign buffer holds {packed.numel()} bytes, {packed_numel(numel)} needed")
     table = _sign_table(packed.device)
-    # index_select is several times faster than advanced indexing (table[...]) on CPU
-    return torch.index_select(table, 0, packed.long()).view(-1)[:numel]
+    # index_select is several times faster than advanced indexing (table[...]) on CPU; int32
+    # indices are half the bytes of int64 ones
+    return torch.index_select(table, 0, packed.int()).view(-1)[:numel]
 
 
 def unpack_sign_rows(packed: Tensor, numel: int) -> Tensor:
@@ -83,7 +87,7 @@ def unpack_sign_rows(packed: Tensor, numel: int) -> Tensor:
         return unpack_signs(packed[0], numel).unsqueeze(0)
     count, words = packed.shape
     table = _sign_table(packed.device)
-    return torch.index_select(table, 0, packed.reshape(-1).long()).view(count, words * 8)[:, :numel]
+    return torch.index_select(table, 0, packed.reshape(-1).int()).view(count, words * 8)[:, :numel]
 
 
 def pack_sign_rows(nonnegative: Tensor, out: Tensor) -> None:

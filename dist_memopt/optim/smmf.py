@@ -39,16 +39,20 @@ __all__ = ["SMMF", "normalize_factors"]
 WEIGHT_DECAY_MODES = ("adam", "adamw")
 
 
-def normalize_factors(rows: Tensor, cols: Tensor) -> None:
+def normalize_factors(rows: Tensor, cols: Tensor, scale: float = 1.0) -> None:
     """Algorithms 4/5: divide the shorter side (rows when n <= m) by its total, if non-zero.
 
-    Leading dimensions are a batch: (B, n) rows and (B, m) columns normalise each segment alone.
+    ``scale`` multiplies the longer side: the factors of ``scale``·(the sums). Leading
+    dimensions are a batch: (B, n) rows and (B, m) columns normalise each segment alone.
     """
-    side = rows if rows.shape[-1] <= cols.shape[-1] else cols
+    short_rows = rows.shape[-1] <= cols.shape[-1]
+    side, other = (rows, cols) if short_rows else (cols, rows)
     total = side.sum(-1, keepdim=True)
     # A zero total means a zero side (its entries are non-negative): dividing by 1 keeps it, and
     # avoids a host sync that an `if` on the total would cost.
     side.div_(torch.where(total > 0, total, torch.ones_like(total)))
+    if scale != 1.0:
+        other.mul_(scale)
 
 
 def _first_moment(group: dict[str, Any]) -> bool:
@@ -163,6 +167,7 @@ class SMMF(FactoredOptimizer):
     # --- step ------------------------------------------------------------------------------
 
     kernel_family = "SMMF"
+    kernel_dtypes = (torch.bfloat16, torch.float16)
 
     def statistics(self, group: dict[str, Any]) -> dict[str, Side]:
         """Row/column sums of V, and of |M| when there is a first moment."""
@@ -273,7 +278,10 @@ def _factored_step(stack: SegmentStack) -> None:
     col_v = stack.gather(state_view("col_v", SegmentPlan.cols))
     stats_v = stack.statistic("row_v"), stack.statistic("col_v")
     if hp.beta1 is not None:
-        row_m = stack.gather(state_view("row_m", SegmentPlan.rows)) * hp.beta1
+        # the chunks hold M/(1 − β1) = G + β1/(1 − β1)·S⊙(r ⊗ c): one addcmul decompresses and
+        # folds in the gradient; the step size and the stored factors take the (1 − β1) back
+        keep = 1.0 - hp.beta1
+        row_m = stack.gather(state_view("row_m", SegmentPlan.rows)) * (hp.beta1 / keep)
         col_m = stack.gather(state_view("col_m", SegmentPlan.cols))
         stats_m = stack.statistic("row_m"), stack.statistic("col_m")
         signs = stack.gather(_SIGNS)
@@ -285,25 +293,31 @@ def _factored_step(stack: SegmentStack) -> None:
         second = part.outer(row_v, col_v).addcmul_(grad, grad, value=1.0 - hp.beta2)
         part.add_row_col_sums(second, *stats_v)
         if hp.beta1 is None:
-            numerator = grad
+            numerator, step = grad, -hp.lr
         else:
             bits = signs[:, lo // 8 : (hi + 7) // 8]
-            first = part.outer(row_m, col_m).mul_(unpack_sign_rows(bits, hi - lo))
-            first.add_(grad, alpha=1.0 - hp.beta1)
+            sign = unpack_sign_rows(bits, hi - lo)
+            decompressed = part.outer(row_m, col_m)
+            first = torch.addcmul(grad, decompressed, sign, out=decompressed)
             pack_sign_rows(first >= 0, bits)
-            part.add_row_col_sums(first.abs(), *stats_m)
-            numerator = first
-        stack.addcdiv_(local_weight, lo, hi, numerator, second.sqrt_().add_(hp.eps), value=-hp.lr)
+            part.add_row_col_sums(torch.abs(first, out=sign), *stats_m)
+            numerator, step = first, -hp.lr * keep
+        stack.addcdiv_(local_weight, lo, hi, numerator, second.sqrt_().add_(hp.eps), value=step)
     if hp.beta1 is not None:
         stack.scatter(signs, _SIGNS)
 
 
 def _store_stack_factors(stack: SegmentStack) -> None:
-    """Complete sums → normalised factors in the state, for V and (with a first moment) |M|."""
-    pairs = [("row_v", "col_v")] + ([("row_m", "col_m")] if stack.schedule.beta1 is not None else [])
-    for row_key, col_key in pairs:
+    """Complete sums → normalised factors in the state, for V and (with a first moment) |M|.
+
+    The |M| sums are of M/(1 − β1) (see :func:`_factored_step`): normalising makes the short
+    side scale-free, and the long side gets the factor back.
+    """
+    beta1 = stack.schedule.beta1
+    pairs = [("row_v", "col_v", 1.0)] + ([("row_m", "col_m", 1.0 - beta1)] if beta1 is not None else [])
+    for row_key, col_key, scale in pairs:
         rows, cols = stack.complete(row_key), stack.complete(col_key)
-        normalize_factors(rows, cols)
+        normalize_factors(rows, cols, scale)
         for key, values, part in ((row_key, rows, SegmentPlan.rows), (col_key, cols, SegmentPlan.cols)):
             view = state_view(key, part)
             torch._foreach_copy_([view(w) for w in stack.works], list(values.unbind(0)))

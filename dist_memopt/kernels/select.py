@@ -77,7 +77,7 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
 
 
 def fused_item(item: Any) -> bool:
-    """Whether a step item (group and fp32 weight) takes the Triton kernels."""
+    """Whether a step item (its group and weight device) takes the Triton kernels."""
     return use_triton(item.group, item.weight.device)
 
 

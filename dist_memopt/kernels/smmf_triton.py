@@ -37,6 +37,20 @@ NS = 10  # per segment: tile range, 4 slot offsets, 4 state offsets
 
 
 @triton.jit
+def _to_dtype_of(x, P):
+    """``x`` (fp32) rounded to nearest even in the element type of pointer ``P``, as torch's
+    ``copy_`` rounds. bf16 by its bits (Triton's interpreter truncates a bf16 cast; on a GPU this
+    is the hardware rounding); NaN stays NaN."""
+    if P.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        rounded = (bits >> 16).to(tl.uint16)
+        rounded = tl.where(x == x, rounded, 0x7FC0)
+        return rounded.to(tl.bfloat16, bitcast=True)
+    return x.to(P.dtype.element_ty)
+
+
+@triton.jit
 def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2, eps, wd, decay,
                  HAS_M: tl.constexpr, COUPLED: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
     t = tl.program_id(0)
@@ -57,8 +71,8 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < m
         ok, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
-        w = tl.load(W + w_off + k, mask=ok, other=0.0)
-        g = tl.load(G + g_off + k, mask=ok, other=0.0)
+        w = tl.load(W + w_off + k, mask=ok, other=0.0).to(tl.float32)  # fp32, bf16 or fp16 weights
+        g = tl.load(G + g_off + k, mask=ok, other=0.0).to(tl.float32)
         if COUPLED:
             g = g + wd * w
         cv = tl.load(F + cv_off + cols, mask=col_ok, other=0.0)
@@ -82,7 +96,7 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
             tl.store(COLP + (t * 2 + 1) * m + cols, tl.sum(magnitude, axis=0), mask=col_ok)
             numerator = first
         w = w * decay - lr * (numerator / (tl.sqrt(v) + eps))
-        tl.store(W + w_off + k, w, mask=ok)
+        tl.store(W + w_off + k, _to_dtype_of(tl.where(ok, w, 0.0), W), mask=ok)  # masked lanes may overflow
     lanes = tl.arange(0, TR)
     tl.store(ROWP + (t * 2) * TR + lanes, acc_v)
     if HAS_M:
@@ -173,23 +187,30 @@ class FusedSMMF:
 
     def __init__(self) -> None:
         self._jobs: list[_Job] = []
-        self._finish: Optional[tuple[Tensor, Tensor, int]] = None
+        self._finish: list[tuple[dict[str, Tensor], Tensor, Tensor, int, int]] = []  # per dtype pair
 
     def add(self, item: Any, seg: Any, hp: Any, slots: tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]) -> None:
         self._jobs.append(_Job(item, seg, hp, slots))
 
     def run(self) -> None:
-        if not self._jobs:
-            return
-        first = self._jobs[0]
-        signs = [j.item.state["sign"] for j in self._jobs if "sign" in j.item.state]
+        """Launch every batch; weights and gradients of one dtype pair share a table (the kernels
+        address them as offsets from one pointer of that dtype)."""
+        by_dtype: dict[tuple, list[_Job]] = defaultdict(list)
+        for job in self._jobs:
+            by_dtype[(job.item.weight.dtype, job.item.grad.dtype)].append(job)
+        for jobs in by_dtype.values():
+            self._run(jobs)
+
+    def _run(self, jobs_of_dtype: list[_Job]) -> None:
+        first = jobs_of_dtype[0]
+        signs = [j.item.state["sign"] for j in jobs_of_dtype if "sign" in j.item.state]
         sign_base = min(signs, key=Tensor.data_ptr) if signs else first.item.state["row_v"]
         bases = dict(W=first.item.weight, G=first.item.grad, F=first.item.state["row_v"], OUT=first.slots[0], S=sign_base)
         # sign bits count from the 4-byte word at or below the lowest sign byte: offsets stay >= 0
         words_at = sign_base.data_ptr() - sign_base.data_ptr() % 4
         w_at, g_at, f_at, out_at = (Offsets(bases[k]) for k in ("W", "G", "F", "OUT"))
         batches: dict[tuple, list[_Job]] = defaultdict(list)
-        for job in self._jobs:
+        for job in jobs_of_dtype:
             geo = job.seg.geometry
             batches[(geo.rows, geo.cols, job.item.weight.device, job.hp)].append(job)
         table: list[int] = []
@@ -235,7 +256,8 @@ class FusedSMMF:
         launch.record("copy_table", 0, cpu.numel() * 8)
         for n, m, hp, tiles_at, tile_count, seg_at, seg_count, numel in launches:
             self._launch(bases, sign_base.data_ptr() % 4, tensor, n, m, hp, tiles_at, tile_count, seg_at, seg_count, numel)
-        self._finish = (bases, tensor[segs_at:shapes_at], tensor[shapes_at:], len(all_segs) // NS)
+        moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (1 if j.slots[2] is None else 2) for j in jobs_of_dtype)
+        self._finish.append((bases, tensor[segs_at:shapes_at], tensor[shapes_at:], len(all_segs) // NS, moved))
 
     def _launch(self, bases: dict[str, Tensor], words_shift: int, table: Tensor, n: int, m: int, hp: Any, tiles_at: int, tile_count: int,
                 seg_at: int, seg_count: int, numel: int) -> None:
@@ -258,7 +280,8 @@ class FusedSMMF:
         partials = tile_count * pairs * (rows_per_tile + m) * 4
         factors = tile_count * pairs * (rows_per_tile + m) * 4
         signs = (numel + 7) // 8 if has_m else 0
-        launch.record("smmf_tiles", numel * 8 + signs + factors + tile_count * NF * 8, numel * 4 + signs + partials)
+        w_size, g_size = bases["W"].element_size(), bases["G"].element_size()
+        launch.record("smmf_tiles", numel * (w_size + g_size) + signs + factors + tile_count * NF * 8, numel * w_size + signs + partials)
         row_block = 128
         grid = (seg_count, triton.cdiv(m, columns) + triton.cdiv(n, row_block))
         if launch.executing():
@@ -266,12 +289,10 @@ class FusedSMMF:
         launch.record("smmf_reduce", partials + seg_count * NS * 8, seg_count * pairs * (n + m) * 4)
 
     def finish(self) -> None:
-        """After the statistics are complete: normalised factors into the state, one launch."""
-        if self._finish is None:
-            return
-        bases, segs, shapes, count = self._finish
-        self._finish = None
-        if launch.executing():
-            _finish_kernel[(count, 2)](bases["OUT"], bases["F"], segs, shapes, BLOCK=256)
-        moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (1 if j.slots[2] is None else 2) for j in self._jobs)
-        launch.record("smmf_finish", moved, moved // 2)
+        """After the statistics are complete: normalised factors into the state, one launch per
+        dtype pair (one in a model of one dtype)."""
+        for bases, segs, shapes, count, moved in self._finish:
+            if launch.executing():
+                _finish_kernel[(count, 2)](bases["OUT"], bases["F"], segs, shapes, BLOCK=256)
+            launch.record("smmf_finish", moved, moved // 2)
+        self._finish = []

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from dist_memopt.optim.bits import packed_numel
-from dist_memopt.kernels.select import fused_item, fused_step
+from dist_memopt.kernels.select import fused_item, fused_step, use_triton
 from dist_memopt.optim.plan import ParamPlan, SegmentPlan, StepItem, decay_weights
 from dist_memopt.optim.preflight import NonFiniteGradientError, StepCounts, check_step, first_nonfinite
 from dist_memopt.optim.state_dict import StateDictMixin
@@ -73,6 +73,14 @@ def _flat_fp32(t: Tensor) -> Tensor:
     return t.reshape(-1).to(torch.float32)
 
 
+def _flat_pair(grad: Tensor, data: Tensor, native: bool) -> tuple[Tensor, Tensor]:
+    """(grad, weight) as the step reads them: flat views in the parameter's own dtype where the
+    fused kernels load and store it (``native``), else fp32 views or copies."""
+    if native and grad.is_contiguous() and data.is_contiguous():
+        return grad.view(-1), data.view(-1)
+    return _flat_fp32(grad), _flat_fp32(data)
+
+
 class FactoredOptimizer(StateDictMixin, Optimizer):
     """Base class; subclasses define hyperparameters, the 2-D view and the per-step math."""
 
@@ -88,6 +96,9 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
     batch_numel: int = 1 << 16
     #: the ``dist_memopt.kernels`` module family of this optimizer's fused kernels
     kernel_family: str = ""
+    #: parameter dtypes besides fp32 that the fused kernels load and store themselves (fp32 math);
+    #: others are stepped through fp32 copies
+    kernel_dtypes: tuple[torch.dtype, ...] = ()
     #: param-group keys of other optimizers that this one would silently ignore -> what to write
     #: instead; :data:`IGNORED_FLAGS` are refused only when truthy (``fused=False`` is harmless)
     ignored_keys: dict[str, str] = {}
@@ -291,8 +302,20 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
                 if chunk % 8:
                     raise ValueError(f"chunk_numel must be a multiple of 8, got {chunk}")
                 state = self.state[p] if p in self.state else {}  # stored once the step commits
-                items.append(StepItem(group, p, name, plan, state, _flat_fp32(grad), _flat_fp32(data), data, chunk))
+                flat_grad, flat_weight = _flat_pair(grad, data, self._native(group, plan, grad, data))
+                items.append(StepItem(group, p, name, plan, state, flat_grad, flat_weight, data, chunk))
         return items
+
+    def _native(self, group: dict[str, Any], plan: ParamPlan, grad: Tensor, data: Tensor) -> bool:
+        """Whether the fused kernels step this parameter in its own dtype: all its segments are
+        theirs (a dense one would step an fp32 copy that commit() writes back over theirs)."""
+        dtypes = self.kernel_dtypes
+        return (
+            data.dtype in dtypes
+            and grad.dtype in dtypes
+            and not plan.dense_segments
+            and use_triton(group, data.device)
+        )
 
     def _preflight(self, items: list[StepItem], reducer: StatReducer) -> None:
         """Raise, on every rank alike and before any state changes, on bad gradients or layouts

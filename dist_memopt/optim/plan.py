@@ -89,15 +89,17 @@ class ParamPlan:
 
 @dataclass(eq=False)
 class StepItem:
-    """A parameter taking part in this step, with fp32 flat views of its local data and grad."""
+    """A parameter taking part in this step, with flat views of its local data and grad: fp32
+    (views, or copies of other dtypes), or the parameter's own dtype where the fused kernels take
+    it (:attr:`~dist_memopt.optim.base.FactoredOptimizer.kernel_dtypes`)."""
 
     group: dict
     param: Tensor
     name: str
     plan: ParamPlan
     state: dict
-    grad: Tensor  # fp32, flat, local
-    weight: Tensor  # fp32, flat, local; written back to the parameter by commit()
+    grad: Tensor  # flat, local; fp32 unless the kernels take the parameter's dtype
+    weight: Tensor  # flat, local, same dtype rule; written back to the parameter by commit()
     _data: Tensor
     chunk: int  # elements per piece when a segment is processed piecewise
 

@@ -22,16 +22,18 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, tile_elements, tile_pieces, tiles_shape
+from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, tile_elements, tile_pieces, tiles_shape, to_dtype_of
 
 __all__ = ["FusedAlada"]
 
 NF = 6 + TILE_FIELDS  # per tile: w, g, m (momentum), p, q, v0 offsets; then the tile's runs fields
+# w and g count from the batch's W and G pointers (the parameters' dtype), m from G when .grad
+# holds M and from F (fp32: M as state, the statistic slots) otherwise
 NS = 9  # per segment: tile range, stat / norm slot offsets, p, q, v0 offsets, n, m
 
 
 @triton.jit
-def _stats_kernel(F, P64, ROWP, COLP, NORMP, TILES, n, m, beta1, bias1, g0_div,
+def _stats_kernel(F, G, P64, ROWP, COLP, NORMP, TILES, n, m, beta1, bias1, g0_div,
                   ODD: tl.constexpr, FIRST: tl.constexpr, IN_GRAD: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
     t = tl.program_id(0)
     info = TILES + t * 12
@@ -48,7 +50,7 @@ def _stats_kernel(F, P64, ROWP, COLP, NORMP, TILES, n, m, beta1, bias1, g0_div,
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < m
         held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
-        g = tl.load(F + g_off + k, mask=held, other=0.0)
+        g = tl.load(G + g_off + k, mask=held, other=0.0).to(tl.float32)  # fp32, bf16 or fp16
         if IN_GRAD:
             momentum = g  # .grad holds M
         else:
@@ -144,8 +146,10 @@ def _refit_kernel(OUT, P64, SEGS, beta2, eps, ODD: tl.constexpr, FIRST: tl.const
 
 
 @triton.jit
-def _update_kernel(F, P64, TILES, n, m, lr, eps, bias1, bias2, power, decay, TR: tl.constexpr, BC: tl.constexpr):
-    """W ← W·decay − lr·M̃/√(max(Ũ, 0) + eps), Ũ = (p qᵀ − β2^(t+1)·v0)/(1 − β2^(t+1)) in float64."""
+def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, bias1, bias2, power, decay,
+                   IN_GRAD: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
+    """W ← W·decay − lr·M̃/√(max(Ũ, 0) + eps), Ũ = (p qᵀ − β2^(t+1)·v0)/(1 − β2^(t+1)) formed in
+    float64 and finished in fp32 as on the torch path: max(Ũ, 0) + eps = max(Ũ + eps, eps)."""
     t = tl.program_id(0)
     info = TILES + t * 12
     w_off, m_off, p_off, q_off, v0_off = tl.load(info + 0), tl.load(info + 2), tl.load(info + 3), tl.load(info + 4), tl.load(info + 5)
@@ -153,7 +157,7 @@ def _update_kernel(F, P64, TILES, n, m, lr, eps, bias1, bias2, power, decay, TR:
     k0, row0 = tl.load(info + 10), tl.load(info + 11)
     rows = row0 + tl.arange(0, TR)
     row_ok = rows < n
-    shift = -tl.load(P64 + v0_off) * power / bias2
+    shift = eps - tl.load(P64 + v0_off) * power / bias2
     p = tl.load(P64 + p_off + rows, mask=row_ok, other=0.0)
     for c0 in range(0, m, BC):
         cols = c0 + tl.arange(0, BC)
@@ -161,10 +165,14 @@ def _update_kernel(F, P64, TILES, n, m, lr, eps, bias1, bias2, power, decay, TR:
         held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
         q = tl.load(P64 + q_off + cols, mask=col_ok, other=0.0)
         refit = p[:, None] * q[None, :] * (1.0 / bias2) + shift
-        denominator = tl.sqrt(tl.maximum(refit, 0.0) + eps).to(tl.float32)
-        w = tl.load(F + w_off + k, mask=held, other=0.0) * decay
-        momentum = tl.load(F + m_off + k, mask=held, other=0.0)
-        tl.store(F + w_off + k, w - lr * ((momentum / bias1) / denominator), mask=held)
+        denominator = tl.sqrt(tl.maximum(refit.to(tl.float32), eps))
+        w = tl.load(W + w_off + k, mask=held, other=0.0).to(tl.float32) * decay
+        if IN_GRAD:
+            momentum = tl.load(G + m_off + k, mask=held, other=0.0).to(tl.float32)
+        else:
+            momentum = tl.load(F + m_off + k, mask=held, other=0.0)
+        w = w - (lr / bias1) * (momentum / denominator)
+        tl.store(W + w_off + k, to_dtype_of(tl.where(held, w, 0.0), W), mask=held)
 
 
 @dataclass
@@ -196,31 +204,35 @@ class FusedAlada:
         if not self._jobs:
             return
         first = self._jobs[0]
-        f32, p64 = first.item.weight, first.item.state["row"]
+        f32, p64 = first.stat, first.item.state["row"]
         f_at, p_at = Offsets(f32), Offsets(p64)
         batches: dict[tuple, list[_Job]] = defaultdict(list)
         for job in self._jobs:
-            batches[(job.seg.geometry.rows, job.seg.geometry.cols, job.item.weight.device, job.hp)].append(job)
+            geo, item = job.seg.geometry, job.item
+            batches[(geo.rows, geo.cols, item.weight.device, item.weight.dtype, item.grad.dtype, job.hp)].append(job)
         table: list[int] = []
         plans = []
         refits: dict[tuple, list[int]] = defaultdict(list)
-        for (n, m, _, hp), jobs in batches.items():
+        for (n, m, _, _, _, hp), jobs in batches.items():
             rows_per_tile, _ = tiles_shape(m)
+            w_base, g_base = jobs[0].item.weight, jobs[0].item.grad  # this batch's dtypes
+            w_at, g_at = Offsets(w_base), Offsets(g_base)
             tiles: list[int] = []
             segs: list[int] = []
             for job in jobs:
                 state, seg = job.item.state, job.seg
                 grad = seg.local(job.item.grad)
-                momentum = grad if hp.in_grad else seg.elems(state["exp_avg"])
+                momentum = g_at(grad) if hp.in_grad else f_at(seg.elems(state["exp_avg"]))
                 p, q, v0 = seg.rows(state["row"]), seg.cols(state["col"]), state["v0"][seg.factor_index : seg.factor_index + 1]
-                head = [f_at(seg.local(job.item.weight)), f_at(grad), f_at(momentum), p_at(p), p_at(q), p_at(v0)]
+                head = [w_at(seg.local(job.item.weight)), g_at(grad), momentum, p_at(p), p_at(q), p_at(v0)]
                 lo = len(tiles) // NF
                 for fields in tile_pieces(seg.geometry, rows_per_tile):
                     tiles += head + fields
                 entry = [lo, len(tiles) // NF, f_at(job.stat), f_at(job.norm), p_at(p), p_at(q), p_at(v0), n, m]
                 segs += entry
                 refits[(hp.t % 2 == 1, hp.t == 0, hp.beta2, hp.eps)] += entry
-            plans.append((n, m, hp, len(table), len(tiles) // NF, len(jobs), sum(j.seg.segment.numel for j in jobs)))
+            numel = sum(j.seg.segment.numel for j in jobs)
+            plans.append((n, m, hp, w_base, g_base, len(table), len(tiles) // NF, len(jobs), numel))
             table += tiles + segs
         refit_at = []
         for key, entries in refits.items():
@@ -229,17 +241,17 @@ class FusedAlada:
         cpu = torch.tensor(table, dtype=torch.int64)
         device_table = cpu.to(f32.device)
         launch.record("copy_table", 0, cpu.numel() * 8)
-        for n, m, hp, at, tile_count, seg_count, numel in plans:
+        for n, m, hp, w_base, g_base, at, tile_count, seg_count, numel in plans:
             tiles = device_table[at : at + tile_count * NF]
             segs = device_table[at + tile_count * NF : at + tile_count * NF + seg_count * NS]
-            self._statistics(f32, p64, tiles, segs, n, m, hp, tile_count, seg_count, numel)
-            self._batches.append((n, m, hp, tiles, tile_count, numel))
+            self._statistics(f32, g_base, p64, tiles, segs, n, m, hp, tile_count, seg_count, numel)
+            self._batches.append((n, m, hp, w_base, g_base, tiles, tile_count, numel))
         self._refits = [(key, device_table[at : at + count * NS], count) for key, at, count in refit_at]
         self._bases = (f32, p64)
 
     @staticmethod
-    def _statistics(f32: Tensor, p64: Tensor, tiles: Tensor, segs: Tensor, n: int, m: int, hp: Any, tile_count: int,
-                    seg_count: int, numel: int) -> None:
+    def _statistics(f32: Tensor, grads: Tensor, p64: Tensor, tiles: Tensor, segs: Tensor, n: int, m: int, hp: Any,
+                    tile_count: int, seg_count: int, numel: int) -> None:
         if not tile_count:
             return  # empty shards: their slots stay zero, which is their contribution
         rows_per_tile, columns = tiles_shape(m)
@@ -250,7 +262,7 @@ class FusedAlada:
         block = 128
         if launch.executing():
             _stats_kernel[(tile_count,)](
-                f32, p64, rowp, colp, normp, tiles, n, m, hp.beta1, hp.bias1, (1.0 - hp.beta1) if hp.in_grad else 1.0,
+                f32, grads, p64, rowp, colp, normp, tiles, n, m, hp.beta1, hp.bias1, (1.0 - hp.beta1) if hp.in_grad else 1.0,
                 ODD=odd, FIRST=first, IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns,
             )
             _reduce_kernel[(seg_count, triton.cdiv(m if odd else n, block))](
@@ -258,7 +270,7 @@ class FusedAlada:
             )
         partials = tile_count * ((m if odd else rows_per_tile) + first) * 4
         factors = tile_count * (rows_per_tile if odd else m) * 8
-        moved = numel * (4 if hp.in_grad else 8)  # G, and M read and written unless .grad holds it
+        moved = numel * (grads.element_size() + (0 if hp.in_grad else 4))  # G, and M unless .grad holds it
         launch.record("alada_stats", moved + factors + tile_count * NF * 8, numel * (0 if hp.in_grad else 4) + partials)
         launch.record("alada_reduce", partials + seg_count * NS * 8, seg_count * ((m if odd else n) + first) * 4)
 
@@ -272,14 +284,17 @@ class FusedAlada:
                 _refit_kernel[(count,)](f32, p64, segs, beta2, eps, ODD=odd, FIRST=first, BLOCK=256)
             moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 8 for j in self._jobs) // len(self._refits)
             launch.record("alada_refit", moved, moved // 2)
-        for n, m, hp, tiles, tile_count, numel in self._batches:
+        for n, m, hp, w_base, g_base, tiles, tile_count, numel in self._batches:
             if not tile_count:
                 continue
             rows_per_tile, columns = tiles_shape(m)
             decay = 1.0 - hp.lr * hp.weight_decay
             if launch.executing():
                 _update_kernel[(tile_count,)](
-                    f32, p64, tiles, n, m, hp.lr, hp.eps, hp.bias1, hp.bias2, hp.beta2 ** (hp.t + 1), decay,
-                    TR=rows_per_tile, BC=columns,
+                    f32, w_base, g_base, p64, tiles, n, m, hp.lr, hp.eps, hp.bias1, hp.bias2, hp.beta2 ** (hp.t + 1), decay,
+                    IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns,
                 )
-            launch.record("alada_update", numel * 8 + tile_count * (rows_per_tile + m) * 8 + tile_count * NF * 8, numel * 4)
+            w_size = w_base.element_size()
+            m_size = g_base.element_size() if hp.in_grad else 4
+            factors = tile_count * (rows_per_tile + m) * 8
+            launch.record("alada_update", numel * (w_size + m_size) + factors + tile_count * NF * 8, numel * w_size)

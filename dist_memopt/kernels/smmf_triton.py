@@ -28,26 +28,12 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import Offsets, tile_elements, tile_pieces, tiles_shape
+from dist_memopt.kernels.tiles import Offsets, tile_elements, tile_pieces, tiles_shape, to_dtype_of
 
 __all__ = ["FusedSMMF"]
 
 NF = 13  # int64 fields per tile: w, g, sign bit, rv, cv, rm, cm offsets; start, L, stride, count; k0; row0
 NS = 10  # per segment: tile range, 4 slot offsets, 4 state offsets
-
-
-@triton.jit
-def _to_dtype_of(x, P):
-    """``x`` (fp32) rounded to nearest even in the element type of pointer ``P``, as torch's
-    ``copy_`` rounds. bf16 by its bits (Triton's interpreter truncates a bf16 cast; on a GPU this
-    is the hardware rounding); NaN stays NaN."""
-    if P.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        rounded = (bits >> 16).to(tl.uint16)
-        rounded = tl.where(x == x, rounded, 0x7FC0)
-        return rounded.to(tl.bfloat16, bitcast=True)
-    return x.to(P.dtype.element_ty)
 
 
 @triton.jit
@@ -96,7 +82,7 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
             tl.store(COLP + (t * 2 + 1) * m + cols, tl.sum(magnitude, axis=0), mask=col_ok)
             numerator = first
         w = w * decay - lr * (numerator / (tl.sqrt(v) + eps))
-        tl.store(W + w_off + k, _to_dtype_of(tl.where(ok, w, 0.0), W), mask=ok)  # masked lanes may overflow
+        tl.store(W + w_off + k, to_dtype_of(tl.where(ok, w, 0.0), W), mask=ok)  # masked lanes may overflow
     lanes = tl.arange(0, TR)
     tl.store(ROWP + (t * 2) * TR + lanes, acc_v)
     if HAS_M:

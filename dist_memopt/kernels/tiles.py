@@ -19,7 +19,7 @@ from torch import Tensor
 from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.runs import RunsGeometry, runs_of
 
-__all__ = ["TILE_FIELDS", "tiles_shape", "Offsets", "tile_pieces", "tile_elements"]
+__all__ = ["TILE_FIELDS", "tiles_shape", "Offsets", "tile_pieces", "tile_elements", "to_dtype_of"]
 
 TILE_FIELDS = 6  # start, run length, stride, count, first local index of the piece, first row
 
@@ -68,3 +68,17 @@ def tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0):
     within = rel - piece * stride
     held = row_ok[:, None] & col_ok[None, :] & (rel >= 0) & (rel < (count - 1) * stride + run) & (within < run)
     return held, k0 + piece * run + within
+
+
+@triton.jit
+def to_dtype_of(x, P):
+    """``x`` (fp32) rounded to nearest even in the element type of pointer ``P``, as torch's
+    ``copy_`` rounds. bf16 by its bits (Triton's interpreter truncates a bf16 cast; on a GPU this
+    is the hardware rounding); NaN stays NaN."""
+    if P.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        rounded = (bits >> 16).to(tl.uint16)
+        rounded = tl.where(x == x, rounded, 0x7FC0)
+        return rounded.to(tl.bfloat16, bitcast=True)
+    return x.to(P.dtype.element_ty)

@@ -166,6 +166,7 @@ class Alada(FactoredOptimizer):
     # --- step ------------------------------------------------------------------------------
 
     kernel_family = "Alada"
+    kernel_dtypes = (torch.bfloat16, torch.float16)
 
     def statistics(self, group: dict[str, Any]) -> dict[str, Side]:
         """V·q, Vᵀ·p and ‖G0‖², whatever the step.

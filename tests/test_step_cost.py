@@ -92,3 +92,18 @@ def test_step_cost_does_not_grow(tiny_costs, name):
     from dist_memopt.bench.kernels import format_costs
 
     assert f"\n{name} " in format_costs("tiny", tiny_costs["optimizers"])
+
+
+def test_half_precision_weights_cost_six_bytes_per_element_less_in_the_kernels(tiny_costs):
+    """`bench kernels --kernel-dtype bfloat16`: the kernels read the 2-byte weight and gradient and
+    write the weight (no fp32 copies): 2 + 2 + 2 bytes less than fp32, the same launches."""
+    from dist_memopt.bench.kernels import kernel_costs
+
+    names = [n for n in ("SMMF-triton-nocheck", "Alada-triton-nocheck") if n in tiny_costs["optimizers"]]
+    if not names:
+        pytest.skip("triton is not installed")
+    half = kernel_costs("tiny", names, dtype=torch.bfloat16)["optimizers"]
+    for name in names:
+        full = tiny_costs["optimizers"][name]
+        assert half[name]["launches"] == full["launches"], name
+        assert half[name]["bytes_per_element"] == pytest.approx(full["bytes_per_element"] - 6, abs=0.05), name

@@ -28,15 +28,20 @@ DEFAULT_OPTIMIZERS = (
 )
 
 
+#: --kernel-dtype choices
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def kernel_costs(
-    model: str, optimizers: Sequence[str], warmup: int = 2, steps: int = 2, device: str = "cpu", execute: bool = False
+    model: str, optimizers: Sequence[str], warmup: int = 2, steps: int = 2, device: str = "cpu", execute: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """:func:`count_step` for every optimizer on parameters of ``model``'s shapes (one process).
 
     Optimizers whose name says ``triton`` are skipped where Triton is not installed.
     """
     shapes = model_shapes(model)
-    params = materialize(shapes, device)  # shared: counts do not depend on the values the others left
+    params = materialize(shapes, device, dtype=dtype)  # shared: counts do not depend on the values the others left
     rows = {}
     for name in optimizers:
         if "triton" in name and not triton_available():
@@ -64,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--triton-execute", action="store_true", help="on CPU, run the Triton kernels in the interpreter (slow; needs TRITON_INTERPRET=1 in the environment) instead of counting only"
     )
     group.add_argument(
+        "--kernel-dtype", choices=sorted(DTYPES), default="float32",
+        help="parameter and gradient dtype of the one-process counts (default float32)",
+    )
+    group.add_argument(
         "--kernel-world-sizes", default="2", help="also count under FSDP2 at these CPU rank counts ('' for none; default 2)"
     )
 
@@ -73,10 +82,11 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     for model in options.models:
         result = kernel_costs(
             model, options.optimizers or DEFAULT_OPTIMIZERS, steps=options.count_steps,
-            device=options.kernel_device, execute=options.triton_execute,
+            device=options.kernel_device, execute=options.triton_execute, dtype=DTYPES[options.kernel_dtype],
         )
         results["models"][model] = result
-        print(format_costs(f"{result['title']}, one process, {result['numel']:,} elements", result["optimizers"]), flush=True)
+        title = f"{result['title']}, one process, {result['numel']:,} {options.kernel_dtype} elements"
+        print(format_costs(title, result["optimizers"]), flush=True)
     sizes = [int(w) for w in options.kernel_world_sizes.split(",") if w.strip()]
     if sizes:
         from dist_memopt.bench.kernels_fsdp import fsdp2_costs

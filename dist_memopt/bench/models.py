@@ -101,12 +101,14 @@ def parse_models(text: str) -> list[str]:
     return keys
 
 
-def materialize(shapes: ModelShapes, device: torch.device | str = "cpu", seed: int = 0) -> list[nn.Parameter]:
-    """Real fp32 parameters of these shapes (N(0, 0.02)) with N(0, 1e-3) gradients."""
+def materialize(
+    shapes: ModelShapes, device: torch.device | str = "cpu", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> list[nn.Parameter]:
+    """Real parameters of these shapes (N(0, 0.02), fp32 unless ``dtype``) with N(0, 1e-3) gradients."""
     generator = torch.Generator(device=device).manual_seed(seed)
     params = []
     for _, shape in shapes.params:
-        p = nn.Parameter(torch.randn(shape, generator=generator, device=device).mul_(0.02))
-        p.grad = torch.randn(shape, generator=generator, device=device).mul_(1e-3)
+        p = nn.Parameter(torch.randn(shape, generator=generator, device=device).mul_(0.02).to(dtype))
+        p.grad = torch.randn(shape, generator=generator, device=device).mul_(1e-3).to(dtype)
         params.append(p)
     return params

@@ -46,10 +46,16 @@ timeout "$(left)" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/dist
     tests/distributed/test_megatron_cuda.py 2>&1 | tee "$OUT/tests.txt" || status=1
 # 2. step time against AdamW(fused=True) and AdamW(foreach=True), on CUDA
 timeout "$(left)" "$VENV/bin/python" -m dist_memopt.bench step --device cuda --repeats 20 \
-    --optimizers AdamW,AdamW-fused,SMMF,SMMF-nocheck,SMMF-triton,SMMF-triton-nocheck,Alada \
+    --optimizers AdamW,AdamW-fused,SMMF,SMMF-nocheck,SMMF-triton,SMMF-triton-nocheck,Alada,Alada-triton \
     --json "$OUT/step.json" 2>&1 | tee "$OUT/step.txt" || status=1
 # 3. launches and bytes per element of one step, the kernels executed on the GPU
 timeout "$(left)" "$VENV/bin/python" -m dist_memopt.bench kernels --kernel-device cuda --kernel-world-sizes "" \
     --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" || status=1
+# 4. both again on bf16 parameters (the kernels load and store bf16 themselves)
+HALF=AdamW,AdamW-fused,SMMF-triton,SMMF-triton-nocheck,Alada-triton,Alada-triton-nocheck
+timeout "$(left)" "$VENV/bin/python" -m dist_memopt.bench step --device cuda --repeats 20 --step-dtype bfloat16 \
+    --optimizers "$HALF" --json "$OUT/step_bf16.json" 2>&1 | tee "$OUT/step_bf16.txt" || status=1
+timeout "$(left)" "$VENV/bin/python" -m dist_memopt.bench kernels --kernel-device cuda --kernel-world-sizes "" \
+    --kernel-dtype bfloat16 --optimizers "$HALF" --json "$OUT/kernels_bf16.json" 2>&1 | tee "$OUT/kernels_bf16.txt" || status=1
 echo "gpu_check: done in $(( $(date +%s) - START )) s, status $status; results in $OUT/ (record them in README.md)"
 exit $status

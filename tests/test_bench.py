@@ -110,6 +110,14 @@ def test_step_benchmark_interleaves_and_reports_ratios(tiny):
     assert "Transformer-base" in text and "1.33x" in text  # Table 5: 171 / 129
 
 
+def test_step_benchmark_times_half_precision_parameters(tiny):
+    """`bench step --step-dtype bfloat16`: the parameters and gradients every optimizer steps are bf16."""
+    results = step_benchmark([tiny], ["AdamW", "SMMF", "Alada"], repeats=1, warmup=1, dtype=torch.bfloat16)
+    assert results["dtype"] == "bfloat16"
+    assert "bfloat16 parameters" in format_step(results)
+    assert all(r["min_ms"] > 0 for r in results["models"]["tiny"]["optimizers"].values())
+
+
 def test_step_benchmark_rejects_optimizers_that_change_gradients(tiny, monkeypatch):
     class GradScaling(torch.optim.SGD):
         def step(self, closure=None):

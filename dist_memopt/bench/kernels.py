@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 from dist_memopt.bench.counting import count_step, triton_context
-from dist_memopt.bench.models import materialize, model_shapes
+from dist_memopt.bench.models import DTYPES, materialize, model_shapes
 from dist_memopt.bench.optimizers import build_optimizer
 from dist_memopt.bench.registry import Benchmark, int_at_least, register
 from dist_memopt.bench.report import format_table
@@ -26,10 +26,6 @@ DEFAULT_OPTIMIZERS = (
     "AdamW-fused", "AdamW", "SMMF", "SMMF-nocheck", "Alada", "Alada-nocheck",
     "SMMF-triton", "SMMF-triton-nocheck", "Alada-triton", "Alada-triton-nocheck",
 )
-
-
-#: --kernel-dtype choices
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def kernel_costs(

@@ -101,6 +101,10 @@ def parse_models(text: str) -> list[str]:
     return keys
 
 
+#: the parameter dtypes the benchmarks' ``--*-dtype`` options offer
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def materialize(
     shapes: ModelShapes, device: torch.device | str = "cpu", seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> list[nn.Parameter]:

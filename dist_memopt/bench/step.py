@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from dist_memopt.bench.models import ModelShapes, materialize, model_shapes
+from dist_memopt.bench.models import DTYPES, ModelShapes, materialize, model_shapes
 from dist_memopt.bench.optimizers import OPTIMIZERS, build_optimizer, check_optimizer_names
 from dist_memopt.bench.paper import STEP_MS
 from dist_memopt.bench.registry import Benchmark, int_at_least, register
@@ -47,6 +47,7 @@ def time_steps(
     repeats: int,
     warmup: int = 2,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, list[float]]:
     """Seconds of each timed ``step()`` per optimizer, ``repeats`` samples each, interleaved."""
     check_optimizer_names(optimizers)
@@ -55,7 +56,7 @@ def time_steps(
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     device = torch.device(device)
-    params = materialize(shapes, device)
+    params = materialize(shapes, device, dtype=dtype)
     grads = [p.grad for p in params]
     before = _fingerprint(grads)
     built = {name: build_optimizer(name, params) for name in optimizers}
@@ -101,11 +102,13 @@ def step_benchmark(
     warmup: int = 2,
     device: torch.device | str = "cpu",
     echo: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Time every optimizer on every model; with ``echo``, print each model's table when done."""
     device = torch.device(device)
     results: dict[str, Any] = {
         "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "repeats": repeats,
         "warmup": warmup,
@@ -116,7 +119,7 @@ def step_benchmark(
     }
     for shapes in models:
         load_before = load_average()
-        rows = _summary(time_steps(shapes, optimizers, repeats, warmup, device))
+        rows = _summary(time_steps(shapes, optimizers, repeats, warmup, device, dtype))
         result = {
             "title": shapes.title,
             "numel": shapes.numel,
@@ -142,7 +145,7 @@ def step_benchmark(
 
 def format_model(result: dict[str, Any], run: dict[str, Any]) -> str:
     header = (
-        f"{result['title']}: {result['numel']:,} parameters; {run['device']}, {run['torch_threads']} threads, "
+        f"{result['title']}: {result['numel']:,} {run['dtype']} parameters; {run['device']}, {run['torch_threads']} threads, "
         f"{run['repeats']} interleaved repeats after {run['warmup']} warm-up steps"
     )
     rows = []
@@ -199,6 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--baselines", action="store_true", help=f"also time {', '.join(BASELINES)} (slower)")
     group.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed steps per optimizer first (default 2)")
     group.add_argument("--device", default="cpu", help="device for the step benchmark (default cpu)")
+    group.add_argument("--step-dtype", choices=sorted(DTYPES), default="float32", help="parameter and gradient dtype (default float32)")
     group.add_argument(
         "--threads", type=int_at_least(1), default=None, help="torch CPU threads while timing (default: torch's own choice)"
     )
@@ -214,7 +218,9 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     try:
-        results = step_benchmark(models, optimizers, options.repeats, options.warmup, options.device, echo=True)
+        results = step_benchmark(
+            models, optimizers, options.repeats, options.warmup, options.device, echo=True, dtype=DTYPES[options.step_dtype]
+        )
     finally:
         torch.set_num_threads(threads)
     print("\n".join(p for p in (format_verdicts(results), format_paper()) if p), flush=True)

@@ -8,6 +8,8 @@ completes it, and a second pass updates the weights. Per batch of segments shari
 schedule: ``_stats_kernel`` (M, partial statistic and ‖G0‖² per tile) and ``_reduce_kernel``
 (tiles summed in tile order: deterministic) before the all_reduce; after it, ``_refit_kernel``
 (float64, one program per segment, once per step for all batches) and ``_update_kernel``.
+Weights, gradients and M in ``.grad`` are read and written in the parameter's dtype (fp32, bf16
+or fp16; batches split by dtype), the math is fp32 (p, q, v0 and Ũ + eps float64).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ view and a schedule, three launches in all:
 2. ``_reduce_kernel``: per segment, sums the tiles' partials in tile order (fixed, hence
    deterministic) into the statistic slots that one all_reduce per process group completes.
 3. ``_finish_kernel`` (once per step, all batches): complete sums -> normalised factors in the state.
+
+Weights and gradients are read and written in the parameter's dtype (fp32, bf16 or fp16; one
+table and set of launches per dtype pair), the math is fp32.
 """
 
 from __future__ import annotations

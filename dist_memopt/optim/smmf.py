@@ -39,20 +39,16 @@ __all__ = ["SMMF", "normalize_factors"]
 WEIGHT_DECAY_MODES = ("adam", "adamw")
 
 
-def normalize_factors(rows: Tensor, cols: Tensor, scale: float = 1.0) -> None:
+def normalize_factors(rows: Tensor, cols: Tensor) -> None:
     """Algorithms 4/5: divide the shorter side (rows when n <= m) by its total, if non-zero.
 
-    ``scale`` multiplies the longer side: the factors of ``scale``·(the sums). Leading
-    dimensions are a batch: (B, n) rows and (B, m) columns normalise each segment alone.
+    Leading dimensions are a batch: (B, n) rows and (B, m) columns normalise each segment alone.
     """
-    short_rows = rows.shape[-1] <= cols.shape[-1]
-    side, other = (rows, cols) if short_rows else (cols, rows)
+    side = rows if rows.shape[-1] <= cols.shape[-1] else cols
     total = side.sum(-1, keepdim=True)
     # A zero total means a zero side (its entries are non-negative): dividing by 1 keeps it, and
     # avoids a host sync that an `if` on the total would cost.
     side.div_(torch.where(total > 0, total, torch.ones_like(total)))
-    if scale != 1.0:
-        other.mul_(scale)
 
 
 def _first_moment(group: dict[str, Any]) -> bool:
@@ -279,7 +275,7 @@ def _factored_step(stack: SegmentStack) -> None:
     stats_v = stack.statistic("row_v"), stack.statistic("col_v")
     if hp.beta1 is not None:
         # the chunks hold M/(1 − β1) = G + β1/(1 − β1)·S⊙(r ⊗ c): one addcmul decompresses and
-        # folds in the gradient; the step size and the stored factors take the (1 − β1) back
+        # folds in the gradient; the step size and the |M| sums take the (1 − β1) back
         keep = 1.0 - hp.beta1
         row_m = stack.gather(state_view("row_m", SegmentPlan.rows)) * (hp.beta1 / keep)
         col_m = stack.gather(state_view("col_m", SegmentPlan.cols))
@@ -304,20 +300,17 @@ def _factored_step(stack: SegmentStack) -> None:
             numerator, step = first, -hp.lr * keep
         stack.addcdiv_(local_weight, lo, hi, numerator, second.sqrt_().add_(hp.eps), value=step)
     if hp.beta1 is not None:
+        # sums of |M| itself in the slots: what every rank posts, whichever path steps its shard
+        stack.statistics_span("row_m", "col_m").mul_(keep)
         stack.scatter(signs, _SIGNS)
 
 
 def _store_stack_factors(stack: SegmentStack) -> None:
-    """Complete sums → normalised factors in the state, for V and (with a first moment) |M|.
-
-    The |M| sums are of M/(1 − β1) (see :func:`_factored_step`): normalising makes the short
-    side scale-free, and the long side gets the factor back.
-    """
-    beta1 = stack.schedule.beta1
-    pairs = [("row_v", "col_v", 1.0)] + ([("row_m", "col_m", 1.0 - beta1)] if beta1 is not None else [])
-    for row_key, col_key, scale in pairs:
+    """Complete sums → normalised factors in the state, for V and (with a first moment) |M|."""
+    pairs = [("row_v", "col_v")] + ([("row_m", "col_m")] if stack.schedule.beta1 is not None else [])
+    for row_key, col_key in pairs:
         rows, cols = stack.complete(row_key), stack.complete(col_key)
-        normalize_factors(rows, cols, scale)
+        normalize_factors(rows, cols)
         for key, values, part in ((row_key, rows, SegmentPlan.rows), (col_key, cols, SegmentPlan.cols)):
             view = state_view(key, part)
             torch._foreach_copy_([view(w) for w in stack.works], list(values.unbind(0)))

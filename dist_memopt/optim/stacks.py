@@ -157,6 +157,16 @@ class SegmentStack:
                 self._sums = torch.zeros(self.count, first.total, dtype=torch.float32, device=first.item.weight.device)
         return split_statistics(self._sums, self.works[0].sizes)[name]
 
+    def statistics_span(self, first: str, last: str) -> Tensor:
+        """One (B, ·) view of the accumulators of statistics ``first`` through ``last`` (in span
+        order), to scale them with one op."""
+        self.statistic(first)
+        assert self._sums is not None
+        names, sizes = list(self.works[0].sizes), self.works[0].sizes
+        lo = sum(sizes[n] for n in names[: names.index(first)])
+        hi = sum(sizes[n] for n in names[: names.index(last) + 1])
+        return self._sums[..., lo:hi]
+
     def publish(self) -> None:
         """Copy a reduced stack's sums into its members' slots, for the reduction to complete."""
         if self.reduced and self.count > 1 and self._sums is not None:

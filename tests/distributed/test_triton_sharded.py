@@ -55,6 +55,15 @@ def _fsdp2(rank, world_size, cls_name):
     return _full(model)
 
 
+def _fsdp2_mixed(rank, world_size, cls_name):
+    """Rank 0 on the torch path, the others on the kernels: the statistics each posts to the
+    all_reduce mean the same thing whichever path computed them."""
+    model = fsdp2_model()
+    kernel = "torch" if rank == 0 else "triton"
+    _train(model, getattr(dm, cls_name)(model.parameters(), kernel=kernel, **CONFIG), range(STEPS))
+    return _full(model)
+
+
 def _fsdp2_bf16(rank, world_size, cls_name):
     """bf16 shards: the kernels load and store the DTensors' local bf16 tensors themselves."""
     model = fsdp2_model()
@@ -77,6 +86,8 @@ CASES = {  # key -> (run, world size, optimizer)
     "fsdp2-3-ranks-alada": (_fsdp2, 3, "Alada"),
     "fsdp1-flat-2-ranks-smmf": (_fsdp1_flat, 2, "SMMF"),
     "fsdp2-3-ranks-smmf-bf16": (_fsdp2_bf16, 3, "SMMF"),
+    "fsdp2-3-ranks-smmf-torch-and-triton": (_fsdp2_mixed, 3, "SMMF"),
+    "fsdp2-3-ranks-alada-torch-and-triton": (_fsdp2_mixed, 3, "Alada"),
     "fsdp2-3-ranks-alada-bf16": (_fsdp2_bf16, 3, "Alada"),
 }
 

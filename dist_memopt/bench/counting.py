@@ -38,6 +38,7 @@ NO_KERNEL = {
     aten.new_empty_strided.default,
     aten.detach.default,
     aten.alias.default,
+    aten._unsafe_view.default,  # a view without alias annotation (matmul reshapes its bmm result)
     aten.lift_fresh.default,
     aten.resize_.default,
     aten.set_.source_Storage_storage_offset,

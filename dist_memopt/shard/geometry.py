@@ -116,10 +116,13 @@ class RangeGeometry:
         return RangeGeometry(self.rows, self.cols, self.start + lo, self.start + hi)
 
     # --- reductions restricted to the range (accumulating: callers start from zeros) -------
+    # Leading dimensions of every tensor are a batch: a stack of segments with this geometry
+    # (see dist_memopt.shard.stacked), one op per piece for all of them.
 
     def _pieces(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(..., numel) -> head (..., head), body (..., body_rows, cols), tail (..., tail)."""
         h, nb, m = self.head, self.body_rows, self.cols
-        return x[:h], x[h : h + nb * m].view(nb, m), x[h + nb * m :]
+        return x[..., :h], x[..., h : h + nb * m].reshape(*x.shape[:-1], nb, m), x[..., h + nb * m :]
 
     def add_row_col_sums(self, x: Tensor, rows_out: Tensor, cols_out: Tensor) -> None:
         """Add this range's row sums and column sums of ``x`` (length ``numel``) to the outputs.
@@ -132,16 +135,16 @@ class RangeGeometry:
         head, body, tail = self._pieces(x)
         r = self.row0
         if self.head:
-            rows_out[r].add_(head.sum())
-            cols_out[self.col0 : self.col0 + self.head].add_(head)
+            rows_out[..., r].add_(head.sum(-1))
+            cols_out[..., self.col0 : self.col0 + self.head].add_(head)
             r += 1
         if self.body_rows:
-            rows_out[r : r + self.body_rows].add_(body.sum(dim=1))
-            cols_out.add_(body.sum(dim=0))
+            rows_out[..., r : r + self.body_rows].add_(body.sum(-1))
+            cols_out.add_(body.sum(-2))
             r += self.body_rows
         if self.tail:
-            rows_out[r].add_(tail.sum())
-            cols_out[: self.tail].add_(tail)
+            rows_out[..., r].add_(tail.sum(-1))
+            cols_out[..., : self.tail].add_(tail)
 
     def add_weighted_row_sums(self, x: Tensor, col_weights: Tensor, rows_out: Tensor) -> None:
         """``rows_out[i] += sum_j x[i, j] * col_weights[j]`` over this range."""
@@ -150,13 +153,13 @@ class RangeGeometry:
         head, body, tail = self._pieces(x)
         r = self.row0
         if self.head:
-            rows_out[r].add_(torch.dot(head, col_weights[self.col0 : self.col0 + self.head]))
+            rows_out[..., r].add_(_dot(head, col_weights[..., self.col0 : self.col0 + self.head]))
             r += 1
         if self.body_rows:
-            rows_out[r : r + self.body_rows].add_(torch.mv(body, col_weights))
+            rows_out[..., r : r + self.body_rows].add_((body @ col_weights.unsqueeze(-1))[..., 0])
             r += self.body_rows
         if self.tail:
-            rows_out[r].add_(torch.dot(tail, col_weights[: self.tail]))
+            rows_out[..., r].add_(_dot(tail, col_weights[..., : self.tail]))
 
     def add_weighted_col_sums(self, x: Tensor, row_weights: Tensor, cols_out: Tensor) -> None:
         """``cols_out[j] += sum_i row_weights[i] * x[i, j]`` over this range."""
@@ -165,13 +168,13 @@ class RangeGeometry:
         head, body, tail = self._pieces(x)
         r = self.row0
         if self.head:
-            cols_out[self.col0 : self.col0 + self.head].add_(head * row_weights[r])
+            cols_out[..., self.col0 : self.col0 + self.head].add_(head * row_weights[..., r : r + 1])
             r += 1
         if self.body_rows:
-            cols_out.add_(torch.mv(body.t(), row_weights[r : r + self.body_rows]))
+            cols_out.add_((row_weights[..., r : r + self.body_rows].unsqueeze(-2) @ body)[..., 0, :])
             r += self.body_rows
         if self.tail:
-            cols_out[: self.tail].add_(tail * row_weights[r])
+            cols_out[..., : self.tail].add_(tail * row_weights[..., r : r + 1])
 
     # --- decompression restricted to the range ----------------------------------------------
 
@@ -195,3 +198,8 @@ class RangeGeometry:
         if self.is_full:
             return block.view(-1)
         return block.view(-1)[self.col0 : self.col0 + self.numel]
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ over the last dimension of a·b, one matrix product for any leading (batch) dimensions."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1))[..., 0, 0]

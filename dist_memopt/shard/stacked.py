@@ -61,53 +61,23 @@ class StackedGeometry:
         return self.geometry
 
     # --- reductions (accumulating into the outputs, as the geometry's own) ---------------------
+    # A range's own reductions take the batch as leading dimensions; runs step one segment.
+
+    def _batch(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        if isinstance(self.geometry, RangeGeometry):
+            return tensors
+        return tuple(t[0] for t in tensors)
 
     def add_row_col_sums(self, x: Tensor, rows_out: Tensor, cols_out: Tensor) -> None:
-        if self.count == 1:
-            return self.geometry.add_row_col_sums(x[0], rows_out[0], cols_out[0])
-        g = self._range
-        head, body, tail, r = *self._pieces(x), g.row0
-        if g.head:
-            rows_out[:, r].add_(head.sum(1))
-            cols_out[:, g.col0 : g.col0 + g.head].add_(head)
-            r += 1
-        if g.body_rows:
-            rows_out[:, r : r + g.body_rows].add_(body.sum(2))
-            cols_out.add_(body.sum(1))
-            r += g.body_rows
-        if g.tail:
-            rows_out[:, r].add_(tail.sum(1))
-            cols_out[:, : g.tail].add_(tail)
+        self.geometry.add_row_col_sums(*self._batch(x, rows_out, cols_out))
 
     def add_weighted_row_sums(self, x: Tensor, col_weights: Tensor, rows_out: Tensor) -> None:
         """``rows_out[b, i] += Σ_j x[b, i, j]·col_weights[b, j]`` over the range."""
-        if self.count == 1:
-            return self.geometry.add_weighted_row_sums(x[0], col_weights[0], rows_out[0])
-        g = self._range
-        head, body, tail, r = *self._pieces(x), g.row0
-        if g.head:
-            rows_out[:, r].add_((head * col_weights[:, g.col0 : g.col0 + g.head]).sum(1))
-            r += 1
-        if g.body_rows:
-            rows_out[:, r : r + g.body_rows].add_(torch.bmm(body, col_weights.unsqueeze(2)).squeeze(2))
-            r += g.body_rows
-        if g.tail:
-            rows_out[:, r].add_((tail * col_weights[:, : g.tail]).sum(1))
+        self.geometry.add_weighted_row_sums(*self._batch(x, col_weights, rows_out))
 
     def add_weighted_col_sums(self, x: Tensor, row_weights: Tensor, cols_out: Tensor) -> None:
         """``cols_out[b, j] += Σ_i row_weights[b, i]·x[b, i, j]`` over the range."""
-        if self.count == 1:
-            return self.geometry.add_weighted_col_sums(x[0], row_weights[0], cols_out[0])
-        g = self._range
-        head, body, tail, r = *self._pieces(x), g.row0
-        if g.head:
-            cols_out[:, g.col0 : g.col0 + g.head].add_(head * row_weights[:, r : r + 1])
-            r += 1
-        if g.body_rows:
-            cols_out.add_(torch.bmm(row_weights[:, r : r + g.body_rows].unsqueeze(1), body).squeeze(1))
-            r += g.body_rows
-        if g.tail:
-            cols_out[:, : g.tail].add_(tail * row_weights[:, r : r + 1])
+        self.geometry.add_weighted_col_sums(*self._batch(x, row_weights, cols_out))
 
     # --- decompression ---------------------------------------------------------------------------
 
@@ -130,8 +100,3 @@ class StackedGeometry:
             block.add_(shift)
         flat = block.view(self.count, -1)
         return flat if g.is_full else flat[:, g.col0 : g.col0 + g.numel]
-
-    def _pieces(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        g = self._range
-        h, nb, m = g.head, g.body_rows, g.cols
-        return x[:, :h], x[:, h : h + nb * m].reshape(self.count, nb, m), x[:, h + nb * m :]

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from dist_memopt.shard.probe import agree, distinct_groups, group_device, with_signatures
 
+__all__ = ["NonFiniteGradientError", "check_step", "nonfinite_candidate", "first_nonfinite", "StepCounts"]
+
 _NO_VERDICT = torch.tensor(math.inf, dtype=torch.float64)  # check_finite=False everywhere: nothing to report
 
 
@@ -74,8 +76,6 @@ def check_step(kind: str, items: list[Any], reducer: Any, param_groups: list[dic
             "Skip the step, lower the learning rate or use loss scaling; pass "
             "check_finite=False to skip this check."
         )
-
-__all__ = ["NonFiniteGradientError", "check_step", "nonfinite_candidate", "first_nonfinite", "StepCounts"]
 
 
 def nonfinite_candidate(tensors: list[Tensor], indices: list[int], device: torch.device) -> Tensor:

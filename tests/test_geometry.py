@@ -72,12 +72,12 @@ def test_partial_statistics_add_up(rows, cols, parts):
         geo.add_row_col_sums(flat[start:end], row_sum, col_sum)
         geo.add_weighted_row_sums(flat[start:end], q, weighted_rows)
         geo.add_weighted_col_sums(flat[start:end], p, weighted_cols)
-        pieces.append(geo.outer(p, q, scale=2.0, shift=-0.5))
+        pieces.append(geo.outer(p, q, row_shift=-p / 2))
     torch.testing.assert_close(row_sum, x.sum(1))
     torch.testing.assert_close(col_sum, x.sum(0))
     torch.testing.assert_close(weighted_rows, x @ q)
     torch.testing.assert_close(weighted_cols, p @ x)
-    torch.testing.assert_close(torch.cat(pieces), (2.0 * torch.outer(p, q) - 0.5).reshape(-1))
+    torch.testing.assert_close(torch.cat(pieces), (torch.outer(p, q) - p.unsqueeze(1) / 2).reshape(-1))
 
 
 def test_range_decomposition_hand_worked():

@@ -54,8 +54,7 @@ def test_runs_geometry_matches_dense(shape, runs):
         weighted = torch.zeros(cols, dtype=torch.float64)
         part.add_weighted_col_sums(x[lo:hi], r, weighted)
         torch.testing.assert_close(weighted, r @ sel)
-        torch.testing.assert_close(part.outer(r, c, scale=0.5, shift=torch.tensor(0.25, dtype=torch.float64)),
-                                   0.5 * full_outer[pos[lo:hi]] + 0.25)
+        torch.testing.assert_close(part.outer(r, c, row_shift=c[0] * r), full_outer[pos[lo:hi]] + c[0] * r[pos[lo:hi] // cols])
     assert torch.equal(dense.view(-1)[pos], x)
 
 

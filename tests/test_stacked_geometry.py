@@ -18,14 +18,14 @@ def test_stacked_operations_equal_each_segment_alone(start, end):
     generator = torch.Generator().manual_seed(start * 100 + end)
     x = torch.randn(COUNT, geo.numel, generator=generator)
     rows, cols = torch.rand(COUNT, ROWS, generator=generator), torch.rand(COUNT, COLS, generator=generator)
-    shift = torch.randn(COUNT, generator=generator)
+    shift = torch.randn(COUNT, ROWS, generator=generator)
 
     sums = torch.zeros(COUNT, ROWS), torch.zeros(COUNT, COLS)
     weighted = torch.zeros(COUNT, ROWS), torch.zeros(COUNT, COLS)
     stacked.add_row_col_sums(x, *sums)
     stacked.add_weighted_row_sums(x, cols, weighted[0])
     stacked.add_weighted_col_sums(x, rows, weighted[1])
-    outer = stacked.outer(rows, cols, scale=0.5, shift=shift)
+    outer = stacked.outer(rows, cols, shift)
     for b in range(COUNT):
         one_rows, one_cols = torch.zeros(ROWS), torch.zeros(COLS)
         geo.add_row_col_sums(x[b], one_rows, one_cols)
@@ -36,7 +36,7 @@ def test_stacked_operations_equal_each_segment_alone(start, end):
         geo.add_weighted_col_sums(x[b], rows[b], one_cols)
         torch.testing.assert_close(weighted[0][b], one_rows)
         torch.testing.assert_close(weighted[1][b], one_cols)
-        torch.testing.assert_close(outer[b], geo.outer(rows[b], cols[b], scale=0.5, shift=shift[b]))
+        torch.testing.assert_close(outer[b], geo.outer(rows[b], cols[b], shift[b]))
 
 
 def test_a_stack_of_one_is_the_segment_itself():

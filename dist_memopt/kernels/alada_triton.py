@@ -9,7 +9,8 @@ schedule: ``_stats_kernel`` (M, partial statistic and ‖G0‖² per tile) and `
 (tiles summed in tile order: deterministic) before the all_reduce; after it, ``_refit_kernel``
 (float64, one program per segment, once per step for all batches) and ``_update_kernel``.
 Weights, gradients and M in ``.grad`` are read and written in the parameter's dtype (fp32, bf16
-or fp16; batches split by dtype), the math is fp32 (p, q, v0 and Ũ + eps float64).
+or fp16; batches split by dtype), the math is fp32 (p, q and v0 float64, and the differences
+that form Ũ from them).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _reduce_kernel(ROWP, COLP, NORMP, TILES, SEGS, OUT, n, m,
 
 
 @triton.jit
-def _refit_kernel(OUT, P64, SEGS, beta2, eps, ODD: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
+def _refit_kernel(OUT, P64, SEGS, beta2: tl.float64, eps: tl.float64, ODD: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
     """p ← β2·p + (1 − β2)·V q/(‖q‖² + eps) (even t) or q likewise (odd t), in float64; v0 at t = 0."""
     s = tl.program_id(0)
     info = SEGS + s * 9
@@ -148,10 +149,13 @@ def _refit_kernel(OUT, P64, SEGS, beta2, eps, ODD: tl.constexpr, FIRST: tl.const
 
 
 @triton.jit
-def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, bias1, bias2, power, decay,
+def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, eps64: tl.float64, bias1, bias2: tl.float64,
+                   power_p: tl.float64, power_q: tl.float64, decay,
                    IN_GRAD: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
-    """W ← W·decay − lr·M̃/√(max(Ũ, 0) + eps), Ũ = (p qᵀ − β2^(t+1)·v0)/(1 − β2^(t+1)) formed in
-    float64 and finished in fp32 as on the torch path: max(Ũ, 0) + eps = max(Ũ + eps, eps)."""
+    """W ← W·decay − lr·M̃/√max(Ũ + eps, eps), with Ũ + eps = rows ⊗ cols + row_shift as on the torch
+    path (``alada._denominator_terms``): float64 differences on the tile's p and q, fp32 per element.
+    The scalars feeding those differences are float64 (a GPU would pass plain floats as fp32, whose
+    rounding of β2^k alone is larger than what the differences resolve)."""
     t = tl.program_id(0)
     info = TILES + t * 12
     w_off, m_off, p_off, q_off, v0_off = tl.load(info + 0), tl.load(info + 2), tl.load(info + 3), tl.load(info + 4), tl.load(info + 5)
@@ -159,15 +163,20 @@ def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, bias1, bias2, power, deca
     k0, row0 = tl.load(info + 10), tl.load(info + 11)
     rows = row0 + tl.arange(0, TR)
     row_ok = rows < n
-    shift = eps - tl.load(P64 + v0_off) * power / bias2
+    root = tl.sqrt(tl.load(P64 + v0_off))
+    x_p = root * power_p  # p's decayed start: p ≥ x_p
+    x_q = root * power_q
     p = tl.load(P64 + p_off + rows, mask=row_ok, other=0.0)
+    row_factor = (p / bias2).to(tl.float32)
+    row_shift = ((p - x_p) * (x_q / bias2) + eps64).to(tl.float32)
     for c0 in range(0, m, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < m
         held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
         q = tl.load(P64 + q_off + cols, mask=col_ok, other=0.0)
-        refit = p[:, None] * q[None, :] * (1.0 / bias2) + shift
-        denominator = tl.sqrt(tl.maximum(refit.to(tl.float32), eps))
+        col_factor = (q - x_q).to(tl.float32)
+        refit = row_factor[:, None] * col_factor[None, :] + row_shift[:, None]
+        denominator = tl.sqrt(tl.maximum(refit, eps))
         w = tl.load(W + w_off + k, mask=held, other=0.0).to(tl.float32) * decay
         if IN_GRAD:
             momentum = tl.load(G + m_off + k, mask=held, other=0.0).to(tl.float32)
@@ -293,7 +302,8 @@ class FusedAlada:
             decay = 1.0 - hp.lr * hp.weight_decay
             if launch.executing():
                 _update_kernel[(tile_count,)](
-                    f32, w_base, g_base, p64, tiles, n, m, hp.lr, hp.eps, hp.bias1, hp.bias2, hp.beta2 ** (hp.t + 1), decay,
+                    f32, w_base, g_base, p64, tiles, n, m, hp.lr, hp.eps, hp.eps, hp.bias1, hp.bias2,
+                    hp.beta2 ** (hp.t // 2 + 1), hp.beta2 ** ((hp.t + 1) // 2), decay,
                     IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns,
                 )
             w_size = w_base.element_size()

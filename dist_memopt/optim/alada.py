@@ -303,11 +303,9 @@ def _partial_statistics(stack: SegmentStack) -> None:
 def _refit_and_update(stack: SegmentStack) -> None:
     """Alternating refit of p or q from the complete statistic, then the preconditioned update.
 
-    Ũ = (p·qᵀ − β2^(t+1)·v0)/(1 − β2^(t+1)) subtracts two nearly equal terms wherever a row or
-    column gets small gradients (early steps, rare embedding rows). In fp32 the difference can
-    lose every digit, clamp to 0 and turn the update into lr·M̃/√eps, so p, q, v0 are kept in
-    float64 and Ũ is formed in float64 (p and q are O(rows + cols), so this costs nothing in
-    memory); M and the update stay fp32.
+    p, q and v0 are kept in float64 (they are O(rows + cols), so this costs nothing in memory);
+    Ũ + eps is formed from them without cancellation (:func:`_denominator_terms`), and M and the
+    update stay fp32.
     """
     geo, hp = stack.geometry, stack.schedule
     p = stack.memo("row", lambda: stack.gather(_P))  # (B, n) float64
@@ -324,15 +322,33 @@ def _refit_and_update(stack: SegmentStack) -> None:
         p.mul_(hp.beta2).add_(stat.div_((q * q).sum(1, keepdim=True) + hp.eps), alpha=1.0 - hp.beta2)
     else:
         q.mul_(hp.beta2).add_(stat.div_((p * p).sum(1, keepdim=True) + hp.eps), alpha=1.0 - hp.beta2)
-    # Ũ + eps in float64 (where the cancellation happens), then fp32: max(Ũ, 0) + eps is
-    # max(Ũ + eps, eps), so one clamp and one sqrt finish the denominator
-    shift = hp.eps - v0 * hp.beta2 ** (hp.t + 1) / hp.bias2  # (B,) on the device: no host sync
+    rows, cols, row_shift = _denominator_terms(p, q, v0, hp)
     momenta = stack.memo("momenta", lambda: stack.gather(_momentum))  # updated by the first phase
     for lo, hi in chunk_ranges(geo.numel, stack.chunk):
-        second = geo.sub(lo, hi).outer(p, q, scale=1.0 / hp.bias2, shift=shift)
-        denom = second.to(torch.float32).clamp_min_(hp.eps).sqrt_()
+        # max(Ũ, 0) + eps is max(Ũ + eps, eps): one clamp and one sqrt finish the denominator
+        denom = geo.sub(lo, hi).outer(rows, cols, row_shift).clamp_min_(hp.eps).sqrt_()
         # M̃ / denom = M / (bias1·denom): the bias correction goes into the step size
         stack.addcdiv_(local_weight, lo, hi, momenta[:, lo:hi], denom, value=-hp.lr / hp.bias1)
     stack.scatter(p, _P)
     stack.scatter(q, _Q)
     stack.scatter(v0, _v0)
+
+
+def _denominator_terms(p: Tensor, q: Tensor, v0: Tensor, hp: "_Schedule") -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 ``rows``, ``cols``, ``row_shift`` with Ũ + eps = rows ⊗ cols + row_shift (per row).
+
+    Ũ = (p qᵀ − c)/(1 − β2^(t+1)) with c = β2^(t+1)·v0 subtracts two nearly equal terms wherever a
+    row or column gets small gradients (early steps, rare embedding rows): in fp32 the difference
+    can lose every digit, clamp to 0 and turn the update into lr·M̃/√eps. But p and q start at √v0
+    and each of their refits (kp = ⌊t/2⌋ + 1 of p, kq = ⌊(t+1)/2⌋ of q by step t) decays them by β2
+    and adds a non-negative term, so p ≥ x_p = β2^kp·√v0, q ≥ x_q = β2^kq·√v0, x_p·x_q = c, and
+    p qᵀ − c = p ⊗ (q − x_q) + x_q·(p − x_p): two non-negative terms. The differences are taken in
+    float64 on the (B, n) and (B, m) vectors; per element, fp32 sums two non-negative numbers.
+    """
+    root = v0.sqrt().unsqueeze(1)  # (B, 1)
+    x_p = root * hp.beta2 ** (hp.t // 2 + 1)
+    x_q = root * hp.beta2 ** ((hp.t + 1) // 2)
+    rows = (p / hp.bias2).float()
+    cols = (q - x_q).float()
+    row_shift = ((p - x_p) * (x_q / hp.bias2) + hp.eps).float()
+    return rows, cols, row_shift

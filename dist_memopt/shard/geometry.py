@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -178,23 +178,18 @@ class RangeGeometry:
 
     # --- decompression restricted to the range ----------------------------------------------
 
-    def outer(
-        self, row_factor: Tensor, col_factor: Tensor, scale: float = 1.0, shift: Union[float, Tensor] = 0.0
-    ) -> Tensor:
-        """``scale·(row_factor ⊗ col_factor) + shift``, flattened, restricted to the range.
+    def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None) -> Tensor:
+        """``row_factor ⊗ col_factor``, plus ``row_shift[i]`` on row i, flattened, restricted to the range.
 
-        Computes the outer product of the touched rows only (at most ``numel + 2 * cols``
-        products) and returns the slice that belongs to the range (a new tensor). ``shift`` may be a
-        0-d tensor, so that a value computed on the device needs no host sync.
+        Computes the touched rows only (at most ``numel + 2 * cols`` products) and returns the
+        slice that belongs to the range (a new tensor).
         """
         if self.numel == 0:
             return row_factor.new_empty(0)
-        rows = row_factor if self.is_full else row_factor[self.row0 : self.row0 + self.touched_rows]
-        if scale == 1.0 and not isinstance(shift, Tensor) and shift == 0.0:
-            block = torch.outer(rows, col_factor)
-        else:
-            shift = shift if isinstance(shift, Tensor) else rows.new_tensor(shift)
-            block = torch.addr(shift, rows, col_factor, alpha=scale)
+        touched = slice(0, self.rows) if self.is_full else slice(self.row0, self.row0 + self.touched_rows)
+        block = torch.outer(row_factor[touched], col_factor)
+        if row_shift is not None:
+            block.add_(row_shift[touched].unsqueeze(1))
         if self.is_full:
             return block.view(-1)
         return block.view(-1)[self.col0 : self.col0 + self.numel]

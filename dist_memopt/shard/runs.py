@@ -18,7 +18,7 @@ written once. Every operation is vectorized over runs:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -27,8 +27,6 @@ from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.spec import Run, ShardSpec, cut_runs, window_runs
 
 __all__ = ["RunsGeometry", "view_geometry", "runs_of"]
-
-Shift = Union[float, Tensor]
 
 
 @dataclass(frozen=True)
@@ -116,25 +114,24 @@ class RunsGeometry:
 
     # --- decompression restricted to the window -----------------------------------------------
 
-    def outer(self, row_factor: Tensor, col_factor: Tensor, scale: float = 1.0, shift: Shift = 0.0) -> Tensor:
-        """``scale·(row_factor ⊗ col_factor) + shift``, flattened, restricted to the window."""
+    def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None) -> Tensor:
+        """``row_factor ⊗ col_factor``, plus ``row_shift[i]`` on row i, flattened, restricted to the window."""
         out = row_factor.new_empty(self.numel, dtype=torch.promote_types(row_factor.dtype, col_factor.dtype))
         for at, piece in self._pieces():
             part = out[at : at + piece.numel]
             if isinstance(piece, RangeGeometry):
-                part.copy_(piece.outer(row_factor, col_factor, scale, shift))
-                continue
-            if self._aligned(piece):
+                part.copy_(piece.outer(row_factor, col_factor, row_shift))
+            elif self._aligned(piece):
                 for block, rows_of, col_lo in self._blocks(piece, part):
                     cols = col_factor[col_lo : col_lo + block.shape[-1]]
                     torch.mul(rows_of(row_factor).unsqueeze(-1), cols, out=block)
+                    if row_shift is not None:
+                        block.add_(rows_of(row_shift).unsqueeze(-1))
             else:
                 row_index, col_index = self._positions(piece, out.device)
                 torch.mul(row_factor[row_index], col_factor[col_index], out=part)
-            if scale != 1.0:
-                part.mul_(scale)
-            if isinstance(shift, Tensor) or shift != 0.0:
-                part.add_(shift)
+                if row_shift is not None:
+                    part.add_(row_shift[row_index])
         return out
 
     # --- the two ways of locating whole runs ----------------------------------------------------

@@ -14,7 +14,7 @@ geometry, strided runs included) steps exactly as before; larger stacks need a c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -25,7 +25,6 @@ from dist_memopt.shard.runs import RunsGeometry
 __all__ = ["StackedGeometry"]
 
 Geometry = Union[RangeGeometry, RunsGeometry]
-Shift = Union[float, Tensor]
 
 
 @dataclass(frozen=True)
@@ -81,22 +80,15 @@ class StackedGeometry:
 
     # --- decompression ---------------------------------------------------------------------------
 
-    def outer(self, row_factor: Tensor, col_factor: Tensor, scale: float = 1.0, shift: Shift = 0.0) -> Tensor:
-        """(B, numel): ``scale·(row_factor[b] ⊗ col_factor[b]) + shift[b]`` over the range.
-
-        ``shift`` is a float or a (B,) tensor (one value per segment, computed on the device).
-        """
+    def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None) -> Tensor:
+        """(B, numel): ``row_factor[b] ⊗ col_factor[b]``, plus ``row_shift[b, i]`` on row i, over the range."""
         if self.count == 1:
-            one = shift[0] if isinstance(shift, Tensor) else shift
-            return self.geometry.outer(row_factor[0], col_factor[0], scale, one).unsqueeze(0)
+            one = None if row_shift is None else row_shift[0]
+            return self.geometry.outer(row_factor[0], col_factor[0], one).unsqueeze(0)
         g = self._range
-        rows = row_factor if g.is_full else row_factor[:, g.row0 : g.row0 + g.touched_rows]
-        block = torch.mul(rows.unsqueeze(2), col_factor.unsqueeze(1))
-        if scale != 1.0:
-            block.mul_(scale)
-        if isinstance(shift, Tensor):
-            block.add_(shift.view(self.count, 1, 1))
-        elif shift != 0.0:
-            block.add_(shift)
+        touched = slice(0, g.rows) if g.is_full else slice(g.row0, g.row0 + g.touched_rows)
+        block = torch.mul(row_factor[:, touched].unsqueeze(2), col_factor.unsqueeze(1))
+        if row_shift is not None:
+            block.add_(row_shift[:, touched].unsqueeze(2))
         flat = block.view(self.count, -1)
         return flat if g.is_full else flat[:, g.col0 : g.col0 + g.numel]

@@ -1,8 +1,8 @@
 """The CUDA tier of the fused kernels (skipped without CUDA; `bash launch/gpu_check.sh` runs it).
 
 On a GPU, compiled rather than interpreted: ``kernel="triton"`` against the float64 references on
-the fidelity model, against the torch path on GPT-2-sized shapes (fp32 and bf16), bit-identical
-across two runs, and FSDP2 over NCCL with the Triton kernels against one process.
+the fidelity model and on Alada's rare rows (where fp32 scalars would lose Ũ), against the torch
+path on GPT-2-sized shapes (fp32 and bf16), bit-identical across two runs, and FSDP2 over NCCL with the Triton kernels against one process.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from models import AwkwardModel, batch  # noqa: E402
 from reference import AladaReference, SMMFReference  # noqa: E402
+from test_fidelity import check_alada_rare_rows  # noqa: E402
 from test_fsdp import TOLERANCE, _full  # noqa: E402
 
 SHAPES = [(768, 3072), (3072,), (768,), (768, 768), (2304,), (1024, 768), (7, 13), ()]
@@ -39,6 +40,11 @@ def test_cuda_triton_matches_the_float64_reference(cls, reference):
             ref.step(grad)
             scale = max(1.0, ref.w.abs().max().item())
             assert (param.detach().cpu().double() - ref.w).abs().max().item() <= 5e-6 * scale
+
+
+def test_cuda_triton_alada_rare_rows_keep_their_digits():
+    """Compiled, the kernels' plain float arguments are fp32: the float64 ones must stay float64."""
+    check_alada_rare_rows("triton", "cuda")
 
 
 def _gpt2_like(kernel: str, dtype: torch.dtype, steps: int = 5, cls=dm.SMMF):

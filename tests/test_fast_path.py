@@ -40,9 +40,9 @@ def _run(cls, foreach, config, monkeypatch, dtype=torch.float32):
     module, function = BATCH_FUNCTION[cls]
     original = getattr(module, function)
 
-    def counting(stack):
+    def counting(stack, *rest):
         batched.append(sorted(tuple(work.item.param.shape) for work in stack.works))
-        original(stack)
+        original(stack, *rest)
 
     generator = torch.Generator().manual_seed(1)
     in_grad = config.get("momentum_in_grad", False)
@@ -110,7 +110,7 @@ def test_batches_are_cut_to_the_chunk_size(cls, monkeypatch):
     sizes = []
     module, function = BATCH_FUNCTION[cls]
     original = getattr(module, function)
-    monkeypatch.setattr(module, function, lambda stack: (sizes.append(stack.count), original(stack)))
+    monkeypatch.setattr(module, function, lambda stack, *rest: (sizes.append(stack.count), original(stack, *rest)))
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()

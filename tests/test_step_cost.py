@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dist_memopt as dm
 
 from dist_memopt.bench.counting import StepCost
 from dist_memopt.bench.models import model_shapes
@@ -112,3 +115,38 @@ def test_half_precision_weights_cost_six_bytes_per_element_less_in_the_kernels(t
         full = tiny_costs["optimizers"][name]
         assert half[name]["launches"] == full["launches"], name
         assert half[name]["bytes_per_element"] == pytest.approx(full["bytes_per_element"] - 6, abs=0.05), name
+
+
+class _FreshOutputs(TorchDispatchMode):
+    """Counts op outputs that are new tensors (not views, in-place or out= results) of at least
+    ``at_least`` elements: the temporaries a CPU allocator may hand back and fault in again."""
+
+    def __init__(self, at_least: int) -> None:
+        super().__init__()
+        self.at_least, self.count = at_least, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        for ret, value in zip(func._schema.returns, results):
+            if ret.alias_info is None and isinstance(value, torch.Tensor) and value.numel() >= self.at_least:
+                self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("cls, config", [(dm.SMMF, dict(weight_decay_mode="adam")), (dm.Alada, {})])
+def test_chunk_temporaries_are_reused_across_chunks(cls, config):
+    """The torch path's chunk-sized temporaries come from the step's scratch buffers: as many fresh
+    chunk-sized tensors per step for a tensor cut into 16 chunks as for one cut into 2."""
+    fresh = []
+    for chunk in (8192, 1024):  # a (128, 128) weight: 2 and 16 chunks of whole rows
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(128, 128))
+        optimizer = cls([weight], lr=1e-2, kernel="torch", weight_decay=0.1, **config)
+        optimizer.chunk_numel = chunk
+        for _ in range(2):  # the second step counts
+            weight.grad = torch.randn(128, 128)
+            with _FreshOutputs(chunk) as counter:
+                optimizer.step()
+        fresh.append(counter.count)
+    assert fresh[0] == fresh[1], fresh

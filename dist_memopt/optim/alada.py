@@ -33,7 +33,7 @@ from dist_memopt.optim.base import (
 )
 from dist_memopt.kernels.select import check_kernel
 from dist_memopt.optim.grad_contract import GradContract
-from dist_memopt.optim.stacks import local_grad, local_weight, state_view
+from dist_memopt.optim.stacks import Scratch, local_grad, local_weight, state_view
 from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import balanced_split
 from dist_memopt.shard.reduce import StatReducer
@@ -65,7 +65,7 @@ class Alada(FactoredOptimizer):
         "beta": "Alada takes betas=(beta1, beta2) (the paper's (0.9, 0.9))",
         "decoupled_weight_decay": "Alada's weight decay is always decoupled (W <- W*(1 - lr*wd)); remove it",
     }
-    # p, q, v0 in float64: see _refit_and_update (Ũ cancels p·qᵀ against β2^(t+1)·v0)
+    # p, q, v0 in float64: see _denominator_terms (Ũ cancels p·qᵀ against β2^(t+1)·v0)
     state_layout = dict(
         exp_avg=StateKey("elems", present=lambda group: not group["momentum_in_grad"]),
         row=StateKey("rows", torch.float64, everywhere=True),
@@ -184,7 +184,7 @@ class Alada(FactoredOptimizer):
 
     def _update(self, work: StepWork, reducer: StatReducer) -> None:
         for stack in work.stacks:
-            _partial_statistics(stack)
+            _partial_statistics(stack, work.scratch)
             stack.publish()
         fused = work.fused
         if fused is not None:
@@ -195,7 +195,7 @@ class Alada(FactoredOptimizer):
             fused.statistics()
         reducer.reduce(async_op=False)  # the refits need the complete statistics at once
         for stack in work.stacks:
-            _refit_and_update(stack)
+            _refit_and_update(stack, work.scratch)
         if fused is not None:
             fused.update()
         for item in work.items:
@@ -257,7 +257,7 @@ def _v0(work: SegmentWork) -> Tensor:
     return work.item.state["v0"][work.seg.factor_index]
 
 
-def _partial_statistics(stack: SegmentStack) -> None:
+def _partial_statistics(stack: SegmentStack, scratch: Scratch) -> None:
     """Update M, then add this range's V·q (even t) or Vᵀ·p (odd t), and ‖G0‖² at t = 0.
 
     V = M̃² = M²/bias1²: the 1/bias1² goes into the (rows or cols) weights of the sums, so a chunk
@@ -288,7 +288,8 @@ def _partial_statistics(stack: SegmentStack) -> None:
         if in_place and not hp.in_grad:
             assert grads is not None
             momentum.lerp_(grads[:, lo:hi], 1.0 - hp.beta1)
-        second = momentum.square()  # M², weighted by 1/bias1² in the sums
+        square = scratch.take("square", momentum.numel(), torch.float32, momentum.device).view(momentum.shape)
+        second = torch.square(momentum, out=square)  # M², weighted by 1/bias1² in the sums
         if hp.t % 2 == 1:
             part.add_weighted_col_sums(second, weights, stat)
         else:
@@ -300,7 +301,7 @@ def _partial_statistics(stack: SegmentStack) -> None:
             norm.add_((g0 * g0).sum(1, keepdim=True))
 
 
-def _refit_and_update(stack: SegmentStack) -> None:
+def _refit_and_update(stack: SegmentStack, scratch: Scratch) -> None:
     """Alternating refit of p or q from the complete statistic, then the preconditioned update.
 
     p, q and v0 are kept in float64 (they are O(rows + cols), so this costs nothing in memory);
@@ -326,7 +327,9 @@ def _refit_and_update(stack: SegmentStack) -> None:
     momenta = stack.memo("momenta", lambda: stack.gather(_momentum))  # updated by the first phase
     for lo, hi in chunk_ranges(geo.numel, stack.chunk):
         # max(Ũ, 0) + eps is max(Ũ + eps, eps): one clamp and one sqrt finish the denominator
-        denom = geo.sub(lo, hi).outer(rows, cols, row_shift).clamp_min_(hp.eps).sqrt_()
+        part = geo.sub(lo, hi)
+        refit = part.outer(rows, cols, row_shift, out=scratch.take("refit", part.outer_numel, torch.float32, rows.device))
+        denom = refit.clamp_min_(hp.eps).sqrt_()
         # M̃ / denom = M / (bias1·denom): the bias correction goes into the step size
         stack.addcdiv_(local_weight, lo, hi, momenta[:, lo:hi], denom, value=-hp.lr / hp.bias1)
     stack.scatter(p, _P)

@@ -7,6 +7,8 @@ the last byte are zero.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -41,12 +43,13 @@ def _sign_table(device: torch.device) -> Tensor:
 _GATHER_BITS = 0x0102040810204080
 
 
-def pack_signs(nonnegative: Tensor, out: Tensor) -> None:
+def pack_signs(nonnegative: Tensor, out: Tensor, overwrite: bool = False) -> None:
     """Pack a bool tensor (True = sign bit 1 = non-negative) into ``out`` (uint8, in place).
 
     Eight bools are eight bytes of 0/1, read as one int64 word (little-endian: element k is byte
     k). One wrapping multiply gathers bit 8k into bit 56 + k, and a shift brings that top byte
-    down: three passes over N/8 words (the shift-or folds this replaces took seven).
+    down: three passes over N/8 words (the shift-or folds this replaces took seven). With
+    ``overwrite`` the bools are scratch, and the words are gathered in place.
     """
     numel = nonnegative.numel()
     if out.numel() != packed_numel(numel):
@@ -62,8 +65,10 @@ def pack_signs(nonnegative: Tensor, out: Tensor) -> None:
         if bools.storage_offset() % 8 or not bools.is_contiguous():
             # an int64 view needs contiguous bytes starting on a word boundary
             bools = bools.clone(memory_format=torch.contiguous_format)
+            overwrite = True  # our own copy
         words = bools.view(torch.uint8).view(torch.int64)
-        gathered = words.mul(_GATHER_BITS).bitwise_right_shift_(56)  # low byte: elements 0..7
+        gathered = words.mul_(_GATHER_BITS) if overwrite else words.mul(_GATHER_BITS)
+        gathered.bitwise_right_shift_(56)  # low byte: elements 0..7
         out[:full].copy_(gathered)  # int64 -> uint8 keeps the lowest byte
     rest = numel - full * 8
     if rest:
@@ -71,38 +76,48 @@ def pack_signs(nonnegative: Tensor, out: Tensor) -> None:
         out[full] = last.sum(dtype=torch.uint8)
 
 
-def unpack_signs(packed: Tensor, numel: int) -> Tensor:
-    """Return ``numel`` signs as float32 +1 (bit set) / -1 (bit clear)."""
+def unpack_signs(packed: Tensor, numel: int, out: Optional[Tensor] = None, index: Optional[Tensor] = None) -> Tensor:
+    """Return ``numel`` signs as float32 +1 (bit set) / -1 (bit clear).
+
+    ``out`` (float32, at least 8 per byte) and ``index`` (int32, one per byte) are optional flat
+    buffers for the signs and the table indices.
+    """
     if packed.numel() != packed_numel(numel):
         raise ValueError(f"sign buffer holds {packed.numel()} bytes, {packed_numel(numel)} needed")
-    table = _sign_table(packed.device)
+    return _lookup(packed.reshape(-1), out, index)[:numel]
+
+
+def _lookup(flat: Tensor, out: Optional[Tensor], index: Optional[Tensor]) -> Tensor:
+    """Flat float32 signs of every bit of ``flat`` (uint8), 8 per byte, padding bits included."""
+    table = _sign_table(flat.device)
     # index_select is several times faster than advanced indexing (table[...]) on CPU; int32
     # indices are half the bytes of int64 ones
-    return torch.index_select(table, 0, packed.int()).view(-1)[:numel]
+    indices = flat.int() if index is None else index[: flat.numel()].copy_(flat)
+    rows = None if out is None else out[: flat.numel() * 8].view(-1, 8)
+    return torch.index_select(table, 0, indices, out=rows).view(-1)
 
 
-def unpack_sign_rows(packed: Tensor, numel: int) -> Tensor:
-    """(B, numel) signs from (B, bytes) packed rows, each row a segment's bytes (its own padding)."""
-    if packed.shape[0] == 1:
-        return unpack_signs(packed[0], numel).unsqueeze(0)
+def unpack_sign_rows(packed: Tensor, numel: int, out: Optional[Tensor] = None, index: Optional[Tensor] = None) -> Tensor:
+    """(B, numel) signs from (B, bytes) packed rows, each row a segment's bytes (its own padding);
+    ``out`` and ``index`` as in :func:`unpack_signs`."""
     count, words = packed.shape
-    table = _sign_table(packed.device)
-    return torch.index_select(table, 0, packed.reshape(-1).int()).view(count, words * 8)[:, :numel]
+    return _lookup(packed.reshape(-1), out, index).view(count, words * 8)[:, :numel]
 
 
-def pack_sign_rows(nonnegative: Tensor, out: Tensor) -> None:
-    """Pack (B, numel) bools into (B, bytes) rows of ``out`` (in place), padding bits 0 per row."""
+def pack_sign_rows(nonnegative: Tensor, out: Tensor, overwrite: bool = False) -> None:
+    """Pack (B, numel) bools into (B, bytes) rows of ``out`` (in place), padding bits 0 per row;
+    with ``overwrite`` the bools are scratch (see :func:`pack_signs`)."""
     if out.shape[0] == 1:
-        return pack_signs(nonnegative[0], out[0])
+        return pack_signs(nonnegative[0], out[0], overwrite)
     count, words = out.shape
     numel = nonnegative.shape[1]
     if numel != words * 8:
         padded = nonnegative.new_zeros(count, words * 8)
         padded[:, :numel] = nonnegative
-        nonnegative = padded
+        nonnegative, overwrite = padded, True
     if out.is_contiguous():
-        pack_signs(nonnegative.reshape(-1), out.view(-1))
+        pack_signs(nonnegative.reshape(-1), out.view(-1), overwrite)
     else:
         packed = out.new_empty(count * words)
-        pack_signs(nonnegative.reshape(-1), packed)
+        pack_signs(nonnegative.reshape(-1), packed, overwrite)
         out.copy_(packed.view(count, words))

@@ -29,7 +29,7 @@ from dist_memopt.optim.base import (
 )
 from dist_memopt.kernels.select import check_kernel
 from dist_memopt.optim.bits import pack_sign_rows, unpack_sign_rows
-from dist_memopt.optim.stacks import local_grad, local_weight, state_view
+from dist_memopt.optim.stacks import Scratch, local_grad, local_weight, state_view
 from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import square_matricize
 from dist_memopt.shard.reduce import StatReducer
@@ -181,7 +181,7 @@ class SMMF(FactoredOptimizer):
                 _dense_step(item, seg, hp)
         reduced = []
         for stack in work.stacks:
-            _factored_step(stack)
+            _factored_step(stack, work.scratch)
             if stack.reduced:
                 stack.publish()
                 reduced.append(stack)
@@ -259,11 +259,12 @@ def _dense_step(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> None:
 _SIGNS = state_view("sign", SegmentPlan.bits)
 
 
-def _factored_step(stack: SegmentStack) -> None:
+def _factored_step(stack: SegmentStack, scratch: Scratch) -> None:
     """Decompress, fold in the gradient, update the weights, add partial factor sums; by chunks.
 
     One stack of segments at a time (a lone segment works on views of its own tensors); the sums
     go to the stack's statistics, completed over the ranks that hold the segments when sharded.
+    The chunk's temporaries live in the step's ``scratch`` buffers.
     """
     geo, hp = stack.geometry, stack.schedule
     grads = stack.gather(local_grad)
@@ -281,21 +282,26 @@ def _factored_step(stack: SegmentStack) -> None:
         col_m = stack.gather(state_view("col_m", SegmentPlan.cols))
         stats_m = stack.statistic("row_m"), stack.statistic("col_m")
         signs = stack.gather(_SIGNS)
+
+    def take(role: str, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return scratch.take(role, numel, dtype, grads.device)
+
     for lo, hi in chunk_ranges(geo.numel, stack.chunk):
         part = geo.sub(lo, hi)
         grad = grads[:, lo:hi]
         if hp.coupled_decay:
-            grad = grad.add(weights[:, lo:hi], alpha=hp.weight_decay)
-        second = part.outer(row_v, col_v).addcmul_(grad, grad, value=1.0 - hp.beta2)
+            grad = torch.add(grad, weights[:, lo:hi], alpha=hp.weight_decay, out=take("decayed", grad.numel()).view(grad.shape))
+        second = part.outer(row_v, col_v, out=take("v", part.outer_numel)).addcmul_(grad, grad, value=1.0 - hp.beta2)
         part.add_row_col_sums(second, *stats_v)
         if hp.beta1 is None:
             numerator, step = grad, -hp.lr
         else:
             bits = signs[:, lo // 8 : (hi + 7) // 8]
-            sign = unpack_sign_rows(bits, hi - lo)
-            decompressed = part.outer(row_m, col_m)
+            sign = unpack_sign_rows(bits, hi - lo, take("sign", bits.numel() * 8), take("index", bits.numel(), torch.int32))
+            decompressed = part.outer(row_m, col_m, out=take("m", part.outer_numel))
             first = torch.addcmul(grad, decompressed, sign, out=decompressed)
-            pack_sign_rows(first >= 0, bits)
+            nonnegative = torch.ge(first, 0, out=take("mask", first.numel(), torch.bool).view(first.shape))
+            pack_sign_rows(nonnegative, bits, overwrite=True)
             part.add_row_col_sums(torch.abs(first, out=sign), *stats_m)
             numerator, step = first, -hp.lr * keep
         stack.addcdiv_(local_weight, lo, hi, numerator, second.sqrt_().add_(hp.eps), value=step)

@@ -12,7 +12,7 @@ stack's sums are scattered into its members' slots, so stacking changes no colle
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -22,7 +22,7 @@ from dist_memopt.optim.plan import SegmentPlan, StepItem
 from dist_memopt.shard.reduce import StatReducer, group_chain
 from dist_memopt.shard.stacked import StackedGeometry
 
-__all__ = ["SegmentWork", "SegmentStack", "StepWork", "reserve_statistics", "stack_segments", "local_weight", "local_grad", "state_view", "Side"]
+__all__ = ["Scratch", "SegmentWork", "SegmentStack", "StepWork", "reserve_statistics", "stack_segments", "local_weight", "local_grad", "state_view", "Side"]
 
 #: a statistic's length: the view's "rows" or "cols", or a fixed count
 Side = Union[str, int]
@@ -207,13 +207,38 @@ def stack_segments(works: list[SegmentWork], stackable: Callable[[SegmentWork], 
     return stacks
 
 
+class Scratch:
+    """One flat buffer per role (and dtype, device), reused by every chunk of a step.
+
+    A fresh chunk-sized temporary per op lets the CPU allocator return its pages to the system
+    and fault them in again: with 1M-element chunks, GPT-2 small's SMMF step took 123K minor page
+    faults and 1.65 s of CPU time on one thread, and 5K faults and 1.05 s with these buffers. On
+    accelerators the caching allocator already reuses blocks; the buffers take the memory the
+    temporaries took.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def take(self, role: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat ``numel``-element view of the role's buffer (grown when too small); its values are
+        left over from the last use: callers overwrite it."""
+        key = (role, dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
+
+
 @dataclass(eq=False)
 class StepWork:
-    """What a subclass's update gets: the items with their schedules, the torch path's stacks, and
-    the segments of items that take the fused kernels (with ``fused``, their kernel step)."""
+    """What a subclass's update gets: the items with their schedules, the torch path's stacks, the
+    segments of items that take the fused kernels (with ``fused``, their kernel step), and the
+    step's scratch buffers."""
 
     items: list[StepItem]
     schedules: list[Any]
     stacks: list[SegmentStack]
     fused_works: list[SegmentWork]
     fused: Any = None
+    scratch: Scratch = field(default_factory=Scratch)

@@ -178,20 +178,28 @@ class RangeGeometry:
 
     # --- decompression restricted to the range ----------------------------------------------
 
-    def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None) -> Tensor:
+    @property
+    def outer_numel(self) -> int:
+        """Elements :meth:`outer` computes: the touched rows, whole."""
+        return self.touched_rows * self.cols
+
+    def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
         """``row_factor ⊗ col_factor``, plus ``row_shift[i]`` on row i, flattened, restricted to the range.
 
-        Computes the touched rows only (at most ``numel + 2 * cols`` products) and returns the
-        slice that belongs to the range (a new tensor).
+        Computes the touched rows only (:attr:`outer_numel`, at most ``numel + 2 * cols`` products)
+        into ``out`` (a flat buffer of at least that many elements) or a new tensor, and returns the
+        slice that belongs to the range.
         """
         if self.numel == 0:
             return row_factor.new_empty(0)
-        touched = slice(0, self.rows) if self.is_full else slice(self.row0, self.row0 + self.touched_rows)
-        block = torch.outer(row_factor[touched], col_factor)
+        touched = slice(self.row0, self.row0 + self.touched_rows)
+        rows = row_factor[touched]
+        if out is None:
+            block = torch.outer(rows, col_factor)
+        else:
+            block = torch.outer(rows, col_factor, out=out[: self.outer_numel].view(self.touched_rows, self.cols))
         if row_shift is not None:
             block.add_(row_shift[touched].unsqueeze(1))
-        if self.is_full:
-            return block.view(-1)
         return block.view(-1)[self.col0 : self.col0 + self.numel]
 
 

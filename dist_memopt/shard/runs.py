@@ -114,9 +114,16 @@ class RunsGeometry:
 
     # --- decompression restricted to the window -----------------------------------------------
 
-    def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None) -> Tensor:
-        """``row_factor ⊗ col_factor``, plus ``row_shift[i]`` on row i, flattened, restricted to the window."""
-        out = row_factor.new_empty(self.numel, dtype=torch.promote_types(row_factor.dtype, col_factor.dtype))
+    @property
+    def outer_numel(self) -> int:
+        """Elements :meth:`outer` writes: the window's own."""
+        return self.numel
+
+    def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+        """``row_factor ⊗ col_factor``, plus ``row_shift[i]`` on row i, flattened, restricted to the
+        window; into ``out`` (a flat buffer of at least ``numel`` elements) when given."""
+        dtype = torch.promote_types(row_factor.dtype, col_factor.dtype)
+        out = row_factor.new_empty(self.numel, dtype=dtype) if out is None else out[: self.numel]
         for at, piece in self._pieces():
             part = out[at : at + piece.numel]
             if isinstance(piece, RangeGeometry):

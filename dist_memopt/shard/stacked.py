@@ -80,15 +80,21 @@ class StackedGeometry:
 
     # --- decompression ---------------------------------------------------------------------------
 
-    def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None) -> Tensor:
-        """(B, numel): ``row_factor[b] ⊗ col_factor[b]``, plus ``row_shift[b, i]`` on row i, over the range."""
+    @property
+    def outer_numel(self) -> int:
+        """Elements :meth:`outer` computes for the whole stack."""
+        return self.count * self.geometry.outer_numel
+
+    def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+        """(B, numel): ``row_factor[b] ⊗ col_factor[b]``, plus ``row_shift[b, i]`` on row i, over the
+        range; into ``out`` (a flat buffer of at least :attr:`outer_numel` elements) when given."""
         if self.count == 1:
             one = None if row_shift is None else row_shift[0]
-            return self.geometry.outer(row_factor[0], col_factor[0], one).unsqueeze(0)
+            return self.geometry.outer(row_factor[0], col_factor[0], one, out).unsqueeze(0)
         g = self._range
-        touched = slice(0, g.rows) if g.is_full else slice(g.row0, g.row0 + g.touched_rows)
-        block = torch.mul(row_factor[:, touched].unsqueeze(2), col_factor.unsqueeze(1))
+        touched = slice(g.row0, g.row0 + g.touched_rows)
+        shape = (self.count, g.touched_rows, g.cols)
+        block = torch.mul(row_factor[:, touched].unsqueeze(2), col_factor.unsqueeze(1), out=None if out is None else out[: self.outer_numel].view(shape))
         if row_shift is not None:
             block.add_(row_shift[:, touched].unsqueeze(2))
-        flat = block.view(self.count, -1)
-        return flat if g.is_full else flat[:, g.col0 : g.col0 + g.numel]
+        return block.view(self.count, -1)[:, g.col0 : g.col0 + g.numel]

@@ -52,9 +52,9 @@ def _train(cls, config, foreach, sharded: bool, stacks: list) -> list[torch.Tens
     module, name = STEP_FUNCTION[cls]
     original = getattr(module, name)
 
-    def recording(stack):
+    def recording(stack, *rest):
         stacks.append((stack.count, stack.reduced))
-        original(stack)
+        original(stack, *rest)
 
     setattr(module, name, recording)
     try:

@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from dist_memopt.kernels import launch
+from dist_memopt.optim.base import FactoredOptimizer, default_chunk_numel
 
 __all__ = ["StepCost", "NO_KERNEL", "SYNC_OPS", "count_step", "triton_context"]
 
@@ -163,7 +164,12 @@ def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, st
     """Launches, bytes per element and host syncs of ``steps`` steps (after ``warmup``), per step.
 
     ``optimizer`` must not hold state yet: its state is dropped afterwards (the bench shares parameters).
+    The torch path steps in the chunks it would take on a GPU (:func:`default_chunk_numel` of
+    CUDA), whatever device the count runs on: the counts are what a GPU pays, and smaller CPU
+    chunks would add a few dozen launches per chunk that a GPU run does not make.
     """
+    if isinstance(optimizer, FactoredOptimizer) and optimizer.chunk_numel is None:
+        optimizer.chunk_numel = default_chunk_numel(torch.device("cuda"))
     for _ in range(warmup):
         optimizer.step()
     if hasattr(optimizer, "synchronize"):

@@ -94,7 +94,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     if options.kernel_device == "cpu" and not options.triton_execute:
         print("*-triton rows on CPU: launches recorded, kernels not run (--triton-execute interprets them).")
     print("launches: aten ops that run a kernel on a GPU (views and allocations excluded) plus Triton launches; "
-          "a foreach op counts once. Bytes: each op's tensor inputs read and outputs written, per parameter element.")
+          "a foreach op counts once. Bytes: each op's tensor inputs read and outputs written, per parameter element. "
+          "The torch path is counted in the chunks it takes on a GPU (64M elements; 512K on CPU).")
     return results
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Sequence
 
 import torch
@@ -76,38 +77,40 @@ class RangeGeometry:
                 f"range [{self.start}, {self.end}) does not fit a {self.rows}x{self.cols} matrix"
             )
 
-    @property
+    # cached: a chunk loop asks for these dozens of times per chunk (a frozen dataclass still has a
+    # __dict__ for cached_property; equality and hashing see the four fields only)
+    @cached_property
     def numel(self) -> int:
         return self.end - self.start
 
-    @property
+    @cached_property
     def row0(self) -> int:
         return self.start // self.cols
 
-    @property
+    @cached_property
     def col0(self) -> int:
         return self.start % self.cols
 
-    @property
+    @cached_property
     def head(self) -> int:
         """Elements in a partial first row (0 when the range starts on a row boundary)."""
         if self.col0 == 0:
             return 0
         return min(self.numel, self.cols - self.col0)
 
-    @property
+    @cached_property
     def body_rows(self) -> int:
         return (self.numel - self.head) // self.cols
 
-    @property
+    @cached_property
     def tail(self) -> int:
         return self.numel - self.head - self.body_rows * self.cols
 
-    @property
+    @cached_property
     def touched_rows(self) -> int:
         return (1 if self.head else 0) + self.body_rows + (1 if self.tail else 0)
 
-    @property
+    @cached_property
     def is_full(self) -> bool:
         return self.start == 0 and self.end == self.rows * self.cols
 

@@ -110,10 +110,6 @@ class RangeGeometry:
     def touched_rows(self) -> int:
         return (1 if self.head else 0) + self.body_rows + (1 if self.tail else 0)
 
-    @cached_property
-    def is_full(self) -> bool:
-        return self.start == 0 and self.end == self.rows * self.cols
-
     def sub(self, lo: int, hi: int) -> "RangeGeometry":
         """The geometry of elements ``[lo, hi)`` of this range (for processing it in chunks)."""
         return RangeGeometry(self.rows, self.cols, self.start + lo, self.start + hi)
@@ -189,21 +185,22 @@ class RangeGeometry:
     def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
         """``row_factor ⊗ col_factor``, plus ``row_shift[i]`` on row i, flattened, restricted to the range.
 
-        Computes the touched rows only (:attr:`outer_numel`, at most ``numel + 2 * cols`` products)
-        into ``out`` (a flat buffer of at least that many elements) or a new tensor, and returns the
+        Leading dimensions are a batch, as in the reductions: (..., rows) row factors and shifts,
+        (..., cols) column factors, (..., numel) result. Computes the touched rows only
+        (:attr:`outer_numel` per segment, at most ``numel + 2 * cols`` products) into ``out`` (a
+        flat buffer of at least that many elements per segment) or a new tensor, and returns the
         slice that belongs to the range.
         """
+        batch = row_factor.shape[:-1]
         if self.numel == 0:
-            return row_factor.new_empty(0)
+            return row_factor.new_empty(*batch, 0)
         touched = slice(self.row0, self.row0 + self.touched_rows)
-        rows = row_factor[touched]
-        if out is None:
-            block = torch.outer(rows, col_factor)
-        else:
-            block = torch.outer(rows, col_factor, out=out[: self.outer_numel].view(self.touched_rows, self.cols))
+        shape = (*batch, self.touched_rows, self.cols)
+        into = None if out is None else out[: math.prod(shape)].view(shape)
+        block = torch.mul(row_factor[..., touched].unsqueeze(-1), col_factor.unsqueeze(-2), out=into)
         if row_shift is not None:
-            block.add_(row_shift[touched].unsqueeze(1))
-        return block.view(-1)[self.col0 : self.col0 + self.numel]
+            block.add_(row_shift[..., touched].unsqueeze(-1))
+        return block.view(*batch, -1)[..., self.col0 : self.col0 + self.numel]
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:

@@ -50,10 +50,6 @@ class RunsGeometry:
     def numel(self) -> int:
         return self.hi - self.lo
 
-    @property
-    def is_full(self) -> bool:
-        return False  # a shard covering the whole parameter is a contiguous range, not runs
-
     def sub(self, lo: int, hi: int) -> "RunsGeometry":
         """The geometry of elements ``[lo, hi)`` of this window (for processing it in chunks)."""
         return RunsGeometry(self.rows, self.cols, self.runs, self.lo + lo, self.lo + hi)

@@ -7,8 +7,8 @@ stack, each operation of the step runs once for all of them. :class:`StackedGeom
 stack the interface of :class:`~dist_memopt.shard.geometry.RangeGeometry`, with a leading batch
 dimension on every tensor: data (B, numel), row factors and sums (B, rows), column ones (B, cols).
 
-A stack of one calls its geometry's own operations on the row's views, so a lone segment (any
-geometry, strided runs included) steps exactly as before; larger stacks need a contiguous range.
+A contiguous range's own operations take the batch as leading dimensions, so a stack of any size
+calls them directly; strided runs step one segment at a time (a stack of one, on the row's views).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
 
 from dist_memopt.shard.geometry import RangeGeometry
@@ -54,11 +53,6 @@ class StackedGeometry:
         """Elements ``[lo, hi)`` of every segment (for processing the stack in chunks)."""
         return StackedGeometry(self.geometry.sub(lo, hi), self.count)
 
-    @property
-    def _range(self) -> RangeGeometry:
-        assert isinstance(self.geometry, RangeGeometry)
-        return self.geometry
-
     # --- reductions (accumulating into the outputs, as the geometry's own) ---------------------
     # A range's own reductions take the batch as leading dimensions; runs step one segment.
 
@@ -88,13 +82,7 @@ class StackedGeometry:
     def outer(self, row_factor: Tensor, col_factor: Tensor, row_shift: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
         """(B, numel): ``row_factor[b] ⊗ col_factor[b]``, plus ``row_shift[b, i]`` on row i, over the
         range; into ``out`` (a flat buffer of at least :attr:`outer_numel` elements) when given."""
-        if self.count == 1:
-            one = None if row_shift is None else row_shift[0]
-            return self.geometry.outer(row_factor[0], col_factor[0], one, out).unsqueeze(0)
-        g = self._range
-        touched = slice(g.row0, g.row0 + g.touched_rows)
-        shape = (self.count, g.touched_rows, g.cols)
-        block = torch.mul(row_factor[:, touched].unsqueeze(2), col_factor.unsqueeze(1), out=None if out is None else out[: self.outer_numel].view(shape))
-        if row_shift is not None:
-            block.add_(row_shift[:, touched].unsqueeze(2))
-        return block.view(self.count, -1)[:, g.col0 : g.col0 + g.numel]
+        if isinstance(self.geometry, RangeGeometry):
+            return self.geometry.outer(row_factor, col_factor, row_shift, out)
+        one = None if row_shift is None else row_shift[0]
+        return self.geometry.outer(row_factor[0], col_factor[0], one, out).unsqueeze(0)

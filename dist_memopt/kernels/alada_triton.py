@@ -302,8 +302,10 @@ class FusedAlada:
             decay = 1.0 - hp.lr * hp.weight_decay
             if launch.executing():
                 _update_kernel[(tile_count,)](
+                    # eps twice: fp32 for the clamp, float64 for the shift (the interpreter passes plain
+                    # floats as Python floats, which have no .to() to narrow one into the other)
                     f32, w_base, g_base, p64, tiles, n, m, hp.lr, hp.eps, hp.eps, hp.bias1, hp.bias2,
-                    hp.beta2 ** (hp.t // 2 + 1), hp.beta2 ** ((hp.t + 1) // 2), decay,
+                    *hp.start_decays, decay,
                     IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns,
                 )
             w_size = w_base.element_size()

@@ -236,6 +236,12 @@ class _Schedule:
         """Decoupled decay W ← W·(1 − lr·wd), applied before the update (None: no decay)."""
         return 1.0 - self.lr * self.weight_decay if self.weight_decay else None
 
+    @property
+    def start_decays(self) -> tuple[float, float]:
+        """(β2^kp, β2^kq): how far p's and q's √v0 start has decayed by this step's refit (kp = ⌊t/2⌋ + 1
+        refits of p, kq = ⌊(t+1)/2⌋ of q; their product is β2^(t+1)), see :func:`_denominator_terms`."""
+        return self.beta2 ** (self.t // 2 + 1), self.beta2 ** ((self.t + 1) // 2)
+
 
 def _momentum(work: SegmentWork) -> Tensor:
     """M_{t+1} for this segment (the state, or the gradient buffer that holds it)."""
@@ -349,8 +355,8 @@ def _denominator_terms(p: Tensor, q: Tensor, v0: Tensor, hp: "_Schedule") -> tup
     float64 on the (B, n) and (B, m) vectors; per element, fp32 sums two non-negative numbers.
     """
     root = v0.sqrt().unsqueeze(1)  # (B, 1)
-    x_p = root * hp.beta2 ** (hp.t // 2 + 1)
-    x_q = root * hp.beta2 ** ((hp.t + 1) // 2)
+    decay_p, decay_q = hp.start_decays
+    x_p, x_q = root * decay_p, root * decay_q
     rows = (p / hp.bias2).float()
     cols = (q - x_q).float()
     row_shift = ((p - x_p) * (x_q / hp.bias2) + hp.eps).float()

@@ -29,6 +29,7 @@ from dist_memopt.optim.base import (
 )
 from dist_memopt.kernels.select import check_kernel
 from dist_memopt.optim.bits import pack_sign_rows, unpack_sign_rows
+from dist_memopt.optim.fused_adam import eager_adam_step, fused_adam_available, fused_adam_step
 from dist_memopt.optim.stacks import Scratch, local_grad, local_weight, state_view
 from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import square_matricize
@@ -260,25 +261,24 @@ _SIGNS = state_view("sign", SegmentPlan.bits)
 
 
 def _factored_step(stack: SegmentStack, scratch: Scratch) -> None:
-    """Decompress, fold in the gradient, update the weights, add partial factor sums; by chunks.
+    """Decompress, step the moments and the weights, add partial factor sums; by chunks.
 
     One stack of segments at a time (a lone segment works on views of its own tensors); the sums
     go to the stack's statistics, completed over the ranks that hold the segments when sharded.
-    The chunk's temporaries live in the step's ``scratch`` buffers.
+    The moments' and weights' step is torch's fused Adam where the device has it (one pass; see
+    :mod:`~dist_memopt.optim.fused_adam`). The chunk's temporaries live in the step's ``scratch``.
     """
     geo, hp = stack.geometry, stack.schedule
     grads = stack.gather(local_grad)
-    if hp.coupled_decay:
+    fused = hp.beta1 is not None and fused_adam_available(grads.device)
+    if hp.coupled_decay and not fused:
         weights = stack.gather(local_weight)
-    # β·(r ⊗ c) = (β·r) ⊗ c: scale the short factor once instead of every element
-    row_v = stack.gather(state_view("row_v", SegmentPlan.rows)) * hp.beta2
+    # the eager ops take β2·V_{t-1}: β2·(r ⊗ c) = (β2·r) ⊗ c scales the short factor once
+    row_v = stack.gather(state_view("row_v", SegmentPlan.rows)) * (1.0 if fused else hp.beta2)
     col_v = stack.gather(state_view("col_v", SegmentPlan.cols))
     stats_v = stack.statistic("row_v"), stack.statistic("col_v")
     if hp.beta1 is not None:
-        # the chunks hold M/(1 − β1) = G + β1/(1 − β1)·S⊙(r ⊗ c): one addcmul decompresses and
-        # folds in the gradient; the step size and the |M| sums take the (1 − β1) back
-        keep = 1.0 - hp.beta1
-        row_m = stack.gather(state_view("row_m", SegmentPlan.rows)) * (hp.beta1 / keep)
+        row_m = stack.gather(state_view("row_m", SegmentPlan.rows))
         col_m = stack.gather(state_view("col_m", SegmentPlan.cols))
         stats_m = stack.statistic("row_m"), stack.statistic("col_m")
         signs = stack.gather(_SIGNS)
@@ -289,28 +289,37 @@ def _factored_step(stack: SegmentStack, scratch: Scratch) -> None:
     for lo, hi in chunk_ranges(geo.numel, stack.chunk):
         part = geo.sub(lo, hi)
         grad = grads[:, lo:hi]
-        if hp.coupled_decay:
-            grad = torch.add(grad, weights[:, lo:hi], alpha=hp.weight_decay, out=take("decayed", grad.numel()).view(grad.shape))
-        second = part.outer(row_v, col_v, out=take("v", part.outer_numel)).addcmul_(grad, grad, value=1.0 - hp.beta2)
-        part.add_row_col_sums(second, *stats_v)
-        if hp.beta1 is None:
-            numerator, step = grad, -hp.lr
-        else:
+        second = part.outer(row_v, col_v, out=take("v", part.outer_numel))
+        first = None
+        if hp.beta1 is not None:
             bits = signs[:, lo // 8 : (hi + 7) // 8]
             sign = unpack_sign_rows(bits, hi - lo, take("sign", bits.numel() * 8), take("index", bits.numel(), torch.int32))
-            decompressed = part.outer(row_m, col_m, out=take("m", part.outer_numel))
-            first = torch.addcmul(grad, decompressed, sign, out=decompressed)
+            first = part.outer(row_m, col_m, out=take("m", part.outer_numel)).mul_(sign)  # M_{t-1} = S ⊙ (r ⊗ c)
+        weight_pieces = stack.pieces(local_weight, lo, hi)
+        if fused:
+            assert first is not None
+            fused_adam_step(
+                weight_pieces, list(grad.unbind(0)), list(first.unbind(0)), list(second.unbind(0)),
+                lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+                weight_decay=hp.weight_decay if hp.coupled_decay else 0.0,
+            )
+        else:
+            if hp.coupled_decay:
+                grad = torch.add(grad, weights[:, lo:hi], alpha=hp.weight_decay, out=take("decayed", grad.numel()).view(grad.shape))
+            denominator = take("denominator", grad.numel()).view(grad.shape)
+            eager_adam_step(
+                weight_pieces, list(grad.unbind(0)), None if first is None else list(first.unbind(0)), list(second.unbind(0)),
+                list(denominator.unbind(0)), lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+            )
+        part.add_row_col_sums(second, *stats_v)
+        if first is not None:
             # M >= 0 into int8 0/1 bytes read as bools: torch's CPU compare vectorizes for an int8
             # output but not a bool one (3x per element; 4% of the FSDP2 step)
             mask = take("mask", first.numel(), torch.int8).view(first.shape)
             nonnegative = torch.ge(first, 0, out=mask).view(torch.bool)
             pack_sign_rows(nonnegative, bits, overwrite=True)
             part.add_row_col_sums(torch.abs(first, out=sign), *stats_m)
-            numerator, step = first, -hp.lr * keep
-        stack.addcdiv_(local_weight, lo, hi, numerator, second.sqrt_().add_(hp.eps), value=step)
     if hp.beta1 is not None:
-        # sums of |M| itself in the slots: what every rank posts, whichever path steps its shard
-        stack.statistics_span("row_m", "col_m").mul_(keep)
         stack.scatter(signs, _SIGNS)
 
 

@@ -136,14 +136,17 @@ class SegmentStack:
         if self.count > 1:
             torch._foreach_copy_([view(work) for work in self.works], list(stacked.unbind(0)))
 
-    def addcdiv_(self, view: Callable[[SegmentWork], Tensor], lo: int, hi: int, numerator: Tensor, denominator: Tensor, value: float) -> None:
-        """``view[lo:hi] += value·numerator/denominator`` for every member, in place (one foreach op
-        on the members' own tensors for a larger stack, whose ``[lo, hi)`` is then all of them)."""
+    def pieces(self, view: Callable[[SegmentWork], Tensor], lo: int, hi: int) -> list[Tensor]:
+        """Every member's ``view[lo:hi]``: what an update writes in place (a larger stack steps in
+        one chunk, whose ``[lo, hi)`` is all of it)."""
         if self.count == 1:
-            view(self.works[0]).unsqueeze(0)[:, lo:hi].addcdiv_(numerator, denominator, value=value)
-            return
+            return [view(self.works[0])[lo:hi]]
         assert lo == 0 and hi == self.geometry.numel, "a stack of several segments steps in one chunk"
-        torch._foreach_addcdiv_([view(w) for w in self.works], list(numerator.unbind(0)), list(denominator.unbind(0)), value=value)
+        return [view(work) for work in self.works]
+
+    def addcdiv_(self, view: Callable[[SegmentWork], Tensor], lo: int, hi: int, numerator: Tensor, denominator: Tensor, value: float) -> None:
+        """``view[lo:hi] += value·numerator/denominator`` for every member, in place (one foreach op)."""
+        torch._foreach_addcdiv_(self.pieces(view, lo, hi), list(numerator.unbind(0)), list(denominator.unbind(0)), value=value)
 
     def statistic(self, name: str) -> Tensor:
         """(B, size) accumulator of this step's partial sums of ``name``: the slot itself for one
@@ -156,16 +159,6 @@ class SegmentStack:
             else:
                 self._sums = torch.zeros(self.count, first.total, dtype=torch.float32, device=first.item.weight.device)
         return split_statistics(self._sums, self.works[0].sizes)[name]
-
-    def statistics_span(self, first: str, last: str) -> Tensor:
-        """One (B, ·) view of the accumulators of statistics ``first`` through ``last`` (in span
-        order), to scale them with one op."""
-        self.statistic(first)
-        assert self._sums is not None
-        names, sizes = list(self.works[0].sizes), self.works[0].sizes
-        lo = sum(sizes[n] for n in names[: names.index(first)])
-        hi = sum(sizes[n] for n in names[: names.index(last) + 1])
-        return self._sums[..., lo:hi]
 
     def publish(self) -> None:
         """Copy a reduced stack's sums into its members' slots, for the reduction to complete."""

@@ -236,3 +236,27 @@ def test_quality_takes_tiny_as_the_tiny_gpt2_and_scales_warmup_to_short_runs(tmp
     assert len(commands) == 1 and commands[0][commands[0].index("--config") + 1].endswith("gpt2.yaml")
     assert "--set=train.train_iters=5" in commands[0] and "--set=train.lr_warmup_iters=0" in commands[0]
     assert "exit code 3" in capsys.readouterr().out
+
+
+def test_interleaved_steps_step_every_optimizer_once_per_round(tmp_path):
+    """`bench sharded`'s timing on a one-rank gloo group: each optimizer steps once per round (a
+    reduction left in flight included), and the ratios are taken within rounds."""
+    import torch.distributed as dist
+
+    import dist_memopt as dm
+    from dist_memopt.bench.ranks import interleaved_steps
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        weights = {name: torch.nn.Parameter(torch.randn(12, 10)) for name in ("AdamW", "SMMF")}
+        optimizers = {"AdamW": torch.optim.AdamW([weights["AdamW"]]), "SMMF": dm.SMMF([weights["SMMF"]])}
+        steps = {name: 0 for name in optimizers}
+        for name, optimizer in optimizers.items():
+            weights[name].grad = torch.randn(12, 10)
+            optimizer.register_step_post_hook(lambda *_, name=name: steps.__setitem__(name, steps[name] + 1))
+        timing = interleaved_steps(optimizers, repeats=3)
+    finally:
+        dist.destroy_process_group()
+    assert steps == {"AdamW": 3, "SMMF": 3}
+    assert timing["AdamW"]["vs_baseline"] == 1.0
+    assert all(t["step_seconds"] > 0 and t["vs_baseline"] > 0 for t in timing.values())

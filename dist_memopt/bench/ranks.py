@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["OPTIMIZERS", "CollectiveBytes", "make_optimizer", "spawn_ranks", "timed_step"]
+__all__ = ["OPTIMIZERS", "CollectiveBytes", "make_optimizer", "spawn_ranks", "timed_step", "interleaved_steps"]
 
 OPTIMIZERS = ("AdamW", "SMMF", "Alada")
 
@@ -79,15 +79,36 @@ def spawn_ranks(target, world_size: int, args: argparse.Namespace) -> list[dict]
     return [results[r] for r in range(world_size)]
 
 
-def timed_step(optimizer: torch.optim.Optimizer, repeats: int) -> float:
-    """Median seconds of ``repeats`` steps, each started together on every rank (barrier) and
-    including a reduction the optimizer leaves in flight."""
-    times = []
+def _one_step(optimizer: torch.optim.Optimizer) -> float:
+    """Seconds of one step, started together on every rank and ended when every rank has finished
+    it (barriers), a reduction the optimizer leaves in flight included: what a data-parallel loop
+    pays before its next collective, for an optimizer that communicates or one that does not."""
+    dist.barrier()
+    start = time.perf_counter()
+    optimizer.step()
+    if hasattr(optimizer, "synchronize"):
+        optimizer.synchronize()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def interleaved_steps(optimizers: dict[str, torch.optim.Optimizer], repeats: int, baseline: str = "AdamW") -> dict[str, dict[str, float]]:
+    """Per optimizer: the median step seconds and the median over ``repeats`` rounds of its time
+    over ``baseline``'s in the same round (every optimizer steps once per round, in turn), so that
+    a slow stretch of a shared machine weighs on both sides of a ratio, as in ``bench step``."""
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        optimizer.step()
-        if hasattr(optimizer, "synchronize"):
-            optimizer.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, optimizer in optimizers.items():
+            times[name].append(_one_step(optimizer))
+    return {
+        name: dict(
+            step_seconds=statistics.median(samples),
+            vs_baseline=statistics.median(t / b for t, b in zip(samples, times[baseline])),
+        )
+        for name, samples in times.items()
+    }
+
+
+def timed_step(optimizer: torch.optim.Optimizer, repeats: int) -> float:
+    """Median seconds of ``repeats`` steps (see :func:`_one_step`)."""
+    return statistics.median(_one_step(optimizer) for _ in range(repeats))

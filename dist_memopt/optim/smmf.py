@@ -295,22 +295,15 @@ def _factored_step(stack: SegmentStack, scratch: Scratch) -> None:
             bits = signs[:, lo // 8 : (hi + 7) // 8]
             sign = unpack_sign_rows(bits, hi - lo, take("sign", bits.numel() * 8), take("index", bits.numel(), torch.int32))
             first = part.outer(row_m, col_m, out=take("m", part.outer_numel)).mul_(sign)  # M_{t-1} = S ⊙ (r ⊗ c)
-        weight_pieces = stack.pieces(local_weight, lo, hi)
         if fused:
-            assert first is not None
             fused_adam_step(
-                weight_pieces, list(grad.unbind(0)), list(first.unbind(0)), list(second.unbind(0)),
-                lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
-                weight_decay=hp.weight_decay if hp.coupled_decay else 0.0,
+                stack.pieces(local_weight, lo, hi), list(grad.unbind(0)), list(first.unbind(0)), list(second.unbind(0)),
+                lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay if hp.coupled_decay else 0.0,
             )
         else:
             if hp.coupled_decay:
                 grad = torch.add(grad, weights[:, lo:hi], alpha=hp.weight_decay, out=take("decayed", grad.numel()).view(grad.shape))
-            denominator = take("denominator", grad.numel()).view(grad.shape)
-            eager_adam_step(
-                weight_pieces, list(grad.unbind(0)), None if first is None else list(first.unbind(0)), list(second.unbind(0)),
-                list(denominator.unbind(0)), lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
-            )
+            _eager_step(stack.pieces(local_weight, lo, hi), grad, first, second, take("denominator", grad.numel()), hp)
         part.add_row_col_sums(second, *stats_v)
         if first is not None:
             # M >= 0 into int8 0/1 bytes read as bools: torch's CPU compare vectorizes for an int8
@@ -321,6 +314,14 @@ def _factored_step(stack: SegmentStack, scratch: Scratch) -> None:
             part.add_row_col_sums(torch.abs(first, out=sign), *stats_m)
     if hp.beta1 is not None:
         stack.scatter(signs, _SIGNS)
+
+
+def _eager_step(weights: list[Tensor], grad: Tensor, first: Optional[Tensor], second: Tensor, denominator: Tensor, hp: _Schedule) -> None:
+    """The moments' and weights' step in foreach ops (B, n) rows: ``second`` is β2·V_{t-1}."""
+    eager_adam_step(
+        weights, list(grad.unbind(0)), None if first is None else list(first.unbind(0)), list(second.unbind(0)),
+        list(denominator.view(grad.shape).unbind(0)), lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+    )
 
 
 def _store_stack_factors(stack: SegmentStack) -> None:

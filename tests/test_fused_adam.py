@@ -70,3 +70,10 @@ def test_the_cpu_step_takes_the_fused_kernel():
 def test_eager_ops_meet_the_reference_without_the_fused_kernel(config, chunk_numel, monkeypatch):
     monkeypatch.setattr(smmf_module, "fused_adam_available", lambda device: False)
     _compare(dm.SMMF, SMMFReference, SMMF_CONFIGS[config], chunk_numel)
+
+
+def test_fused_step_refuses_strided_tensors():
+    """The kernel walks raw pointers: a strided view would be stepped as if it were contiguous."""
+    weight, grad, first, second = (torch.zeros(8, 2) for _ in range(4))
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        fused_adam_step([weight[:, 0]], [grad[:, 0]], [first[:, 0]], [second[:, 0]], lr=1e-2, beta1=0.9, beta2=0.9, eps=1e-8)

@@ -44,6 +44,10 @@ def fused_adam_step(
     Every tensor fp32 and contiguous (the kernel walks raw pointers); ``weight_decay`` is coupled
     (added to the gradient, which stays unchanged in memory).
     """
+    for tensors in (weights, grads, firsts, seconds):
+        for tensor in tensors:
+            if tensor.dtype != torch.float32 or not tensor.is_contiguous():
+                raise ValueError(f"fused Adam takes contiguous fp32 tensors (it walks raw pointers), got {tensor.dtype}, strides {tensor.stride()}")
     step = _infinite_step(weights[0].device)
     torch._fused_adam_(
         weights, grads, firsts, seconds, [], [step] * len(weights),

@@ -8,7 +8,10 @@ five (two multiply-adds, a sqrt, an add and a divide). Its bias corrections are 
 step count passed is +inf, so both are exactly 1 for every β in [0, 1) (SMMF's β1 and β2,t).
 
 On a device without the fused op, :func:`eager_adam_step` does the same with foreach ops; the
-two agree to the last bit or two (the fused kernel rounds its tail elements in scalar code).
+two agree to the last bit or two. The CPU kernel steps the last few elements of each thread's share
+in scalar code, which rounds V's multiply-add differently: which elements those are depends on the
+lengths passed and the thread count, so a rerun with another ``torch.get_num_threads()`` may differ
+in the last bit (as torch's own CPU reductions may); a rerun with the same one is bit-identical.
 """
 
 from __future__ import annotations

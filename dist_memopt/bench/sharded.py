@@ -38,7 +38,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
 
         import dist_memopt as dm
 
-        results, optimizers, models = {}, {}, []
+        results, optimizers, models = {}, {}, []  # models: kept alive for the interleaved rounds
         for name in OPTIMIZERS:
             model, config = _gpt2(args.seq_length)
             for block in model.transformer.h:

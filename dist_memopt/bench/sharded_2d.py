@@ -66,7 +66,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         import dist_memopt as dm
 
         mesh = init_device_mesh("cpu", (world_size // args.tp, args.tp), mesh_dim_names=("dp", "tp"))
-        results, optimizers, models = {}, {}, []
+        results, optimizers, models = {}, {}, []  # models: kept alive for the interleaved rounds
         for name in OPTIMIZERS:
             model = _model(args.tp_layers, mesh)
             optimizer = make_optimizer(name, model.parameters())

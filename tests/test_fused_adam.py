@@ -66,7 +66,7 @@ def test_the_cpu_step_takes_the_fused_kernel():
 
 
 @pytest.mark.parametrize("chunk_numel", [None, 40], ids=["whole", "chunked"])
-@pytest.mark.parametrize("config", ["adamw-decay", "adam-decay", "transformer-schedule"])
+@pytest.mark.parametrize("config", ["adamw-decay", "adam-decay", "transformer-schedule", "dense-vectors"])
 def test_eager_ops_meet_the_reference_without_the_fused_kernel(config, chunk_numel, monkeypatch):
     monkeypatch.setattr(smmf_module, "fused_adam_available", lambda device: False)
     _compare(dm.SMMF, SMMFReference, SMMF_CONFIGS[config], chunk_numel)

@@ -242,19 +242,19 @@ class _Schedule:
 
 
 def _dense_step(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> None:
-    """vector_reshape=False: 1-D tensors keep dense moments with the same schedules."""
-    weight = seg.local(item.weight)
-    grad = seg.local(item.grad)
+    """vector_reshape=False: 1-D tensors keep dense moments with the same schedules (the same
+    fused Adam step, or eager ops, as the factored chunks)."""
+    weight, grad = seg.local(item.weight), seg.local(item.grad)
+    first = None if hp.beta1 is None else seg.dense(item.state["exp_avg"])
+    second = seg.dense(item.state["exp_avg_sq"])
+    if first is not None and fused_adam_available(weight.device):
+        decay = hp.weight_decay if hp.coupled_decay else 0.0
+        fused_adam_step([weight], [grad], [first], [second], lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=decay)
+        return
     if hp.coupled_decay:
         grad = grad.add(weight, alpha=hp.weight_decay)
-    exp_avg_sq = seg.dense(item.state["exp_avg_sq"])
-    exp_avg_sq.mul_(hp.beta2).addcmul_(grad, grad, value=1.0 - hp.beta2)
-    if hp.beta1 is None:
-        numerator = grad
-    else:
-        numerator = seg.dense(item.state["exp_avg"])
-        numerator.mul_(hp.beta1).add_(grad, alpha=1.0 - hp.beta1)
-    weight.addcdiv_(numerator, exp_avg_sq.sqrt().add_(hp.eps), value=-hp.lr)
+    second.mul_(hp.beta2)
+    _eager_step([weight], grad.unsqueeze(0), None if first is None else first.unsqueeze(0), second.unsqueeze(0), torch.empty_like(second), hp)
 
 
 _SIGNS = state_view("sign", SegmentPlan.bits)

@@ -247,9 +247,9 @@ def _dense_step(item: StepItem, seg: SegmentPlan, hp: _Schedule) -> None:
     weight, grad = seg.local(item.weight), seg.local(item.grad)
     first = None if hp.beta1 is None else seg.dense(item.state["exp_avg"])
     second = seg.dense(item.state["exp_avg_sq"])
-    if first is not None and fused_adam_available(weight.device):
-        decay = hp.weight_decay if hp.coupled_decay else 0.0
-        fused_adam_step([weight], [grad], [first], [second], lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=decay)
+    if _takes_fused_adam(hp, weight.device):
+        assert first is not None
+        _fused_step([weight], grad.unsqueeze(0), first.unsqueeze(0), second.unsqueeze(0), hp)
         return
     if hp.coupled_decay:
         grad = grad.add(weight, alpha=hp.weight_decay)
@@ -270,7 +270,7 @@ def _factored_step(stack: SegmentStack, scratch: Scratch) -> None:
     """
     geo, hp = stack.geometry, stack.schedule
     grads = stack.gather(local_grad)
-    fused = hp.beta1 is not None and fused_adam_available(grads.device)
+    fused = _takes_fused_adam(hp, grads.device)
     if hp.coupled_decay and not fused:
         weights = stack.gather(local_weight)
     # the eager ops take β2·V_{t-1}: β2·(r ⊗ c) = (β2·r) ⊗ c scales the short factor once
@@ -296,10 +296,8 @@ def _factored_step(stack: SegmentStack, scratch: Scratch) -> None:
             sign = unpack_sign_rows(bits, hi - lo, take("sign", bits.numel() * 8), take("index", bits.numel(), torch.int32))
             first = part.outer(row_m, col_m, out=take("m", part.outer_numel)).mul_(sign)  # M_{t-1} = S ⊙ (r ⊗ c)
         if fused:
-            fused_adam_step(
-                stack.pieces(local_weight, lo, hi), list(grad.unbind(0)), list(first.unbind(0)), list(second.unbind(0)),
-                lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay if hp.coupled_decay else 0.0,
-            )
+            assert first is not None
+            _fused_step(stack.pieces(local_weight, lo, hi), grad, first, second, hp)
         else:
             if hp.coupled_decay:
                 grad = torch.add(grad, weights[:, lo:hi], alpha=hp.weight_decay, out=take("decayed", grad.numel()).view(grad.shape))
@@ -316,8 +314,22 @@ def _factored_step(stack: SegmentStack, scratch: Scratch) -> None:
         stack.scatter(signs, _SIGNS)
 
 
+def _takes_fused_adam(hp: _Schedule, device: torch.device) -> bool:
+    """Whether this schedule's moments step in torch's fused Adam kernel (needs a first moment)."""
+    return hp.beta1 is not None and fused_adam_available(device)
+
+
+def _fused_step(weights: list[Tensor], grad: Tensor, first: Tensor, second: Tensor, hp: _Schedule) -> None:
+    """The moments' and weights' step in one fused pass over (B, n) rows: ``second`` is V_{t-1}."""
+    assert hp.beta1 is not None
+    fused_adam_step(
+        weights, list(grad.unbind(0)), list(first.unbind(0)), list(second.unbind(0)),
+        lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay if hp.coupled_decay else 0.0,
+    )
+
+
 def _eager_step(weights: list[Tensor], grad: Tensor, first: Optional[Tensor], second: Tensor, denominator: Tensor, hp: _Schedule) -> None:
-    """The moments' and weights' step in foreach ops (B, n) rows: ``second`` is β2·V_{t-1}."""
+    """The moments' and weights' step in foreach ops over (B, n) rows: ``second`` is β2·V_{t-1}."""
     eager_adam_step(
         weights, list(grad.unbind(0)), None if first is None else list(first.unbind(0)), list(second.unbind(0)),
         list(denominator.view(grad.shape).unbind(0)), lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,

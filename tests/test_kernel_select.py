@@ -52,3 +52,21 @@ def test_config_files_take_the_kernel_argument(name):
     assert optimizer.param_groups[0]["kernel"] == "torch"
     with pytest.raises(ValueError, match="Invalid kernel: 'gpu'"):
         build_optimizer(name, [torch.nn.Parameter(torch.randn(3))], {"kernel": "gpu"})
+
+
+def test_an_untested_triton_release_is_refused_by_name_and_auto_takes_torch(monkeypatch):
+    triton = pytest.importorskip("triton")
+    from dist_memopt.kernels import select
+
+    monkeypatch.setattr(triton, "__version__", "3.10.0")
+    select.triton_problem.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"support triton 3\.9\.0, found 3\.10\.0.*kernel='torch'"):
+            use_triton({"kernel": "triton"}, torch.device("cpu"))
+        with pytest.warns(RuntimeWarning, match="kernel='auto' takes the torch path"):
+            assert not use_triton({"kernel": "auto"}, torch.device("cuda"))
+        monkeypatch.setattr(triton, "__version__", "3.9.0+local")
+        select.triton_problem.cache_clear()
+        assert select.triton_problem() is None
+    finally:
+        select.triton_problem.cache_clear()

@@ -72,12 +72,19 @@ def _tiny() -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
+def _awkward() -> nn.Module:
+    """A scalar, a vector, a prime-sized and an uneven matrix, a conv kernel: small and full column blocks."""
+    shapes = [(), (7,), (13, 7), (3, 5, 3, 3), (48, 160)]
+    return nn.ParameterList([nn.Parameter(torch.empty(s)) for s in shapes])
+
+
 #: key -> (title, builder); the builder runs under the meta device
 MODELS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "gpt2": ("GPT-2 small (GPT2LMHeadModel, GPT2Config() defaults)", _gpt2),
     "bert": ("BERT-base (BertForMaskedLM: encoder + MLM head, BertConfig() defaults)", _bert),
     "t5": ("T5-small (T5ForConditionalGeneration, t5-small sizes)", _t5),
     "tiny": ("tiny GPT-2 (2 layers, width 32, vocab 101; for tests and smoke runs)", _tiny),
+    "awkward": ("awkward shapes (a scalar, a vector, 13x7, a 3x5x3x3 conv kernel, 48x160; for tests)", _awkward),
 }
 
 

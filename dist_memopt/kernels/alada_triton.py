@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, tile_elements, tile_pieces, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, tile_elements, tile_pieces, launched, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedAlada"]
 
@@ -35,7 +35,7 @@ NF = 6 + TILE_FIELDS  # per tile: w, g, m (momentum), p, q, v0 offsets; then the
 NS = 9  # per segment: tile range, stat / norm slot offsets, p, q, v0 offsets, n, m
 
 
-@triton.jit
+@launched
 def _stats_kernel(F, G, P64, ROWP, COLP, NORMP, TILES, n, m, beta1, bias1, g0_div,
                   ODD: tl.constexpr, FIRST: tl.constexpr, IN_GRAD: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
     t = tl.program_id(0)
@@ -78,7 +78,7 @@ def _stats_kernel(F, G, P64, ROWP, COLP, NORMP, TILES, n, m, beta1, bias1, g0_di
         tl.store(NORMP + t, tl.sum(norm, axis=0))
 
 
-@triton.jit
+@launched
 def _reduce_kernel(ROWP, COLP, NORMP, TILES, SEGS, OUT, n, m,
                    ODD: tl.constexpr, FIRST: tl.constexpr, TR: tl.constexpr, BLOCK: tl.constexpr):
     s = tl.program_id(0)
@@ -107,7 +107,7 @@ def _reduce_kernel(ROWP, COLP, NORMP, TILES, SEGS, OUT, n, m,
             tl.store(OUT + norm_off, tl.sum(total, axis=0))
 
 
-@triton.jit
+@launched
 def _refit_kernel(OUT, P64, SEGS, beta2: tl.float64, eps: tl.float64, ODD: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
     """p ← β2·p + (1 − β2)·V q/(‖q‖² + eps) (even t) or q likewise (odd t), in float64; v0 at t = 0."""
     s = tl.program_id(0)
@@ -148,7 +148,7 @@ def _refit_kernel(OUT, P64, SEGS, beta2: tl.float64, eps: tl.float64, ODD: tl.co
             tl.store(P64 + other_off + lanes, tl.zeros((BLOCK,), dtype=tl.float64) + root, mask=lanes < other_len)
 
 
-@triton.jit
+@launched
 def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, eps64: tl.float64, bias1, bias2: tl.float64,
                    power_p: tl.float64, power_q: tl.float64, decay,
                    IN_GRAD: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
@@ -274,10 +274,11 @@ class FusedAlada:
         if launch.executing():
             _stats_kernel[(tile_count,)](
                 f32, grads, p64, rowp, colp, normp, tiles, n, m, hp.beta1, hp.bias1, (1.0 - hp.beta1) if hp.in_grad else 1.0,
-                ODD=odd, FIRST=first, IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns,
+                ODD=odd, FIRST=first, IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns, **tile_warps(rows_per_tile, columns),
             )
             _reduce_kernel[(seg_count, triton.cdiv(m if odd else n, block))](
-                rowp, colp, normp, tiles, segs, f32, n, m, ODD=odd, FIRST=first, TR=rows_per_tile, BLOCK=block
+                rowp, colp, normp, tiles, segs, f32, n, m, ODD=odd, FIRST=first, TR=rows_per_tile, BLOCK=block,
+                **launch.OPTIONS,
             )
         partials = tile_count * ((m if odd else rows_per_tile) + first) * 4
         factors = tile_count * (rows_per_tile if odd else m) * 8
@@ -292,7 +293,7 @@ class FusedAlada:
         f32, p64 = self._bases
         for (odd, first, beta2, eps), segs, count in self._refits:
             if launch.executing():
-                _refit_kernel[(count,)](f32, p64, segs, beta2, eps, ODD=odd, FIRST=first, BLOCK=256)
+                _refit_kernel[(count,)](f32, p64, segs, beta2, eps, ODD=odd, FIRST=first, BLOCK=256, **launch.OPTIONS)
             moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 8 for j in self._jobs) // len(self._refits)
             launch.record("alada_refit", moved, moved // 2)
         for n, m, hp, w_base, g_base, tiles, tile_count, numel in self._batches:
@@ -306,7 +307,7 @@ class FusedAlada:
                     # floats as Python floats, which have no .to() to narrow one into the other)
                     f32, w_base, g_base, p64, tiles, n, m, hp.lr, hp.eps, hp.eps, hp.bias1, hp.bias2,
                     *hp.start_decays, decay,
-                    IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns,
+                    IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns, **tile_warps(rows_per_tile, columns),
                 )
             w_size = w_base.element_size()
             m_size = g_base.element_size() if hp.in_grad else 4

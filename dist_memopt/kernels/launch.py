@@ -10,11 +10,16 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-__all__ = ["record", "subscribe", "unsubscribe", "executing", "count_only"]
+__all__ = ["record", "subscribe", "unsubscribe", "executing", "count_only", "compiling", "runs_nothing", "OPTIONS"]
 
 Listener = Callable[[str, int, int], None]
 _LISTENERS: list[Listener] = []
 _SKIP = [False]
+_COMPILING = [False]
+
+#: passed to every launch: Triton 3.9 warns that its default for FMA contraction changes in 3.10;
+#: the kernels keep it on, so their numerics on a GPU do not follow a change of that default
+OPTIONS = {"enable_fp_fusion": True}
 
 
 def executing() -> bool:
@@ -32,6 +37,22 @@ def count_only() -> Iterator[None]:
         yield
     finally:
         _SKIP[0] = False
+
+
+@contextmanager
+def compiling() -> Iterator[None]:
+    """Launches go into Triton's compiler and run nothing (set by
+    :func:`dist_memopt.kernels.compile.compile_for`, which does the compiling)."""
+    _COMPILING[0] = True
+    try:
+        yield
+    finally:
+        _COMPILING[0] = False
+
+
+def runs_nothing() -> bool:
+    """True while launches are only counted or only compiled: CPU tensors need no interpreter then."""
+    return _SKIP[0] or _COMPILING[0]
 
 
 def record(name: str, bytes_read: int, bytes_written: int) -> None:

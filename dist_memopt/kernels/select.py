@@ -12,13 +12,14 @@ import functools
 import importlib
 import os
 import sys
-from typing import Any
+import warnings
+from typing import Any, Optional
 
 import torch
 
 from dist_memopt.kernels import launch
 
-__all__ = ["KERNELS", "check_kernel", "use_triton", "triton_available", "fused_item", "fused_step"]
+__all__ = ["KERNELS", "SUPPORTED_TRITON", "check_kernel", "use_triton", "triton_available", "triton_problem", "fused_item", "fused_step"]
 
 KERNELS = ("auto", "torch", "triton")
 
@@ -30,13 +31,37 @@ def check_kernel(group: dict[str, Any], where: str = "") -> None:
         raise ValueError(f"Invalid kernel{where}: {kernel!r} (must be one of {KERNELS})")
 
 
+#: Triton releases the kernels are tested on (interpreted on CPU, compiled for sm_80/sm_90): the
+#: language's semantics (its interpreter, FMA contraction's default) change between releases
+SUPPORTED_TRITON = ("3.9.0",)
+
+
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def triton_problem() -> Optional[str]:
+    """Why the Triton kernels cannot be used here (not installed, an untested release), or None."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return True
+        return f"kernel='triton' needs the triton package (pip install triton=={SUPPORTED_TRITON[-1]})"
+    if triton.__version__.split("+")[0] not in SUPPORTED_TRITON:  # a local build tag is accepted, a pre-release is not
+        return (f"dist_memopt's Triton kernels support triton {', '.join(SUPPORTED_TRITON)}, found {triton.__version__}: "
+                f"install it with `pip install triton=={SUPPORTED_TRITON[-1]}`, or use kernel='torch' "
+                "(the same equations in torch ops)")
+    return None
+
+
+def triton_available() -> bool:
+    """Triton imports and is a supported release; ``kernel="auto"`` then uses it on CUDA (else the
+    torch path, with one warning when an untested release is installed)."""
+    problem = triton_problem()
+    if problem is not None and "found" in problem:
+        _warn_once(problem)
+    return problem is None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message + "; kernel='auto' takes the torch path", RuntimeWarning, stacklevel=3)
 
 
 def _interpreting() -> bool:
@@ -58,16 +83,16 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
     kernel = group.get("kernel", "auto")
     if kernel == "torch":
         return False
-    # counting launches (launch.count_only) runs no kernel, so it needs no interpreter
-    cpu_ok = _interpreting() or not launch.executing()
-    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and cpu_ok))
+    # counting launches (launch.count_only) or compiling them (kernels.compile) runs no kernel,
+    # so it needs no interpreter
+    cpu_ok = _interpreting() or launch.runs_nothing()
     if kernel == "auto":
-        return supported and device.type == "cuda" and runnable
+        return supported and device.type == "cuda" and triton_available()
     if not supported:
         raise RuntimeError("kernel='triton' is not implemented for these settings; use kernel='auto' or 'torch'")
-    if not triton_available():
-        raise RuntimeError("kernel='triton' needs the triton package (pip install triton==3.9.0)")
-    if not runnable:
+    if triton_problem() is not None:
+        raise RuntimeError(triton_problem())
+    if not (device.type == "cuda" or (device.type == "cpu" and cpu_ok)):
         raise RuntimeError(
             f"kernel='triton' runs on CUDA tensors, or on CPU tensors through Triton's interpreter with "
             f"TRITON_INTERPRET=1 set before triton is imported (best: in the environment before Python "

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import Offsets, tile_elements, tile_pieces, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import Offsets, tile_elements, tile_pieces, launched, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedSMMF"]
 
@@ -39,7 +39,7 @@ NF = 13  # int64 fields per tile: w, g, sign bit, rv, cv, rm, cm offsets; start,
 NS = 10  # per segment: tile range, 4 slot offsets, 4 state offsets
 
 
-@triton.jit
+@launched
 def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2, eps, wd, decay,
                  HAS_M: tl.constexpr, COUPLED: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
     t = tl.program_id(0)
@@ -92,7 +92,7 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
         tl.store(ROWP + (t * 2 + 1) * TR + lanes, acc_m)
 
 
-@triton.jit
+@launched
 def _reduce_kernel(ROWP, COLP, TILES, SEGS, OUT, n, m,
                    HAS_M: tl.constexpr, TR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     s = tl.program_id(0)
@@ -103,32 +103,33 @@ def _reduce_kernel(ROWP, COLP, TILES, SEGS, OUT, n, m,
     if j < col_blocks:
         cols = j * BC + tl.arange(0, BC)
         ok = cols < m
-        acc_v = tl.zeros((BC,), dtype=tl.float32)
-        acc_m = tl.zeros((BC,), dtype=tl.float32)
+        # names of their own in each branch: compiled, a runtime `if` merges same-named values
+        col_v = tl.zeros((BC,), dtype=tl.float32)
+        col_m = tl.zeros((BC,), dtype=tl.float32)
         for t in range(lo, hi):  # tile order: a fixed summation order
-            acc_v += tl.load(COLP + (t * 2) * m + cols, mask=ok, other=0.0)
+            col_v += tl.load(COLP + (t * 2) * m + cols, mask=ok, other=0.0)
             if HAS_M:
-                acc_m += tl.load(COLP + (t * 2 + 1) * m + cols, mask=ok, other=0.0)
-        tl.store(OUT + tl.load(info + 3) + cols, acc_v, mask=ok)
+                col_m += tl.load(COLP + (t * 2 + 1) * m + cols, mask=ok, other=0.0)
+        tl.store(OUT + tl.load(info + 3) + cols, col_v, mask=ok)
         if HAS_M:
-            tl.store(OUT + tl.load(info + 5) + cols, acc_m, mask=ok)
+            tl.store(OUT + tl.load(info + 5) + cols, col_m, mask=ok)
     else:
         rows = (j - col_blocks) * BR + tl.arange(0, BR)
-        acc_v = tl.zeros((BR,), dtype=tl.float32)
-        acc_m = tl.zeros((BR,), dtype=tl.float32)
+        row_v = tl.zeros((BR,), dtype=tl.float32)
+        row_m = tl.zeros((BR,), dtype=tl.float32)
         for t in range(lo, hi):
             at = rows - tl.load(TILES + t * 13 + 12)
-            ok = (at >= 0) & (at < TR)
-            acc_v += tl.load(ROWP + (t * 2) * TR + at, mask=ok, other=0.0)
+            held = (at >= 0) & (at < TR)
+            row_v += tl.load(ROWP + (t * 2) * TR + at, mask=held, other=0.0)
             if HAS_M:
-                acc_m += tl.load(ROWP + (t * 2 + 1) * TR + at, mask=ok, other=0.0)
-        ok = rows < n
-        tl.store(OUT + tl.load(info + 2) + rows, acc_v, mask=ok)
+                row_m += tl.load(ROWP + (t * 2 + 1) * TR + at, mask=held, other=0.0)
+        in_view = rows < n
+        tl.store(OUT + tl.load(info + 2) + rows, row_v, mask=in_view)
         if HAS_M:
-            tl.store(OUT + tl.load(info + 4) + rows, acc_m, mask=ok)
+            tl.store(OUT + tl.load(info + 4) + rows, row_m, mask=in_view)
 
 
-@triton.jit
+@launched
 def _finish_kernel(OUT, F, SEGS, SHAPES, BLOCK: tl.constexpr):
     """Factors = complete sums, the shorter side divided by its total (when non-zero)."""
     s = tl.program_id(0)
@@ -264,7 +265,7 @@ class FusedSMMF:
             _tile_kernel[(tile_count,)](
                 bases["W"], bases["G"], bases["S"], words_shift, bases["F"], rowp, colp, tiles, n, m,
                 hp.lr, hp.beta1 if has_m else 0.0, hp.beta2, hp.eps, hp.weight_decay, decay,
-                HAS_M=has_m, COUPLED=hp.coupled_decay, TR=rows_per_tile, BC=columns,
+                HAS_M=has_m, COUPLED=hp.coupled_decay, TR=rows_per_tile, BC=columns, **tile_warps(rows_per_tile, columns),
             )
         partials = tile_count * pairs * (rows_per_tile + m) * 4
         factors = tile_count * pairs * (rows_per_tile + m) * 4
@@ -274,7 +275,8 @@ class FusedSMMF:
         row_block = 128
         grid = (seg_count, triton.cdiv(m, columns) + triton.cdiv(n, row_block))
         if launch.executing():
-            _reduce_kernel[grid](rowp, colp, tiles, segs, bases["OUT"], n, m, HAS_M=has_m, TR=rows_per_tile, BR=row_block, BC=columns)
+            _reduce_kernel[grid](rowp, colp, tiles, segs, bases["OUT"], n, m, HAS_M=has_m, TR=rows_per_tile, BR=row_block, BC=columns,
+                                 **launch.OPTIONS)
         launch.record("smmf_reduce", partials + seg_count * NS * 8, seg_count * pairs * (n + m) * 4)
 
     def finish(self) -> None:
@@ -282,6 +284,6 @@ class FusedSMMF:
         dtype pair (one in a model of one dtype)."""
         for bases, segs, shapes, count, moved in self._finish:
             if launch.executing():
-                _finish_kernel[(count, 2)](bases["OUT"], bases["F"], segs, shapes, BLOCK=256)
+                _finish_kernel[(count, 2)](bases["OUT"], bases["F"], segs, shapes, BLOCK=256, **launch.OPTIONS)
             launch.record("smmf_finish", moved, moved // 2)
         self._finish = []

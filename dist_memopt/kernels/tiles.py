@@ -10,24 +10,50 @@ every segment of a batch wherever its tensors live.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Union
+import inspect
+from typing import Any, Callable, Iterator, Optional, Union
 
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from dist_memopt.kernels import launch
 from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.runs import RunsGeometry, runs_of
 
-__all__ = ["TILE_FIELDS", "tiles_shape", "Offsets", "tile_pieces", "tile_elements", "to_dtype_of"]
+__all__ = ["TILE_FIELDS", "tiles_shape", "tile_warps", "launched", "Offsets", "tile_pieces", "tile_elements", "to_dtype_of"]
 
 TILE_FIELDS = 6  # start, run length, stride, count, first local index of the piece, first row
 
 
 def tiles_shape(m: int) -> tuple[int, int]:
-    """(rows per tile, columns per block): about 4K elements per block, 32 rows at most."""
-    columns = min(128, triton.next_power_of_2(max(1, m)))
-    return max(1, min(32, 4096 // columns)), columns
+    """(rows per tile, columns per block): 32 rows, blocks of 64 columns (16 for views of <= 16 columns).
+
+    Compiled for sm_80/sm_90 (``python -m dist_memopt.bench compile``), 128-column blocks needed
+    more than the 255 registers a thread may have and spilled 300-1,500 bytes per thread to local
+    memory, at 4 warps and at 8; 64-column blocks at :func:`tile_warps` spill nothing. Two block
+    shapes, not one per power of two, keep the compiled variants few (each costs a GPU run half a
+    second of compiling at its first step); masked lanes cost no memory traffic. The tile's rows,
+    hence the partial sums it writes, do not depend on the column block.
+    """
+    return 32, 16 if m <= 16 else 64
+
+
+def tile_warps(rows: int, columns: int) -> dict[str, int]:
+    """Launch options of a tile kernel: 8 warps (8 elements per thread) for full 2K-element blocks."""
+    return {**launch.OPTIONS, "num_warps": 8 if rows * columns >= 2048 else 4}
+
+
+def launched(fn: Callable) -> Any:
+    """``triton.jit`` for a kernel the step launches: one compiled variant per dtype and constexpr setting.
+
+    Triton would also specialise on each integer argument's value (== 1, divisible by 16) and on
+    each pointer's 16-byte alignment. The kernels reach elements through offsets loaded from their
+    table, so that buys little, and it would compile new variants (about half a second each)
+    whenever a shard's size or an allocation's address changes, mid-run and differently per rank.
+    """
+    names = [name for name, p in inspect.signature(fn).parameters.items() if "constexpr" not in str(p.annotation)]
+    return triton.jit(fn, do_not_specialize=names, do_not_specialize_on_alignment=names)
 
 
 class Offsets:

@@ -1,0 +1,140 @@
+"""``compile``: the fused kernels compiled for GPUs on this machine, no GPU needed.
+
+Steps SMMF and Alada with ``kernel="triton"`` on parameters of a model's shapes, in every setting
+that changes what a kernel compiles to (first moment or not, weight-decay mode, momentum in
+``.grad``, Alada's first, odd and even steps, fp32/bf16/fp16 parameters), inside
+:func:`dist_memopt.kernels.compile.compile_for`: every launch is compiled for each ``sm_<arch>``
+(Triton's pipeline down to a cubin) instead of run. Prints, per kernel, its specialisations and
+what a GPU would run; checks that each compiles, uses no float atomics (whose order varies) and
+spills nothing to local memory. Needs ``TRITON_INTERPRET`` unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+
+import dist_memopt as dm
+from dist_memopt.bench.models import DTYPES, materialize, model_shapes
+from dist_memopt.bench.registry import Benchmark, register
+from dist_memopt.bench.report import format_table
+from dist_memopt.kernels.select import triton_available
+
+__all__ = ["VARIANTS", "compile_kernels", "run"]
+
+#: the settings that select different compiled code (constexpr branches), with kernel="triton"
+VARIANTS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
+    "SMMF": lambda p: dm.SMMF(p, kernel="triton", weight_decay=0.01),
+    "SMMF beta=None": lambda p: dm.SMMF(p, kernel="triton", beta=None, weight_decay=0.01),
+    "SMMF weight_decay_mode=adam": lambda p: dm.SMMF(p, kernel="triton", weight_decay_mode="adam", weight_decay=0.01),
+    "Alada": lambda p: dm.Alada(p, kernel="triton", weight_decay=0.01),
+    "Alada momentum_in_grad": lambda p: dm.Alada(p, kernel="triton", momentum_in_grad=True, weight_decay=0.01),
+}
+STEPS = 3  # Alada's first step, then an odd and an even one (each compiles its own statistics kernel)
+
+
+def _step_variant(build: Callable[[list], torch.optim.Optimizer], model: str, dtype: torch.dtype) -> None:
+    params = materialize(model_shapes(model), dtype=dtype)
+    optimizer = build(params)
+    for _ in range(STEPS):
+        optimizer.zero_grad()  # Alada's momentum in .grad needs the optimizer's own zero_grad
+        for p in params:
+            g = torch.randn_like(p).mul_(1e-3)
+            p.grad = g if p.grad is None else p.grad.add_(g)
+        optimizer.step()
+
+
+def compile_kernels(model: str, arch: int, dtypes: list[str], variants: list[str]) -> list[Any]:
+    """Every distinct kernel specialisation the variants' steps launch, compiled for ``sm_<arch>``."""
+    from dist_memopt.kernels.compile import compile_for
+
+    with compile_for(arch) as records:
+        for dtype in dtypes:
+            for name in variants:
+                _step_variant(VARIANTS[name], model, DTYPES[dtype])
+    return records
+
+
+def summarize(records: list[Any]) -> dict[str, dict[str, Any]]:
+    """Per kernel: how many specialisations, the worst registers / local bytes / shared bytes, atomics."""
+    by_kernel: dict[str, list[Any]] = defaultdict(list)
+    for record in records:
+        by_kernel[record.kernel].append(record)
+    summary = {}
+    for kernel, group in sorted(by_kernel.items()):
+        ok = [r for r in group if r.error is None]
+        summary[kernel] = {
+            "specializations": len(group),
+            "errors": [r.error.splitlines()[0] if r.error else "" for r in group if r.error],
+            "max_registers": max((r.resources.get("REG", 0) for r in ok), default=0),
+            "max_local_bytes": max((r.resources.get("LOCAL", 0) + r.resources.get("STACK", 0) for r in ok), default=0),
+            "max_shared_bytes": max((r.shared_bytes for r in ok), default=0),
+            "num_warps": sorted({r.num_warps for r in ok}),
+            "atomics": sorted({a for r in ok for a in r.atomics}),
+            "float_atomics": sorted({a for r in ok for a in r.float_atomics}),
+            "max_fp64_instructions": max((r.fp64_instructions for r in ok), default=0),
+            "compile_seconds": round(sum(r.seconds for r in ok), 1),
+        }
+    return summary
+
+
+def _table(summary: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        [k, s["specializations"], len(s["errors"]), s["max_registers"], s["max_local_bytes"], s["max_shared_bytes"],
+         ",".join(map(str, s["num_warps"])), " ".join(s["atomics"]) or "-", s["max_fp64_instructions"], s["compile_seconds"]]
+        for k, s in summary.items()
+    ]
+    headers = ["kernel", "variants", "errors", "regs/thread", "local B", "shared B", "warps", "atomics", "fp64 instr", "compile s"]
+    return format_table(headers, rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compile")
+    group.add_argument("--archs", default="80,90", help="CUDA compute capabilities to compile for, e.g. 80 (A100), 90 (H100/H200); default 80,90")
+    group.add_argument("--compile-dtypes", default="float32,bfloat16,float16", help="parameter dtypes (default all three)")
+    group.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    if not triton_available():
+        print("compile: skipped, triton is not installed (pip install triton==3.9.0)")
+        return {"archs": {}, "verdicts": []}
+    archs = [int(a) for a in options.archs.split(",") if a.strip()]
+    dtypes = [d.strip() for d in options.compile_dtypes.split(",") if d.strip()]
+    variants = [v.strip() for v in options.variants.split(",") if v.strip()]
+    unknown = [d for d in dtypes if d not in DTYPES] + [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"compile: unknown dtype(s) or variant(s) {unknown} (dtypes: {', '.join(DTYPES)}; variants: {', '.join(VARIANTS)})")
+    results: dict[str, Any] = {"archs": {}, "verdicts": []}
+    for model in options.models:
+        for arch in archs:
+            summary = summarize(compile_kernels(model, arch, dtypes, variants))
+            results["archs"][f"{model}/sm_{arch}"] = summary
+            print(f"{model_shapes(model).title}: kernels compiled for sm_{arch} ({', '.join(dtypes)}; {len(variants)} settings)")
+            print(_table(summary) + "\n", flush=True)
+            for kernel, s in summary.items():
+                for error in s["errors"][:3]:
+                    print(f"  {kernel}: {error}")
+            where = f"on {model} for sm_{arch}"
+            results["verdicts"] += [
+                {"check": f"every Triton launch compiles {where}", "ok": not any(s["errors"] for s in summary.values())},
+                {"check": f"no float atomics {where} (bit-identical reruns)", "ok": not any(s["float_atomics"] for s in summary.values())},
+                {"check": f"no local memory (register spills) {where}", "ok": all(s["max_local_bytes"] == 0 for s in summary.values())},
+            ]
+    print("variants: distinct specialisations (constexpr settings, dtypes, Triton's integer specialisations); "
+          "regs/thread, local and shared bytes: the worst over them, from the cubin (cuobjdump). Nothing ran.")
+    return results
+
+
+register(
+    Benchmark(
+        name="compile",
+        summary="the fused Triton kernels compiled for sm_80/sm_90 without a GPU: registers, spills, atomics",
+        run=run,
+        add_arguments=add_arguments,
+        defaults={"models": ["gpt2"]},
+    )
+)

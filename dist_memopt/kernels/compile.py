@@ -1,0 +1,167 @@
+"""Compile the fused kernels for a GPU on a machine without one, exactly as a real step launches them.
+
+Triton's interpreter (how CI runs the kernels on CPU) accepts programs its compiler rejects: an
+``if`` on a runtime value whose branches give one name tensors of different shapes ran there and
+failed to compile. Inside :func:`compile_for`, every Triton launch of a step on CPU tensors is
+compiled for ``sm_<arch>`` instead of run (Triton's own pipeline down to a cubin through the
+``ptxas`` in its wheel; no driver, no device) with the signature, specialisations and options the
+launch would have on that GPU. The step's results are then meaningless, as under
+:func:`~dist_memopt.kernels.launch.count_only`. Each :class:`Compiled` kernel says what a GPU
+would run: its registers and local memory (spills), its shared memory, and its atomics (none on
+floats: their order varies, and the kernels promise bit-identical reruns).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+
+from dist_memopt.kernels import launch
+
+__all__ = ["Compiled", "compile_for"]
+
+_OPTIONS = ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion", "launch_cooperative_grid")
+_ATOMIC = re.compile(r"\b(?:atom|red)\.[\w.]+")
+_FLOAT_TYPE = re.compile(r"\.(?:f16|bf16|f32|f64)(?:x2)?$")
+
+
+@dataclass
+class Compiled:
+    """One specialisation of one kernel, compiled (``error`` set instead when it did not compile)."""
+
+    kernel: str
+    signature: str  # Triton's own rendering of the launch: options and argument types
+    arch: int
+    constants: dict[str, Any] = field(default_factory=dict)  # constexpr and specialised (== 1) arguments
+    seconds: float = 0.0
+    error: Optional[str] = None
+    ptx: str = ""
+    cubin: bytes = b""
+    shared_bytes: int = 0
+    num_warps: int = 0
+    resources: dict[str, int] = field(default_factory=dict)  # REG, LOCAL, STACK from cuobjdump
+
+    @property
+    def atomics(self) -> list[str]:
+        """The PTX atomic (``atom``) and reduction (``red``) instructions, e.g. ``atom.global.gpu.acq_rel.xor.b32``."""
+        return sorted(set(_ATOMIC.findall(self.ptx)))
+
+    @property
+    def float_atomics(self) -> list[str]:
+        return [a for a in self.atomics if _FLOAT_TYPE.search(a)]
+
+    @property
+    def fp64_instructions(self) -> int:
+        """Static count of PTX instructions on float64 (slow on consumer GPUs; Alada's refit uses them)."""
+        return sum(1 for line in self.ptx.splitlines() if ".f64" in line and not line.lstrip().startswith("//"))
+
+
+class _CompileOnlyDriver:
+    """What Triton's launcher asks of the active driver before compiling: a device, a stream, a target."""
+
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: Optional[int] = None) -> int:
+        return 0
+
+    def get_current_target(self) -> Any:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED and LOCAL of the cubin's one kernel, read by the ``cuobjdump`` in Triton's wheel."""
+    from triton import knobs
+
+    tool = knobs.nvidia.cuobjdump.path
+    if not tool or not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True, check=False).stdout
+    line = re.search(r"Function [^\n]*:\s*\n\s*(REG:.*)", text)
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line.group(1))} if line else {}
+
+
+def _interpreted() -> bool:
+    from dist_memopt.kernels import tiles
+
+    return type(tiles.tile_elements).__name__ == "InterpretedFunction"
+
+
+@contextmanager
+def compile_for(arch: int = 90) -> Iterator[list[Compiled]]:
+    """Within: Triton launches on CPU tensors compile for CUDA ``sm_<arch>`` and do not run.
+
+    Yields the list that collects one :class:`Compiled` per distinct specialisation (a compile
+    error is recorded, not raised, so one run reports every kernel). Needs ``TRITON_INTERPRET``
+    unset when Triton was imported: interpreted kernels have nothing to compile.
+    """
+    from triton import knobs
+    from triton.compiler import ASTSource
+    from triton.runtime.driver import driver
+
+    if _interpreted():
+        raise RuntimeError("compile_for compiles the kernels: run it with TRITON_INTERPRET unset "
+                           "(the kernels were imported for Triton's interpreter)")
+    stand_in = _CompileOnlyDriver(arch)
+    records: list[Compiled] = []
+    seen: set[str] = set()
+    functions: list[Any] = []
+
+    def compile_instead(*, key: Any, repr: str, fn: Any, compile: dict, **_: Any) -> bool:
+        functions.append(fn.jit_function)
+        if str(key) not in seen:
+            seen.add(str(key))
+            source = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
+            record = _compile(source, fn.name, repr, compile, stand_in.target)
+            names = [p.name for p in fn.jit_function.params]
+            record.constants = {names[path[0]]: getattr(v, "value", v) for path, v in compile["constants"].items()}
+            records.append(record)
+        return True  # handled: Triton launches nothing
+
+    previous_driver, previous_hook = driver._active, knobs.runtime.jit_cache_hook  # triton==3.9 internals
+    driver.set_active(stand_in)
+    knobs.runtime.jit_cache_hook = compile_instead
+    try:
+        with launch.compiling():
+            yield records
+    finally:
+        driver._active = previous_driver
+        knobs.runtime.jit_cache_hook = previous_hook
+        for function in functions:  # their per-device binders were made for the stand-in's target
+            function.device_caches.clear()
+
+
+def _compile(source: Any, name: str, signature: str, options: dict, target: Any) -> Compiled:
+    import triton
+
+    record = Compiled(name, signature, target.arch, num_warps=options["num_warps"])
+    start = time.perf_counter()
+    try:
+        kernel = triton.compile(source, target=target, options={k: options[k] for k in _OPTIONS})
+    except Exception as error:  # noqa: BLE001 - reported per kernel: the caller sees them all
+        record.error = f"{type(error).__name__}: {error}"
+        return record
+    record.seconds = time.perf_counter() - start
+    record.ptx, record.cubin = kernel.asm["ptx"], kernel.asm["cubin"]
+    record.shared_bytes = kernel.metadata.shared
+    record.resources = _resources(record.cubin)
+    return record

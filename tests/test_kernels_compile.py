@@ -1,0 +1,55 @@
+"""The fused kernels compiled for a GPU (sm_90, as the H200 the GPU check runs on), here on CPU.
+
+The interpreter tests (test_triton_kernels.py) run the kernels' equations; this compiles every
+specialisation a step launches, through Triton's real pipeline down to a cubin, the way a CUDA
+run would: the interpreter accepted an ``if`` on a runtime value whose branches gave one name
+tensors of different shapes, which the compiler rejects. Also pinned from the compiled code: no
+float atomics (their order varies: reruns must be bit-identical), SMMF's sign bits flipped by an
+integer atomic xor, and no register spills. ``python -m dist_memopt.bench compile`` is the
+command; it needs TRITON_INTERPRET unset, so it runs in a subprocess (conftest.py sets it here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from dist_memopt.kernels.compile import compile_for  # noqa: E402
+
+KERNELS = {"_tile_kernel", "_reduce_kernel", "_finish_kernel", "_stats_kernel", "_refit_kernel", "_update_kernel"}
+
+
+def test_every_kernel_compiles_for_sm90_without_spills_or_float_atomics(tmp_path):
+    out = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "dist_memopt.bench", "compile", "--models", "awkward", "--archs", "90",
+               "--compile-dtypes", "float32,bfloat16", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())["benchmarks"]["compile"]
+    summary = result["archs"]["awkward/sm_90"]
+    assert set(summary) == KERNELS  # SMMF's three and Alada's four launch sites, all reached
+    for kernel, s in summary.items():
+        assert s["errors"] == [], kernel
+        assert s["float_atomics"] == [], kernel
+        assert s["max_local_bytes"] == 0, f"{kernel} spills {s['max_local_bytes']} bytes per thread"
+        assert 0 < s["max_registers"] <= 255, kernel
+    assert summary["_tile_kernel"]["atomics"] == ["atom.global.gpu.acq_rel.xor.b32"]
+    assert all(not s["atomics"] for k, s in summary.items() if k != "_tile_kernel")
+    # no value or alignment specialisation: variants are dtypes x constexpr settings x two block shapes
+    assert summary["_tile_kernel"]["specializations"] == 2 * 3 * 2  # fp32/bf16; HAS_M, COUPLED; 16/64 columns
+    assert all(v["ok"] for v in result["verdicts"]) and len(result["verdicts"]) == 3
+
+
+def test_compile_for_refuses_interpreted_kernels():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels were imported compiled here")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"):
+        with compile_for(90):
+            pass

@@ -124,8 +124,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 {"check": f"no float atomics {where} (bit-identical reruns)", "ok": not any(s["float_atomics"] for s in summary.values())},
                 {"check": f"no local memory (register spills) {where}", "ok": all(s["max_local_bytes"] == 0 for s in summary.values())},
             ]
-    print("variants: distinct specialisations (constexpr settings, dtypes, Triton's integer specialisations); "
-          "regs/thread, local and shared bytes: the worst over them, from the cubin (cuobjdump). Nothing ran.")
+    print("variants: distinct compiled variants (dtypes, constexpr settings, the two column blocks); regs/thread, "
+          "local (spilled) and shared bytes: the worst over them, read from each cubin by cuobjdump. Nothing ran.")
     return results
 
 

@@ -124,10 +124,10 @@ def compile_for(arch: int = 90) -> Iterator[list[Compiled]]:
     stand_in = _CompileOnlyDriver(arch)
     records: list[Compiled] = []
     seen: set[str] = set()
-    functions: list[Any] = []
+    functions: dict[int, Any] = {}  # the launched kernels, by id
 
     def compile_instead(*, key: Any, repr: str, fn: Any, compile: dict, **_: Any) -> bool:
-        functions.append(fn.jit_function)
+        functions[id(fn.jit_function)] = fn.jit_function
         if str(key) not in seen:
             seen.add(str(key))
             source = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
@@ -146,7 +146,7 @@ def compile_for(arch: int = 90) -> Iterator[list[Compiled]]:
     finally:
         driver._active = previous_driver
         knobs.runtime.jit_cache_hook = previous_hook
-        for function in functions:  # their per-device binders were made for the stand-in's target
+        for function in functions.values():  # their per-device binders were made for the stand-in's target
             function.device_caches.clear()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -54,7 +55,7 @@ def triton_available() -> bool:
     """Triton imports and is a supported release; ``kernel="auto"`` then uses it on CUDA (else the
     torch path, with one warning when an untested release is installed)."""
     problem = triton_problem()
-    if problem is not None and "found" in problem:
+    if problem is not None and importlib.util.find_spec("triton") is not None:  # installed, untested
         _warn_once(problem)
     return problem is None
 

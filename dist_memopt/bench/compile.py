@@ -18,10 +18,10 @@ from typing import Any, Callable
 import torch
 
 import dist_memopt as dm
-from dist_memopt.bench.models import DTYPES, materialize, model_shapes
+from dist_memopt.bench.models import DTYPES, MODELS, materialize, model_shapes
 from dist_memopt.bench.registry import Benchmark, register
 from dist_memopt.bench.report import format_table
-from dist_memopt.kernels.select import triton_available
+from dist_memopt.kernels.select import triton_problem
 
 __all__ = ["VARIANTS", "compile_kernels", "run"]
 
@@ -36,8 +36,7 @@ VARIANTS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
 STEPS = 3  # Alada's first step, then an odd and an even one (each compiles its own statistics kernel)
 
 
-def _step_variant(build: Callable[[list], torch.optim.Optimizer], model: str, dtype: torch.dtype) -> None:
-    params = materialize(model_shapes(model), dtype=dtype)
+def _step_variant(build: Callable[[list], torch.optim.Optimizer], params: list[torch.nn.Parameter]) -> None:
     optimizer = build(params)
     for _ in range(STEPS):
         optimizer.zero_grad()  # Alada's momentum in .grad needs the optimizer's own zero_grad
@@ -48,13 +47,17 @@ def _step_variant(build: Callable[[list], torch.optim.Optimizer], model: str, dt
 
 
 def compile_kernels(model: str, arch: int, dtypes: list[str], variants: list[str]) -> list[Any]:
-    """Every distinct kernel specialisation the variants' steps launch, compiled for ``sm_<arch>``."""
+    """Every distinct kernel specialisation the variants' steps launch, compiled for ``sm_<arch>``.
+
+    The variants of one dtype share parameters: nothing runs, so their values do not matter."""
     from dist_memopt.kernels.compile import compile_for
 
+    shapes = model_shapes(model)
     with compile_for(arch) as records:
         for dtype in dtypes:
+            params = materialize(shapes, dtype=DTYPES[dtype])
             for name in variants:
-                _step_variant(VARIANTS[name], model, DTYPES[dtype])
+                _step_variant(VARIANTS[name], params)
     return records
 
 
@@ -68,7 +71,7 @@ def summarize(records: list[Any]) -> dict[str, dict[str, Any]]:
         ok = [r for r in group if r.error is None]
         summary[kernel] = {
             "specializations": len(group),
-            "errors": [r.error.splitlines()[0] if r.error else "" for r in group if r.error],
+            "errors": [r.error.splitlines()[0] for r in group if r.error],
             "max_registers": max((r.resources.get("REG", 0) for r in ok), default=0),
             "max_local_bytes": max((r.resources.get("LOCAL", 0) + r.resources.get("STACK", 0) for r in ok), default=0),
             "max_shared_bytes": max((r.shared_bytes for r in ok), default=0),
@@ -99,8 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
-    if not triton_available():
-        print("compile: skipped, triton is not installed (pip install triton==3.9.0)")
+    problem = triton_problem()
+    if problem is not None:
+        print(f"compile: skipped, {problem}")
         return {"archs": {}, "verdicts": []}
     archs = [int(a) for a in options.archs.split(",") if a.strip()]
     dtypes = [d.strip() for d in options.compile_dtypes.split(",") if d.strip()]
@@ -113,7 +117,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         for arch in archs:
             summary = summarize(compile_kernels(model, arch, dtypes, variants))
             results["archs"][f"{model}/sm_{arch}"] = summary
-            print(f"{model_shapes(model).title}: kernels compiled for sm_{arch} ({', '.join(dtypes)}; {len(variants)} settings)")
+            print(f"{MODELS[model][0]}: kernels compiled for sm_{arch} ({', '.join(dtypes)}; {len(variants)} settings)")
             print(_table(summary) + "\n", flush=True)
             for kernel, s in summary.items():
                 for error in s["errors"][:3]:

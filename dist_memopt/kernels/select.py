@@ -91,8 +91,9 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
         return supported and device.type == "cuda" and triton_available()
     if not supported:
         raise RuntimeError("kernel='triton' is not implemented for these settings; use kernel='auto' or 'torch'")
-    if triton_problem() is not None:
-        raise RuntimeError(triton_problem())
+    problem = triton_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
     if not (device.type == "cuda" or (device.type == "cpu" and cpu_ok)):
         raise RuntimeError(
             f"kernel='triton' runs on CUDA tensors, or on CPU tensors through Triton's interpreter with "

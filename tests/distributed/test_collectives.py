@@ -177,6 +177,7 @@ def _bad_input(rank, world_size):
     if rank == 0:
         with pytest.raises(ValueError, match="does not contain this rank"):
             ShardSpec((4, 4), 0, 8, other)
+    dist.barrier()  # rank 1 builds `other` through the store rank 0 hosts: rank 0 must not leave first
     return mismatch_state, nonfinite_state
 
 

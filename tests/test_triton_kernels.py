@@ -169,12 +169,25 @@ def _strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, l
     return item, seg, positions, stats, (stats[:n], stats[n : n + m], stats[n + m : 2 * n + m], stats[2 * n + m :])
 
 
+def test_only_runs_of_several_pieces_compile_the_dividing_index_math():
+    """The RUNS variant (a 64-bit division per element) for TP-style strided pieces only: a flat
+    FSDP/ZeRO range and a run group of single pieces take the division-free one."""
+    from dist_memopt.shard.geometry import RangeGeometry
+    from dist_memopt.kernels.tiles import index_math
+
+    assert index_math([RangeGeometry(10, 6, 7, 43)]) == {"RUNS": False}
+    assert index_math([RunsGeometry(10, 6, (Run(4, 30),), 0, 30)]) == {"RUNS": False}
+    strided = RunsGeometry(10, 6, (Run(0, 2, 6, 10),), 0, 20)
+    assert index_math([RangeGeometry(10, 6, 0, 60), strided]) == {"RUNS": True}  # one strided segment: the batch divides
+
+
 def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
     """Column blocks of a (10, 6) matrix on three 'ranks': one block, and two windows of a pair of
     blocks (pieces sharing every row) cut mid-run, as a flat shard of a TP block is; statistics
     summed as an all_reduce would: the unsharded torch step."""
     from dist_memopt.bench.counting import StepCost
     from dist_memopt.kernels.smmf_triton import FusedSMMF
+    from dist_memopt.kernels.tiles import index_math
     from dist_memopt.optim.bits import unpack_signs
     from dist_memopt.optim.smmf import _Schedule
 
@@ -203,6 +216,7 @@ def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
                 stats.copy_(total)
                 fused.finish()
         assert cost.ops["triton.smmf_tiles"] == 3 and cost.ops["triton.smmf_finish"] == 3
+        assert all(index_math([seg.geometry])["RUNS"] for _, seg, _, _, _ in ranks)  # the dividing variant ran
         expected = reference.state[full]
         signs = unpack_signs(expected["sign"], n * m)
         for item, _, positions, _, _ in ranks:

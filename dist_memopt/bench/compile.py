@@ -6,7 +6,9 @@ that changes what a kernel compiles to (first moment or not, weight-decay mode, 
 :func:`dist_memopt.kernels.compile.compile_for`: every launch is compiled for each ``sm_<arch>``
 (Triton's pipeline down to a cubin) instead of run. Prints, per kernel, its specialisations and
 what a GPU would run; checks that each compiles, uses no float atomics (whose order varies) and
-spills nothing to local memory. Needs ``TRITON_INTERPRET`` unset.
+spills nothing to local memory or fences its main loop, and what each element costs the GPU in
+issued instructions (static counts of the main loop's SASS: the estimate where no GPU can time
+it). Needs ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ VARIANTS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
     "Alada momentum_in_grad": lambda p: dm.Alada(p, kernel="triton", momentum_in_grad=True, weight_decay=0.01),
 }
 STEPS = 3  # Alada's first step, then an odd and an even one (each compiles its own statistics kernel)
+#: the kernels whose main loop sweeps a tile's (TR × BC) element blocks: their cost per element
+ELEMENT_KERNELS = ("_tile_kernel", "_stats_kernel", "_update_kernel")
 
 
 def _step_variant(build: Callable[[list], torch.optim.Optimizer], params: list[torch.nn.Parameter]) -> None:
@@ -61,14 +65,31 @@ def compile_kernels(model: str, arch: int, dtypes: list[str], variants: list[str
     return records
 
 
+def _loop_costs(record: Any) -> dict[str, Any]:
+    """What one trip of the record's main loop issues: instructions per element (element kernels),
+    subroutine calls and memory fences; and how many of its warps an SM holds."""
+    from dist_memopt.kernels.compile import main_loop, resident_warps
+
+    loop = main_loop(record.sass)
+    c = record.constants
+    per_element = None
+    if loop and record.kernel in ELEMENT_KERNELS:
+        per_element = loop.instructions / (c["TR"] * c["BC"] / (32 * record.num_warps))
+    return {"per_element": per_element, "calls": loop.calls if loop else 0, "fences": loop.fences if loop else 0,
+            "warps": resident_warps(record.resources.get("REG", 0), record.num_warps, record.shared_bytes, record.arch)}
+
+
 def summarize(records: list[Any]) -> dict[str, dict[str, Any]]:
-    """Per kernel: how many specialisations, the worst registers / local bytes / shared bytes, atomics."""
+    """Per kernel: how many specialisations, the worst registers / local bytes / shared bytes /
+    main-loop cost and the fewest resident warps over them, atomics."""
     by_kernel: dict[str, list[Any]] = defaultdict(list)
     for record in records:
         by_kernel[record.kernel].append(record)
     summary = {}
     for kernel, group in sorted(by_kernel.items()):
         ok = [r for r in group if r.error is None]
+        loops = [_loop_costs(r) for r in ok if r.sass]
+        per_element = [c["per_element"] for c in loops if c["per_element"] is not None]
         summary[kernel] = {
             "specializations": len(group),
             "errors": [r.error.splitlines()[0] for r in group if r.error],
@@ -79,6 +100,10 @@ def summarize(records: list[Any]) -> dict[str, dict[str, Any]]:
             "atomics": sorted({a for r in ok for a in r.atomics}),
             "float_atomics": sorted({a for r in ok for a in r.float_atomics}),
             "max_fp64_instructions": max((r.fp64_instructions for r in ok), default=0),
+            "max_loop_instructions_per_element": round(max(per_element), 1) if per_element else None,
+            "max_loop_calls": max((c["calls"] for c in loops), default=0),
+            "max_loop_fences": max((c["fences"] for c in loops), default=0),
+            "min_resident_warps": min((c["warps"] for c in loops), default=0),
             "compile_seconds": round(sum(r.seconds for r in ok), 1),
         }
     return summary
@@ -87,10 +112,12 @@ def summarize(records: list[Any]) -> dict[str, dict[str, Any]]:
 def _table(summary: dict[str, dict[str, Any]]) -> str:
     rows = [
         [k, s["specializations"], len(s["errors"]), s["max_registers"], s["max_local_bytes"], s["max_shared_bytes"],
-         ",".join(map(str, s["num_warps"])), " ".join(s["atomics"]) or "-", s["max_fp64_instructions"], s["compile_seconds"]]
+         ",".join(map(str, s["num_warps"])), s["min_resident_warps"], s["max_loop_instructions_per_element"] or "-",
+         s["max_loop_calls"], s["max_loop_fences"], " ".join(s["atomics"]) or "-", s["max_fp64_instructions"], s["compile_seconds"]]
         for k, s in summary.items()
     ]
-    headers = ["kernel", "variants", "errors", "regs/thread", "local B", "shared B", "warps", "atomics", "fp64 instr", "compile s"]
+    headers = ["kernel", "variants", "errors", "regs/thread", "local B", "shared B", "warps", "warps/SM", "loop instr/elem",
+               "loop calls", "loop fences", "atomics", "fp64 instr", "compile s"]
     return format_table(headers, rows)
 
 
@@ -127,9 +154,13 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 {"check": f"every Triton launch compiles {where}", "ok": not any(s["errors"] for s in summary.values())},
                 {"check": f"no float atomics {where} (bit-identical reruns)", "ok": not any(s["float_atomics"] for s in summary.values())},
                 {"check": f"no local memory (register spills) {where}", "ok": all(s["max_local_bytes"] == 0 for s in summary.values())},
+                {"check": f"no memory fences in a main loop (relaxed atomics) {where}", "ok": all(s["max_loop_fences"] == 0 for s in summary.values())},
             ]
     print("variants: distinct compiled variants (dtypes, constexpr settings, the two column blocks); regs/thread, "
-          "local (spilled) and shared bytes: the worst over them, read from each cubin by cuobjdump. Nothing ran.")
+          "local (spilled) and shared bytes: the worst over them, read from each cubin by cuobjdump. warps/SM: the fewest "
+          "an SM holds at once (of 64; registers and shared memory bound it). loop: the main loop's SASS, statically: "
+          "instructions per element per thread, subroutine calls (64-bit division: strided-run variants only) and memory "
+          "fences. Nothing ran.")
     return results
 
 

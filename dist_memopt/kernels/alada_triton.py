@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, tile_elements, tile_pieces, launched, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, launched, index_math, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedAlada"]
 
@@ -37,7 +37,7 @@ NS = 9  # per segment: tile range, stat / norm slot offsets, p, q, v0 offsets, n
 
 @launched
 def _stats_kernel(F, G, P64, ROWP, COLP, NORMP, TILES, n, m, beta1, bias1, g0_div,
-                  ODD: tl.constexpr, FIRST: tl.constexpr, IN_GRAD: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
+                  ODD: tl.constexpr, FIRST: tl.constexpr, IN_GRAD: tl.constexpr, RUNS: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
     t = tl.program_id(0)
     info = TILES + t * 12
     g_off, m_off, p_off, q_off = tl.load(info + 1), tl.load(info + 2), tl.load(info + 3), tl.load(info + 4)
@@ -45,14 +45,14 @@ def _stats_kernel(F, G, P64, ROWP, COLP, NORMP, TILES, n, m, beta1, bias1, g0_di
     k0, row0 = tl.load(info + 10), tl.load(info + 11)
     rows = row0 + tl.arange(0, TR)
     row_ok = rows < n
-    acc = tl.zeros((TR,), dtype=tl.float32)
-    norm = tl.zeros((TR,), dtype=tl.float32)
+    acc = tl.zeros((TR, BC), dtype=tl.float32)  # per lane; summed across lanes once, after the loop
+    norm = tl.zeros((TR, BC), dtype=tl.float32)
     if ODD:
         p = tl.load(P64 + p_off + rows, mask=row_ok, other=0.0).to(tl.float32)
     for c0 in range(0, m, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < m
-        held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
+        held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, RUNS)
         g = tl.load(G + g_off + k, mask=held, other=0.0).to(tl.float32)  # fp32, bf16 or fp16
         if IN_GRAD:
             momentum = g  # .grad holds M
@@ -64,18 +64,18 @@ def _stats_kernel(F, G, P64, ROWP, COLP, NORMP, TILES, n, m, beta1, bias1, g0_di
         if ODD:  # Vᵀ·p, partial over this tile's rows
             tl.store(COLP + t * m + cols, tl.sum(second * p[:, None], axis=0), mask=col_ok)
         elif FIRST:  # rowsum(V): V·q_0 = sqrt(v0)·rowsum(V) once v0 is known
-            acc += tl.sum(second, axis=1)
+            acc += second
         else:
             q = tl.load(P64 + q_off + cols, mask=col_ok, other=0.0).to(tl.float32)
-            acc += tl.sum(second * q[None, :], axis=1)
+            acc += second * q[None, :]
         if FIRST:
             g0 = g / g0_div
-            norm += tl.sum(tl.where(held, g0 * g0, 0.0), axis=1)
+            norm += tl.where(held, g0 * g0, 0.0)
     lanes = tl.arange(0, TR)
     if not ODD:
-        tl.store(ROWP + t * TR + lanes, acc)
+        tl.store(ROWP + t * TR + lanes, tl.sum(acc, axis=1))
     if FIRST:
-        tl.store(NORMP + t, tl.sum(norm, axis=0))
+        tl.store(NORMP + t, tl.sum(tl.sum(norm, axis=1), axis=0))
 
 
 @launched
@@ -151,7 +151,7 @@ def _refit_kernel(OUT, P64, SEGS, beta2: tl.float64, eps: tl.float64, ODD: tl.co
 @launched
 def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, eps64: tl.float64, bias1, bias2: tl.float64,
                    power_p: tl.float64, power_q: tl.float64, decay,
-                   IN_GRAD: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
+                   IN_GRAD: tl.constexpr, RUNS: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
     """W ← W·decay − lr·M̃/√max(Ũ + eps, eps), with Ũ + eps = rows ⊗ cols + row_shift as on the torch
     path (``alada._denominator_terms``): float64 differences on the tile's p and q, fp32 per element.
     The scalars feeding those differences are float64 (a GPU would pass plain floats as fp32, whose
@@ -172,7 +172,7 @@ def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, eps64: tl.float64, bias1,
     for c0 in range(0, m, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < m
-        held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
+        held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, RUNS)
         q = tl.load(P64 + q_off + cols, mask=col_ok, other=0.0)
         col_factor = (q - x_q).to(tl.float32)
         refit = row_factor[:, None] * col_factor[None, :] + row_shift[:, None]
@@ -243,7 +243,8 @@ class FusedAlada:
                 segs += entry
                 refits[(hp.t % 2 == 1, hp.t == 0, hp.beta2, hp.eps)] += entry
             numel = sum(j.seg.segment.numel for j in jobs)
-            plans.append((n, m, hp, w_base, g_base, len(table), len(tiles) // NF, len(jobs), numel))
+            index = index_math(job.seg.geometry for job in jobs)
+            plans.append((n, m, hp, index, w_base, g_base, len(table), len(tiles) // NF, len(jobs), numel))
             table += tiles + segs
         refit_at = []
         for key, entries in refits.items():
@@ -252,16 +253,16 @@ class FusedAlada:
         cpu = torch.tensor(table, dtype=torch.int64)
         device_table = cpu.to(f32.device)
         launch.record("copy_table", 0, cpu.numel() * 8)
-        for n, m, hp, w_base, g_base, at, tile_count, seg_count, numel in plans:
+        for n, m, hp, index, w_base, g_base, at, tile_count, seg_count, numel in plans:
             tiles = device_table[at : at + tile_count * NF]
             segs = device_table[at + tile_count * NF : at + tile_count * NF + seg_count * NS]
-            self._statistics(f32, g_base, p64, tiles, segs, n, m, hp, tile_count, seg_count, numel)
-            self._batches.append((n, m, hp, w_base, g_base, tiles, tile_count, numel))
+            self._statistics(f32, g_base, p64, tiles, segs, n, m, hp, index, tile_count, seg_count, numel)
+            self._batches.append((n, m, hp, index, w_base, g_base, tiles, tile_count, numel))
         self._refits = [(key, device_table[at : at + count * NS], count) for key, at, count in refit_at]
         self._bases = (f32, p64)
 
     @staticmethod
-    def _statistics(f32: Tensor, grads: Tensor, p64: Tensor, tiles: Tensor, segs: Tensor, n: int, m: int, hp: Any,
+    def _statistics(f32: Tensor, grads: Tensor, p64: Tensor, tiles: Tensor, segs: Tensor, n: int, m: int, hp: Any, index: dict[str, bool],
                     tile_count: int, seg_count: int, numel: int) -> None:
         if not tile_count:
             return  # empty shards: their slots stay zero, which is their contribution
@@ -274,7 +275,7 @@ class FusedAlada:
         if launch.executing():
             _stats_kernel[(tile_count,)](
                 f32, grads, p64, rowp, colp, normp, tiles, n, m, hp.beta1, hp.bias1, (1.0 - hp.beta1) if hp.in_grad else 1.0,
-                ODD=odd, FIRST=first, IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns, **tile_warps(rows_per_tile, columns),
+                ODD=odd, FIRST=first, IN_GRAD=hp.in_grad, **index, TR=rows_per_tile, BC=columns, **tile_warps(rows_per_tile, columns),
             )
             _reduce_kernel[(seg_count, triton.cdiv(m if odd else n, block))](
                 rowp, colp, normp, tiles, segs, f32, n, m, ODD=odd, FIRST=first, TR=rows_per_tile, BLOCK=block,
@@ -296,7 +297,7 @@ class FusedAlada:
                 _refit_kernel[(count,)](f32, p64, segs, beta2, eps, ODD=odd, FIRST=first, BLOCK=256, **launch.OPTIONS)
             moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 8 for j in self._jobs) // len(self._refits)
             launch.record("alada_refit", moved, moved // 2)
-        for n, m, hp, w_base, g_base, tiles, tile_count, numel in self._batches:
+        for n, m, hp, index, w_base, g_base, tiles, tile_count, numel in self._batches:
             if not tile_count:
                 continue
             rows_per_tile, columns = tiles_shape(m)
@@ -307,7 +308,7 @@ class FusedAlada:
                     # floats as Python floats, which have no .to() to narrow one into the other)
                     f32, w_base, g_base, p64, tiles, n, m, hp.lr, hp.eps, hp.eps, hp.bias1, hp.bias2,
                     *hp.start_decays, decay,
-                    IN_GRAD=hp.in_grad, TR=rows_per_tile, BC=columns, **tile_warps(rows_per_tile, columns),
+                    IN_GRAD=hp.in_grad, **index, TR=rows_per_tile, BC=columns, **tile_warps(rows_per_tile, columns),
                 )
             w_size = w_base.element_size()
             m_size = g_base.element_size() if hp.in_grad else 4

@@ -30,6 +30,8 @@ __all__ = ["Compiled", "compile_for"]
 
 _OPTIONS = ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion", "launch_cooperative_grid")
 _ATOMIC = re.compile(r"\b(?:atom|red)\.[\w.]+")
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)([^;]*);", re.MULTILINE)
+_FENCES = ("MEMBAR", "CCTL", "ERRBAR")  # a memory barrier, an L1 invalidation: what a strong atomic costs
 _FLOAT_TYPE = re.compile(r"\.(?:f16|bf16|f32|f64)(?:x2)?$")
 
 
@@ -48,6 +50,7 @@ class Compiled:
     shared_bytes: int = 0
     num_warps: int = 0
     resources: dict[str, int] = field(default_factory=dict)  # REG, LOCAL, STACK from cuobjdump
+    sass: str = ""  # the cubin disassembled (cuobjdump -sass), after its resource usage
 
     @property
     def atomics(self) -> list[str]:
@@ -62,6 +65,49 @@ class Compiled:
     def fp64_instructions(self) -> int:
         """Static count of PTX instructions on float64 (slow on consumer GPUs; Alada's refit uses them)."""
         return sum(1 for line in self.ptx.splitlines() if ".f64" in line and not line.lstrip().startswith("//"))
+
+
+@dataclass
+class Loop:
+    """A kernel's main loop in SASS (its longest backward branch), what each trip issues per thread."""
+
+    instructions: int  # the body, plus a called subroutine's body once per call (64-bit division is one)
+    calls: int
+    fences: int  # MEMBAR, ERRBAR and CCTL (an L1 invalidation) instructions in the body
+
+
+def main_loop(sass: str) -> Optional[Loop]:
+    """The longest loop of a disassembled kernel (None for straight-line code): static counts, an
+    estimate of what each trip issues per thread where timings cannot be had."""
+    code = [(int(address, 16), opcode, rest) for address, opcode, rest in _SASS_LINE.findall(sass)]
+    spans = [(int(m.group(1), 16), a) for a, op, rest in code if op.startswith("BRA")
+             for m in [re.search(r"0x([0-9a-f]+)", rest)] if m and int(m.group(1), 16) < a]
+    if not spans:
+        return None
+    low, high = max(spans, key=lambda span: span[1] - span[0])
+    body = [(a, op, rest) for a, op, rest in code if low <= a <= high]
+    instructions = len(body)
+    calls = [int(m.group(1), 16) for _, op, rest in body if op.startswith("CALL")
+             for m in [re.search(r"0x([0-9a-f]+)", rest)] if m]
+    for target in calls:
+        callee = [op for a, op, _ in code if a >= target]
+        instructions += next((i + 1 for i, op in enumerate(callee) if op.startswith("RET")), len(callee))
+    fences = sum(1 for _, op, _ in body if op.startswith(_FENCES))
+    return Loop(instructions, len(calls), fences)
+
+
+#: per SM: registers, shared bytes, resident warps and programs (CUDA's occupancy limits)
+_SM_LIMITS = {80: (65536, 164 * 1024, 64, 32), 90: (65536, 228 * 1024, 64, 32)}
+
+
+def resident_warps(registers: int, warps: int, shared_bytes: int, arch: int) -> int:
+    """Warps of one kernel an SM holds at once (registers are allotted per warp in 256s)."""
+    total_registers, total_shared, max_warps, max_programs = _SM_LIMITS.get(arch, _SM_LIMITS[90])
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    programs = min(total_registers // (per_warp * warps), max_programs, max_warps // warps)
+    if shared_bytes:
+        programs = min(programs, total_shared // (shared_bytes + 1024))  # 1 KiB reserved per program
+    return programs * warps
 
 
 class _CompileOnlyDriver:
@@ -85,18 +131,22 @@ class _CompileOnlyDriver:
         return torch.device("cpu")
 
 
-def _resources(cubin: bytes) -> dict[str, int]:
-    """REG, STACK, SHARED and LOCAL of the cubin's one kernel, read by the ``cuobjdump`` in Triton's wheel."""
+def _cuobjdump(cubin: bytes) -> str:
+    """The cubin's resource usage and SASS, as the ``cuobjdump`` in Triton's wheel prints them ("" without one)."""
     from triton import knobs
 
     tool = knobs.nvidia.cuobjdump.path
     if not tool or not os.path.exists(tool):
-        return {}
+        return ""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True, check=False).stdout
-    line = re.search(r"Function [^\n]*:\s*\n\s*(REG:.*)", text)
+        return subprocess.run([tool, "--dump-resource-usage", "-sass", file.name], capture_output=True, text=True, check=False).stdout
+
+
+def _resources(dump: str) -> dict[str, int]:
+    """REG, STACK, SHARED and LOCAL of the cubin's one kernel."""
+    line = re.search(r"Function [^\n]*:\s*\n\s*(REG:.*)", dump)
     return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line.group(1))} if line else {}
 
 
@@ -163,5 +213,6 @@ def _compile(source: Any, name: str, signature: str, options: dict, target: Any)
     record.seconds = time.perf_counter() - start
     record.ptx, record.cubin = kernel.asm["ptx"], kernel.asm["cubin"]
     record.shared_bytes = kernel.metadata.shared
-    record.resources = _resources(record.cubin)
+    record.sass = _cuobjdump(record.cubin)
+    record.resources = _resources(record.sass)
     return record

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import Offsets, tile_elements, tile_pieces, launched, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import Offsets, launched, index_math, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedSMMF"]
 
@@ -41,7 +41,7 @@ NS = 10  # per segment: tile range, 4 slot offsets, 4 state offsets
 
 @launched
 def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2, eps, wd, decay,
-                 HAS_M: tl.constexpr, COUPLED: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
+                 HAS_M: tl.constexpr, COUPLED: tl.constexpr, RUNS: tl.constexpr, TR: tl.constexpr, BC: tl.constexpr):
     t = tl.program_id(0)
     info = TILES + t * 13
     w_off, g_off, s_bit = tl.load(info + 0), tl.load(info + 1), tl.load(info + 2)
@@ -52,14 +52,14 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
     rows = row0 + tl.arange(0, TR)
     row_ok = rows < n
     rv = tl.load(F + rv_off + rows, mask=row_ok, other=0.0) * beta2  # β·(r ⊗ c) = (β·r) ⊗ c
-    acc_v = tl.zeros((TR,), dtype=tl.float32)
-    acc_m = tl.zeros((TR,), dtype=tl.float32)
+    acc_v = tl.zeros((TR, BC), dtype=tl.float32)  # row sums per lane, summed across lanes once at the end
+    acc_m = tl.zeros((TR, BC), dtype=tl.float32)
     if HAS_M:
         rm = tl.load(F + rm_off + rows, mask=row_ok, other=0.0) * beta1
     for c0 in range(0, m, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < m
-        ok, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0)
+        ok, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, RUNS)
         w = tl.load(W + w_off + k, mask=ok, other=0.0).to(tl.float32)  # fp32, bf16 or fp16 weights
         g = tl.load(G + g_off + k, mask=ok, other=0.0).to(tl.float32)
         if COUPLED:
@@ -67,29 +67,30 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
         cv = tl.load(F + cv_off + cols, mask=col_ok, other=0.0)
         v = rv[:, None] * cv[None, :] + (1.0 - beta2) * (g * g)
         v = tl.where(ok, v, 0.0)
-        acc_v += tl.sum(v, axis=1)
+        acc_v += v
         tl.store(COLP + (t * 2) * m + cols, tl.sum(v, axis=0), mask=col_ok)
         numerator = g
         if HAS_M:
-            bit = s_bit + k
-            word = tl.load(words + bit // 32, mask=ok, other=0)
-            shift = (bit % 32).to(tl.int32)
+            bit = s_bit + k  # >= 0 where held: shifts, not signed division
+            at = words + (bit >> 5)
+            word = tl.load(at, mask=ok, other=0)
+            shift = (bit & 31).to(tl.int32)
             old = (word >> shift) & 1
             cm = tl.load(F + cm_off + cols, mask=col_ok, other=0.0)
             first = rm[:, None] * cm[None, :] * tl.where(old == 1, 1.0, -1.0) + (1.0 - beta1) * g
             new = (first >= 0).to(tl.int32)
             one = tl.full((TR, BC), 1, tl.int32)
-            tl.atomic_xor(words + bit // 32, one << shift, mask=ok & (new != old))
+            tl.atomic_xor(at, one << shift, mask=ok & (new != old), sem="relaxed")
             magnitude = tl.where(ok, tl.abs(first), 0.0)
-            acc_m += tl.sum(magnitude, axis=1)
+            acc_m += magnitude
             tl.store(COLP + (t * 2 + 1) * m + cols, tl.sum(magnitude, axis=0), mask=col_ok)
             numerator = first
         w = w * decay - lr * (numerator / (tl.sqrt(v) + eps))
         tl.store(W + w_off + k, to_dtype_of(tl.where(ok, w, 0.0), W), mask=ok)  # masked lanes may overflow
     lanes = tl.arange(0, TR)
-    tl.store(ROWP + (t * 2) * TR + lanes, acc_v)
+    tl.store(ROWP + (t * 2) * TR + lanes, tl.sum(acc_v, axis=1))
     if HAS_M:
-        tl.store(ROWP + (t * 2 + 1) * TR + lanes, acc_m)
+        tl.store(ROWP + (t * 2 + 1) * TR + lanes, tl.sum(acc_m, axis=1))
 
 
 @launched
@@ -233,7 +234,8 @@ class FusedSMMF:
                 entry += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))] if rm is not None else [0, 0]
                 segs += entry
                 shapes += [n, m, 1 if rm is None else 2]
-            launches.append((n, m, hp, len(table), len(tiles) // NF, len(table) + len(tiles), len(jobs), numel))
+            index = index_math(job.seg.geometry for job in jobs)
+            launches.append((n, m, hp, index, len(table), len(tiles) // NF, len(table) + len(tiles), len(jobs), numel))
             all_segs += segs
             table += tiles + segs
         segs_at = len(table)
@@ -244,13 +246,13 @@ class FusedSMMF:
         cpu = torch.tensor(table, dtype=torch.int64)
         tensor = cpu.to(device)
         launch.record("copy_table", 0, cpu.numel() * 8)
-        for n, m, hp, tiles_at, tile_count, seg_at, seg_count, numel in launches:
-            self._launch(bases, sign_base.data_ptr() % 4, tensor, n, m, hp, tiles_at, tile_count, seg_at, seg_count, numel)
+        for n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel in launches:
+            self._launch(bases, sign_base.data_ptr() % 4, tensor, n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel)
         moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (1 if j.slots[2] is None else 2) for j in jobs_of_dtype)
         self._finish.append((bases, tensor[segs_at:shapes_at], tensor[shapes_at:], len(all_segs) // NS, moved))
 
-    def _launch(self, bases: dict[str, Tensor], words_shift: int, table: Tensor, n: int, m: int, hp: Any, tiles_at: int, tile_count: int,
-                seg_at: int, seg_count: int, numel: int) -> None:
+    def _launch(self, bases: dict[str, Tensor], words_shift: int, table: Tensor, n: int, m: int, hp: Any, index: dict[str, bool],
+                tiles_at: int, tile_count: int, seg_at: int, seg_count: int, numel: int) -> None:
         if tile_count == 0:
             return  # empty shards: their slots stay zero, which is their contribution
         rows_per_tile, columns = tiles_shape(m)
@@ -265,7 +267,7 @@ class FusedSMMF:
             _tile_kernel[(tile_count,)](
                 bases["W"], bases["G"], bases["S"], words_shift, bases["F"], rowp, colp, tiles, n, m,
                 hp.lr, hp.beta1 if has_m else 0.0, hp.beta2, hp.eps, hp.weight_decay, decay,
-                HAS_M=has_m, COUPLED=hp.coupled_decay, TR=rows_per_tile, BC=columns, **tile_warps(rows_per_tile, columns),
+                HAS_M=has_m, COUPLED=hp.coupled_decay, **index, TR=rows_per_tile, BC=columns, **tile_warps(rows_per_tile, columns),
             )
         partials = tile_count * pairs * (rows_per_tile + m) * 4
         factors = tile_count * pairs * (rows_per_tile + m) * 4

@@ -62,3 +62,32 @@ def test_compile_for_refuses_interpreted_kernels():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"):
         with compile_for(90):
             pass
+
+
+def _sass(*lines: str) -> str:
+    return "\n".join(f"        /*{16 * i:04x}*/                   {line} ;" for i, line in enumerate(lines))
+
+
+def test_main_loop_counts_subroutines_per_call_and_not_the_predicated_exit():
+    """On a hand-written listing: the longest backward branch is the loop; a CALL into code ending
+    in RET (64-bit division) adds its body per call; ptxas's CALL.REL.NOINC into the exit path
+    (ending in EXIT) is a branch, not a call; MEMBAR and CCTL count as fences."""
+    from dist_memopt.kernels.compile import main_loop, resident_warps
+
+    sass = _sass(
+        "MOV R1, c[0x0][0x28]",  # 0x00
+        "IMAD R2, R3, R4, RZ",  # 0x10: the loop starts
+        "CALL.REL.NOINC 0x80",  # 0x20: a subroutine of 2 instructions
+        "MEMBAR.ALL.GPU",  # 0x30
+        "CCTL.IVALL",  # 0x40
+        "@P0 CALL.REL.NOINC 0x70",  # 0x50: the predicated exit
+        "@!P1 BRA 0x10",  # 0x60: back to the loop's start
+        "EXIT",  # 0x70
+        "IADD3 R5, R5, 0x1, RZ",  # 0x80: the subroutine
+        "RET.REL.NODEC R30 0x0",  # 0x90
+    )
+    loop = main_loop(sass)
+    assert (loop.instructions, loop.calls, loop.fences) == (6 + 2, 1, 2)
+    assert main_loop(_sass("MOV R1, R2", "EXIT")) is None
+    # registers allotted per warp in 256s: 188 -> 6,144 per warp, 8 warps -> one program of 8 warps
+    assert resident_warps(188, 8, 1024, 90) == 8 and resident_warps(32, 4, 16, 90) == 64 and resident_warps(128, 8, 1024, 90) == 16

@@ -86,14 +86,16 @@ def main_loop(sass: str) -> Optional[Loop]:
         return None
     low, high = max(spans, key=lambda span: span[1] - span[0])
     body = [(a, op, rest) for a, op, rest in code if low <= a <= high]
-    instructions = len(body)
-    calls = [int(m.group(1), 16) for _, op, rest in body if op.startswith("CALL")
-             for m in [re.search(r"0x([0-9a-f]+)", rest)] if m]
-    for target in calls:
-        callee = [op for a, op, _ in code if a >= target]
-        instructions += next((i + 1 for i, op in enumerate(callee) if op.startswith("RET")), len(callee))
+    instructions, calls = len(body), 0
+    for _, op, rest in body:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("CALL") else None
+        callee = [o for a, o, _ in code if target and a >= int(target.group(1), 16)]
+        end = next((i for i, o in enumerate(callee) if o.startswith(("RET", "EXIT"))), None)
+        if end is not None and callee[end].startswith("RET"):  # a subroutine (64-bit division is one)
+            instructions, calls = instructions + end + 1, calls + 1
+        # a CALL.REL.NOINC into code that ends in EXIT is ptxas's predicated exit from the loop
     fences = sum(1 for _, op, _ in body if op.startswith(_FENCES))
-    return Loop(instructions, len(calls), fences)
+    return Loop(instructions, calls, fences)
 
 
 #: per SM: registers, shared bytes, resident warps and programs (CUDA's occupancy limits)

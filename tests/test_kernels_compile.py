@@ -49,11 +49,11 @@ def test_every_kernel_compiles_for_sm90_without_spills_or_float_atomics(tmp_path
     assert all(v["ok"] for v in result["verdicts"]) and len(result["verdicts"]) == 4
     for kernel in ("_tile_kernel", "_stats_kernel", "_update_kernel"):
         assert summary[kernel]["max_loop_calls"] == 0 and summary[kernel]["max_loop_fences"] == 0, kernel
-    # measured 95.1, 40.1, 48.5; before (a 64-bit division per element, and three fences around each
+    # measured 87.2, 34.4, 42.0; before (a 64-bit division per element, and three fences around each
     # strong atomic in the tile): 229.2, 169.8, 152.5
-    assert summary["_tile_kernel"]["max_loop_instructions_per_element"] <= 100
-    assert summary["_stats_kernel"]["max_loop_instructions_per_element"] <= 45
-    assert summary["_update_kernel"]["max_loop_instructions_per_element"] <= 55
+    assert summary["_tile_kernel"]["max_loop_instructions_per_element"] <= 90
+    assert summary["_stats_kernel"]["max_loop_instructions_per_element"] <= 38
+    assert summary["_update_kernel"]["max_loop_instructions_per_element"] <= 45
 
 
 def test_compile_for_refuses_interpreted_kernels():

@@ -98,16 +98,18 @@ def tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, 
     """(held, local index) of the (rows × cols) block: position p = r·m + c is held when it falls in
     a run, ``p = start + i·stride + j`` with ``i < count`` and ``j < run``; its index is ``k0 + i·run + j``.
     Without ``RUNS`` every run is one piece (``count`` 1): held when ``0 <= p - start < run``."""
-    rel = rows[:, None].to(tl.int64) * m + cols[None, :] - start
-    inside = row_ok[:, None] & col_ok[None, :] & (rel >= 0)
     if RUNS:
+        rel = rows[:, None].to(tl.int64) * m + cols[None, :] - start
         piece = rel // stride
         within = rel - piece * stride
-        held = inside & (rel < (count - 1) * stride + run) & (within < run)
+        held = row_ok[:, None] & col_ok[None, :] & (rel >= 0) & (rel < (count - 1) * stride + run) & (within < run)
         index = k0 + piece * run + within
-    else:
-        held = inside & (rel < run)
-        index = k0 + rel
+    else:  # per row, the held columns [first, last) and the index of column 0: 32-bit per element
+        row_at = rows.to(tl.int64) * m - start
+        first = tl.minimum(tl.maximum(-row_at, 0), m).to(tl.int32)
+        last = tl.minimum(tl.maximum(run - row_at, 0), m).to(tl.int32)
+        held = row_ok[:, None] & (cols[None, :] >= first[:, None]) & (cols[None, :] < last[:, None])
+        index = (k0 + row_at)[:, None] + cols[None, :]
     return held, index
 
 

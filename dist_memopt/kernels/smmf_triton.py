@@ -7,9 +7,9 @@ view and a schedule, three launches in all:
 1. ``_tile_kernel``: a program per tile of ``TR`` view rows of one segment's runs (see
    :mod:`.tiles`), all columns in blocks of ``BC``. For each local element: decompress V and M
    (sign bit × row ⊗ column factors), fold in the gradient, update the weight (both decay
-   modes, ``beta=None``), flip the sign bits that changed (an integer ``atomic_xor`` on the
-   32-bit word: flips of distinct bits commute, so segments may share words and the result does
-   not depend on the order), and write the tile's partial row and column sums of V and |M| to
+   modes, ``beta=None``), flip the sign bits that changed (a relaxed integer ``atomic_xor`` on
+   the 32-bit word: flips of distinct bits commute, so segments may share words and the result
+   does not depend on the order; a program reads only bits it alone flips, so no fence), and write the tile's partial row and column sums of V and |M| to
    scratch. No float atomics anywhere.
 2. ``_reduce_kernel``: per segment, sums the tiles' partials in tile order (fixed, hence
    deterministic) into the statistic slots that one all_reduce per process group completes.

@@ -103,7 +103,7 @@ def summarize(records: list[Any]) -> dict[str, dict[str, Any]]:
             "max_loop_instructions_per_element": round(max(per_element), 1) if per_element else None,
             "max_loop_calls": max((c["calls"] for c in loops), default=0),
             "max_loop_fences": max((c["fences"] for c in loops), default=0),
-            "min_resident_warps": min((c["warps"] for c in loops), default=0),
+            "min_resident_warps": min((c["warps"] for c in loops if c["warps"] is not None), default=None),
             "compile_seconds": round(sum(r.seconds for r in ok), 1),
         }
     return summary
@@ -112,7 +112,7 @@ def summarize(records: list[Any]) -> dict[str, dict[str, Any]]:
 def _table(summary: dict[str, dict[str, Any]]) -> str:
     rows = [
         [k, s["specializations"], len(s["errors"]), s["max_registers"], s["max_local_bytes"], s["max_shared_bytes"],
-         ",".join(map(str, s["num_warps"])), s["min_resident_warps"], s["max_loop_instructions_per_element"] or "-",
+         ",".join(map(str, s["num_warps"])), s["min_resident_warps"] or "-", s["max_loop_instructions_per_element"] or "-",
          s["max_loop_calls"], s["max_loop_fences"], " ".join(s["atomics"]) or "-", s["max_fp64_instructions"], s["compile_seconds"]]
         for k, s in summary.items()
     ]

@@ -54,7 +54,7 @@ class Compiled:
 
     @property
     def atomics(self) -> list[str]:
-        """The PTX atomic (``atom``) and reduction (``red``) instructions, e.g. ``atom.global.gpu.acq_rel.xor.b32``."""
+        """The PTX atomic (``atom``) and reduction (``red``) instructions, e.g. ``red.global.gpu.relaxed.xor.b32``."""
         return sorted(set(_ATOMIC.findall(self.ptx)))
 
     @property
@@ -76,21 +76,25 @@ class Loop:
     fences: int  # MEMBAR, ERRBAR and CCTL (an L1 invalidation) instructions in the body
 
 
+def _target(operands: str) -> Optional[int]:
+    """The address a SASS branch or call goes to."""
+    found = re.search(r"0x([0-9a-f]+)", operands)
+    return int(found.group(1), 16) if found else None
+
+
 def main_loop(sass: str) -> Optional[Loop]:
     """The longest loop of a disassembled kernel (None for straight-line code): static counts, an
     estimate of what each trip issues per thread where timings cannot be had."""
     code = [(int(address, 16), opcode, rest) for address, opcode, rest in _SASS_LINE.findall(sass)]
-    spans = [(int(m.group(1), 16), a) for a, op, rest in code if op.startswith("BRA")
-             for m in [re.search(r"0x([0-9a-f]+)", rest)] if m and int(m.group(1), 16) < a]
+    spans = [(target, a) for a, op, rest in code if op.startswith("BRA") for target in [_target(rest)] if target is not None and target < a]
     if not spans:
         return None
     low, high = max(spans, key=lambda span: span[1] - span[0])
     body = [(a, op, rest) for a, op, rest in code if low <= a <= high]
     instructions, calls = len(body), 0
-    for _, op, rest in body:
-        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("CALL") else None
-        callee = [o for a, o, _ in code if target and a >= int(target.group(1), 16)]
-        end = next((i for i, o in enumerate(callee) if o.startswith(("RET", "EXIT"))), None)
+    for target in (_target(rest) for _, op, rest in body if op.startswith("CALL")):
+        callee = [op for a, op, _ in code if target is not None and a >= target]
+        end = next((i for i, op in enumerate(callee) if op.startswith(("RET", "EXIT"))), None)
         if end is not None and callee[end].startswith("RET"):  # a subroutine (64-bit division is one)
             instructions, calls = instructions + end + 1, calls + 1
         # a CALL.REL.NOINC into code that ends in EXIT is ptxas's predicated exit from the loop
@@ -102,9 +106,12 @@ def main_loop(sass: str) -> Optional[Loop]:
 _SM_LIMITS = {80: (65536, 164 * 1024, 64, 32), 90: (65536, 228 * 1024, 64, 32)}
 
 
-def resident_warps(registers: int, warps: int, shared_bytes: int, arch: int) -> int:
-    """Warps of one kernel an SM holds at once (registers are allotted per warp in 256s)."""
-    total_registers, total_shared, max_warps, max_programs = _SM_LIMITS.get(arch, _SM_LIMITS[90])
+def resident_warps(registers: int, warps: int, shared_bytes: int, arch: int) -> Optional[int]:
+    """Warps of one kernel an SM holds at once (registers are allotted per warp in 256s); None for
+    an architecture whose limits are not listed here (its kernels still compile)."""
+    if arch not in _SM_LIMITS:
+        return None
+    total_registers, total_shared, max_warps, max_programs = _SM_LIMITS[arch]
     per_warp = -(-max(registers, 1) * 32 // 256) * 256
     programs = min(total_registers // (per_warp * warps), max_programs, max_warps // warps)
     if shared_bytes:

@@ -13,6 +13,7 @@ floats: their order varies, and the kernels promise bit-identical reruns).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -28,7 +29,7 @@ from dist_memopt.kernels import launch
 
 __all__ = ["Compiled", "compile_for"]
 
-_OPTIONS = ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion", "launch_cooperative_grid")
+_OPTIONS = ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion", "launch_cooperative_grid", "maxnreg")
 _ATOMIC = re.compile(r"\b(?:atom|red)\.[\w.]+")
 _SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)([^;]*);", re.MULTILINE)
 _FENCES = ("MEMBAR", "CCTL", "ERRBAR")  # a memory barrier, an L1 invalidation: what a strong atomic costs
@@ -190,7 +191,8 @@ def compile_for(arch: int = 90) -> Iterator[list[Compiled]]:
         if str(key) not in seen:
             seen.add(str(key))
             source = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
-            record = _compile(source, fn.name, repr, compile, stand_in.target)
+            options = json.loads(compile["specialization_data"])["options"]  # all of them: the hook's own omit maxnreg
+            record = _compile(source, fn.name, repr, options, stand_in.target)
             names = [p.name for p in fn.jit_function.params]
             record.constants = {names[path[0]]: getattr(v, "value", v) for path, v in compile["constants"].items()}
             records.append(record)

@@ -27,21 +27,25 @@ TILE_FIELDS = 6  # start, run length, stride, count, first local index of the pi
 
 
 def tiles_shape(m: int) -> tuple[int, int]:
-    """(rows per tile, columns per block): 32 rows, blocks of 64 columns (16 for views of <= 16 columns).
+    """(rows per tile, columns per block): 32 rows, blocks of 32 columns (16 for views of <= 16 columns).
 
-    Compiled for sm_80/sm_90 (``python -m dist_memopt.bench compile``), 128-column blocks needed
-    more than the 255 registers a thread may have and spilled 300-1,500 bytes per thread to local
-    memory, at 4 warps and at 8; 64-column blocks at :func:`tile_warps` spill nothing. Two block
+    Compiled for sm_90 (``python -m dist_memopt.bench compile``), a block of 32 columns is 4
+    elements per thread at :func:`tile_warps`: SMMF's tile takes about 98 registers, so an SM holds
+    two programs (16 warps) whose column reductions and barriers overlap each other's loads, and
+    Alada's kernels take at most 64, four programs. Blocks of 64 columns (8 elements per thread)
+    took 185 registers in the tile: one program of 8 warps per SM, each trip's loads waiting on
+    the last trip's barrier, for about the same instructions per element. Capping registers
+    (``maxnreg`` 64 or 80) spilled the tile to its stack; 128-column blocks spilled. Two block
     shapes, not one per power of two, keep the compiled variants few (each costs a GPU run half a
     second of compiling at its first step); masked lanes cost no memory traffic. The tile's rows,
     hence the partial sums it writes, do not depend on the column block.
     """
-    return 32, 16 if m <= 16 else 64
+    return 32, 16 if m <= 16 else 32
 
 
 def tile_warps(rows: int, columns: int) -> dict[str, int]:
-    """Launch options of a tile kernel: 8 warps (8 elements per thread) for full 2K-element blocks."""
-    return {**launch.OPTIONS, "num_warps": 8 if rows * columns >= 2048 else 4}
+    """Launch options of an element kernel: 4 elements per thread (8 warps for a 32 × 32 block)."""
+    return {**launch.OPTIONS, "num_warps": max(1, min(8, rows * columns // 128))}
 
 
 def launched(fn: Callable) -> Any:

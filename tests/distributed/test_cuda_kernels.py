@@ -25,6 +25,16 @@ from test_fsdp import TOLERANCE, _full  # noqa: E402
 SHAPES = [(768, 3072), (3072,), (768,), (768, 768), (2304,), (1024, 768), (7, 13), ()]
 
 
+def test_the_cuda_tier_runs_the_compiled_kernels():
+    """tests/conftest.py defaults TRITON_INTERPRET to 1 for the CPU tests; here that would run the
+    interpreter on host copies of the CUDA tensors and test nothing a GPU compiles."""
+    from dist_memopt.kernels import tiles
+
+    assert type(tiles.tile_elements).__name__ != "InterpretedFunction", (
+        "the kernels were imported for Triton's interpreter: run the CUDA tier with TRITON_INTERPRET=0 "
+        "(bash launch/gpu_check.sh does)")
+
+
 @pytest.mark.parametrize("cls, reference", [(dm.SMMF, SMMFReference), (dm.Alada, AladaReference)])
 def test_cuda_triton_matches_the_float64_reference(cls, reference):
     config = dict(lr=1e-2, weight_decay=0.1)

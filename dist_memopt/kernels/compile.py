@@ -13,12 +13,14 @@ floats: their order varies, and the kernels promise bit-identical reruns).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -142,16 +144,38 @@ class _CompileOnlyDriver:
 
 
 def _cuobjdump(cubin: bytes) -> str:
-    """The cubin's resource usage and SASS, as the ``cuobjdump`` in Triton's wheel prints them ("" without one)."""
+    """The cubin's resource usage and SASS, as the ``cuobjdump`` in Triton's wheel prints them ("" without one).
+
+    About 0.8 s a cubin however small, so each listing is kept beside Triton's own cache, named by
+    the cubin's and the tool's hash: a second run of the same kernels disassembles nothing."""
     from triton import knobs
 
     tool = knobs.nvidia.cuobjdump.path
     if not tool or not os.path.exists(tool):
         return ""
+    folder = os.path.join(knobs.cache.dir, "dist_memopt_sass")
+    kept = os.path.join(folder, hashlib.sha256(cubin + tool.encode()).hexdigest() + ".txt")
+    if os.path.exists(kept):
+        with open(kept) as file:
+            return file.read()
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        return subprocess.run([tool, "--dump-resource-usage", "-sass", file.name], capture_output=True, text=True, check=False).stdout
+        dump = subprocess.run([tool, "--dump-resource-usage", "-sass", file.name], capture_output=True, text=True, check=False).stdout
+    if dump:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False) as file:
+            file.write(dump)
+        os.replace(file.name, kept)  # whole or not at all, were two runs to race
+    return dump
+
+
+def _disassemble(records: list[Compiled]) -> None:
+    """SASS and resources of every compiled record, the disassembler run on all cores at once."""
+    todo = [record for record in records if record.cubin and not record.sass]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for record, dump in zip(todo, pool.map(_cuobjdump, [record.cubin for record in todo])):
+            record.sass, record.resources = dump, _resources(dump)
 
 
 def _resources(dump: str) -> dict[str, int]:
@@ -204,6 +228,7 @@ def compile_for(arch: int = 90) -> Iterator[list[Compiled]]:
     try:
         with launch.compiling():
             yield records
+        _disassemble(records)
     finally:
         driver._active = previous_driver
         knobs.runtime.jit_cache_hook = previous_hook
@@ -224,6 +249,4 @@ def _compile(source: Any, name: str, signature: str, options: dict, target: Any)
     record.seconds = time.perf_counter() - start
     record.ptx, record.cubin = kernel.asm["ptx"], kernel.asm["cubin"]
     record.shared_bytes = kernel.metadata.shared
-    record.sass = _cuobjdump(record.cubin)
-    record.resources = _resources(record.sass)
-    return record
+    return record  # disassembled with the others when the step is done (_disassemble)

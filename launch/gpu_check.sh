@@ -44,7 +44,9 @@ fi
 "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl 2>&1 | tee -a "$LOG"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0  # tests/conftest.py sets 1 unless told: the CUDA tier must run the compiled kernels
-(cd /tmp && "$PY" - <<'EOF') 2>&1 | tee -a "$LOG"
+report=0  # one python start for the report and both verdicts: 3 without CUDA, 4 where the kernels cannot run
+(cd /tmp && "$PY" - <<'EOF') 2>&1 | tee -a "$LOG" || report=$?
+import sys
 import torch, dist_memopt
 from dist_memopt.kernels.select import triton_problem
 try:
@@ -53,15 +55,19 @@ try:
 except ImportError:
     release = "not importable"
 cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+problem = triton_problem()
 print(f"gpu_check: torch {torch.__version__} (CUDA {torch.version.cuda}), {cuda}; triton {release}: "
-      f"{triton_problem() or 'the kernels support it'}; dist_memopt from {dist_memopt.__file__}")
+      f"{problem or 'the kernels support it'}; dist_memopt from {dist_memopt.__file__}")
+sys.exit(3 if not torch.cuda.is_available() else 4 if problem else 0)
 EOF
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if [ "$report" = 3 ]; then
     say "no CUDA device visible to $PY (torch.cuda.is_available() is False): installed and reported, nothing run"
     exit 0
-fi
-if ! "$PY" -c "from dist_memopt.kernels.select import triton_problem as p; import sys; sys.exit(1 if p() else 0)"; then
+elif [ "$report" = 4 ]; then
     say "the Triton kernels cannot run here (above); the CUDA tier and the torch path's timings still run"
+elif [ "$report" != 0 ]; then
+    say "the report failed (status $report, above): the installed wheels do not import"
+    exit "$report"
 fi
 
 status=0

@@ -42,18 +42,19 @@ def test_every_kernel_compiles_for_sm90_without_spills_or_float_atomics(tmp_path
         assert s["float_atomics"] == [], kernel
         assert s["max_local_bytes"] == 0, f"{kernel} spills {s['max_local_bytes']} bytes per thread"
         assert 0 < s["max_registers"] <= 255, kernel
-    assert summary["_tile_kernel"]["atomics"] == ["red.global.gpu.relaxed.xor.b32"]
+    # Triton 3.6 writes an atom whose result goes unused (ptxas issues it as a RED all the same)
+    assert summary["_tile_kernel"]["atomics"] in (["red.global.gpu.relaxed.xor.b32"], ["atom.global.gpu.relaxed.xor.b32"])
     assert all(not s["atomics"] for k, s in summary.items() if k != "_tile_kernel")
     # no value or alignment specialisation: variants are dtypes x constexpr settings x two block shapes
     assert summary["_tile_kernel"]["specializations"] == 2 * 3 * 2  # fp32/bf16; HAS_M, COUPLED; 16/32 columns
     assert all(v["ok"] for v in result["verdicts"]) and len(result["verdicts"]) == 4
     for kernel in ("_tile_kernel", "_stats_kernel", "_update_kernel"):
         assert summary[kernel]["max_loop_calls"] == 0 and summary[kernel]["max_loop_fences"] == 0, kernel
-    # measured 85.5, 33.0, 42.0; before (a 64-bit division per element, and three fences around each
-    # strong atomic in the tile): 229.2, 169.8, 152.5
+    # measured 85.5, 33.0, 41.0 (Triton 3.6: 89.5, 33.0, 41.0); before (a 64-bit division per element,
+    # and three fences around each strong atomic in the tile): 229.2, 169.8, 152.5
     assert summary["_tile_kernel"]["max_loop_instructions_per_element"] <= 90
     assert summary["_stats_kernel"]["max_loop_instructions_per_element"] <= 38
-    assert summary["_update_kernel"]["max_loop_instructions_per_element"] <= 45
+    assert summary["_update_kernel"]["max_loop_instructions_per_element"] <= 43
     # 32-column blocks: two tile programs per SM (16 warps, 98 registers), four of Alada's (32 warps);
     # 64-column blocks took 185 registers in the tile, one program of 8 warps
     assert summary["_tile_kernel"]["min_resident_warps"] >= 16

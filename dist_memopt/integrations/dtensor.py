@@ -29,6 +29,14 @@ from dist_memopt.shard.spec import ParamLayout, Run, Segment, ShardSpec, registe
 
 __all__ = ["dtensor_layout", "local_indices", "box_runs"]
 
+#: what ``_StridedShard._local_shard_size_and_offset`` needs to return every offset
+try:  # torch 2.13 asks which offsets by a mode; 2.11 by a flag, ``return_first_offset=False``
+    from torch.distributed.tensor.placement_types import _StridedShardOffsetMode
+
+    _ALL_OFFSETS: object = _StridedShardOffsetMode.ALL
+except ImportError:
+    _ALL_OFFSETS = False
+
 
 def _describe(param: DTensor) -> str:
     return f"DTensor of shape {tuple(param.shape)} with placements {tuple(param.placements)} on {param.device_mesh}"
@@ -64,9 +72,7 @@ def local_indices(shape: Sequence[int], coordinate: Sequence[int], mesh_shape: S
         dim = placement.dim % ndim
         chunks, rank = int(mesh_shape[mesh_dim]), int(coordinate[mesh_dim])
         if isinstance(placement, _StridedShard):
-            from torch.distributed.tensor.placement_types import _StridedShardOffsetMode
-
-            size, offsets = placement._local_shard_size_and_offset(sizes[dim], chunks, rank, _StridedShardOffsetMode.ALL)
+            size, offsets = placement._local_shard_size_and_offset(sizes[dim], chunks, rank, _ALL_OFFSETS)
             local = torch.tensor(list(offsets or [])[:size], dtype=torch.long)
         else:
             size, offset = placement._local_shard_size_and_offset(sizes[dim], chunks, rank)

@@ -32,14 +32,16 @@ def test_run_groups_of_the_shard_spec_are_read_too():
     assert torch.equal(torch.cat([p.positions() for p in cut]), torch.tensor([11, 12, 13, 0, 1, 5, 6, 10]))
 
 
-def test_tile_fields_give_a_single_run_its_length_as_stride():
-    """The kernels divide by the stride: a single run (stride 0 in a Run) tiles with its length."""
+def test_tile_fields_give_a_single_piece_the_views_size_as_stride():
+    """A single piece (stride 0 in a Run) tiles with the view's size as its stride: never 0 (the
+    dividing index math divides by it), at least a column block (the strided math carries by it
+    once per block), and past every position (only its piece 0 is held)."""
     pytest.importorskip("triton")
     from dist_memopt.kernels.tiles import tile_pieces
 
     geometry = RunsGeometry(8, 5, (Run(3, 4, 10, 4),), 2, 13)  # a partial run, two whole runs, a partial one
     assert list(tile_pieces(geometry, 2)) == [
-        [5, 2, 2, 1, 0, 1],
+        [5, 2, 40, 1, 0, 1],
         [13, 4, 10, 2, 2, 2], [13, 4, 10, 2, 2, 4],
-        [33, 1, 1, 1, 10, 6],
+        [33, 1, 40, 1, 10, 6],
     ]

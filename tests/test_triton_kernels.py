@@ -169,34 +169,55 @@ def _strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, l
     return item, seg, positions, stats, (stats[:n], stats[n : n + m], stats[n + m : 2 * n + m], stats[2 * n + m :])
 
 
-def test_only_runs_of_several_pieces_compile_the_dividing_index_math():
-    """The RUNS variant (a 64-bit division per element) for TP-style strided pieces only: a flat
-    FSDP/ZeRO range and a run group of single pieces take the division-free one."""
+def test_only_runs_of_several_pieces_compile_strided_index_math_and_only_narrow_strides_divide():
+    """Strided index math for TP-style pieces only: a flat FSDP/ZeRO range and a run group of single
+    pieces take the contiguous one; a stride narrower than a column block (a piece's columns may
+    then wrap several times in one block) takes the per-element 64-bit division."""
     from dist_memopt.shard.geometry import RangeGeometry
-    from dist_memopt.kernels.tiles import index_math
+    from dist_memopt.kernels.tiles import CONTIGUOUS, DIVIDED, STRIDED, index_math
 
-    assert index_math([RangeGeometry(10, 6, 7, 43)]) == {"RUNS": False}
-    assert index_math([RunsGeometry(10, 6, (Run(4, 30),), 0, 30)]) == {"RUNS": False}
-    strided = RunsGeometry(10, 6, (Run(0, 2, 6, 10),), 0, 20)
-    assert index_math([RangeGeometry(10, 6, 0, 60), strided]) == {"RUNS": True}  # one strided segment: the batch divides
+    assert index_math([RangeGeometry(10, 6, 7, 43)], 16) == {"RUNS": CONTIGUOUS}
+    assert index_math([RunsGeometry(10, 6, (Run(4, 30),), 0, 30)], 16) == {"RUNS": CONTIGUOUS}
+    wide = RunsGeometry(10, 40, (Run(8, 16, 40, 10),), 0, 160)
+    assert index_math([RangeGeometry(10, 40, 0, 400), wide], 32) == {"RUNS": STRIDED}  # one strided segment: the batch's math
+    assert index_math([wide], 41) == {"RUNS": DIVIDED}
+    narrow = RunsGeometry(10, 6, (Run(0, 2, 6, 10),), 0, 20)
+    assert index_math([wide, narrow], 16) == {"RUNS": DIVIDED}
 
 
-def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
-    """Column blocks of a (10, 6) matrix on three 'ranks': one block, and two windows of a pair of
-    blocks (pieces sharing every row) cut mid-run, as a flat shard of a TP block is; statistics
-    summed as an all_reduce would: the unsharded torch step."""
+#: per case: SMMF's (n, m) view and each 'rank's pieces and window, covering the tensor once
+STRIDED_CASES = {
+    # column blocks of a (10, 6) tensor: one block, two windows of a pair of blocks (pieces sharing
+    # every row) cut mid-run; strides of 6 under a 16-column block: the dividing index math
+    "narrow": (10, 6, [((Run(0, 2, 6, 10),), 0, -1), ((Run(2, 2, 6, 10), Run(4, 2, 6, 10)), 0, 27),
+                       ((Run(2, 2, 6, 10), Run(4, 2, 6, 10)), 27, 40)]),
+    # column blocks of a (40, 48) tensor in SMMF's (48, 40) view, pieces crossing its rows; the
+    # middle block in two windows cut mid-piece: carried from block to block (strided index math)
+    "tp_columns": (48, 40, [((Run(0, 8, 48, 40),), 0, -1), ((Run(8, 20, 48, 40),), 0, 333),
+                            ((Run(8, 20, 48, 40),), 333, 800), ((Run(28, 20, 48, 40),), 0, -1)]),
+    # a (60, 32) tensor's halves: the stride is exactly one 32-column block (a carry every block)
+    "stride_is_block": (48, 40, [((Run(0, 16, 32, 60),), 0, -1), ((Run(16, 16, 32, 60),), 0, 500),
+                                 ((Run(16, 16, 32, 60),), 500, 960)]),
+}
+
+
+@pytest.mark.parametrize("case", STRIDED_CASES)
+def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step(case):
+    """Pieces of a tensor on several 'ranks', as a flat shard of a TP block is; statistics summed as
+    an all_reduce would: the unsharded torch step, in either strided index math."""
     from dist_memopt.bench.counting import StepCost
     from dist_memopt.kernels.smmf_triton import FusedSMMF
-    from dist_memopt.kernels.tiles import index_math
+    from dist_memopt.kernels.tiles import DIVIDED, STRIDED, index_math, tiles_shape
     from dist_memopt.optim.bits import unpack_signs
     from dist_memopt.optim.smmf import _Schedule
 
-    n, m = 10, 6
+    n, m, pieces = STRIDED_CASES[case]
     torch.manual_seed(0)
     full = torch.nn.Parameter(torch.randn(n * m))
     reference = dm.SMMF([full], kernel="torch", lr=1e-2, weight_decay=0.1)
-    pair = (Run(2, 2, 6, 10), Run(4, 2, 6, 10))
-    ranks = [_strided_rank(full, (Run(0, 2, 6, 10),), n, m), _strided_rank(full, pair, n, m, 0, 27), _strided_rank(full, pair, n, m, 27, 40)]
+    ranks = [_strided_rank(full, runs, n, m, lo, hi) for runs, lo, hi in pieces]
+    mode = DIVIDED if case == "narrow" else STRIDED
+    assert all(index_math([seg.geometry], tiles_shape(m)[1])["RUNS"] == mode for _, seg, _, _, _ in ranks)
     generator = torch.Generator().manual_seed(1)
     for t in range(1, 6):
         full.grad = torch.randn(n * m, generator=generator)
@@ -215,8 +236,7 @@ def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
             for (_, _, _, stats, _), fused in zip(ranks, steps):
                 stats.copy_(total)
                 fused.finish()
-        assert cost.ops["triton.smmf_tiles"] == 3 and cost.ops["triton.smmf_finish"] == 3
-        assert all(index_math([seg.geometry])["RUNS"] for _, seg, _, _, _ in ranks)  # the dividing variant ran
+        assert cost.ops["triton.smmf_tiles"] == len(ranks) and cost.ops["triton.smmf_finish"] == len(ranks)
         expected = reference.state[full]
         signs = unpack_signs(expected["sign"], n * m)
         for item, _, positions, _, _ in ranks:
@@ -248,24 +268,37 @@ def test_alada_momentum_in_grad_matches_the_torch_path(dtype, atol):
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
 
-def test_alada_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step():
+#: Alada keeps a matrix as it is: (n, m) and each 'rank's pieces and window
+ALADA_STRIDED_CASES = {
+    "narrow": (6, 10, [((Run(0, 4, 10, 6),), 0, -1), ((Run(4, 3, 10, 6), Run(7, 3, 10, 6)), 0, -1)]),  # dividing
+    "tp_columns": (40, 48, [((Run(0, 20, 48, 40),), 0, -1), ((Run(20, 28, 48, 40),), 0, 517),
+                            ((Run(20, 28, 48, 40),), 517, 1120)]),  # carried, a window cut mid-row
+}
+
+
+@pytest.mark.parametrize("case", ALADA_STRIDED_CASES)
+def test_alada_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step(case):
     """Alada's two passes on the same column blocks: statistics summed between them (the all_reduce)."""
     from types import SimpleNamespace
 
     from dist_memopt.kernels.alada_triton import FusedAlada
+    from dist_memopt.kernels.tiles import DIVIDED, STRIDED, index_math, tiles_shape
     from dist_memopt.optim.alada import _Schedule
     from dist_memopt.optim.base import SegmentPlan
 
-    n, m = 6, 10  # Alada keeps a (6, 10) matrix as it is
+    n, m, cases = ALADA_STRIDED_CASES[case]
     torch.manual_seed(0)
     full = torch.nn.Parameter(torch.randn(n, m))
     reference = dm.Alada([full], kernel="torch", lr=1e-2, weight_decay=0.1)
     ranks = []
-    for pieces in [(Run(0, 4, 10, 6),), (Run(4, 3, 10, 6), Run(7, 3, 10, 6))]:
+    for pieces, lo, hi in cases:
         positions = torch.cat([p.positions() for p in pieces])
+        hi = positions.numel() if hi < 0 else hi
+        positions = positions[lo:hi]
         f64 = dict(dtype=torch.float64)
         state = dict(exp_avg=torch.zeros(positions.numel()), row=torch.zeros(n, **f64), col=torch.zeros(m, **f64), v0=torch.zeros(1, **f64))
-        seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, positions.numel())), RunsGeometry(n, m, pieces, 0, positions.numel()))
+        seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, positions.numel())), RunsGeometry(n, m, pieces, lo, hi))
+        assert index_math([seg.geometry], tiles_shape(m)[1])["RUNS"] == (DIVIDED if case == "narrow" else STRIDED)
         item = SimpleNamespace(weight=full.detach().view(-1)[positions].clone(), grad=torch.zeros(positions.numel()), state=state)
         ranks.append((item, seg, positions, torch.zeros(n + m + 1)))
     generator = torch.Generator().manual_seed(1)
@@ -281,7 +314,7 @@ def test_alada_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step()
             fused.add(item, seg, hp, stats[n : n + m] if t % 2 else stats[:n], stats[n + m :])
             fused.statistics()
             steps.append(fused)
-        total = ranks[0][3] + ranks[1][3]  # the all_reduce
+        total = sum(rank[3] for rank in ranks)  # the all_reduce
         for (_, _, _, stats), fused in zip(ranks, steps):
             stats.copy_(total)
             fused.update()

@@ -2,7 +2,8 @@
 
 Steps SMMF and Alada with ``kernel="triton"`` on parameters of a model's shapes, in every setting
 that changes what a kernel compiles to (first moment or not, weight-decay mode, momentum in
-``.grad``, Alada's first, odd and even steps, fp32/bf16/fp16 parameters), inside
+``.grad``, Alada's first, odd and even steps, fp32/bf16/fp16 parameters, a tensor-parallel
+shard's strided runs, reported in rows of their own), inside
 :func:`dist_memopt.kernels.compile.compile_for`: every launch is compiled for each ``sm_<arch>``
 (Triton's pipeline down to a cubin) instead of run. Prints, per kernel, its specialisations and
 what a GPU would run; checks that each compiles, uses no float atomics (whose order varies) and
@@ -24,6 +25,7 @@ from dist_memopt.bench.models import DTYPES, MODELS, materialize, model_shapes
 from dist_memopt.bench.registry import Benchmark, register
 from dist_memopt.bench.report import format_table
 from dist_memopt.kernels.select import triton_problem
+from dist_memopt.shard.spec import Run, Segment, ShardSpec, set_layout
 
 __all__ = ["VARIANTS", "compile_kernels", "run"]
 
@@ -38,6 +40,8 @@ VARIANTS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
 STEPS = 3  # Alada's first step, then an odd and an even one (each compiles its own statistics kernel)
 #: the kernels whose main loop sweeps a tile's (TR × BC) element blocks: their cost per element
 ELEMENT_KERNELS = ("_tile_kernel", "_stats_kernel", "_update_kernel")
+#: the summary rows' mark for variants compiled for strided runs (tensor-parallel shards)
+STRIDED = "(TP runs)"
 
 
 def _step_variant(build: Callable[[list], torch.optim.Optimizer], params: list[torch.nn.Parameter]) -> None:
@@ -50,8 +54,20 @@ def _step_variant(build: Callable[[list], torch.optim.Optimizer], params: list[t
         optimizer.step()
 
 
+def tensor_parallel_block(dtype: torch.dtype, rows: int = 64, cols: int = 96, held: int = 40) -> torch.nn.Parameter:
+    """Columns ``[8, 8 + held)`` of a ``(rows, cols)`` weight, as column-wise tensor parallelism leaves a
+    rank's shard (declared, no process group: nothing runs). Its runs hold several pieces, so the
+    kernels compile their ``RUNS`` index math, which no whole tensor (nor FSDP or ZeRO shard) reaches."""
+    run = Run(8, held, cols, rows)
+    param = torch.nn.Parameter(torch.zeros(rows * held, dtype=dtype))
+    param.grad = torch.zeros_like(param)
+    set_layout(param, [Segment(0, ShardSpec(torch.Size((rows, cols)), run.start, run.last, runs=(run,)))])
+    return param
+
+
 def compile_kernels(model: str, arch: int, dtypes: list[str], variants: list[str]) -> list[Any]:
-    """Every distinct kernel specialisation the variants' steps launch, compiled for ``sm_<arch>``.
+    """Every distinct kernel specialisation the variants' steps launch, compiled for ``sm_<arch>``:
+    on the model's parameters and on a tensor-parallel block (:func:`tensor_parallel_block`).
 
     The variants of one dtype share parameters: nothing runs, so their values do not matter."""
     from dist_memopt.kernels.compile import compile_for
@@ -59,10 +75,15 @@ def compile_kernels(model: str, arch: int, dtypes: list[str], variants: list[str
     shapes = model_shapes(model)
     with compile_for(arch) as records:
         for dtype in dtypes:
-            params = materialize(shapes, dtype=DTYPES[dtype])
+            params = materialize(shapes, dtype=DTYPES[dtype]) + [tensor_parallel_block(DTYPES[dtype])]
             for name in variants:
                 _step_variant(VARIANTS[name], params)
     return records
+
+
+def _row_name(record: Any) -> str:
+    """The summary row of a record: its kernel, apart for the strided (tensor-parallel) index math."""
+    return f"{record.kernel} {STRIDED}" if record.constants.get("RUNS") else record.kernel
 
 
 def _loop_costs(record: Any) -> dict[str, Any]:
@@ -84,7 +105,7 @@ def summarize(records: list[Any]) -> dict[str, dict[str, Any]]:
     main-loop cost and the fewest resident warps over them, atomics."""
     by_kernel: dict[str, list[Any]] = defaultdict(list)
     for record in records:
-        by_kernel[record.kernel].append(record)
+        by_kernel[_row_name(record)].append(record)
     summary = {}
     for kernel, group in sorted(by_kernel.items()):
         ok = [r for r in group if r.error is None]

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, launched, index_math, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedAlada"]
 
@@ -49,16 +49,18 @@ def _stats_kernel(F, G, P64, ROWP, COLP, NORMP, TILES, n, m, beta1, bias1, g0_di
     norm = tl.zeros((TR, BC), dtype=tl.float32)
     if ODD:
         p = tl.load(P64 + p_off + rows, mask=row_ok, other=0.0).to(tl.float32)
+    piece, within = runs_cursor(rows, m, start, stride, RUNS)  # strided runs: each row's piece at column 0
     for c0 in range(0, m, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < m
-        held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, RUNS)
-        g = tl.load(G + g_off + k, mask=held, other=0.0).to(tl.float32)  # fp32, bf16 or fp16
+        held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, piece, within, RUNS)
+        piece, within = runs_advance(piece, within, stride, BC, RUNS)
+        g = load_block(G + g_off + k, held).to(tl.float32)  # fp32, bf16 or fp16
         if IN_GRAD:
             momentum = g  # .grad holds M
         else:
-            momentum = tl.load(F + m_off + k, mask=held, other=0.0) * beta1 + (1.0 - beta1) * g
-            tl.store(F + m_off + k, momentum, mask=held)
+            momentum = load_block(F + m_off + k, held) * beta1 + (1.0 - beta1) * g
+            store_block(F + m_off + k, momentum, held)
         second = momentum / bias1
         second = tl.where(held, second * second, 0.0)
         if ODD:  # Vᵀ·p, partial over this tile's rows
@@ -170,21 +172,23 @@ def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, eps64: tl.float64, bias1,
     p = tl.load(P64 + p_off + rows, mask=row_ok, other=0.0)
     row_shift = ((p - x_p) * shift_scale + eps64).to(tl.float32)
     row_factor = (p / bias2).to(tl.float32)
+    piece, within = runs_cursor(rows, m, start, stride, RUNS)  # strided runs: each row's piece at column 0
     for c0 in range(0, m, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < m
-        held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, RUNS)
+        held, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, piece, within, RUNS)
+        piece, within = runs_advance(piece, within, stride, BC, RUNS)
         q = tl.load(P64 + q_off + cols, mask=col_ok, other=0.0)
         col_factor = (q - x_q).to(tl.float32)
         refit = row_factor[:, None] * col_factor[None, :] + row_shift[:, None]
         denominator = tl.sqrt(tl.maximum(refit, eps))
-        w = tl.load(W + w_off + k, mask=held, other=0.0).to(tl.float32) * decay
+        w = load_block(W + w_off + k, held).to(tl.float32) * decay
         if IN_GRAD:
-            momentum = tl.load(G + m_off + k, mask=held, other=0.0).to(tl.float32)
+            momentum = load_block(G + m_off + k, held).to(tl.float32)
         else:
-            momentum = tl.load(F + m_off + k, mask=held, other=0.0)
+            momentum = load_block(F + m_off + k, held)
         w = w - (lr / bias1) * (momentum / denominator)
-        tl.store(W + w_off + k, to_dtype_of(tl.where(held, w, 0.0), W), mask=held)
+        store_block(W + w_off + k, to_dtype_of(tl.where(held, w, 0.0), W), held)
 
 
 @dataclass
@@ -244,7 +248,7 @@ class FusedAlada:
                 segs += entry
                 refits[(hp.t % 2 == 1, hp.t == 0, hp.beta2, hp.eps)] += entry
             numel = sum(j.seg.segment.numel for j in jobs)
-            index = index_math(job.seg.geometry for job in jobs)
+            index = index_math((job.seg.geometry for job in jobs), tiles_shape(m)[1])
             plans.append((n, m, hp, index, w_base, g_base, len(table), len(tiles) // NF, len(jobs), numel))
             table += tiles + segs
         refit_at = []
@@ -263,7 +267,7 @@ class FusedAlada:
         self._bases = (f32, p64)
 
     @staticmethod
-    def _statistics(f32: Tensor, grads: Tensor, p64: Tensor, tiles: Tensor, segs: Tensor, n: int, m: int, hp: Any, index: dict[str, bool],
+    def _statistics(f32: Tensor, grads: Tensor, p64: Tensor, tiles: Tensor, segs: Tensor, n: int, m: int, hp: Any, index: dict[str, int],
                     tile_count: int, seg_count: int, numel: int) -> None:
         if not tile_count:
             return  # empty shards: their slots stay zero, which is their contribution

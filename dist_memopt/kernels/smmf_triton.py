@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import Offsets, launched, index_math, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import Offsets, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedSMMF"]
 
@@ -56,12 +56,14 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
     acc_m = tl.zeros((TR, BC), dtype=tl.float32)
     if HAS_M:
         rm = tl.load(F + rm_off + rows, mask=row_ok, other=0.0) * beta1
+    piece, within = runs_cursor(rows, m, start, stride, RUNS)  # strided runs: each row's piece at column 0
     for c0 in range(0, m, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < m
-        ok, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, RUNS)
-        w = tl.load(W + w_off + k, mask=ok, other=0.0).to(tl.float32)  # fp32, bf16 or fp16 weights
-        g = tl.load(G + g_off + k, mask=ok, other=0.0).to(tl.float32)
+        ok, k = tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, piece, within, RUNS)
+        piece, within = runs_advance(piece, within, stride, BC, RUNS)
+        w = load_block(W + w_off + k, ok).to(tl.float32)  # fp32, bf16 or fp16 weights
+        g = load_block(G + g_off + k, ok).to(tl.float32)
         if COUPLED:
             g = g + wd * w
         cv = tl.load(F + cv_off + cols, mask=col_ok, other=0.0)
@@ -72,25 +74,24 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
         numerator = g
         if HAS_M:
             bit = s_bit + k  # >= 0 where held: shifts, not signed division
-            # The word's load and xor are 1-D (the block's elements row-major: the block's own thread
-            # order). On 2-D pointers contiguous along neither axis, Triton 3.6 laid them out column-major
-            # and converted every value between the two through shared memory (105 -> 76 instructions per element).
-            at = words + (tl.reshape(bit, [TR * BC]) >> 5)
-            word = tl.reshape(tl.load(at, mask=tl.reshape(ok, [TR * BC]), other=0), [TR, BC])
+            # the word's load and xor 1-D, as load_block's: 2-D, Triton 3.6 converted every value of the
+            # block through shared memory (105 -> 76 instructions per element)
+            at = words + (bit >> 5)
+            word = load_block(at, ok)
             shift = (bit & 31).to(tl.int32)
             old = (word >> shift) & 1
             cm = tl.load(F + cm_off + cols, mask=col_ok, other=0.0)
             first = rm[:, None] * cm[None, :] * tl.where(old == 1, 1.0, -1.0) + (1.0 - beta1) * g
             new = (first >= 0).to(tl.int32)
             one = tl.full((TR, BC), 1, tl.int32)
-            flips = tl.reshape(one << shift, [TR * BC])
-            tl.atomic_xor(at, flips, mask=tl.reshape(ok & (new != old), [TR * BC]), sem="relaxed")
+            flip = ok & (new != old)
+            tl.atomic_xor(tl.reshape(at, [TR * BC]), tl.reshape(one << shift, [TR * BC]), mask=tl.reshape(flip, [TR * BC]), sem="relaxed")
             magnitude = tl.where(ok, tl.abs(first), 0.0)
             acc_m += magnitude
             tl.store(COLP + (t * 2 + 1) * m + cols, tl.sum(magnitude, axis=0), mask=col_ok)
             numerator = first
         w = w * decay - lr * (numerator / (tl.sqrt(v) + eps))
-        tl.store(W + w_off + k, to_dtype_of(tl.where(ok, w, 0.0), W), mask=ok)  # masked lanes may overflow
+        store_block(W + w_off + k, to_dtype_of(tl.where(ok, w, 0.0), W), ok)  # masked lanes may overflow
     lanes = tl.arange(0, TR)
     tl.store(ROWP + (t * 2) * TR + lanes, tl.sum(acc_v, axis=1))
     if HAS_M:
@@ -238,7 +239,7 @@ class FusedSMMF:
                 entry += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))] if rm is not None else [0, 0]
                 segs += entry
                 shapes += [n, m, 1 if rm is None else 2]
-            index = index_math(job.seg.geometry for job in jobs)
+            index = index_math((job.seg.geometry for job in jobs), tiles_shape(m)[1])
             launches.append((n, m, hp, index, len(table), len(tiles) // NF, len(table) + len(tiles), len(jobs), numel))
             all_segs += segs
             table += tiles + segs
@@ -255,7 +256,7 @@ class FusedSMMF:
         moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (1 if j.slots[2] is None else 2) for j in jobs_of_dtype)
         self._finish.append((bases, tensor[segs_at:shapes_at], tensor[shapes_at:], len(all_segs) // NS, moved))
 
-    def _launch(self, bases: dict[str, Tensor], words_shift: int, table: Tensor, n: int, m: int, hp: Any, index: dict[str, bool],
+    def _launch(self, bases: dict[str, Tensor], words_shift: int, table: Tensor, n: int, m: int, hp: Any, index: dict[str, int],
                 tiles_at: int, tile_count: int, seg_at: int, seg_count: int, numel: int) -> None:
         if tile_count == 0:
             return  # empty shards: their slots stay zero, which is their contribution

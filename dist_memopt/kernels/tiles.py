@@ -21,7 +21,8 @@ from dist_memopt.kernels import launch
 from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.runs import RunsGeometry, runs_of
 
-__all__ = ["TILE_FIELDS", "tiles_shape", "tile_warps", "launched", "Offsets", "tile_pieces", "index_math", "tile_elements", "to_dtype_of"]
+__all__ = ["TILE_FIELDS", "CONTIGUOUS", "STRIDED", "DIVIDED", "tiles_shape", "tile_warps", "launched", "Offsets", "tile_pieces",
+           "index_math", "runs_cursor", "runs_advance", "tile_elements", "load_block", "store_block", "to_dtype_of"]
 
 TILE_FIELDS = 6  # start, run length, stride, count, first local index of the piece, first row
 
@@ -77,37 +78,87 @@ class Offsets:
 def tile_pieces(geometry: Union[RangeGeometry, RunsGeometry], rows_per_tile: int) -> Iterator[list[int]]:
     """The :data:`TILE_FIELDS` of every tile covering the geometry's window (none for an empty one).
 
-    The one translation of a shard geometry into the kernels' int64 table. A single run's stride
-    is its length (the kernel divides by the stride; a single :class:`~dist_memopt.shard.spec.Run` has 0).
+    The one translation of a shard geometry into the kernels' int64 table. A single piece's stride
+    is the view's size (a :class:`~dist_memopt.shard.spec.Run` of one piece has 0; the strided index
+    math steps by the stride, and a batch of strided runs may hold single pieces: at least a column
+    block, as index_math's choice assumes, and past every position, so only piece 0 is held).
     """
     m = geometry.cols
     k0 = 0
     for run in runs_of(geometry):
-        stride = run.stride if run.count > 1 else run.length
+        stride = run.stride if run.count > 1 else geometry.rows * m
         for row0 in range(run.start // m, (run.last - 1) // m + 1, rows_per_tile):
             yield [run.start, run.length, stride, run.count, k0, row0]
         k0 += run.numel
 
 
-def index_math(geometries: Iterable[Union[RangeGeometry, RunsGeometry]]) -> dict[str, bool]:
-    """The constexpr that picks a batch's index arithmetic in :func:`tile_elements`: ``RUNS`` when
-    some run has several pieces (a tensor-parallel or block-cut shard), so each position is divided
-    by the stride. FSDP, ZeRO and whole tensors hold one contiguous piece per run and compile
-    without that 64-bit division (a subroutine of about 80 instructions per element on a GPU)."""
-    return {"RUNS": any(run.count > 1 for geometry in geometries for run in runs_of(geometry))}
+#: ``RUNS`` values: one piece per run (FSDP, ZeRO, whole tensors); strided pieces found by a carry
+#: from the last column block; strided pieces found by dividing each position
+CONTIGUOUS, STRIDED, DIVIDED = 0, 1, 2
+_INT32_SAFE = 2**30  # views up to this size: a piece's offsets, plus a run, stay within int32
+
+
+def index_math(geometries: Iterable[Union[RangeGeometry, RunsGeometry]], columns: int) -> dict[str, int]:
+    """The constexpr that picks a batch's index arithmetic in :func:`tile_elements` (blocks of
+    ``columns``): :data:`CONTIGUOUS` when every run is one piece; :data:`STRIDED` when some run has
+    several (a tensor-parallel or block-cut shard) and every such stride is at least a column block,
+    so a position's piece is its row's piece or the next; :data:`DIVIDED` otherwise (strides below a
+    block: tensors of a few columns), each position divided by the stride in 64 bits (a subroutine
+    of about 80 instructions per element on a GPU)."""
+    mode = CONTIGUOUS
+    for geometry in geometries:
+        for run in runs_of(geometry):
+            if run.count > 1:
+                small = run.stride < columns or geometry.rows * geometry.cols > _INT32_SAFE
+                mode = DIVIDED if small else max(mode, STRIDED)
+    return {"RUNS": mode}
 
 
 @triton.jit
-def tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, RUNS: tl.constexpr):
+def runs_cursor(rows, m, start, stride, RUNS: tl.constexpr):
+    """Per row, (piece, offset in its stride) of the row's first column: ``divmod(r·m − start, stride)``,
+    floored (Triton's division truncates). Used by :data:`STRIDED` only: one division per row, once."""
+    if RUNS == 1:
+        at = rows.to(tl.int64) * m - start
+        piece = at // stride
+        within = at - piece * stride
+        below = within < 0
+        return tl.where(below, piece - 1, piece), tl.where(below, within + stride, within).to(tl.int32)
+    return tl.zeros(rows.shape, tl.int64), tl.zeros(rows.shape, tl.int32)
+
+
+@triton.jit
+def runs_advance(piece, within, stride, BC: tl.constexpr, RUNS: tl.constexpr):
+    """The cursor ``BC`` columns on (the next column block): one carry at most, as ``BC <= stride``."""
+    if RUNS == 1:
+        within = within + BC
+        carry = within >= stride.to(tl.int32)
+        return piece + carry.to(tl.int64), tl.where(carry, within - stride.to(tl.int32), within)
+    return piece, within
+
+
+@triton.jit
+def tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, piece, within, RUNS: tl.constexpr):
     """(held, local index) of the (rows × cols) block: position p = r·m + c is held when it falls in
     a run, ``p = start + i·stride + j`` with ``i < count`` and ``j < run``; its index is ``k0 + i·run + j``.
-    Without ``RUNS`` every run is one piece (``count`` 1): held when ``0 <= p - start < run``."""
-    if RUNS:
+    With :data:`CONTIGUOUS`, every run is one piece (``count`` 1): held when ``0 <= p - start < run``.
+    With :data:`STRIDED`, ``piece``/``within`` is the row's cursor at the block's first column
+    (:func:`runs_cursor`, :func:`runs_advance`): a column ``c`` of the block is at ``within + c`` in
+    that piece or, past the stride, in the next one; 32-bit per element."""
+    if RUNS == 2:
         rel = rows[:, None].to(tl.int64) * m + cols[None, :] - start
-        piece = rel // stride
-        within = rel - piece * stride
-        held = row_ok[:, None] & col_ok[None, :] & (rel >= 0) & (rel < (count - 1) * stride + run) & (within < run)
-        index = k0 + piece * run + within
+        whole = rel // stride
+        offset = rel - whole * stride
+        held = row_ok[:, None] & col_ok[None, :] & (rel >= 0) & (rel < (count - 1) * stride + run) & (offset < run)
+        index = k0 + whole * run + offset
+    elif RUNS == 1:
+        at = within[:, None] + tl.arange(0, cols.shape[0])[None, :]  # < stride + BC <= 2·stride
+        wrap = at >= stride.to(tl.int32)
+        offset = tl.where(wrap, at - stride.to(tl.int32), at)
+        here = (piece >= 0) & (piece < count)
+        next_ok = (piece + 1 >= 0) & (piece + 1 < count)
+        held = row_ok[:, None] & col_ok[None, :] & tl.where(wrap, next_ok[:, None], here[:, None]) & (offset < run.to(tl.int32))
+        index = (k0 + piece * run)[:, None] + (offset + tl.where(wrap, run.to(tl.int32), 0))
     else:  # per row, the held columns [first, last) and the index of column 0: 32-bit per element
         row_at = rows.to(tl.int64) * m - start
         first = tl.minimum(tl.maximum(-row_at, 0), m).to(tl.int32)
@@ -115,6 +166,24 @@ def tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, 
         held = row_ok[:, None] & (cols[None, :] >= first[:, None]) & (cols[None, :] < last[:, None])
         index = (k0 + row_at)[:, None] + cols[None, :]
     return held, index
+
+
+@triton.jit
+def load_block(pointers, mask):
+    """``tl.load`` of a (TR × BC) block of element pointers as the 1-D, row-major run of its elements
+    (the block's own thread order), reshaped back. Strided index math leaves pointers contiguous
+    along neither axis, which Triton 3.6 lays out column-major, converting every value between the
+    two layouts through shared memory; 1-D there is one order, whatever the release."""
+    size: tl.constexpr = pointers.shape[0] * pointers.shape[1]
+    flat = tl.load(tl.reshape(pointers, [size]), mask=tl.reshape(mask, [size]), other=0)
+    return tl.reshape(flat, [pointers.shape[0], pointers.shape[1]])
+
+
+@triton.jit
+def store_block(pointers, values, mask):
+    """``tl.store`` of a (TR × BC) block as :func:`load_block` loads it."""
+    size: tl.constexpr = pointers.shape[0] * pointers.shape[1]
+    tl.store(tl.reshape(pointers, [size]), tl.reshape(values, [size]), mask=tl.reshape(mask, [size]))
 
 
 @triton.jit

@@ -17,6 +17,8 @@ All cases run in two launches (harness.Launch, module-scoped fixtures): one on 4
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -25,12 +27,13 @@ from harness import Launch
 from tp_cases import CONFIGS, MESHES, STEPS, TOLERANCE, build, full_values, inject, max_errors, named_params, single_process
 
 
-def _train_all_configs(rank, world_size, mesh_name):
+def _train_all_configs(rank, world_size, mesh_name, configs=tuple(CONFIGS), kernel="torch"):
     errors, placements = {}, {}
-    for config, (cls_name, kwargs) in CONFIGS.items():
+    for config in configs:
+        cls_name, kwargs = CONFIGS[config]
         model, extra, initial = build(mesh_name)
         named = named_params(model, extra)
-        optimizer = getattr(dm, cls_name)([p for _, p in named], **kwargs)
+        optimizer = getattr(dm, cls_name)([p for _, p in named], kernel=kernel, **kwargs)
         for step in range(STEPS):
             inject(named, step, replicated_grads=("embed_rows.weight",))
             optimizer.step()
@@ -49,6 +52,39 @@ def test_tensor_parallel_equals_single_process(mesh_name, request):
         for config, per_param in rank_errors.items():
             worst = max(per_param, key=per_param.get)
             assert per_param[worst] <= TOLERANCE, f"{mesh_name} {config}: {worst} off by {per_param[worst]:.3g}"
+
+
+TRITON_CONFIGS = ("smmf-adamw", "alada")
+
+
+def _train_with_kernels(rank, world_size, mesh_name):
+    """The fused kernels (Triton's interpreter) on the same shards, and which index math their
+    batches took: the strided one must be among them (the column-wise and row-wise blocks)."""
+    from dist_memopt.kernels import alada_triton, smmf_triton
+
+    modes = []
+    for module in (smmf_triton, alada_triton):
+        def noted(geometries, columns, _original=module.index_math):
+            index = _original(list(geometries), columns)
+            modes.append(index["RUNS"])
+            return index
+        module.index_math = noted
+    errors, placements = _train_all_configs(rank, world_size, mesh_name, TRITON_CONFIGS, kernel="triton")
+    return errors, placements, sorted(set(modes))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU ranks need Triton's interpreter")
+def test_fused_kernels_on_tensor_parallel_shards_equal_single_process(four_ranks):
+    """dp2-tp2 with kernel="triton": _StridedShard and Shard(1) blocks through the kernels' strided
+    index math, equal to one process on the torch path."""
+    from dist_memopt.kernels.tiles import CONTIGUOUS, STRIDED
+
+    for errors, placements, modes in four_ranks.case(("triton", "dp2-tp2")):
+        assert "_StridedShard" in placements["up.weight"] and "Shard(dim=1)" in placements["down.weight"]
+        assert CONTIGUOUS in modes and STRIDED in modes, modes
+        for config, per_param in errors.items():
+            worst = max(per_param, key=per_param.get)
+            assert per_param[worst] <= TOLERANCE, f"dp2-tp2 triton {config}: {worst} off by {per_param[worst]:.3g}"
 
 
 def _count_all_reduces(optimizer, named, step):
@@ -193,6 +229,7 @@ def checkpoints(tmp_path_factory):
 def four_ranks(checkpoints):
     cases = {("equal", mesh): (_train_all_configs, (mesh,)) for mesh in ("dp2-tp2", "hsdp2-tp2")}
     cases["mesh checks"] = (_mesh_checks, ())
+    cases["triton", "dp2-tp2"] = (_train_with_kernels, ("dp2-tp2",))
     cases["dcp", "dp4-tp1"] = (_dcp_save_then_load, (checkpoints, "dp2-tp2", "dp4-tp1"))  # saves what 2 ranks load
     return Launch(cases, 4, timeout=900)
 

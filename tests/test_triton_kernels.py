@@ -54,23 +54,39 @@ def test_triton_matches_the_float64_reference(cls, reference, config):
             assert (param.detach().double() - ref.w).abs().max().item() <= TOLERANCE * scale, f"step {step + 1}"
 
 
-def _sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, steps: int = 6, cls=dm.SMMF):
+def _runs_spec(shape: tuple[int, ...], *runs: Run) -> ShardSpec:
+    return ShardSpec(torch.Size(shape), runs[0].start, runs[-1].last, runs=runs)
+
+
+def _sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, steps: int = 6, cls=dm.SMMF, device: str = "cpu"):
     """Parameters laid out like shards (no process group: partial statistics stay local, the same
-    for both implementations): FSDP-like ranges cutting rows, an empty shard, and a flat tensor
-    holding three segments back to back."""
+    for both implementations): FSDP-like ranges cutting rows, an empty shard, a flat tensor
+    holding three segments back to back, and tensor-parallel strided pieces: a column block of a
+    (64, 96) weight, one cut mid-piece (the cut piece a run of its own), and columns of a (10, 6)
+    tensor (strides under a column block). Also the CUDA tier's (test_cuda_kernels.py)."""
     torch.manual_seed(0)
-    matrix = torch.nn.Parameter(torch.randn(20, 7).to(dtype))  # a range of a (23, 54) view: rows cut at both ends
+
+    def param(*shape: int) -> torch.nn.Parameter:
+        return torch.nn.Parameter(torch.randn(*shape).to(dtype).to(device))
+
+    matrix = param(20, 7)  # a range of a (23, 54) view: rows cut at both ends
     set_layout(matrix, [Segment(0, ShardSpec((23, 54), 61, 61 + 140))])
-    empty = torch.nn.Parameter(torch.randn(0).to(dtype))
+    empty = param(0)
     set_layout(empty, [Segment(0, ShardSpec((9, 4), 36, 36))])
-    flat = torch.nn.Parameter(torch.randn(5 + 13 + 22).to(dtype))  # sign bytes of three segments in one word
+    flat = param(5 + 13 + 22)  # sign bytes of three segments in one word
     set_layout(flat, [Segment(0, ShardSpec((3, 3), 2, 7)), Segment(5, ShardSpec((17,), 0, 13)), Segment(18, ShardSpec((6, 8), 3, 25))])
-    params = [matrix, empty, flat]
+    block = param(64 * 40)
+    set_layout(block, [Segment(0, _runs_spec((64, 96), Run(8, 40, 96, 64)))])
+    cut = param(16 * 20 + 13)
+    set_layout(cut, [Segment(0, _runs_spec((40, 48), Run(8, 20, 48, 16), Run(776, 13)))])
+    narrow = param(20)
+    set_layout(narrow, [Segment(0, _runs_spec((10, 6), Run(2, 2, 6, 10)))])
+    params = [matrix, empty, flat, block, cut, narrow]
     optimizer = cls(params, kernel=kernel, lr=1e-2, **config)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+            p.grad = torch.randn(p.shape, generator=generator).to(dtype).to(device)
         optimizer.step()
     return params, optimizer
 

@@ -35,6 +35,10 @@ def _context():
     return ctx
 
 
+#: after a rank fails, how long the others may take to report theirs
+FAILURE_GRACE_S = 10.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,6 +105,7 @@ def run_distributed(
     for p in procs:
         p.start()
     outcomes: dict[int, tuple[bool, Any]] = {}
+    exited: dict[int, int] = {}  # ranks gone without a result, before any is killed here
     deadline = time.monotonic() + timeout
     try:
         while len(outcomes) < world_size:
@@ -108,19 +113,22 @@ def run_distributed(
                 rank, ok, payload = results.get(timeout=1.0)
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None]
-                if dead:
+                if dead and not any(not ok for ok, _ in outcomes.values()):
                     raise AssertionError(
                         f"rank {dead[0]} of {world_size} exited (code {procs[dead[0]].exitcode}) without a result"
                     ) from None
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or (dead and len(outcomes) + len(dead) == world_size):
+                    if any(not ok for ok, _ in outcomes.values()):
+                        break  # a failure, and the other ranks have said (or shown) all they will
                     raise TimeoutError(
                         f"distributed run of {fn.__name__} on {world_size} ranks did not finish within "
                         f"{timeout}s; ranks done: {sorted(outcomes)}"
                     ) from None
                 continue
             outcomes[rank] = (ok, payload)
-            if not ok:
-                break
+            if not ok:  # the others' failures too, briefly: a rank's crash reaches its peers as theirs
+                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+        exited.update((r, p.exitcode) for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None)
     finally:
         for p in procs:
             p.join(timeout=5 if len(outcomes) == world_size else 0.1)
@@ -128,8 +136,9 @@ def run_distributed(
                 _kill_group(p)
     failures = {r: tb for r, (ok, tb) in outcomes.items() if not ok}
     if failures:
-        rank, tb = min(failures.items())
-        raise AssertionError(f"rank {rank} of {world_size} failed:\n{tb}")
+        silent = [f"rank {r} of {world_size} exited (code {code}) without a result" for r, code in sorted(exited.items())]
+        reports = [f"rank {r} of {world_size} failed:\n{tb}" for r, tb in sorted(failures.items())]
+        raise AssertionError("\n".join(silent + reports))
     return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
 
 

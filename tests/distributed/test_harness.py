@@ -37,6 +37,23 @@ def test_a_failing_rank_is_reported():
         run_distributed(_fail_on_one, 2)
 
 
+def _crash_on_two(rank, world_size):
+    """Rank 2 dies mid-collective; its peers fail in the all_reduce with gloo's 'connection closed'."""
+    import os
+
+    if rank == 2:
+        os._exit(7)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return rank
+
+
+def test_a_crashed_rank_is_named_beside_the_failures_it_caused():
+    """The peers' 'connection closed' alone hides the cause: the crashed rank's exit is reported."""
+    with pytest.raises(AssertionError, match="rank 2 of 3 exited \\(code 7\\) without a result"):
+        run_distributed(_crash_on_two, 3, timeout=60)
+
+
 def test_a_hang_becomes_a_timeout():
     with pytest.raises(TimeoutError, match="did not finish"):
         run_distributed(_hang, 2, timeout=8)

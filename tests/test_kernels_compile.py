@@ -7,7 +7,7 @@ tensors of different shapes, which the compiler rejects. Also pinned from the co
 float atomics (their order varies: reruns must be bit-identical), SMMF's sign bits flipped by a
 relaxed integer xor (a strong one fenced and invalidated L1 around every element), no register
 spills, and what each element costs in the main loops' instructions (static SASS counts: no
-64-bit division for the contiguous runs these shapes have, no fences). ``python -m dist_memopt.bench compile`` is the
+64-bit division, neither for contiguous runs nor for a TP block's strided ones; no fences). ``python -m dist_memopt.bench compile`` is the
 command; it needs TRITON_INTERPRET unset, so it runs in a subprocess (conftest.py sets it here).
 """
 

@@ -180,7 +180,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     print("variants: distinct compiled variants (dtypes, constexpr settings, the two column blocks); regs/thread, "
           "local (spilled) and shared bytes: the worst over them, read from each cubin by cuobjdump. warps/SM: the fewest "
           "an SM holds at once (of 64; registers and shared memory bound it). loop: the main loop's SASS, statically: "
-          "instructions per element per thread, subroutine calls (64-bit division: strided-run variants only) and memory "
+          "instructions per element per thread, subroutine calls (a 64-bit division: only strides under a column block divide per element) and memory "
           "fences. Nothing ran.")
     return results
 

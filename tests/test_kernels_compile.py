@@ -61,11 +61,12 @@ def test_every_kernel_compiles_for_sm90_without_spills_or_float_atomics(tmp_path
     assert summary["_tile_kernel"]["max_loop_instructions_per_element"] <= 90
     assert summary["_stats_kernel"]["max_loop_instructions_per_element"] <= 38
     assert summary["_update_kernel"]["max_loop_instructions_per_element"] <= 43
-    # strided runs (a tensor-parallel column block): measured 119.2, 64.0, 71.0 (Triton 3.6: 120.0, 63.5,
-    # 71.0); with a 64-bit division per element (4 subroutine calls a trip): 195.0, 142.2, 149.8
-    assert summary["_tile_kernel (TP runs)"]["max_loop_instructions_per_element"] <= 125
-    assert summary["_stats_kernel (TP runs)"]["max_loop_instructions_per_element"] <= 68
-    assert summary["_update_kernel (TP runs)"]["max_loop_instructions_per_element"] <= 75
+    # strided runs (a tensor-parallel column block): measured 106.8, 53.5, 62.0 (Triton 3.6 too); with
+    # 64-bit piece checks, 119.2, 64.0, 71.0; with a 64-bit division per element (4 subroutine calls a
+    # trip): 195.0, 142.2, 149.8
+    assert summary["_tile_kernel (TP runs)"]["max_loop_instructions_per_element"] <= 110
+    assert summary["_stats_kernel (TP runs)"]["max_loop_instructions_per_element"] <= 57
+    assert summary["_update_kernel (TP runs)"]["max_loop_instructions_per_element"] <= 65
     assert summary["_tile_kernel (TP runs)"]["min_resident_warps"] >= 16
     # 32-column blocks: two tile programs per SM (16 warps, 98 registers), four of Alada's (32 warps);
     # 64-column blocks took 185 registers in the tile, one program of 8 warps

@@ -117,14 +117,15 @@ def index_math(geometries: Iterable[Union[RangeGeometry, RunsGeometry]], columns
 @triton.jit
 def runs_cursor(rows, m, start, stride, RUNS: tl.constexpr):
     """Per row, (piece, offset in its stride) of the row's first column: ``divmod(r·m − start, stride)``,
-    floored (Triton's division truncates). Used by :data:`STRIDED` only: one division per row, once."""
+    floored (Triton's division truncates), both int32 (views of at most 2**30 elements). Used by
+    :data:`STRIDED` only: one division per row, once."""
     if RUNS == 1:
         at = rows.to(tl.int64) * m - start
         piece = at // stride
         within = at - piece * stride
         below = within < 0
-        return tl.where(below, piece - 1, piece), tl.where(below, within + stride, within).to(tl.int32)
-    return tl.zeros(rows.shape, tl.int64), tl.zeros(rows.shape, tl.int32)
+        return tl.where(below, piece - 1, piece).to(tl.int32), tl.where(below, within + stride, within).to(tl.int32)
+    return tl.zeros(rows.shape, tl.int32), tl.zeros(rows.shape, tl.int32)
 
 
 @triton.jit
@@ -133,7 +134,7 @@ def runs_advance(piece, within, stride, BC: tl.constexpr, RUNS: tl.constexpr):
     if RUNS == 1:
         within = within + BC
         carry = within >= stride.to(tl.int32)
-        return piece + carry.to(tl.int64), tl.where(carry, within - stride.to(tl.int32), within)
+        return piece + carry.to(tl.int32), tl.where(carry, within - stride.to(tl.int32), within)
     return piece, within
 
 
@@ -155,10 +156,10 @@ def tile_elements(rows, row_ok, cols, col_ok, m, start, run, stride, count, k0, 
         at = within[:, None] + tl.arange(0, cols.shape[0])[None, :]  # < stride + BC <= 2·stride
         wrap = at >= stride.to(tl.int32)
         offset = tl.where(wrap, at - stride.to(tl.int32), at)
-        here = (piece >= 0) & (piece < count)
-        next_ok = (piece + 1 >= 0) & (piece + 1 < count)
-        held = row_ok[:, None] & col_ok[None, :] & tl.where(wrap, next_ok[:, None], here[:, None]) & (offset < run.to(tl.int32))
-        index = (k0 + piece * run)[:, None] + (offset + tl.where(wrap, run.to(tl.int32), 0))
+        whole = piece[:, None] + wrap.to(tl.int32)  # 0 <= whole < count as one unsigned compare
+        in_run = (whole.to(tl.uint32, bitcast=True) < count.to(tl.uint32)) & (offset < run.to(tl.int32))
+        held = row_ok[:, None] & col_ok[None, :] & in_run  # col_ok: a column past m is the next row's
+        index = (k0 + piece.to(tl.int64) * run)[:, None] + (offset + tl.where(wrap, run.to(tl.int32), 0))
     else:  # per row, the held columns [first, last) and the index of column 0: 32-bit per element
         row_at = rows.to(tl.int64) * m - start
         first = tl.minimum(tl.maximum(-row_at, 0), m).to(tl.int32)

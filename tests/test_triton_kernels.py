@@ -54,10 +54,6 @@ def test_triton_matches_the_float64_reference(cls, reference, config):
             assert (param.detach().double() - ref.w).abs().max().item() <= TOLERANCE * scale, f"step {step + 1}"
 
 
-def _runs_spec(shape: tuple[int, ...], *runs: Run) -> ShardSpec:
-    return ShardSpec(torch.Size(shape), runs[0].start, runs[-1].last, runs=runs)
-
-
 def _sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, steps: int = 6, cls=dm.SMMF, device: str = "cpu"):
     """Parameters laid out like shards (no process group: partial statistics stay local, the same
     for both implementations): FSDP-like ranges cutting rows, an empty shard, a flat tensor
@@ -76,11 +72,11 @@ def _sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, 
     flat = param(5 + 13 + 22)  # sign bytes of three segments in one word
     set_layout(flat, [Segment(0, ShardSpec((3, 3), 2, 7)), Segment(5, ShardSpec((17,), 0, 13)), Segment(18, ShardSpec((6, 8), 3, 25))])
     block = param(64 * 40)
-    set_layout(block, [Segment(0, _runs_spec((64, 96), Run(8, 40, 96, 64)))])
+    set_layout(block, [Segment(0, ShardSpec.of_runs((64, 96), [Run(8, 40, 96, 64)]))])
     cut = param(16 * 20 + 13)
-    set_layout(cut, [Segment(0, _runs_spec((40, 48), Run(8, 20, 48, 16), Run(776, 13)))])
+    set_layout(cut, [Segment(0, ShardSpec.of_runs((40, 48), [Run(8, 20, 48, 16), Run(776, 13)]))])
     narrow = param(20)
-    set_layout(narrow, [Segment(0, _runs_spec((10, 6), Run(2, 2, 6, 10)))])
+    set_layout(narrow, [Segment(0, ShardSpec.of_runs((10, 6), [Run(2, 2, 6, 10)]))])
     params = [matrix, empty, flat, block, cut, narrow]
     optimizer = cls(params, kernel=kernel, lr=1e-2, **config)
     generator = torch.Generator().manual_seed(1)

@@ -61,7 +61,7 @@ def tensor_parallel_block(dtype: torch.dtype, rows: int = 64, cols: int = 96, he
     run = Run(8, held, cols, rows)
     param = torch.nn.Parameter(torch.zeros(rows * held, dtype=dtype))
     param.grad = torch.zeros_like(param)
-    set_layout(param, [Segment(0, ShardSpec(torch.Size((rows, cols)), run.start, run.last, runs=(run,)))])
+    set_layout(param, [Segment(0, ShardSpec.of_runs((rows, cols), [run]))])
     return param
 
 

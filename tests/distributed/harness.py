@@ -106,6 +106,7 @@ def run_distributed(
         p.start()
     outcomes: dict[int, tuple[bool, Any]] = {}
     exited: dict[int, int] = {}  # ranks gone without a result, before any is killed here
+    failing = False  # a rank has reported a failure
     deadline = time.monotonic() + timeout
     try:
         while len(outcomes) < world_size:
@@ -113,12 +114,12 @@ def run_distributed(
                 rank, ok, payload = results.get(timeout=1.0)
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None]
-                if dead and not any(not ok for ok, _ in outcomes.values()):
+                if dead and not failing:
                     raise AssertionError(
                         f"rank {dead[0]} of {world_size} exited (code {procs[dead[0]].exitcode}) without a result"
                     ) from None
                 if time.monotonic() > deadline or (dead and len(outcomes) + len(dead) == world_size):
-                    if any(not ok for ok, _ in outcomes.values()):
+                    if failing:
                         break  # a failure, and the other ranks have said (or shown) all they will
                     raise TimeoutError(
                         f"distributed run of {fn.__name__} on {world_size} ranks did not finish within "
@@ -126,8 +127,8 @@ def run_distributed(
                     ) from None
                 continue
             outcomes[rank] = (ok, payload)
-            if not ok:  # the others' failures too, briefly: a rank's crash reaches its peers as theirs
-                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+            if not ok and not failing:  # the others' failures too, briefly: a rank's crash reaches its peers as theirs
+                failing, deadline = True, min(deadline, time.monotonic() + FAILURE_GRACE_S)
         exited.update((r, p.exitcode) for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None)
     finally:
         for p in procs:

@@ -7,15 +7,22 @@ Ranks are forked from a forkserver that has imported torch and dist_memopt once 
 else: no thread pool, no process group), so a rank starts in a fraction of a second instead of
 re-importing torch (several CPU seconds per rank, the larger part of a small launch on 2 cores).
 Everything a test configures (environment, process group, threads) still happens in the rank.
+
+A rank killed by a signal (a native crash: heap corruption, a segfault) leaves no traceback, so each
+rank keeps a crash log: ``faulthandler`` writes every thread's Python stack there on a fatal signal,
+and the cases it started are marked in it. The report of a rank that exited without a result ends
+with that log.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import queue
 import signal
 import socket
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -39,14 +46,46 @@ def _context():
 FAILURE_GRACE_S = 10.0
 
 
+#: the rank's crash log (set in each rank by ``_worker``)
+_crash_log: Any = None
+
+
+def _mark(line: str) -> None:
+    """Note in the crash log what the rank is about to do (flushed: a crash may follow)."""
+    if _crash_log is not None:
+        _crash_log.write(line + "\n")
+        _crash_log.flush()
+
+
+def _exit_description(code: int, log_path: str) -> str:
+    """``code N``, or the signal that killed the rank, and the end of its crash log."""
+    text = f"code {code}"
+    if code < 0:
+        try:
+            text = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            text = f"killed by signal {-code}"
+    try:
+        with open(log_path, errors="replace") as f:
+            log = f.read()[-6000:]
+    except OSError:
+        log = ""
+    return f"{text}; its crash log:\n{log}" if log.strip() else text
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any, env: dict, backend: str) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any, env: dict, backend: str, log_path: str
+) -> None:
+    global _crash_log
     os.setpgrp()  # the rank and any process it starts form one group, killed together
+    _crash_log = open(log_path, "w")
+    faulthandler.enable(file=_crash_log, all_threads=True)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -95,11 +134,19 @@ def run_distributed(
     killed like the others when the run fails or times out. With ``backend="nccl"`` rank r uses
     CUDA device r (modulo the device count).
     """
+    with tempfile.TemporaryDirectory(prefix="ranks-") as logs:
+        log_paths = [os.path.join(logs, f"rank{rank}.log") for rank in range(world_size)]
+        return _run_ranks(fn, world_size, args, timeout, env or {}, daemon, backend, log_paths)
+
+
+def _run_ranks(
+    fn: Callable, world_size: int, args: tuple, timeout: float, env: dict, daemon: bool, backend: str, log_paths: list[str]
+) -> list:
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results, env or {}, backend), daemon=daemon)
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results, env, backend, log_paths[rank]), daemon=daemon)
         for rank in range(world_size)
     ]
     for p in procs:
@@ -116,7 +163,8 @@ def run_distributed(
                 dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None]
                 if dead and not failing:
                     raise AssertionError(
-                        f"rank {dead[0]} of {world_size} exited (code {procs[dead[0]].exitcode}) without a result"
+                        f"rank {dead[0]} of {world_size} exited "
+                        f"({_exit_description(procs[dead[0]].exitcode, log_paths[dead[0]])}) without a result"
                     ) from None
                 if time.monotonic() > deadline or (dead and len(outcomes) + len(dead) == world_size):
                     if failing:
@@ -137,7 +185,10 @@ def run_distributed(
                 _kill_group(p)
     failures = {r: tb for r, (ok, tb) in outcomes.items() if not ok}
     if failures:
-        silent = [f"rank {r} of {world_size} exited (code {code}) without a result" for r, code in sorted(exited.items())]
+        silent = [
+            f"rank {r} of {world_size} exited ({_exit_description(code, log_paths[r])}) without a result"
+            for r, code in sorted(exited.items())
+        ]
         reports = [f"rank {r} of {world_size} failed:\n{tb}" for r, tb in sorted(failures.items())]
         raise AssertionError("\n".join(silent + reports))
     return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
@@ -151,6 +202,7 @@ def _run_cases(rank: int, world_size: int, cases: dict) -> dict:
         if failed is not None:
             out[key] = (False, f"not run: case {failed!r} failed before it on this rank")
             continue
+        _mark(f"case {key!r}: {getattr(fn, '__name__', fn)}")
         try:
             out[key] = (True, fn(rank, world_size, *args))
         except Exception:  # noqa: BLE001 - reported by the case's own test

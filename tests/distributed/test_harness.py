@@ -54,6 +54,28 @@ def test_a_crashed_rank_is_named_beside_the_failures_it_caused():
         run_distributed(_crash_on_two, 3, timeout=60)
 
 
+def _abort_on_one(rank, world_size):
+    """What glibc does on heap corruption: SIGABRT, no Python traceback."""
+    import os
+
+    if rank == 1:
+        os.abort()
+    return _sum_ranks(rank, world_size)
+
+
+def test_a_native_crash_reports_its_signal_case_and_python_stack():
+    """A rank killed by a signal is named with the signal, the case it was in, and where it was."""
+    cases = {"fine": (_sum_ranks, ()), "crash": (_abort_on_one, ())}
+    with pytest.raises(AssertionError) as failure:
+        Launch(cases, 2, timeout=60)
+    report = str(failure.value)
+    assert "rank 1 of 2 exited (killed by SIGABRT; its crash log:" in report
+    crash_log = report.split("its crash log:", 1)[1]
+    assert "case 'fine': _sum_ranks" in crash_log and "case 'crash': _abort_on_one" in crash_log
+    assert "Fatal Python error: Aborted" in crash_log
+    assert "in _abort_on_one" in crash_log  # the crashing rank's own stack, innermost frame first
+
+
 def test_a_hang_becomes_a_timeout():
     with pytest.raises(TimeoutError, match="did not finish"):
         run_distributed(_hang, 2, timeout=8)

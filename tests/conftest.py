@@ -10,6 +10,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+if os.environ["TRITON_INTERPRET"] == "1":
+    import interpreter_guard  # noqa: E402
+
+    interpreter_guard.install()  # interpreted kernels' loads and stores stay inside their tensors
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():

@@ -231,7 +231,8 @@ class FusedAlada:
         refits: dict[tuple, list[int]] = defaultdict(list)
         for (n, m, _, _, _, hp), jobs in batches.items():
             rows_per_tile, _ = tiles_shape(m)
-            w_base, g_base = jobs[0].item.weight, jobs[0].item.grad  # this batch's dtypes
+            held = next((j for j in jobs if j.item.weight.numel()), jobs[0])  # bases need an address
+            w_base, g_base = held.item.weight, held.item.grad  # this batch's dtypes
             w_at, g_at = Offsets(w_base), Offsets(g_base)
             tiles: list[int] = []
             segs: list[int] = []

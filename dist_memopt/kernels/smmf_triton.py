@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import Offsets, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import BitOffsets, Offsets, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedSMMF"]
 
@@ -198,12 +198,11 @@ class FusedSMMF:
             self._run(jobs)
 
     def _run(self, jobs_of_dtype: list[_Job]) -> None:
-        first = jobs_of_dtype[0]
-        signs = [j.item.state["sign"] for j in jobs_of_dtype if "sign" in j.item.state]
+        first = next((j for j in jobs_of_dtype if j.item.weight.numel()), jobs_of_dtype[0])  # bases need an address
+        signs = [j.item.state["sign"] for j in jobs_of_dtype if "sign" in j.item.state and j.item.state["sign"].numel()]
         sign_base = min(signs, key=Tensor.data_ptr) if signs else first.item.state["row_v"]
         bases = dict(W=first.item.weight, G=first.item.grad, F=first.item.state["row_v"], OUT=first.slots[0], S=sign_base)
-        # sign bits count from the 4-byte word at or below the lowest sign byte: offsets stay >= 0
-        words_at = sign_base.data_ptr() - sign_base.data_ptr() % 4
+        bit_at = BitOffsets(sign_base)  # the lowest sign byte: every sign offset is >= 0
         w_at, g_at, f_at, out_at = (Offsets(bases[k]) for k in ("W", "G", "F", "OUT"))
         batches: dict[tuple, list[_Job]] = defaultdict(list)
         for job in jobs_of_dtype:
@@ -224,7 +223,7 @@ class FusedSMMF:
                 local_w, local_g = seg.local(job.item.weight), seg.local(job.item.grad)
                 bit = -1
                 if hp.beta1 is not None:
-                    bit = (seg.bits(state["sign"]).data_ptr() - words_at) * 8
+                    bit = bit_at(seg.bits(state["sign"]))
                 head = [w_at(local_w), g_at(local_g), bit, f_at(seg.rows(state["row_v"])), f_at(seg.cols(state["col_v"]))]
                 if hp.beta1 is not None:
                     head += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))]
@@ -252,7 +251,7 @@ class FusedSMMF:
         tensor = cpu.to(device)
         launch.record("copy_table", 0, cpu.numel() * 8)
         for n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel in launches:
-            self._launch(bases, sign_base.data_ptr() % 4, tensor, n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel)
+            self._launch(bases, bit_at.shift, tensor, n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel)
         moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (1 if j.slots[2] is None else 2) for j in jobs_of_dtype)
         self._finish.append((bases, tensor[segs_at:shapes_at], tensor[shapes_at:], len(all_segs) // NS, moved))
 

@@ -68,11 +68,28 @@ class Offsets:
         self.base = base
 
     def __call__(self, t: Optional[Tensor]) -> int:
-        if t is None:
-            return 0  # an unused pointer; offsets may be negative
+        if t is None or t.numel() == 0:
+            return 0  # an unused pointer (an empty tensor's data_ptr() is 0); offsets may be negative
         delta = t.data_ptr() - self.base.data_ptr()
         assert delta % t.element_size() == 0, "tensors of one dtype are element-aligned"
         return delta // t.element_size()
+
+
+class BitOffsets:
+    """Bit offsets of packed sign bytes, counted from the 4-byte word at or below ``base``'s first
+    byte: the kernels load and xor aligned int32 words, and offsets of tensors at or above ``base``
+    stay >= 0 (shifts, not signed division)."""
+
+    def __init__(self, base: Tensor) -> None:
+        self.base = base
+        self.shift = base.data_ptr() % 4  # base's first byte within its word
+
+    def __call__(self, t: Tensor) -> int:
+        if t.numel() == 0:
+            return 0  # an empty segment's bits: no tile reads them
+        delta = t.data_ptr() - (self.base.data_ptr() - self.shift)
+        assert delta >= 0, "sign tensors lie at or above the base"
+        return delta * 8
 
 
 def tile_pieces(geometry: Union[RangeGeometry, RunsGeometry], rows_per_tile: int) -> Iterator[list[int]]:

@@ -33,7 +33,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-PRELOADED = ("torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "dist_memopt")
+PRELOADED = ("torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "dist_memopt", "harness")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_guard  # tests/: the ranks' interpreted kernels are bounds-checked like the parent's
+
+    interpreter_guard.install()
 
 
 def _context():

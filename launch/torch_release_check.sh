@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on another PyTorch release, here on CPU, with the Triton that release pins.
 # The README's test command runs torch 2.13.0 (CI); this is how 2.11.0 (the GPU machine's, with its
-# Triton 3.6.0) was checked.
+# Triton 3.6.0) and 2.14.1 (with its Triton 3.8.0) were checked.
 #
 #   bash launch/torch_release_check.sh 2.11.0    # PyPI's CUDA build: about 5 GB in its venv, 15 minutes on 2 cores
 #

@@ -3,8 +3,9 @@
 Failures come back as the failing rank's traceback; a run that outlives its timeout is killed and
 reported, so a hang in the code under test fails the test instead of the CI job.
 
-Ranks are forked from a forkserver that has imported torch and dist_memopt once (and done nothing
-else: no thread pool, no process group), so a rank starts in a fraction of a second instead of
+Ranks are forked from a forkserver that has imported torch, dist_memopt and this module once (with
+Triton and tests/interpreter_guard.py's bounds checks when kernels are interpreted; nothing else:
+no thread pool, no process group), so a rank starts in a fraction of a second instead of
 re-importing torch (several CPU seconds per rank, the larger part of a small launch on 2 cores).
 Everything a test configures (environment, process group, threads) still happens in the rank.
 

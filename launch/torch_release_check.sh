@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on another PyTorch release, here on CPU, with the Triton that release pins.
 # The README's test command runs torch 2.13.0 (CI); this is how 2.11.0 (the GPU machine's, with its
-# Triton 3.6.0) and 2.14.1 (with its Triton 3.8.0) were checked.
+# Triton 3.6.0), 2.12.1 (Triton 3.7.1) and 2.14.1 (Triton 3.8.0) were checked.
 #
 #   bash launch/torch_release_check.sh 2.11.0    # PyPI's CUDA build: about 5 GB in its venv, 15 minutes on 2 cores
 #
@@ -33,5 +33,8 @@ PYEOF
     pip_install -r "$VENV/requirements.txt"
     pip_install --no-deps -e .
 fi
+# JIT-built extensions (DeepSpeed's shm_comm) of its own: torch's cache is shared by every CUDA build
+# of one Python, and another release's build there (or a lock it left) made DeepSpeed's ranks wait
+export TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
 "$VENV/bin/python" -c "import torch, triton, numpy; print('torch_release_check:', 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"

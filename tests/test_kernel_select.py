@@ -61,7 +61,7 @@ def test_an_untested_triton_release_is_refused_by_name_and_auto_takes_torch(monk
     monkeypatch.setattr(triton, "__version__", "3.10.0")
     select.triton_problem.cache_clear()
     try:
-        with pytest.raises(RuntimeError, match=r"support triton 3\.6\.0, 3\.8\.0, 3\.9\.0, found 3\.10\.0.*kernel='torch'"):
+        with pytest.raises(RuntimeError, match=r"support triton 3\.6\.0, 3\.7\.1, 3\.8\.0, 3\.9\.0, found 3\.10\.0.*kernel='torch'"):
             use_triton({"kernel": "triton"}, torch.device("cpu"))
         with pytest.warns(RuntimeWarning, match="kernel='auto' takes the torch path"):
             assert not use_triton({"kernel": "auto"}, torch.device("cuda"))

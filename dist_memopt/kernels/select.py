@@ -34,10 +34,10 @@ def check_kernel(group: dict[str, Any], where: str = "") -> None:
 
 #: Triton releases the kernels are tested on (interpreted on CPU, compiled for sm_80/sm_90): the
 #: language's semantics (its interpreter, FMA contraction's default) change between releases. 3.9.0
-#: is the test extra's (CI); 3.6.0 is torch 2.11's pin and the GPU machine's, 3.8.0 torch 2.14's,
-#: each checked with its torch by ``bash launch/torch_release_check.sh`` (the whole suite, the
-#: kernels compiled for sm_90 included).
-SUPPORTED_TRITON = ("3.6.0", "3.8.0", "3.9.0")
+#: is the test extra's (CI); 3.6.0 is torch 2.11's pin and the GPU machine's, 3.7.1 torch 2.12's,
+#: 3.8.0 torch 2.14's, each checked with its torch by ``bash launch/torch_release_check.sh`` (the
+#: whole suite, the kernels compiled for sm_90 included).
+SUPPORTED_TRITON = ("3.6.0", "3.7.1", "3.8.0", "3.9.0")
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, holding, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedAlada"]
 
@@ -231,7 +231,7 @@ class FusedAlada:
         refits: dict[tuple, list[int]] = defaultdict(list)
         for (n, m, _, _, _, hp), jobs in batches.items():
             rows_per_tile, _ = tiles_shape(m)
-            held = next((j for j in jobs if j.item.weight.numel()), jobs[0])  # bases need an address
+            held = holding(jobs)
             w_base, g_base = held.item.weight, held.item.grad  # this batch's dtypes
             w_at, g_at = Offsets(w_base), Offsets(g_base)
             tiles: list[int] = []

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.tiles import BitOffsets, Offsets, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import BitOffsets, Offsets, holding, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedSMMF"]
 
@@ -198,7 +198,7 @@ class FusedSMMF:
             self._run(jobs)
 
     def _run(self, jobs_of_dtype: list[_Job]) -> None:
-        first = next((j for j in jobs_of_dtype if j.item.weight.numel()), jobs_of_dtype[0])  # bases need an address
+        first = holding(jobs_of_dtype)
         signs = [j.item.state["sign"] for j in jobs_of_dtype if "sign" in j.item.state and j.item.state["sign"].numel()]
         sign_base = min(signs, key=Tensor.data_ptr) if signs else first.item.state["row_v"]
         bases = dict(W=first.item.weight, G=first.item.grad, F=first.item.state["row_v"], OUT=first.slots[0], S=sign_base)

@@ -81,15 +81,21 @@ class BitOffsets:
     stay >= 0 (shifts, not signed division)."""
 
     def __init__(self, base: Tensor) -> None:
-        self.base = base
         self.shift = base.data_ptr() % 4  # base's first byte within its word
+        self._word_at = base.data_ptr() - self.shift
 
     def __call__(self, t: Tensor) -> int:
         if t.numel() == 0:
             return 0  # an empty segment's bits: no tile reads them
-        delta = t.data_ptr() - (self.base.data_ptr() - self.shift)
+        delta = t.data_ptr() - self._word_at
         assert delta >= 0, "sign tensors lie at or above the base"
         return delta * 8
+
+
+def holding(jobs: list[Any]) -> Any:
+    """The first job whose weight has elements (else the first): a batch's base pointers are taken
+    from it, and an empty tensor has no address (``data_ptr()`` is 0)."""
+    return next((j for j in jobs if j.item.weight.numel()), jobs[0])
 
 
 def tile_pieces(geometry: Union[RangeGeometry, RunsGeometry], rows_per_tile: int) -> Iterator[list[int]]:

@@ -1,48 +1,8 @@
-"""Pre-train BERT, GPT-2 or T5 from a config: ``python -m launch.pretrain --config FILE [--set k=v ...]``.
+"""``python -m launch.pretrain`` from a checkout: runs :mod:`dist_memopt.train.pretrain` (console script ``dist-memopt-pretrain``)."""
 
-Start it with ``torchrun --nproc_per_node N``, the ``deepspeed`` launcher, ``mpirun -n N``, or
-alone; ``launch/run.py`` picks the launcher from the config. The configuration is validated
-before any process group exists.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from typing import Optional
 
-from dist_memopt.train.config import ConfigError, load_config, to_yaml
-from dist_memopt.train.distributed import discover
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.pretrain", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="YAML run configuration (configs/...)")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override settings, e.g. --set train.lr=3e-4 train.seed=2 (repeatable)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="resume from the latest checkpoint of this run, or from the given iter_* directory")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        world_size = None if args.print_config else discover().world_size
-        config = load_config(args.config, args.overrides, world_size=world_size)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_yaml(config), end="")
-        return 0
-    from dist_memopt.train.loop import run
-
-    run(config, resume=args.resume)
-    return 0
-
+from dist_memopt.train.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

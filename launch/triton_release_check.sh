@@ -23,4 +23,4 @@ export PYTHONPATH="$PWD"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -W ignore tests/test_triton_kernels.py tests/test_kernel_runs.py \
     tests/test_step_cost.py tests/test_host_syncs.py tests/distributed/test_triton_sharded.py
 # compiled for an H200 by this release (TRITON_INTERPRET unset): errors, spills, atomics, loop costs
-env -u TRITON_INTERPRET "$VENV/bin/python" -m dist_memopt.bench compile --models awkward,gpt2 --archs 90
+env -u TRITON_INTERPRET "$VENV/bin/python" -m tools.compile_kernels --models awkward,gpt2 --archs 90

@@ -7,8 +7,8 @@ tensors of different shapes, which the compiler rejects. Also pinned from the co
 float atomics (their order varies: reruns must be bit-identical), SMMF's sign bits flipped by a
 relaxed integer xor (a strong one fenced and invalidated L1 around every element), no register
 spills, and what each element costs in the main loops' instructions (static SASS counts: no
-64-bit division, neither for contiguous runs nor for a TP block's strided ones; no fences). ``python -m dist_memopt.bench compile`` is the
-command; it needs TRITON_INTERPRET unset, so it runs in a subprocess (conftest.py sets it here).
+64-bit division, neither for contiguous runs nor for a TP block's strided ones; no fences). ``python -m tools.compile_kernels`` (a
+development tool outside the wheel) is the command; it needs TRITON_INTERPRET unset, so it runs in a subprocess (conftest.py sets it here).
 """
 
 from __future__ import annotations
@@ -17,25 +17,28 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+
 pytest.importorskip("triton")
 
-from dist_memopt.kernels.compile import compile_for  # noqa: E402
+from tools.kernel_compile import compile_for  # noqa: E402
 
 KERNELS = {"_tile_kernel", "_reduce_kernel", "_finish_kernel", "_stats_kernel", "_refit_kernel", "_update_kernel"}
 ELEMENT_KERNELS = ("_tile_kernel", "_stats_kernel", "_update_kernel")
-#: their variants for a tensor-parallel shard's strided runs (bench compile's column block), rows of their own
+#: their variants for a tensor-parallel shard's strided runs (the tool's column block), rows of their own
 STRIDED = {f"{kernel} (TP runs)" for kernel in ELEMENT_KERNELS}
 
 
 def test_every_kernel_compiles_for_sm90_without_spills_or_float_atomics(tmp_path):
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "dist_memopt.bench", "compile", "--models", "awkward", "--archs", "90",
+    command = [sys.executable, "-m", "tools.compile_kernels", "--models", "awkward", "--archs", "90",
                "--compile-dtypes", "float32,bfloat16", "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())["benchmarks"]["compile"]
     summary = result["archs"]["awkward/sm_90"]
@@ -90,7 +93,7 @@ def test_main_loop_counts_subroutines_per_call_and_not_the_predicated_exit():
     """On a hand-written listing: the longest backward branch is the loop; a CALL into code ending
     in RET (64-bit division) adds its body per call; ptxas's CALL.REL.NOINC into the exit path
     (ending in EXIT) is a branch, not a call; MEMBAR and CCTL count as fences."""
-    from dist_memopt.kernels.compile import main_loop, resident_warps
+    from tools.kernel_compile import main_loop, resident_warps
 
     sass = _sass(
         "MOV R1, c[0x0][0x28]",  # 0x00

@@ -4,8 +4,9 @@
 (views, allocations and metadata ops launch none) counts as one launch, and its tensor
 arguments and results as the bytes it reads and writes: inputs are read, results and mutated
 arguments written, a mutated argument that is not write-only (``add_`` but not ``copy_``)
-is read too. Triton kernels report themselves through :func:`dist_memopt.kernels.launch.record`
-with the bytes of their own loads and stores. Ops that make the host wait for the device
+is read too. Fused kernels report themselves with the bytes of their own loads and stores:
+a :class:`StepCost` is the :class:`~dist_memopt.kernels.launch.KernelObserver` of the optimizers
+it is given. Ops that make the host wait for the device
 (``.item()``, ``bool(t)``, ``.tolist()``, data-dependent shapes) are counted as syncs.
 
 These are counts, not times: a foreach op is one launch here (a few on CUDA, one per ~tens of
@@ -14,7 +15,6 @@ tensors), and cache reuse is ignored (every op reads its inputs from memory).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import Counter
 from typing import Any, Iterator
@@ -23,10 +23,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dist_memopt.kernels import launch
 from dist_memopt.optim.base import FactoredOptimizer, default_chunk_numel
 
-__all__ = ["StepCost", "NO_KERNEL", "SYNC_OPS", "count_step", "triton_context"]
+__all__ = ["StepCost", "NO_KERNEL", "SYNC_OPS", "count_step", "prepare_triton"]
 
 aten = torch.ops.aten
 
@@ -79,13 +78,19 @@ def _nbytes(value: Any) -> int:
 class StepCost(TorchDispatchMode):
     """Launches, bytes read, bytes written and host syncs of the ops run inside the ``with``.
 
-    ``ops`` counts launches per op name (Triton kernels as ``triton.<kernel>``), ``syncs`` per
-    sync op; ``tolist`` calls are counted by patching ``Tensor.tolist`` for the duration (it
-    reads the data without dispatching an op).
+    ``ops`` counts launches per op name (fused kernels under the name their runner reports, e.g.
+    ``triton.<kernel>``), ``syncs`` per sync op; ``tolist`` calls are counted by patching
+    ``Tensor.tolist`` for the duration (it reads the data without dispatching an op).
+
+    ``optimizers``: those whose fused kernel runners report to this count, as its
+    ``kernel_observer`` for the duration. ``execute=False`` makes their runners launch nothing (a
+    dry run, see :mod:`dist_memopt.kernels.launch`): the counts are a real step's, the results not.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *optimizers: torch.optim.Optimizer, execute: bool = True) -> None:
         super().__init__()
+        self.execute = execute
+        self._optimizers = optimizers
         self.ops: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
         self.bytes_read = 0
@@ -108,16 +113,19 @@ class StepCost(TorchDispatchMode):
             return original(tensor)
 
         torch.Tensor.tolist = tolist  # type: ignore[method-assign]
-        launch.subscribe(self._triton)
+        for optimizer in self._optimizers:
+            optimizer.kernel_observer = self
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
-        launch.unsubscribe(self._triton)
+        for optimizer in self._optimizers:
+            optimizer.kernel_observer = None
         torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
 
-    def _triton(self, name: str, bytes_read: int, bytes_written: int) -> None:
-        self.ops[f"triton.{name}"] += 1
+    def record(self, name: str, bytes_read: int, bytes_written: int) -> None:
+        """A fused kernel's launch (the :class:`~dist_memopt.kernels.launch.KernelObserver` method)."""
+        self.ops[name] += 1
         self.bytes_read += bytes_read
         self.bytes_written += bytes_written
 
@@ -151,17 +159,18 @@ class StepCost(TorchDispatchMode):
             self.bytes_written += sum(t.numel() * t.element_size() for t in _tensors(out) if id(t) not in written_ids)
 
 
-def triton_context(name: str, device: torch.device, execute: bool) -> Any:
-    """Where a Triton row runs: on CUDA for real; on CPU in the interpreter, counted only unless
-    ``execute`` (interpreting GPT-2 small's kernels takes many minutes; the counts are the same)."""
-    if "triton" not in name or device.type == "cuda":
-        return contextlib.nullcontext()
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported
-    return contextlib.nullcontext() if execute else launch.count_only()
+def prepare_triton(name: str, device: torch.device) -> None:
+    """Prepare a Triton row: on CPU the kernels run in Triton's interpreter, which must be chosen
+    before they are first imported."""
+    if "triton" in name and device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, steps: int = 2) -> dict[str, Any]:
+def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, steps: int = 2, execute: bool = True) -> dict[str, Any]:
     """Launches, bytes per element and host syncs of ``steps`` steps (after ``warmup``), per step.
+
+    ``execute=False`` counts the fused kernels without running them, warm-up included
+    (interpreting GPT-2 small's kernels on CPU takes many minutes; the counts are the same).
 
     ``optimizer`` must not hold state yet: its state is dropped afterwards (the bench shares parameters).
     The torch path steps in the chunks it would take on a GPU (:func:`default_chunk_numel` of
@@ -170,13 +179,14 @@ def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, st
     """
     if isinstance(optimizer, FactoredOptimizer) and optimizer.chunk_numel is None:
         optimizer.chunk_numel = default_chunk_numel(torch.device("cuda"))
+    optimizer.kernel_observer = None if execute else StepCost(execute=False)  # a warm-up's dry run counts nothing
     for _ in range(warmup):
         optimizer.step()
     if hasattr(optimizer, "synchronize"):
         optimizer.synchronize()  # SMMF leaves the last warm-up step's reduction to the next step
     costs = []
     for _ in range(steps):
-        with StepCost() as cost:
+        with StepCost(optimizer, execute=execute) as cost:
             optimizer.step()
             if hasattr(optimizer, "synchronize"):
                 optimizer.synchronize()

@@ -13,7 +13,7 @@ import argparse
 from typing import Any, Sequence
 
 import torch
-from dist_memopt.bench.counting import count_step, triton_context
+from dist_memopt.bench.counting import count_step, prepare_triton
 from dist_memopt.bench.models import DTYPES, materialize, model_shapes
 from dist_memopt.bench.optimizers import build_optimizer
 from dist_memopt.bench.registry import Benchmark, int_at_least, register
@@ -42,8 +42,8 @@ def kernel_costs(
     for name in optimizers:
         if "triton" in name and not triton_available():
             continue
-        with triton_context(name, torch.device(device), execute):
-            rows[name] = count_step(build_optimizer(name, params), shapes.numel, warmup, steps)
+        prepare_triton(name, torch.device(device))
+        rows[name] = count_step(build_optimizer(name, params), shapes.numel, warmup, steps, execute=execute or device == "cuda")
     return {"title": shapes.title, "numel": shapes.numel, "optimizers": rows}
 
 

@@ -3,7 +3,7 @@
 The SMMF paper's Tables 3 and 4 in miniature: every optimizer runs the same number of
 iterations on the same batches, with Table 18's hyperparameters (see
 :mod:`dist_memopt.train.optimizers`) and the config's learning-rate schedule; nothing is tuned per
-optimizer. Each run is a real ``launch.run`` job (so ``parallel.nproc`` processes); the default
+optimizer. Each run is a real ``dist_memopt.train.run`` job (so ``parallel.nproc`` processes); the default
 backend is DDP, because the baselines only handle whole tensors (our optimizers give the same
 numbers on FSDP2, sharded). Prints a table of final loss and optimizer-state MiB and writes
 ``quality.json``, ``quality.md`` and ``quality.png`` (loss curves) under ``--out``.
@@ -56,7 +56,7 @@ def _train(config: Path, optimizer: str, args: argparse.Namespace, run_dir: Path
         "checkpoint.save_final=false",
         *args.overrides,
     ]
-    command = [sys.executable, "-m", "launch.run", "--config", str(config)] + [f"--set={o}" for o in overrides]
+    command = [sys.executable, "-m", "dist_memopt.train.run", "--config", str(config)] + [f"--set={o}" for o in overrides]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
     run_dir.mkdir(parents=True, exist_ok=True)

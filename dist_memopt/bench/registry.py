@@ -28,7 +28,6 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "dist_memopt.bench.memory",
     "dist_memopt.bench.step",
     "dist_memopt.bench.kernels",
-    "dist_memopt.bench.compile",
     "dist_memopt.bench.sharded",
     "dist_memopt.bench.deepspeed_bench",
     "dist_memopt.bench.quality",

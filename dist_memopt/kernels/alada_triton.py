@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import triton
@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
+from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, holding, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedAlada"]
@@ -208,7 +209,8 @@ class FusedAlada:
     in practice one per step. All launches share one int64 table (one host-to-device copy).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, observer: Optional[KernelObserver] = None) -> None:
+        self._report = Reporter(observer, "triton.")  # see dist_memopt.kernels.launch
         self._jobs: list[_Job] = []
         self._batches: list[tuple] = []
         self._refits: list[tuple] = []
@@ -258,7 +260,7 @@ class FusedAlada:
             table += entries
         cpu = torch.tensor(table, dtype=torch.int64)
         device_table = cpu.to(f32.device)
-        launch.record("copy_table", 0, cpu.numel() * 8)
+        self._report.record("copy_table", 0, cpu.numel() * 8)
         for n, m, hp, index, w_base, g_base, at, tile_count, seg_count, numel in plans:
             tiles = device_table[at : at + tile_count * NF]
             segs = device_table[at + tile_count * NF : at + tile_count * NF + seg_count * NS]
@@ -267,8 +269,7 @@ class FusedAlada:
         self._refits = [(key, device_table[at : at + count * NS], count) for key, at, count in refit_at]
         self._bases = (f32, p64)
 
-    @staticmethod
-    def _statistics(f32: Tensor, grads: Tensor, p64: Tensor, tiles: Tensor, segs: Tensor, n: int, m: int, hp: Any, index: dict[str, int],
+    def _statistics(self, f32: Tensor, grads: Tensor, p64: Tensor, tiles: Tensor, segs: Tensor, n: int, m: int, hp: Any, index: dict[str, int],
                     tile_count: int, seg_count: int, numel: int) -> None:
         if not tile_count:
             return  # empty shards: their slots stay zero, which is their contribution
@@ -278,7 +279,7 @@ class FusedAlada:
         colp = torch.empty(tile_count * m, dtype=torch.float32, device=f32.device)
         normp = torch.empty(tile_count, dtype=torch.float32, device=f32.device)
         block = 128
-        if launch.executing():
+        if self._report.executing:
             _stats_kernel[(tile_count,)](
                 f32, grads, p64, rowp, colp, normp, tiles, n, m, hp.beta1, hp.bias1, (1.0 - hp.beta1) if hp.in_grad else 1.0,
                 ODD=odd, FIRST=first, IN_GRAD=hp.in_grad, **index, TR=rows_per_tile, BC=columns, **tile_warps(rows_per_tile, columns),
@@ -290,8 +291,8 @@ class FusedAlada:
         partials = tile_count * ((m if odd else rows_per_tile) + first) * 4
         factors = tile_count * (rows_per_tile if odd else m) * 8
         moved = numel * (grads.element_size() + (0 if hp.in_grad else 4))  # G, and M unless .grad holds it
-        launch.record("alada_stats", moved + factors + tile_count * NF * 8, numel * (0 if hp.in_grad else 4) + partials)
-        launch.record("alada_reduce", partials + seg_count * NS * 8, seg_count * ((m if odd else n) + first) * 4)
+        self._report.record("alada_stats", moved + factors + tile_count * NF * 8, numel * (0 if hp.in_grad else 4) + partials)
+        self._report.record("alada_reduce", partials + seg_count * NS * 8, seg_count * ((m if odd else n) + first) * 4)
 
     def update(self) -> None:
         """After the all_reduce: refit every segment's p or q, then update the weights."""
@@ -299,16 +300,16 @@ class FusedAlada:
             return
         f32, p64 = self._bases
         for (odd, first, beta2, eps), segs, count in self._refits:
-            if launch.executing():
+            if self._report.executing:
                 _refit_kernel[(count,)](f32, p64, segs, beta2, eps, ODD=odd, FIRST=first, BLOCK=256, **launch.OPTIONS)
             moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 8 for j in self._jobs) // len(self._refits)
-            launch.record("alada_refit", moved, moved // 2)
+            self._report.record("alada_refit", moved, moved // 2)
         for n, m, hp, index, w_base, g_base, tiles, tile_count, numel in self._batches:
             if not tile_count:
                 continue
             rows_per_tile, columns = tiles_shape(m)
             decay = 1.0 - hp.lr * hp.weight_decay
-            if launch.executing():
+            if self._report.executing:
                 _update_kernel[(tile_count,)](
                     # eps twice: fp32 for the clamp, float64 for the shift (the interpreter passes plain
                     # floats as Python floats, which have no .to() to narrow one into the other)
@@ -319,4 +320,4 @@ class FusedAlada:
             w_size = w_base.element_size()
             m_size = g_base.element_size() if hp.in_grad else 4
             factors = tile_count * (rows_per_tile + m) * 8
-            launch.record("alada_update", numel * (w_size + m_size) + factors + tile_count * NF * 8, numel * w_size)
+            self._report.record("alada_update", numel * (w_size + m_size) + factors + tile_count * NF * 8, numel * w_size)

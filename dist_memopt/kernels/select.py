@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from dist_memopt.kernels import launch
+from dist_memopt.kernels.launch import KernelObserver
 
 __all__ = ["KERNELS", "SUPPORTED_TRITON", "check_kernel", "use_triton", "triton_available", "triton_problem", "fused_item", "fused_step"]
 
@@ -87,9 +87,6 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
     kernel = group.get("kernel", "auto")
     if kernel == "torch":
         return False
-    # counting launches (launch.count_only) or compiling them (kernels.compile) runs no kernel,
-    # so it needs no interpreter
-    cpu_ok = _interpreting() or launch.runs_nothing()
     if kernel == "auto":
         return supported and device.type == "cuda" and triton_available()
     if not supported:
@@ -97,7 +94,7 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
     problem = triton_problem()
     if problem is not None:
         raise RuntimeError(problem)
-    if not (device.type == "cuda" or (device.type == "cpu" and cpu_ok)):
+    if not (device.type == "cuda" or (device.type == "cpu" and _interpreting())):
         raise RuntimeError(
             f"kernel='triton' runs on CUDA tensors, or on CPU tensors through Triton's interpreter with "
             f"TRITON_INTERPRET=1 set before triton is imported (best: in the environment before Python "
@@ -111,10 +108,11 @@ def fused_item(item: Any) -> bool:
     return use_triton(item.group, item.weight.device)
 
 
-def fused_step(items: list[Any], kind: str) -> Any:
+def fused_step(items: list[Any], kind: str, observer: Optional[KernelObserver] = None) -> Any:
     """A new ``dist_memopt.kernels.<kind>_triton.Fused<KIND>`` step when any item takes the kernels
-    (imported only then: Triton is not needed otherwise), else None."""
+    (imported only then: Triton is not needed otherwise), else None. ``observer`` receives its
+    launches (:mod:`dist_memopt.kernels.launch`)."""
     if not any(fused_item(item) for item in items):
         return None
     module = importlib.import_module(f"dist_memopt.kernels.{kind.lower()}_triton")
-    return getattr(module, f"Fused{kind}")()
+    return getattr(module, f"Fused{kind}")(observer)

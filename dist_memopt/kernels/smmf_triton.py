@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
+from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.tiles import BitOffsets, Offsets, holding, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedSMMF"]
@@ -181,7 +182,8 @@ class FusedSMMF:
     table (one host-to-device copy).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, observer: Optional[KernelObserver] = None) -> None:
+        self._report = Reporter(observer, "triton.")  # see dist_memopt.kernels.launch
         self._jobs: list[_Job] = []
         self._finish: list[tuple[dict[str, Tensor], Tensor, Tensor, int, int]] = []  # per dtype pair
 
@@ -249,7 +251,7 @@ class FusedSMMF:
         device = first.item.weight.device
         cpu = torch.tensor(table, dtype=torch.int64)
         tensor = cpu.to(device)
-        launch.record("copy_table", 0, cpu.numel() * 8)
+        self._report.record("copy_table", 0, cpu.numel() * 8)
         for n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel in launches:
             self._launch(bases, bit_at.shift, tensor, n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel)
         moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (1 if j.slots[2] is None else 2) for j in jobs_of_dtype)
@@ -267,7 +269,7 @@ class FusedSMMF:
         colp = torch.empty(tile_count * 2 * m, dtype=torch.float32, device=device)
         tiles, segs = table[tiles_at : tiles_at + tile_count * NF], table[seg_at : seg_at + seg_count * NS]
         decay = 1.0 - hp.lr * hp.weight_decay if hp.decoupled_decay else 1.0
-        if launch.executing():
+        if self._report.executing:
             _tile_kernel[(tile_count,)](
                 bases["W"], bases["G"], bases["S"], words_shift, bases["F"], rowp, colp, tiles, n, m,
                 hp.lr, hp.beta1 if has_m else 0.0, hp.beta2, hp.eps, hp.weight_decay, decay,
@@ -277,19 +279,19 @@ class FusedSMMF:
         factors = tile_count * pairs * (rows_per_tile + m) * 4
         signs = (numel + 7) // 8 if has_m else 0
         w_size, g_size = bases["W"].element_size(), bases["G"].element_size()
-        launch.record("smmf_tiles", numel * (w_size + g_size) + signs + factors + tile_count * NF * 8, numel * w_size + signs + partials)
+        self._report.record("smmf_tiles", numel * (w_size + g_size) + signs + factors + tile_count * NF * 8, numel * w_size + signs + partials)
         row_block = 128
         grid = (seg_count, triton.cdiv(m, columns) + triton.cdiv(n, row_block))
-        if launch.executing():
+        if self._report.executing:
             _reduce_kernel[grid](rowp, colp, tiles, segs, bases["OUT"], n, m, HAS_M=has_m, TR=rows_per_tile, BR=row_block, BC=columns,
                                  **launch.OPTIONS)
-        launch.record("smmf_reduce", partials + seg_count * NS * 8, seg_count * pairs * (n + m) * 4)
+        self._report.record("smmf_reduce", partials + seg_count * NS * 8, seg_count * pairs * (n + m) * 4)
 
     def finish(self) -> None:
         """After the statistics are complete: normalised factors into the state, one launch per
         dtype pair (one in a model of one dtype)."""
         for bases, segs, shapes, count, moved in self._finish:
-            if launch.executing():
+            if self._report.executing:
                 _finish_kernel[(count, 2)](bases["OUT"], bases["F"], segs, shapes, BLOCK=256, **launch.OPTIONS)
-            launch.record("smmf_finish", moved, moved // 2)
+            self._report.record("smmf_finish", moved, moved // 2)
         self._finish = []

@@ -30,7 +30,7 @@ TILE_FIELDS = 6  # start, run length, stride, count, first local index of the pi
 def tiles_shape(m: int) -> tuple[int, int]:
     """(rows per tile, columns per block): 32 rows, blocks of 32 columns (16 for views of <= 16 columns).
 
-    Compiled for sm_90 (``python -m dist_memopt.bench compile``), a block of 32 columns is 4
+    Compiled for sm_90 (``python -m tools.compile_kernels`` in a checkout), a block of 32 columns is 4
     elements per thread at :func:`tile_warps`: SMMF's tile takes about 98 registers, so an SM holds
     two programs (16 warps) whose column reductions and barriers overlap each other's loads, and
     Alada's kernels take at most 64, four programs. Blocks of 64 columns (8 elements per thread)

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from dist_memopt.optim.bits import packed_numel
+from dist_memopt.kernels.launch import KernelObserver
 from dist_memopt.kernels.select import fused_item, fused_step, use_triton
 from dist_memopt.optim.plan import ParamPlan, SegmentPlan, StepItem, decay_weights
 from dist_memopt.optim.preflight import NonFiniteGradientError, StepCounts, check_step, first_nonfinite
@@ -97,6 +98,9 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
     batch_numel: int = 1 << 16
     #: the ``dist_memopt.kernels`` module family of this optimizer's fused kernels
     kernel_family: str = ""
+    #: receives the fused kernels' launches (name, bytes read, bytes written), set by a benchmark
+    #: that counts a step (:class:`dist_memopt.bench.counting.StepCost`); None in training
+    kernel_observer: Optional[KernelObserver] = None
     #: parameter dtypes besides fp32 that the fused kernels load and store themselves (fp32 math);
     #: others are stepped through fp32 copies
     kernel_dtypes: tuple[torch.dtype, ...] = ()
@@ -252,7 +256,7 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         """The step's common prologue: state, step counts, schedules, decoupled decay, and the split
         into fused segments and torch-path stacks."""
         schedules = [self._schedule(item.group, t) for item, t in zip(items, self._advance_steps(items))]
-        fused = fused_step(items, self.kernel_family)
+        fused = fused_step(items, self.kernel_family, self.kernel_observer)
         in_kernel = {id(item) for item in items if fused is not None and fused_item(item)}
         decays: list[tuple[Tensor, float]] = []
         for item, hp in zip(items, schedules):

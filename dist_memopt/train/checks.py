@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from dist_memopt.train import backends, optimizers
 from dist_memopt.train.errors import ConfigError, require_positive as _positive
 from dist_memopt.train.layout import check_model_parallel, check_world_size
 from dist_memopt.train.schema import RunConfig
@@ -73,8 +74,6 @@ def validate(config: RunConfig, world_size: Optional[int] = None) -> None:
     if config.log.log_interval < 1:
         raise ConfigError(f"log.log_interval: must be >= 1, got {config.log.log_interval!r}")
     _positive("checkpoint.save_interval", config.checkpoint.save_interval, allow_zero=True)
-
-    from dist_memopt.train import backends, optimizers  # light imports: registries only
 
     backends.check(config)
     if t.bf16 and p.backend == "ddp":

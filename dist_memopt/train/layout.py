@@ -1,6 +1,6 @@
 """The parallel layout: which backends take model parallelism, and whether the model and the world
 hold it (tensor x pipeline x data parallel ranks). Checked while the configuration is read, and
-against ``parallel.nproc`` by ``launch.run`` before any process starts."""
+against ``parallel.nproc`` by :mod:`dist_memopt.train.run` before any process starts."""
 
 from __future__ import annotations
 

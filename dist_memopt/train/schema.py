@@ -84,7 +84,7 @@ class ParallelConfig:
 
     backend: str = field(default="fsdp2", metadata=_choices("fsdp2", "fsdp1", "deepspeed", "ddp", "megatron"))
     launcher: str = field(default="torchrun", metadata=_choices("torchrun", "deepspeed", "mpirun", "none"))
-    nproc: int = 1  # processes started by launch/run.py
+    nproc: int = 1  # processes started by the launcher (dist_memopt.train.run)
     tensor_model_parallel_size: int = 1  # megatron backend only (Megatron-LM's --tensor-model-parallel-size)
     pipeline_model_parallel_size: int = 1  # megatron backend only; the training loop has no pipeline schedule yet
     sequence_parallel: bool = False  # megatron backend with tensor_model_parallel_size > 1

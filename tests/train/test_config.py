@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from paths import MEGATRON_CONFIGS, REPO, TINY_CONFIGS
 from dist_memopt.train.config import ConfigError, config_to_dict, load_config, to_yaml
-from launch import pretrain
+from dist_memopt.train import pretrain
 
 MEGATRON = MEGATRON_CONFIGS
 TINY = TINY_CONFIGS
@@ -186,7 +186,7 @@ def test_print_config_prints_yaml_and_exits(capsys):
 
 def test_tensor_parallel_layout_is_checked_against_the_process_count(capsys):
     """Before any process starts: the world must hold the layout; DP size = world / TP."""
-    from launch import run
+    from dist_memopt.train import run
 
     config = load_config(TINY / "gpt2-tp2.yaml")
     assert config.data_parallel_size(2) == 1 and config.num_microbatches(2) == 2  # 8 = 2 x 4 x DP 1
@@ -198,7 +198,7 @@ def test_tensor_parallel_layout_is_checked_against_the_process_count(capsys):
 def test_pipeline_layout_is_checked_before_any_process_starts(capsys):
     """PP for the megatron backend's GPT-2: the world must hold tp x pp, every stage the same number
     of layers; --print-config shows it. No process starts for any of these."""
-    from launch import run
+    from dist_memopt.train import run
 
     config = load_config(TINY / "gpt2-pp2.yaml")
     assert config.parallel.pipeline_model_parallel_size == 2 and config.parallel.backend == "megatron"
@@ -223,7 +223,7 @@ def test_one_set_flag_takes_several_overrides(capsys):
     assert pretrain.main(argv) == 0
     out = capsys.readouterr().out
     assert "seed: 5" in out and "lr: 0.0003" in out and "log_interval: 7" in out
-    from launch import run
+    from dist_memopt.train import run
 
     assert run.main(["--config", str(TINY / "gpt2.yaml"), "--set", "parallel.launcher=mpirun", "parallel.nproc=1", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -241,15 +241,15 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
 
 
 def test_run_wrapper_builds_each_launchers_command(capsys):
-    from launch import run
+    from dist_memopt.train import run
 
     args = ["--config", "c.yaml", "--set=train.lr=1e-3"]
     torchrun = run.launch_command("torchrun", 2, args, port=1234)
-    assert torchrun[0].endswith("torchrun") and torchrun[1:5] == ["--nproc_per_node=2", "--master_port=1234", "-m", "launch.pretrain"]
+    assert torchrun[0].endswith("torchrun") and torchrun[1:5] == ["--nproc_per_node=2", "--master_port=1234", "-m", "dist_memopt.train.pretrain"]
     deepspeed = run.launch_command("deepspeed", 2, args, port=1234)
     assert deepspeed[0].endswith("deepspeed") and "--num_gpus=2" in deepspeed and "--module" in deepspeed
     mpirun = run.launch_command("mpirun", 3, args)
-    assert mpirun[0].endswith("mpirun") and mpirun[1:] == ["-n", "3", sys.executable, "-m", "launch.pretrain", *args]
+    assert mpirun[0].endswith("mpirun") and mpirun[1:] == ["-n", "3", sys.executable, "-m", "dist_memopt.train.pretrain", *args]
     assert run.main(["--config", str(TINY / "gpt2.yaml"), "--set", "parallel.launcher=mpirun", "--dry-run"]) == 0
     assert "mpirun -n 2" in capsys.readouterr().out
     assert run.main(["--config", str(TINY / "gpt2.yaml"), "--set", "parallel.nproc=3", "--dry-run"]) == 2  # 8 % (4 x 3)

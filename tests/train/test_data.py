@@ -8,7 +8,7 @@ from paths import TINY_CONFIGS
 from dist_memopt.train.batches import BatchMaker, t5_lengths
 from dist_memopt.train.config import load_config
 from dist_memopt.train.data import ByteTokenizer, TokenStream, build_indexed_dataset, stdlib_files
-from launch import build_dataset
+from dist_memopt.train import build_dataset
 
 DOCS = [b"def f(x):\n    return x + 1\n", "ünïcode – text\n".encode(), b"", b"a" * 1000]
 

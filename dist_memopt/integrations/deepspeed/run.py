@@ -42,7 +42,11 @@ def split_arguments(argv: Sequence[str]) -> tuple[str, bool, list[str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    target, is_module, script_argv = split_arguments(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if list(argv) in (["-h"], ["--help"]):
+        print(USAGE + "\n\n" + __doc__.strip())
+        return
+    target, is_module, script_argv = split_arguments(argv)
     import dist_memopt.integrations.deepspeed  # noqa: F401  (registers SMMF / Alada with DeepSpeed)
 
     sys.argv = script_argv

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from dist_memopt.train.backends.base import Engine
-    from dist_memopt.train.config import RunConfig
+    from dist_memopt.train.schema import RunConfig
 
 __all__ = ["BACKENDS", "BackendSpec", "check", "build_engine"]
 

@@ -1,12 +1,14 @@
 """Compile the fused kernels for a GPU on a machine without one, exactly as a real step launches them.
 
+A development tool (not part of the wheel): it reads Triton internals (its active driver and
+``jit_cache_hook``, as in triton 3.9) and disassembles with the ``cuobjdump`` in Triton's wheel.
+
 Triton's interpreter (how CI runs the kernels on CPU) accepts programs its compiler rejects: an
 ``if`` on a runtime value whose branches give one name tensors of different shapes ran there and
 failed to compile. Inside :func:`compile_for`, every Triton launch of a step on CPU tensors is
 compiled for ``sm_<arch>`` instead of run (Triton's own pipeline down to a cubin through the
 ``ptxas`` in its wheel; no driver, no device) with the signature, specialisations and options the
-launch would have on that GPU. The step's results are then meaningless, as under
-:func:`~dist_memopt.kernels.launch.count_only`. Each :class:`Compiled` kernel says what a GPU
+launch would have on that GPU. The step's results are then meaningless. Each :class:`Compiled` kernel says what a GPU
 would run: its registers and local memory (spills), its shared memory, and its atomics (none on
 floats: their order varies, and the kernels promise bit-identical reruns).
 """
@@ -24,10 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
+from unittest import mock
 
 import torch
-
-from dist_memopt.kernels import launch
 
 __all__ = ["Compiled", "compile_for"]
 
@@ -226,7 +227,9 @@ def compile_for(arch: int = 90) -> Iterator[list[Compiled]]:
     driver.set_active(stand_in)
     knobs.runtime.jit_cache_hook = compile_instead
     try:
-        with launch.compiling():
+        # the stand-in driver takes CPU tensors to Triton's launcher, as the interpreter would:
+        # kernel="triton" lets them through as it does for the interpreter
+        with mock.patch("dist_memopt.kernels.select._interpreting", return_value=True):
             yield records
         _disassemble(records)
     finally:

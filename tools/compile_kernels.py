@@ -1,33 +1,35 @@
-"""``compile``: the fused kernels compiled for GPUs on this machine, no GPU needed.
+"""``python -m tools.compile_kernels``: the fused kernels compiled for GPUs on this machine, no GPU needed.
 
 Steps SMMF and Alada with ``kernel="triton"`` on parameters of a model's shapes, in every setting
 that changes what a kernel compiles to (first moment or not, weight-decay mode, momentum in
 ``.grad``, Alada's first, odd and even steps, fp32/bf16/fp16 parameters, a tensor-parallel
 shard's strided runs, reported in rows of their own), inside
-:func:`dist_memopt.kernels.compile.compile_for`: every launch is compiled for each ``sm_<arch>``
+:func:`tools.kernel_compile.compile_for`: every launch is compiled for each ``sm_<arch>``
 (Triton's pipeline down to a cubin) instead of run. Prints, per kernel, its specialisations and
 what a GPU would run; checks that each compiles, uses no float atomics (whose order varies) and
 spills nothing to local memory or fences its main loop, and what each element costs the GPU in
 issued instructions (static counts of the main loop's SASS: the estimate where no GPU can time
-it). Needs ``TRITON_INTERPRET`` unset.
+it). Needs ``TRITON_INTERPRET`` unset. A development tool, run from a checkout's root::
+
+    python -m tools.compile_kernels [--models gpt2] [--archs 80,90] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 import dist_memopt as dm
-from dist_memopt.bench.models import DTYPES, MODELS, materialize, model_shapes
-from dist_memopt.bench.registry import Benchmark, register
-from dist_memopt.bench.report import format_table
+from dist_memopt.bench.models import DTYPES, MODELS, materialize, model_shapes, parse_models
+from dist_memopt.bench.report import format_table, write_json
 from dist_memopt.kernels.select import triton_problem
 from dist_memopt.shard.spec import Run, Segment, ShardSpec, set_layout
 
-__all__ = ["VARIANTS", "compile_kernels", "run"]
+__all__ = ["VARIANTS", "compile_kernels", "run", "main"]
 
 #: the settings that select different compiled code (constexpr branches), with kernel="triton"
 VARIANTS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
@@ -70,7 +72,7 @@ def compile_kernels(model: str, arch: int, dtypes: list[str], variants: list[str
     on the model's parameters and on a tensor-parallel block (:func:`tensor_parallel_block`).
 
     The variants of one dtype share parameters: nothing runs, so their values do not matter."""
-    from dist_memopt.kernels.compile import compile_for
+    from tools.kernel_compile import compile_for
 
     shapes = model_shapes(model)
     with compile_for(arch) as records:
@@ -89,7 +91,7 @@ def _row_name(record: Any) -> str:
 def _loop_costs(record: Any) -> dict[str, Any]:
     """What one trip of the record's main loop issues: instructions per element (element kernels),
     subroutine calls and memory fences; and how many of its warps an SM holds."""
-    from dist_memopt.kernels.compile import main_loop, resident_warps
+    from tools.kernel_compile import main_loop, resident_warps
 
     loop = main_loop(record.sass)
     c = record.constants
@@ -185,12 +187,21 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-register(
-    Benchmark(
-        name="compile",
-        summary="the fused Triton kernels compiled for sm_80/sm_90 without a GPU: registers, spills, atomics",
-        run=run,
-        add_arguments=add_arguments,
-        defaults={"models": ["gpt2"]},
-    )
-)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Compile, print the tables, write ``--json``; exit status 1 when a check fails."""
+    parser = argparse.ArgumentParser(prog="python -m tools.compile_kernels", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser.add_argument("--models", type=parse_models, default=["gpt2"], help=f"comma-separated, from: {', '.join(MODELS)}")
+    parser.add_argument("--json", metavar="PATH", help="write {environment, benchmarks: {compile: results}} here")
+    add_arguments(parser)
+    options = parser.parse_args(argv)
+    results = run(options)
+    if options.json:
+        write_json(options.json, {"compile": results})
+    failed = [v["check"] for v in results["verdicts"] if not v["ok"]]
+    for check in failed:
+        print(f"FAILED: {check}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

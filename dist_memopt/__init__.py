@@ -6,6 +6,6 @@ from dist_memopt.groups import decay_param_groups
 from dist_memopt.memory import state_bytes
 from dist_memopt.shard import Segment, ShardSpec, set_layout
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["SMMF", "Alada", "decay_param_groups", "NonFiniteGradientError", "state_bytes", "ShardSpec", "Segment", "set_layout", "__version__"]

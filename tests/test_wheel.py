@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import dist_memopt
+
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -64,9 +66,9 @@ def _outside(target: Path, tmp_path: Path) -> dict[str, str]:
 
 def test_the_wheel_holds_only_the_package_and_its_metadata(installed):
     wheel, _ = installed
-    assert wheel.name.startswith(f"dist_memopt-{PYPROJECT['project']['version']}-")
+    assert wheel.name.startswith(f"dist_memopt-{dist_memopt.__version__}-")
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
-    assert tops == {"dist_memopt", f"dist_memopt-{PYPROJECT['project']['version']}.dist-info"}, tops
+    assert tops == {"dist_memopt", f"dist_memopt-{dist_memopt.__version__}.dist-info"}, tops
 
 
 def test_the_installed_package_imports_from_the_wheel_and_steps(installed, tmp_path):

@@ -71,3 +71,24 @@ def test_kernel_triton_on_cpu_needs_the_interpreter_whatever_observes_it(monkeyp
     optimizer.kernel_observer = Recorder(execute=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         optimizer.step()
+
+
+def test_bench_kernels_counts_triton_rows_on_cpu_from_a_plain_environment(tmp_path):
+    """The CLI chooses Triton's interpreter itself before Triton is imported, then counts without
+    running (the dry run): no TRITON_INTERPRET needed in the caller's environment."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    out = tmp_path / "kernels.json"
+    command = [sys.executable, "-m", "dist_memopt.bench", "kernels", "--models", "tiny", "--optimizers", "SMMF-triton",
+               "--count-steps", "1", "--kernel-world-sizes", "", "--json", str(out)]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads(out.read_text())["benchmarks"]["kernels"]
+    assert "SMMF-triton" in json.dumps(rows)

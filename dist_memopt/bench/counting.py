@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -159,10 +159,10 @@ class StepCost(TorchDispatchMode):
             self.bytes_written += sum(t.numel() * t.element_size() for t in _tensors(out) if id(t) not in written_ids)
 
 
-def prepare_triton(name: str, device: torch.device) -> None:
-    """Prepare a Triton row: on CPU the kernels run in Triton's interpreter, which must be chosen
-    before they are first imported."""
-    if "triton" in name and device.type != "cuda":
+def prepare_triton(names: Iterable[str], device: torch.device) -> None:
+    """Before Triton is first imported (building model shapes may import it): Triton rows among
+    ``names`` on CPU run in Triton's interpreter, chosen by ``TRITON_INTERPRET=1``."""
+    if device.type != "cuda" and any("triton" in name for name in names):
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -36,13 +36,13 @@ def kernel_costs(
 
     Optimizers whose name says ``triton`` are skipped where Triton is not installed.
     """
+    prepare_triton(optimizers, torch.device(device))
     shapes = model_shapes(model)
     params = materialize(shapes, device, dtype=dtype)  # shared: counts do not depend on the values the others left
     rows = {}
     for name in optimizers:
         if "triton" in name and not triton_available():
             continue
-        prepare_triton(name, torch.device(device))
         rows[name] = count_step(build_optimizer(name, params), shapes.numel, warmup, steps, execute=execute or device == "cuda")
     return {"title": shapes.title, "numel": shapes.numel, "optimizers": rows}
 
@@ -75,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"models": {}, "fsdp2": {}}
+    prepare_triton(options.optimizers or DEFAULT_OPTIMIZERS, torch.device(options.kernel_device))  # the ranks inherit it
     for model in options.models:
         result = kernel_costs(
             model, options.optimizers or DEFAULT_OPTIMIZERS, steps=options.count_steps,

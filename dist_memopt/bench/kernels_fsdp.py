@@ -26,7 +26,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         from torch.distributed.fsdp import fully_shard
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from dist_memopt.bench.counting import count_step, prepare_triton
+        from dist_memopt.bench.counting import count_step
         from dist_memopt.bench.optimizers import build_optimizer
 
         torch.manual_seed(0)
@@ -41,8 +41,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         numel = sum(p.to_local().numel() for p in params)
         rows = {}
         for name in args.optimizers:
-            prepare_triton(name, torch.device("cpu"))
-            # CPU ranks: count, do not interpret
+            # CPU ranks (TRITON_INTERPRET=1 from the parent): count, do not interpret
             rows[name] = count_step(build_optimizer(name, params), numel, steps=args.count_steps, execute=False)
         queue.put((rank, rows))
     finally:

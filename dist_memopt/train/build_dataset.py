@@ -32,6 +32,7 @@ def _inputs(paths: list[str], pattern: str) -> list[Path]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The command line (``argv``: its arguments, default ``sys.argv[1:]``); returns the exit status."""
     p = argparse.ArgumentParser(prog="dist-memopt-build-dataset", description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="text files or directories (searched recursively)")

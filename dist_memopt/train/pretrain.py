@@ -19,6 +19,7 @@ __all__ = ["parser", "main"]
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     p = argparse.ArgumentParser(prog="dist-memopt-pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML run configuration (configs/...)")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -31,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Validate the config, then run this rank's part of the training; returns the exit status."""
     args = parser().parse_args(argv)
     try:
         world_size = None if args.print_config else discover().world_size

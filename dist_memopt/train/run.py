@@ -50,6 +50,7 @@ def launch_command(launcher: str, nproc: int, pretrain_args: list[str], port: Op
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Validate the config, then start the ranks (or print the command with ``--dry-run``); returns the exit status."""
     p = argparse.ArgumentParser(prog="dist-memopt-run", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True,
                    help="YAML run configuration file (a checkout's configs/ holds the paper's runs and tiny ones)")

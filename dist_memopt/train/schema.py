@@ -128,6 +128,8 @@ class LogConfig:
 
 @dataclass
 class RunConfig:
+    """One run: the sections of a config file, each a dataclass of this module."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -42,6 +42,7 @@ def split_arguments(argv: Sequence[str]) -> tuple[str, bool, list[str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Import the integration, then run the script or module named in ``argv`` as ``__main__``."""
     argv = sys.argv[1:] if argv is None else argv
     if list(argv) in (["-h"], ["--help"]):
         print(USAGE + "\n\n" + __doc__.strip())

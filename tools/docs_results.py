@@ -1,0 +1,83 @@
+"""MkDocs hook: a page's ``<!-- results: NAME -->`` line becomes tables read from ``docs/results/NAME.json``.
+
+The result files are what ``python -m dist_memopt.bench NAME --json docs/results/NAME.json``
+writes: the environment (date, machine, threads, torch, the command) and each benchmark's
+results. Rendering them at build time keeps every published number beside the run that produced
+it; a missing file renders as a note saying which command writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+MARKER = re.compile(r"^<!-- results: ([\w-]+) -->$", re.MULTILINE)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def _memory(results: dict[str, Any]) -> str:
+    parts = []
+    for model in results["models"].values():
+        rows = []
+        for name, row in model["optimizers"].items():
+            paper = row.get("paper_mib")
+            span = (f"{min(paper)}" if min(paper) == max(paper) else f"{min(paper)}–{max(paper)}") if paper else ""
+            paper_text = f"{span} ({row['paper_source']})" if paper else "—"
+            rows.append([name, _number(row["mib"]), _number(row["bits_per_param"], 3), paper_text])
+        parts.append(f"**{model['title']}**, {model['numel']:,} parameters\n\n"
+                     + _table(["optimizer", "state MiB", "bits/param", "SMMF paper MiB"], rows))
+    return "\n\n".join(parts)
+
+
+def _cost_rows(optimizers: dict[str, Any]) -> list[list[Any]]:
+    return [[name, _number(row["launches"], 0), _number(row["bytes_per_element"], 1), _number(row["syncs"], 0)]
+            for name, row in optimizers.items()]
+
+
+def _kernels(results: dict[str, Any]) -> str:
+    headers = ["optimizer", "launches / step", "bytes read + written / element", "host syncs / step"]
+    parts = [f"**{model['title']}**, one process\n\n" + _table(headers, _cost_rows(model["optimizers"]))
+             for model in results.get("models", {}).values()]
+    parts += [f"**GPT-2 small under FSDP2, {size} CPU ranks** (rank 0, per local element)\n\n" + _table(headers, _cost_rows(rows))
+              for size, rows in results.get("fsdp2", {}).items()]
+    return "\n\n".join(parts)
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"memory": _memory, "kernels": _kernels}
+
+
+def _environment(env: dict[str, Any]) -> str:
+    command = " ".join(["python -m dist_memopt.bench"] + [str(a) for a in env.get("argv", [])[1:]])
+    device = env.get("cuda") or f"{env.get('machine')} CPU, {env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads"
+    return (f"Measured {env.get('finished')} on {device}; torch {env.get('torch')}, dist_memopt {env.get('dist_memopt')}, "
+            f"load average {_number(env.get('load_average_1min'))}. Command: `{command}`")
+
+
+def render(name: str, folder: Path) -> str:
+    """The markdown for ``<!-- results: name -->``."""
+    path = folder / f"{name}.json"
+    if not path.exists():
+        return (f'!!! note "No result file yet"\n    `python -m dist_memopt.bench {name} --json docs/results/{name}.json` '
+                "writes it.")
+    data = json.loads(path.read_text())
+    results = data["benchmarks"][name]
+    body = RENDERERS[name](results) if name in RENDERERS else f"See `docs/results/{name}.json`."
+    return _environment(data["environment"]) + "\n\n" + body
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    folder = Path(config["docs_dir"]) / "results"
+    return MARKER.sub(lambda match: render(match.group(1), folder), markdown)

@@ -87,5 +87,5 @@ timeout "$(left)" "$PY" -m dist_memopt.bench step --device cuda --repeats 20 --s
     --optimizers "$HALF" --json "$OUT/step_bf16.json" 2>&1 | tee -a "$LOG" || status=1
 timeout "$(left)" "$PY" -m dist_memopt.bench kernels --kernel-device cuda --kernel-world-sizes "" \
     --kernel-dtype bfloat16 --optimizers "$HALF" --json "$OUT/kernels_bf16.json" 2>&1 | tee -a "$LOG" || status=1
-say "done in $(( $(date +%s) - START )) s, status $status; results in $OUT/ (record them in README.md)"
+say "done in $(( $(date +%s) - START )) s, status $status; results in $OUT/ (the JSON files are result files for docs/results/)"
 exit $status

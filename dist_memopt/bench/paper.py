@@ -63,7 +63,7 @@ MEMORY_MIB: dict[str, dict[str, PaperFigure]] = {
     },
 }
 
-#: the figure our SMMF must come in at or under (issue 2)
+#: the figure our SMMF must come in at or under: the SMMF paper's
 SMMF_TARGET_MIB: dict[str, PaperFigure] = {key: figures["SMMF"] for key, figures in MEMORY_MIB.items()}
 
 #: Table 5: optimization time (ms) of one training step on GPUs, (mean, ±std); SMMF there uses

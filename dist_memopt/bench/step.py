@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_OPTIMIZERS", "BASELINES", "TARGET_RATIO", "time_steps", "ste
 DEFAULT_OPTIMIZERS = ("AdamW", "SMMF", "Alada", "SMMF-nocheck", "Alada-nocheck", "SMMF-per-tensor", "Alada-per-tensor")
 BASELINES = ("Adafactor", "CAME", "SM3")
 REFERENCE = "AdamW"
-TARGET_RATIO = 1.5  # issue 2: SMMF <= 1.5x AdamW on CPU, on GPT-2-small shapes
+TARGET_RATIO = 1.5  # the check: SMMF <= 1.5x AdamW on CPU, on GPT-2-small shapes
 TARGET_MODEL = "gpt2"
 
 

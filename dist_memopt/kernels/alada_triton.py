@@ -169,7 +169,7 @@ def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, eps64: tl.float64, bias1,
     root = tl.sqrt(tl.load(P64 + v0_off))
     x_p = root * power_p  # p's decayed start: p ≥ x_p
     x_q = root * power_q
-    shift_scale = x_q / bias2  # before the rows' divisions: after them, Triton 3.6 kept a register on the stack
+    shift_scale = x_q / bias2  # before the rows' divisions: after them, Triton 3.6 keeps a register on the stack
     p = tl.load(P64 + p_off + rows, mask=row_ok, other=0.0)
     row_shift = ((p - x_p) * shift_scale + eps64).to(tl.float32)
     row_factor = (p / bias2).to(tl.float32)

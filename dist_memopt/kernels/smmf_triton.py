@@ -75,8 +75,8 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
         numerator = g
         if HAS_M:
             bit = s_bit + k  # >= 0 where held: shifts, not signed division
-            # the word's load and xor 1-D, as load_block's: 2-D, Triton 3.6 converted every value of the
-            # block through shared memory (105 -> 76 instructions per element)
+            # the word's load and xor 1-D, as load_block's: 2-D, Triton 3.6 converts every value of the
+            # block through shared memory
             at = words + (bit >> 5)
             word = load_block(at, ok)
             shift = (bit & 31).to(tl.int32)

@@ -34,9 +34,9 @@ def tiles_shape(m: int) -> tuple[int, int]:
     elements per thread at :func:`tile_warps`: SMMF's tile takes about 98 registers, so an SM holds
     two programs (16 warps) whose column reductions and barriers overlap each other's loads, and
     Alada's kernels take at most 64, four programs. Blocks of 64 columns (8 elements per thread)
-    took 185 registers in the tile: one program of 8 warps per SM, each trip's loads waiting on
-    the last trip's barrier, for about the same instructions per element. Capping registers
-    (``maxnreg`` 64 or 80) spilled the tile to its stack; 128-column blocks spilled. Two block
+    need about 185 registers in the tile: one program of 8 warps per SM, each trip's loads waiting
+    on the last trip's barrier, for about the same instructions per element. Capping registers
+    (``maxnreg`` 64 or 80) spills the tile to its stack, as do 128-column blocks. Two block
     shapes, not one per power of two, keep the compiled variants few (each costs a GPU run half a
     second of compiling at its first step); masked lanes cost no memory traffic. The tile's rows,
     hence the partial sums it writes, do not depend on the column block.

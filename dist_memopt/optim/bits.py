@@ -48,7 +48,7 @@ def pack_signs(nonnegative: Tensor, out: Tensor, overwrite: bool = False) -> Non
 
     Eight bools are eight bytes of 0/1, read as one int64 word (little-endian: element k is byte
     k). One wrapping multiply gathers bit 8k into bit 56 + k, and a shift brings that top byte
-    down: three passes over N/8 words (the shift-or folds this replaces took seven). With
+    down: three passes over N/8 words. With
     ``overwrite`` the bools are scratch, and the words are gathered in place.
     """
     numel = nonnegative.numel()

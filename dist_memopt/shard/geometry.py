@@ -41,7 +41,7 @@ def balanced_split(shape: Sequence[int]) -> tuple[int, int]:
 
     Picks the split point j (1 <= j < rank) minimising |prod(shape[:j]) - prod(shape[j:])|, the
     first such j on ties. Rank <= 1 tensors have no split between dims and fall back to
-    :func:`square_matricize`, as the issue pins down.
+    :func:`square_matricize` (as in SMMF).
     """
     dims = [int(d) for d in shape]
     if len(dims) <= 1:

@@ -39,7 +39,7 @@ print("stepped")
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> tuple[Path, Path]:
     """(the wheel, the folder it is installed into)."""
-    pytest.importorskip("setuptools")
+    pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools (the 'test' extra)")
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)

@@ -46,6 +46,7 @@ __all__ = [
     "chunk_ranges",
     "default_chunk_numel",
     "first_nonfinite",
+    "flat_tensor",
 ]
 
 
@@ -67,19 +68,22 @@ def chunk_ranges(numel: int, chunk: int):
         yield lo, min(numel, lo + chunk)
 
 
-def _flat_fp32(t: Tensor) -> Tensor:
-    """A flat fp32 view of ``t`` when possible, else a flat fp32 copy."""
-    if t.dtype == torch.float32 and t.is_contiguous():
-        return t.view(-1)
-    return t.reshape(-1).to(torch.float32)
+def flat_tensor(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` flattened in row-major order as one contiguous ``dtype`` tensor: a view when ``t`` is
+    already that, else a copy. Never a strided view: the fused kernels walk raw pointers, and a
+    non-contiguous tensor (a slice, a transpose, channels-last) can flatten to one with
+    ``reshape``. A copied weight is written back by :meth:`StepItem.commit`."""
+    if t.is_contiguous():
+        return t.to(dtype).view(-1)
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t).view(-1)
 
 
 def _flat_pair(grad: Tensor, data: Tensor, native: bool) -> tuple[Tensor, Tensor]:
-    """(grad, weight) as the step reads them: flat views in the parameter's own dtype where the
-    fused kernels load and store it (``native``), else fp32 views or copies."""
-    if native and grad.is_contiguous() and data.is_contiguous():
-        return grad.view(-1), data.view(-1)
-    return _flat_fp32(grad), _flat_fp32(data)
+    """(grad, weight) as the step reads them: contiguous and flat, in the parameter's own dtype
+    where the fused kernels load and store it (``native``), else in fp32."""
+    if native:
+        return flat_tensor(grad, grad.dtype), flat_tensor(data, data.dtype)
+    return flat_tensor(grad, torch.float32), flat_tensor(data, torch.float32)
 
 
 class FactoredOptimizer(StateDictMixin, Optimizer):

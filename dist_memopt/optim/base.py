@@ -344,6 +344,10 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # torch.optim.Optimizer.__setstate__ adds differentiable=False to the defaults for its own
+        # step decorator; these optimizers take no such argument, and the backfill below would put
+        # it into every param group (and so into state_dict())
+        self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_pending", None)
         self.__dict__.pop("_step_counts", None)  # the states were replaced: read their steps once

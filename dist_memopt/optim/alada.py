@@ -107,7 +107,7 @@ class Alada(FactoredOptimizer):
         self._contract.check(type(self).__name__, self.param_groups, self._param_name)
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
-        check_number("lr", group["lr"], where, low=0.0)
+        check_number("lr", group["lr"], where, low=0.0, tensor=True)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas{where}: {betas!r} (must be a pair (beta1, beta2))")
@@ -221,7 +221,7 @@ class _Schedule:
         beta1, beta2 = group["betas"]
         return cls(
             t=t,
-            lr=group["lr"],
+            lr=float(group["lr"]),  # a tensor lr is read here, once per step
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             beta1=beta1,

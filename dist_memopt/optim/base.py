@@ -416,10 +416,26 @@ def check_number(
     high: Optional[float] = None,
     low_open: bool = False,
     high_open: bool = False,
+    tensor: bool = False,
 ) -> None:
-    """ValueError naming ``name`` unless ``value`` is a finite real number in the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a finite number)")
+    """ValueError naming ``name`` unless ``value`` is a finite real number in the allowed range.
+
+    ``tensor``: a one-element floating-point tensor is accepted too, as torch.optim accepts a
+    tensor ``lr`` (its value is read at every step, so changing it in place takes effect).
+    """
+    if isinstance(value, Tensor):
+        if not tensor:
+            raise ValueError(f"Invalid {name}{where}: {value!r} (must be a Python number, not a tensor)")
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"Invalid {name}{where}: a tensor {name} must hold one floating-point element, got "
+                f"shape {tuple(value.shape)} of {value.dtype}"
+            )
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}{where}: {value!r} is a {type(value).__name__} (must be a finite number)")
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be finite)")
     if low is not None and (value < low or (low_open and value <= low)):
         raise ValueError(f"Invalid {name}{where}: {value!r} (must be {'>' if low_open else '>='} {low})")
     if high is not None and (value > high or (high_open and value >= high)):

@@ -132,9 +132,18 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         """Group settings that change the plan (a changed value rebuilds it)."""
         return None
 
-    def _expected_state(self, group: dict[str, Any], plan: ParamPlan) -> dict[str, tuple[int, torch.dtype]]:
-        """State keys this parameter must hold, with element counts and dtypes (from :attr:`state_layout`)."""
-        return expected_state(self.state_layout, group, plan)
+    def _expected_state(self, group: dict[str, Any], plan: ParamPlan, saved: bool = False) -> dict[str, tuple[int, torch.dtype]]:
+        """State keys this parameter must hold, with element counts and dtypes (from
+        :attr:`state_layout`; ``saved``: also the keys only its checkpoints hold)."""
+        return expected_state(self.state_layout, group, plan, saved)
+
+    def _state_outside(self, group: dict[str, Any], param: Tensor, plan: ParamPlan) -> dict[str, Tensor]:
+        """Copies of this parameter's state kept outside ``self.state`` (keys with ``held=False``),
+        compact, for :meth:`state_dict`."""
+        return {}
+
+    def _restore_outside(self, group: dict[str, Any], param: Tensor, plan: ParamPlan, values: dict[str, Tensor]) -> None:
+        """Put loaded values of :meth:`_state_outside`'s keys back where they live."""
 
     def statistics(self, group: dict[str, Any]) -> dict[str, Side]:
         """The row/column statistics each factored segment of this group sums per step, by name

@@ -1,6 +1,7 @@
 """Which implementation steps a parameter group: ``kernel="auto" | "torch" | "triton"``.
 
-``"auto"`` picks the fused Triton kernels on CUDA when Triton imports, the torch path elsewhere;
+``"auto"`` picks the fused Triton kernels on CUDA when Triton imports (each kernel checked against
+the torch path on its first use, :mod:`.verify`), the torch path elsewhere;
 ``"triton"`` insists (on CPU tensors it runs Triton's interpreter, which needs
 ``TRITON_INTERPRET=1`` in the environment before Triton is imported: that is how CI tests the
 kernels); ``"torch"`` never uses them. Both implementations compute the same equations.
@@ -17,12 +18,15 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from dist_memopt.kernels import launch
 
-__all__ = ["KERNELS", "SUPPORTED_TRITON", "check_kernel", "use_triton", "triton_available", "triton_problem", "fused_item", "fused_step"]
+__all__ = ["KERNELS", "SUPPORTED_TRITON", "TRITON_DEVICES", "check_kernel", "use_triton", "takes_kernel", "triton_available", "triton_problem", "fused_item", "fused_step"]
 
 KERNELS = ("auto", "torch", "triton")
+#: device types on which ``"auto"`` picks the Triton kernels, after :mod:`.verify` checked them
+TRITON_DEVICES = ("cuda",)
 
 
 def check_kernel(group: dict[str, Any], where: str = "") -> None:
@@ -77,12 +81,13 @@ def _interpreting() -> bool:
     return language is None or type(language.cdiv).__name__ == "InterpretedFunction"
 
 
-def use_triton(group: dict[str, Any], device: torch.device, supported: bool = True) -> bool:
+def use_triton(group: dict[str, Any], device: torch.device, supported: bool = True, devices: tuple[str, ...] = TRITON_DEVICES) -> bool:
     """Whether this group's tensors on ``device`` take the Triton kernels.
 
     ``supported`` is False where the optimizer has no fused kernel for the group's settings
-    (then ``"auto"`` falls back to torch and ``"triton"`` is an error). Raises RuntimeError
-    with the reason when ``kernel="triton"`` cannot run here.
+    (then ``"auto"`` falls back to torch and ``"triton"`` is an error); ``devices`` are the device
+    types ``"auto"`` picks them on. Raises RuntimeError with the reason when ``kernel="triton"``
+    cannot run here.
     """
     kernel = group.get("kernel", "auto")
     if kernel == "torch":
@@ -91,7 +96,7 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
     # so it needs no interpreter
     cpu_ok = _interpreting() or launch.runs_nothing()
     if kernel == "auto":
-        return supported and device.type == "cuda" and triton_available()
+        return supported and device.type in devices and triton_available()
     if not supported:
         raise RuntimeError("kernel='triton' is not implemented for these settings; use kernel='auto' or 'torch'")
     problem = triton_problem()
@@ -106,15 +111,28 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
     return True
 
 
+def takes_kernel(optimizer: type, group: dict[str, Any], weight: Tensor, grad: Tensor, devices: tuple[str, ...] = TRITON_DEVICES) -> bool:
+    """:func:`use_triton` for a parameter of an ``optimizer`` class, whose kernel is checked against
+    the torch path before its first use on a device of ``devices`` (:mod:`.verify`): on a mismatch
+    ``"auto"`` takes the torch path and ``"triton"`` raises."""
+    if not use_triton(group, weight.device, devices=devices):
+        return False
+    if weight.device.type not in devices or launch.runs_nothing():
+        return True  # the interpreter in tests, or launches only counted or compiled
+    from dist_memopt.kernels import verify
+
+    return verify.verified(optimizer, group, weight.device, (weight.dtype, grad.dtype))
+
+
 def fused_item(item: Any) -> bool:
     """Whether a step item (its group and weight device) takes the Triton kernels."""
     return use_triton(item.group, item.weight.device)
 
 
 def fused_step(items: list[Any], kind: str) -> Any:
-    """A new ``dist_memopt.kernels.<kind>_triton.Fused<KIND>`` step when any item takes the kernels
-    (imported only then: Triton is not needed otherwise), else None."""
-    if not any(fused_item(item) for item in items):
+    """A new ``dist_memopt.kernels.<kind>_triton.Fused<KIND>`` step for ``items``, those that take
+    the kernels (imported only then: Triton is not needed otherwise), or None when there are none."""
+    if not items:
         return None
     module = importlib.import_module(f"dist_memopt.kernels.{kind.lower()}_triton")
     return getattr(module, f"Fused{kind}")()

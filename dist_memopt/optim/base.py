@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from dist_memopt.optim.bits import packed_numel
-from dist_memopt.kernels.select import fused_item, fused_step, use_triton
+from dist_memopt.kernels.select import TRITON_DEVICES, fused_step, takes_kernel
 from dist_memopt.optim.plan import ParamPlan, SegmentPlan, StepItem, decay_weights
 from dist_memopt.optim.preflight import NonFiniteGradientError, StepCounts, check_step, first_nonfinite
 from dist_memopt.optim.state_dict import StateDictMixin
@@ -107,6 +107,10 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
     #: param-group keys of other optimizers that this one would silently ignore -> what to write
     #: instead; :data:`IGNORED_FLAGS` are refused only when truthy (``fused=False`` is harmless)
     ignored_keys: dict[str, str] = {}
+    #: device types on which ``kernel="auto"`` takes the fused Triton kernels, each first use checked
+    #: against the torch path (:mod:`dist_memopt.kernels.verify`); a subclass adding ``"cpu"`` gets
+    #: the same on CPU tensors through Triton's interpreter (how the tests exercise the check)
+    triton_devices: tuple[str, ...] = TRITON_DEVICES
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -265,8 +269,8 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         """The step's common prologue: state, step counts, schedules, decoupled decay, and the split
         into fused segments and torch-path stacks."""
         schedules = [self._schedule(item.group, t) for item, t in zip(items, self._advance_steps(items))]
-        fused = fused_step(items, self.kernel_family)
-        in_kernel = {id(item) for item in items if fused is not None and fused_item(item)}
+        fused = fused_step([item for item in items if item.kernel], self.kernel_family)
+        in_kernel = {id(item) for item in items if item.kernel}
         decays: list[tuple[Tensor, float]] = []
         for item, hp in zip(items, schedules):
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
@@ -316,20 +320,17 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
                 if chunk % 8:
                     raise ValueError(f"chunk_numel must be a multiple of 8, got {chunk}")
                 state = self.state[p] if p in self.state else {}  # stored once the step commits
-                flat_grad, flat_weight = _flat_pair(grad, data, self._native(group, plan, grad, data))
-                items.append(StepItem(group, p, name, plan, state, flat_grad, flat_weight, data, chunk))
+                kernel = takes_kernel(type(self), group, data, grad, self.triton_devices)
+                flat_grad, flat_weight = _flat_pair(grad, data, kernel and self._native(plan, grad, data))
+                items.append(StepItem(group, p, name, plan, state, flat_grad, flat_weight, data, chunk, kernel))
         return items
 
-    def _native(self, group: dict[str, Any], plan: ParamPlan, grad: Tensor, data: Tensor) -> bool:
-        """Whether the fused kernels step this parameter in its own dtype: all its segments are
-        theirs (a dense one would step an fp32 copy that commit() writes back over theirs)."""
+    def _native(self, plan: ParamPlan, grad: Tensor, data: Tensor) -> bool:
+        """Whether the fused kernels, when they step this parameter, do so in its own dtype: all
+        its segments are theirs (a dense one would step an fp32 copy that commit() writes back
+        over theirs)."""
         dtypes = self.kernel_dtypes
-        return (
-            data.dtype in dtypes
-            and grad.dtype in dtypes
-            and not plan.dense_segments
-            and use_triton(group, data.device)
-        )
+        return data.dtype in dtypes and grad.dtype in dtypes and not plan.dense_segments
 
     def _preflight(self, items: list[StepItem], reducer: StatReducer) -> None:
         """Raise, on every rank alike and before any state changes, on bad gradients or layouts
@@ -383,7 +384,7 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
 
 def _needs_slots(item: StepItem, seg: SegmentPlan) -> bool:
     """Reducer slots for sharded segments, and for the fused kernels (they write sums there)."""
-    return seg.group is not None or fused_item(item)
+    return seg.group is not None or item.kernel
 
 
 #: torch.optim flags with no meaning here: refused when set (truthy), accepted when off.

@@ -1,9 +1,10 @@
-"""Which implementation steps a parameter group: ``kernel="auto" | "torch" | "triton"``.
+"""Which implementation steps a parameter group: ``kernel="auto" | "torch" | "triton" | "cpu"``.
 
-``"auto"`` picks the fused Triton kernels on CUDA when Triton imports, the torch path elsewhere;
-``"triton"`` insists (on CPU tensors it runs Triton's interpreter, which needs
-``TRITON_INTERPRET=1`` in the environment before Triton is imported: that is how CI tests the
-kernels); ``"torch"`` never uses them. Both implementations compute the same equations.
+``"auto"`` picks the fused Triton kernels on CUDA when Triton imports (each kernel checked against
+the torch path on its first use, :mod:`.verify`), the torch path elsewhere; ``"triton"`` insists
+(on CPU tensors it runs Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment
+before Triton is imported: that is how CI tests the kernels); ``"torch"`` never uses them. Both
+implementations compute the same equations.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from dist_memopt.kernels.launch import KernelObserver
 
-__all__ = ["KERNELS", "SUPPORTED_TRITON", "check_kernel", "use_triton", "triton_available", "triton_problem", "fused_item", "fused_step"]
+__all__ = ["KERNELS", "SUPPORTED_TRITON", "TRITON_DEVICES", "check_kernel", "use_triton", "takes_kernel", "triton_available",
+           "triton_problem", "fused_step", "FusedRunners"]
 
 KERNELS = ("auto", "torch", "triton")
+#: device types on which ``"auto"`` picks the Triton kernels, after :mod:`.verify` checked them
+TRITON_DEVICES = ("cuda",)
 
 
 def check_kernel(group: dict[str, Any], where: str = "") -> None:
@@ -77,18 +82,19 @@ def _interpreting() -> bool:
     return language is None or type(language.cdiv).__name__ == "InterpretedFunction"
 
 
-def use_triton(group: dict[str, Any], device: torch.device, supported: bool = True) -> bool:
+def use_triton(group: dict[str, Any], device: torch.device, supported: bool = True, devices: tuple[str, ...] = TRITON_DEVICES) -> bool:
     """Whether this group's tensors on ``device`` take the Triton kernels.
 
     ``supported`` is False where the optimizer has no fused kernel for the group's settings
-    (then ``"auto"`` falls back to torch and ``"triton"`` is an error). Raises RuntimeError
-    with the reason when ``kernel="triton"`` cannot run here.
+    (then ``"auto"`` falls back to torch and ``"triton"`` is an error); ``devices`` are the device
+    types ``"auto"`` picks them on. Raises RuntimeError with the reason when ``kernel="triton"``
+    cannot run here.
     """
     kernel = group.get("kernel", "auto")
     if kernel == "torch":
         return False
     if kernel == "auto":
-        return supported and device.type == "cuda" and triton_available()
+        return supported and device.type in devices and triton_available()
     if not supported:
         raise RuntimeError("kernel='triton' is not implemented for these settings; use kernel='auto' or 'torch'")
     problem = triton_problem()
@@ -103,16 +109,54 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
     return True
 
 
-def fused_item(item: Any) -> bool:
-    """Whether a step item (its group and weight device) takes the Triton kernels."""
-    return use_triton(item.group, item.weight.device)
+def takes_kernel(optimizer: type, group: dict[str, Any], weight: Tensor, grad: Tensor,
+                 devices: tuple[str, ...] = TRITON_DEVICES) -> Optional[str]:
+    """The fused kernel family that steps a parameter of an ``optimizer`` class: ``"cpu"``,
+    ``"triton"``, or None for the torch path. A Triton kernel is checked against the torch path
+    before its first use on a device of ``devices`` (:mod:`.verify`): on a mismatch ``"auto"``
+    takes the torch path and ``"triton"`` raises. Raises RuntimeError with the reason when the
+    group insists on a kernel that cannot run here."""
+    device = weight.device
+    if not use_triton(group, device, devices=devices):
+        return None
+    if device.type not in devices:
+        return "triton"  # kernel="triton" on CPU tensors: the interpreter, in tests
+    from dist_memopt.kernels import verify
+
+    return "triton" if verify.verified(optimizer, group, device, (weight.dtype, grad.dtype)) else None
+
+
+_RUNNERS = {"triton": ("dist_memopt.kernels.{}_triton", "Fused{}")}
 
 
 def fused_step(items: list[Any], kind: str, observer: Optional[KernelObserver] = None) -> Any:
-    """A new ``dist_memopt.kernels.<kind>_triton.Fused<KIND>`` step when any item takes the kernels
-    (imported only then: Triton is not needed otherwise), else None. ``observer`` receives its
-    launches (:mod:`dist_memopt.kernels.launch`)."""
-    if not any(fused_item(item) for item in items):
-        return None
-    module = importlib.import_module(f"dist_memopt.kernels.{kind.lower()}_triton")
-    return getattr(module, f"Fused{kind}")(observer)
+    """The kernel runner of optimizer ``kind`` (``"SMMF"``, ``"Alada"``) for ``items``, those that
+    take a fused kernel (``item.kernel`` names its family): a ``Fused<KIND>`` (Triton) or
+    ``Cpu<KIND>`` (C++), a :class:`FusedRunners` when both families take part, or None when there
+    are no items. Modules are imported only when needed (Triton is not needed otherwise).
+    ``observer`` receives the launches (:mod:`dist_memopt.kernels.launch`)."""
+    runners = {}
+    for item in items:
+        if item.kernel not in runners:
+            module, cls = _RUNNERS[item.kernel]
+            runners[item.kernel] = getattr(importlib.import_module(module.format(kind.lower())), cls.format(kind))(observer)
+    if len(runners) <= 1:
+        return next(iter(runners.values()), None)
+    return FusedRunners(runners)
+
+
+class FusedRunners:
+    """The runners of a step whose items take different kernel families (CPU and CUDA tensors in
+    one optimizer): ``add`` goes to the item's family, every other call to all of them."""
+
+    def __init__(self, runners: dict[str, Any]) -> None:
+        self._runners = runners
+
+    def add(self, item: Any, *args: Any) -> None:
+        self._runners[item.kernel].add(item, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        calls = [getattr(runner, name) for runner in self._runners.values()]
+        return lambda: [call() for call in calls]

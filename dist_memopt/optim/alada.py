@@ -22,6 +22,7 @@ from torch import Tensor
 
 from dist_memopt.optim.base import (
     FactoredOptimizer,
+    ParamPlan,
     SegmentPlan,
     SegmentStack,
     SegmentWork,
@@ -30,6 +31,7 @@ from dist_memopt.optim.base import (
     check_foreach,
     check_number,
     chunk_ranges,
+    flat_tensor,
 )
 from dist_memopt.kernels.select import check_kernel
 from dist_memopt.optim.grad_contract import GradContract
@@ -37,6 +39,7 @@ from dist_memopt.optim.stacks import Scratch, local_grad, local_weight, state_vi
 from dist_memopt.optim.state_layout import StateKey
 from dist_memopt.shard.geometry import balanced_split
 from dist_memopt.shard.reduce import StatReducer
+from dist_memopt.shard.spec import grad_like_param, local_tensor
 
 __all__ = ["Alada"]
 
@@ -65,9 +68,11 @@ class Alada(FactoredOptimizer):
         "beta": "Alada takes betas=(beta1, beta2) (the paper's (0.9, 0.9))",
         "decoupled_weight_decay": "Alada's weight decay is always decoupled (W <- W*(1 - lr*wd)); remove it",
     }
-    # p, q, v0 in float64: see _denominator_terms (Ũ cancels p·qᵀ against β2^(t+1)·v0)
+    # p, q, v0 in float64: see _denominator_terms (Ũ cancels p·qᵀ against β2^(t+1)·v0);
+    # exp_avg_in_grad: M of momentum_in_grad groups, which .grad holds, in checkpoints only
     state_layout = dict(
         exp_avg=StateKey("elems", present=lambda group: not group["momentum_in_grad"]),
+        exp_avg_in_grad=StateKey("elems", present=lambda group: group["momentum_in_grad"], held=False),
         row=StateKey("rows", torch.float64, everywhere=True),
         col=StateKey("cols", torch.float64, everywhere=True),
         v0=StateKey("factor", torch.float64, everywhere=True),
@@ -107,7 +112,7 @@ class Alada(FactoredOptimizer):
         self._contract.check(type(self).__name__, self.param_groups, self._param_name)
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
-        check_number("lr", group["lr"], where, low=0.0)
+        check_number("lr", group["lr"], where, low=0.0, tensor=True)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas{where}: {betas!r} (must be a pair (beta1, beta2))")
@@ -151,6 +156,35 @@ class Alada(FactoredOptimizer):
                             p.grad.requires_grad_(False)
                         p.grad.zero_()
         self._contract.zeroed = True
+
+    def _state_outside(self, group: dict[str, Any], param: Tensor, plan: ParamPlan) -> dict[str, Tensor]:
+        """``exp_avg_in_grad``: a copy of the momentum ``.grad`` holds (zeros where it has none, as
+        on a rank whose FSDP1 shard of the parameter is empty), so that a resumed run continues
+        from it."""
+        if not group["momentum_in_grad"]:
+            return {}
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        flat = flat_tensor(local_tensor(grad_like_param(param, grad)), torch.float32)
+        pieces = [seg.local(flat) for seg in plan.factored]
+        return {"exp_avg_in_grad": torch.cat(pieces) if pieces else flat.new_zeros(0)}
+
+    def _restore_outside(self, group: dict[str, Any], param: Tensor, plan: ParamPlan, values: dict[str, Tensor]) -> None:
+        """Loaded ``exp_avg_in_grad`` into ``.grad`` (a zero gradient is made where there is none),
+        written in place: the tensor ``zero_grad`` left stays the one the loop contract expects."""
+        momentum = values.get("exp_avg_in_grad")
+        if momentum is None or not group["momentum_in_grad"]:
+            return
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        placed = grad_like_param(param, param.grad)
+        if placed is not param.grad:
+            param.grad = placed  # as step() places it
+        local = local_tensor(placed)
+        flat = flat_tensor(local, local.dtype)
+        for seg in plan.factored:
+            seg.local(flat).copy_(seg.elems(momentum))
+        if flat.data_ptr() != local.data_ptr():
+            local.copy_(flat.view_as(local))
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """``loss·(1 − β1)`` for ``momentum_in_grad`` training (``loss`` unchanged otherwise)."""
@@ -221,7 +255,7 @@ class _Schedule:
         beta1, beta2 = group["betas"]
         return cls(
             t=t,
-            lr=group["lr"],
+            lr=float(group["lr"]),  # a tensor lr is read here, once per step
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             beta1=beta1,

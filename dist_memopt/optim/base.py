@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from dist_memopt.optim.bits import packed_numel
 from dist_memopt.kernels.launch import KernelObserver
-from dist_memopt.kernels.select import fused_item, fused_step, use_triton
+from dist_memopt.kernels.select import TRITON_DEVICES, fused_step, takes_kernel
 from dist_memopt.optim.plan import ParamPlan, SegmentPlan, StepItem, decay_weights
 from dist_memopt.optim.preflight import NonFiniteGradientError, StepCounts, check_step, first_nonfinite
 from dist_memopt.optim.state_dict import StateDictMixin
@@ -47,6 +47,7 @@ __all__ = [
     "chunk_ranges",
     "default_chunk_numel",
     "first_nonfinite",
+    "flat_tensor",
 ]
 
 
@@ -67,19 +68,22 @@ def chunk_ranges(numel: int, chunk: int):
         yield lo, min(numel, lo + chunk)
 
 
-def _flat_fp32(t: Tensor) -> Tensor:
-    """A flat fp32 view of ``t`` when possible, else a flat fp32 copy."""
-    if t.dtype == torch.float32 and t.is_contiguous():
-        return t.view(-1)
-    return t.reshape(-1).to(torch.float32)
+def flat_tensor(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` flattened in row-major order as one contiguous ``dtype`` tensor: a view when ``t`` is
+    already that, else a copy. Never a strided view: the fused kernels walk raw pointers, and a
+    non-contiguous tensor (a slice, a transpose, channels-last) can flatten to one with
+    ``reshape``. A copied weight is written back by :meth:`StepItem.commit`."""
+    if t.is_contiguous():
+        return t.to(dtype).view(-1)
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t).view(-1)
 
 
 def _flat_pair(grad: Tensor, data: Tensor, native: bool) -> tuple[Tensor, Tensor]:
-    """(grad, weight) as the step reads them: flat views in the parameter's own dtype where the
-    fused kernels load and store it (``native``), else fp32 views or copies."""
-    if native and grad.is_contiguous() and data.is_contiguous():
-        return grad.view(-1), data.view(-1)
-    return _flat_fp32(grad), _flat_fp32(data)
+    """(grad, weight) as the step reads them: contiguous and flat, in the parameter's own dtype
+    where the fused kernels load and store it (``native``), else in fp32."""
+    if native:
+        return flat_tensor(grad, grad.dtype), flat_tensor(data, data.dtype)
+    return flat_tensor(grad, torch.float32), flat_tensor(data, torch.float32)
 
 
 class FactoredOptimizer(StateDictMixin, Optimizer):
@@ -106,6 +110,10 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
     #: param-group keys of other optimizers that this one would silently ignore -> what to write
     #: instead; :data:`IGNORED_FLAGS` are refused only when truthy (``fused=False`` is harmless)
     ignored_keys: dict[str, str] = {}
+    #: device types on which ``kernel="auto"`` takes the fused Triton kernels, each first use checked
+    #: against the torch path (:mod:`dist_memopt.kernels.verify`); a subclass adding ``"cpu"`` gets
+    #: the same on CPU tensors through Triton's interpreter (how the tests exercise the check)
+    triton_devices: tuple[str, ...] = TRITON_DEVICES
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -131,9 +139,18 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         """Group settings that change the plan (a changed value rebuilds it)."""
         return None
 
-    def _expected_state(self, group: dict[str, Any], plan: ParamPlan) -> dict[str, tuple[int, torch.dtype]]:
-        """State keys this parameter must hold, with element counts and dtypes (from :attr:`state_layout`)."""
-        return expected_state(self.state_layout, group, plan)
+    def _expected_state(self, group: dict[str, Any], plan: ParamPlan, saved: bool = False) -> dict[str, tuple[int, torch.dtype]]:
+        """State keys this parameter must hold, with element counts and dtypes (from
+        :attr:`state_layout`; ``saved``: also the keys only its checkpoints hold)."""
+        return expected_state(self.state_layout, group, plan, saved)
+
+    def _state_outside(self, group: dict[str, Any], param: Tensor, plan: ParamPlan) -> dict[str, Tensor]:
+        """Copies of this parameter's state kept outside ``self.state`` (keys with ``held=False``),
+        compact, for :meth:`state_dict`."""
+        return {}
+
+    def _restore_outside(self, group: dict[str, Any], param: Tensor, plan: ParamPlan, values: dict[str, Tensor]) -> None:
+        """Put loaded values of :meth:`_state_outside`'s keys back where they live."""
 
     def statistics(self, group: dict[str, Any]) -> dict[str, Side]:
         """The row/column statistics each factored segment of this group sums per step, by name
@@ -255,8 +272,8 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         """The step's common prologue: state, step counts, schedules, decoupled decay, and the split
         into fused segments and torch-path stacks."""
         schedules = [self._schedule(item.group, t) for item, t in zip(items, self._advance_steps(items))]
-        fused = fused_step(items, self.kernel_family, self.kernel_observer)
-        in_kernel = {id(item) for item in items if fused is not None and fused_item(item)}
+        fused = fused_step([item for item in items if item.kernel], self.kernel_family, self.kernel_observer)
+        in_kernel = {id(item) for item in items if item.kernel}
         decays: list[tuple[Tensor, float]] = []
         for item, hp in zip(items, schedules):
             for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
@@ -306,20 +323,17 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
                 if chunk % 8:
                     raise ValueError(f"chunk_numel must be a multiple of 8, got {chunk}")
                 state = self.state[p] if p in self.state else {}  # stored once the step commits
-                flat_grad, flat_weight = _flat_pair(grad, data, self._native(group, plan, grad, data))
-                items.append(StepItem(group, p, name, plan, state, flat_grad, flat_weight, data, chunk))
+                kernel = takes_kernel(type(self), group, data, grad, self.triton_devices)
+                flat_grad, flat_weight = _flat_pair(grad, data, kernel is not None and self._native(kernel, plan, grad, data))
+                items.append(StepItem(group, p, name, plan, state, flat_grad, flat_weight, data, chunk, kernel))
         return items
 
-    def _native(self, group: dict[str, Any], plan: ParamPlan, grad: Tensor, data: Tensor) -> bool:
-        """Whether the fused kernels step this parameter in its own dtype: all its segments are
-        theirs (a dense one would step an fp32 copy that commit() writes back over theirs)."""
+    def _native(self, family: str, plan: ParamPlan, grad: Tensor, data: Tensor) -> bool:
+        """Whether the fused kernels of ``family``, when they step this parameter, do so in its own
+        dtype: all its segments are theirs (a dense one would step an fp32 copy that commit()
+        writes back over theirs)."""
         dtypes = self.kernel_dtypes
-        return (
-            data.dtype in dtypes
-            and grad.dtype in dtypes
-            and not plan.dense_segments
-            and use_triton(group, data.device)
-        )
+        return data.dtype in dtypes and grad.dtype in dtypes and not plan.dense_segments
 
     def _preflight(self, items: list[StepItem], reducer: StatReducer) -> None:
         """Raise, on every rank alike and before any state changes, on bad gradients or layouts
@@ -343,6 +357,10 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # torch.optim.Optimizer.__setstate__ adds differentiable=False to the defaults for its own
+        # step decorator; these optimizers take no such argument, and the backfill below would put
+        # it into every param group (and so into state_dict())
+        self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_pending", None)
         self.__dict__.pop("_step_counts", None)  # the states were replaced: read their steps once
@@ -369,7 +387,7 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
 
 def _needs_slots(item: StepItem, seg: SegmentPlan) -> bool:
     """Reducer slots for sharded segments, and for the fused kernels (they write sums there)."""
-    return seg.group is not None or fused_item(item)
+    return seg.group is not None or item.kernel
 
 
 #: torch.optim flags with no meaning here: refused when set (truthy), accepted when off.
@@ -411,10 +429,26 @@ def check_number(
     high: Optional[float] = None,
     low_open: bool = False,
     high_open: bool = False,
+    tensor: bool = False,
 ) -> None:
-    """ValueError naming ``name`` unless ``value`` is a finite real number in the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a finite number)")
+    """ValueError naming ``name`` unless ``value`` is a finite real number in the allowed range.
+
+    ``tensor``: a one-element floating-point tensor is accepted too, as torch.optim accepts a
+    tensor ``lr`` (its value is read at every step, so changing it in place takes effect).
+    """
+    if isinstance(value, Tensor):
+        if not tensor:
+            raise ValueError(f"Invalid {name}{where}: {value!r} (must be a Python number, not a tensor)")
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"Invalid {name}{where}: a tensor {name} must hold one floating-point element, got "
+                f"shape {tuple(value.shape)} of {value.dtype}"
+            )
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}{where}: {value!r} is a {type(value).__name__} (must be a finite number)")
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be finite)")
     if low is not None and (value < low or (low_open and value <= low)):
         raise ValueError(f"Invalid {name}{where}: {value!r} (must be {'>' if low_open else '>='} {low})")
     if high is not None and (value > high or (high_open and value >= high)):

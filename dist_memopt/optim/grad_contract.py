@@ -43,6 +43,10 @@ class GradContract:
         if not in_grad:
             return
         if not self.zeroed:
+            if not self._grads and all(float(g["lr"]) == 0 for g in in_grad):
+                # a fresh optimizer's step at lr 0 moves no weight: torch.distributed.checkpoint's
+                # get_state_dict takes one on zero gradients to create the state it loads into
+                return
             raise RuntimeError(
                 f"{kind}(momentum_in_grad=True): step() without optimizer.zero_grad() since the "
                 f"{'last step' if self._grads else 'start'} (was .grad cleared by model.zero_grad() or "

@@ -102,6 +102,7 @@ class StepItem:
     weight: Tensor  # flat, local, same dtype rule; written back to the parameter by commit()
     _data: Tensor
     chunk: int  # elements per piece when a segment is processed piecewise
+    kernel: Optional[str] = None  # the fused kernel family that steps it ("triton", "cpu"; decided in _collect)
 
     def commit(self) -> None:
         if self.weight.data_ptr() != self._data.data_ptr():

@@ -133,7 +133,7 @@ class SMMF(FactoredOptimizer):
     # --- configuration ---------------------------------------------------------------------
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
-        check_number("lr", group["lr"], where, low=0.0)
+        check_number("lr", group["lr"], where, low=0.0, tensor=True)
         beta = group["beta"]
         if beta is not None:
             check_number("beta", beta, where, low=0.0, high=1.0, high_open=True)
@@ -226,7 +226,7 @@ class _Schedule:
     def at(cls, group: dict[str, Any], t: int) -> "_Schedule":
         wd, mode, beta = group["weight_decay"], group["weight_decay_mode"], group["beta"]
         return cls(
-            lr=group["lr"],
+            lr=float(group["lr"]),  # a tensor lr is read here, once per step
             eps=group["eps"],
             weight_decay=wd,
             decoupled_decay=mode == "adamw" and wd != 0,

@@ -9,6 +9,8 @@ adapters move state between layouts without knowing the math.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections import defaultdict
 from copy import deepcopy
 from itertools import chain
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from dist_memopt.optim.checkpoint import compact_state, expand_state
+from dist_memopt.optim.state_layout import outside_keys
 from dist_memopt.shard.spec import ParamLayout, Segment, layout_of, local_tensor
 
 __all__ = ["StateDictMixin"]
@@ -39,7 +42,8 @@ class StateDictMixin:
                 if index in sd["state"]:
                     plan = self._plan(group, param)
                     style = layout_of(param).checkpoint
-                    sd["state"][index] = expand_state(plan, param, sd["state"][index], self.state_kinds, style)
+                    state = {**sd["state"][index], **self._state_outside(group, param, plan)}
+                    sd["state"][index] = expand_state(plan, param, state, self.state_kinds, style)
                 index += 1
         return sd
 
@@ -48,7 +52,9 @@ class StateDictMixin:
         """Like :meth:`torch.optim.Optimizer.load_state_dict`, keeping fp32 state fp32.
 
         Checks that the state fits this optimizer type and these parameters' layouts; on any
-        mismatch raises ``ValueError`` and leaves the current state and groups untouched.
+        mismatch raises ``ValueError`` and leaves the current state and groups untouched. A
+        numeric ``step`` (torch's older format) becomes a tensor; state kept outside the optimizer
+        (Alada's in-gradient momentum) goes back where it lives.
         """
         self.synchronize()
         state_dict = state_dict.copy()
@@ -92,16 +98,31 @@ class StateDictMixin:
         for index, group in enumerate(new_groups):
             self._validate_group(group, where=f" (param group {index} of the loaded state dict)")
         new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        outside: list[tuple[dict[str, Any], Tensor, dict[str, Tensor]]] = []
+        lacking: list[str] = []
         for key, value in state_dict["state"].items():
             group, i, index = owners[key]
             param = group["params"][i]
-            value = self._compact_loaded(group, param, value)
-            self._check_loaded_state(group, param, value, self._param_name(group, i, index))
+            name = self._param_name(group, i, index)
+            value = _tensor_step(self._compact_loaded(group, param, value), name)
+            lacking += [f"'{k}' of {name}" for k in self._check_loaded_state(group, param, value, name)]
+            moved = {k: value.pop(k) for k in outside_keys(self.state_layout) if k in value}
+            if moved:
+                outside.append((group, param, moved))
             new_state[param] = {
                 k: (v.to(device=local_tensor(param).device) if isinstance(v, Tensor) else deepcopy(v))
                 for k, v in value.items()
             }
         self.__setstate__({"state": new_state, "param_groups": new_groups})
+        for group, param, moved in outside:
+            self._restore_outside(group, param, self._plan(group, param), moved)
+        if lacking:
+            warnings.warn(
+                f"{kind}.load_state_dict: the state dict lacks {', '.join(lacking[:3])}"
+                f"{f' and {len(lacking) - 3} more' if len(lacking) > 3 else ''} (saved by an older "
+                "dist_memopt, or with momentum_in_grad=False?): the momentum now in .grad is kept as it is",
+                UserWarning, stacklevel=2,
+            )
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -112,19 +133,25 @@ class StateDictMixin:
         take = single.take if single is not None else None
         return compact_state(self._build_plan(group, layout), param, state, self.state_kinds, take)
 
-    def _check_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], name: str) -> None:
+    def _check_loaded_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], name: str) -> list[str]:
+        """Raise ValueError unless ``state`` fits this parameter; returns the keys kept outside the
+        optimizer that it lacks (state dicts saved before they were carried)."""
         kind = type(self).__name__
         if not state:
-            return  # a parameter that has not been stepped yet
+            return []  # a parameter that has not been stepped yet
         plan = self._build_plan(group, layout_of(param))
-        expected = dict(self._expected_state(group, plan), step=(1, torch.float32))
-        if set(state) != set(expected):
+        expected = dict(self._expected_state(group, plan, saved=True), step=(1, torch.float32))
+        optional = set(outside_keys(self.state_layout))
+        if not set(expected) - optional <= set(state) <= set(expected):
             raise ValueError(
                 f"loaded state of {name} has keys {sorted(state)}, {kind} expects {sorted(expected)} "
-                f"for it: the state dict was saved by another optimizer or for another shape"
+                f"for it: the state dict was saved by another optimizer, for another shape or with "
+                "other settings (beta=None, vector_reshape, momentum_in_grad)"
             )
         for key, (numel, dtype) in expected.items():
-            value = state[key]
+            value = state.get(key)
+            if value is None:
+                continue
             if not isinstance(value, Tensor):
                 raise ValueError(f"loaded state '{key}' of {name} is a {type(value).__name__}, not a tensor")
             if local_tensor(value).numel() != numel or value.dtype != dtype:
@@ -133,6 +160,7 @@ class StateDictMixin:
                     f"{value.dtype}, {kind} expects {numel} of {dtype}: saved for another shape, "
                     "sharding or optimizer"
                 )
+        return sorted(set(expected) - set(state))
 
     # --- state per segment -----------------------------------------------------------------
 
@@ -170,7 +198,20 @@ class StateDictMixin:
         """Zero state, sized for a tensor of ``layout``, for :meth:`segment_states` to fill
         (restoring state saved in another layout); ``step`` is 0."""
         plan = self._build_plan(group, layout)
-        state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        state: dict[str, Tensor] = {"step": torch.tensor(0.0, dtype=torch.float32)}  # held keys only
         for key, (numel, dtype) in self._expected_state(group, plan).items():
             state[key] = torch.zeros(numel, dtype=dtype, device=device)
         return state
+
+
+def _tensor_step(state: dict[str, Any], name: str) -> dict[str, Any]:
+    """``state`` with a numeric ``step`` (a Python number or a one-element tensor of another dtype,
+    as torch.optim loads) as the CPU float32 tensor these optimizers count in."""
+    step = state.get("step")
+    if step is None or (isinstance(step, Tensor) and step.dtype == torch.float32 and step.numel() == 1):
+        return state
+    if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex():
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step < 0:
+        raise ValueError(f"loaded state 'step' of {name} is {step!r}: expected a step count (a tensor or a number >= 0)")
+    return {**state, "step": torch.tensor(float(step), dtype=torch.float32)}

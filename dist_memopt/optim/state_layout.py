@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["StateKey", "STATE_KINDS", "PER_ELEMENT_KINDS", "VALUE_KINDS", "expected_state", "kinds_of", "per_element_keys"]
+__all__ = ["StateKey", "STATE_KINDS", "PER_ELEMENT_KINDS", "VALUE_KINDS", "expected_state", "kinds_of", "outside_keys", "per_element_keys"]
 
 #: The layouts a state key can have, named after the :class:`~dist_memopt.optim.plan.SegmentPlan`
 #: accessor that slices one segment's part out of the concatenated tensor. Per element of the
@@ -40,12 +40,16 @@ class StateKey:
 
     A key of a factored kind exists for parameters with factored segments, ``dense`` for those
     with dense ones (``everywhere`` drops that condition); ``present(group)`` adds the group's.
+    ``held=False`` marks state kept outside the optimizer (Alada's in-gradient momentum, in
+    ``.grad``): only checkpoints hold it, ``state_dict()`` copying it in and
+    ``load_state_dict()`` putting it back.
     """
 
     kind: str
     dtype: torch.dtype = torch.float32
     present: Callable[[Mapping[str, Any]], bool] = _always
     everywhere: bool = False
+    held: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in STATE_KINDS:
@@ -57,12 +61,15 @@ def _numel(kind: str, plan: Any) -> int:
             "dense": plan.dense, "factor": plan.factored_count}[kind]
 
 
-def expected_state(table: Mapping[str, StateKey], group: Mapping[str, Any], plan: Any) -> dict[str, tuple[int, torch.dtype]]:
-    """The keys a parameter of ``plan`` holds in ``group``, with element counts and dtypes."""
+def expected_state(
+    table: Mapping[str, StateKey], group: Mapping[str, Any], plan: Any, saved: bool = False
+) -> dict[str, tuple[int, torch.dtype]]:
+    """The keys a parameter of ``plan`` holds in ``group``, with element counts and dtypes
+    (``saved``: also those only its checkpoints hold)."""
     expected = {}
     for key, entry in table.items():
         has_segments = plan.dense > 0 if entry.kind == "dense" else plan.factored_count > 0
-        if (has_segments or entry.everywhere) and entry.present(group):
+        if (has_segments or entry.everywhere) and entry.present(group) and (entry.held or saved):
             expected[key] = (_numel(entry.kind, plan), entry.dtype)
     return expected
 
@@ -70,6 +77,11 @@ def expected_state(table: Mapping[str, StateKey], group: Mapping[str, Any], plan
 def kinds_of(table: Mapping[str, StateKey]) -> dict[str, str]:
     """Key -> kind."""
     return {key: entry.kind for key, entry in table.items()}
+
+
+def outside_keys(table: Mapping[str, StateKey]) -> list[str]:
+    """The keys whose values live outside the optimizer's state (``held=False``)."""
+    return [key for key, entry in table.items() if not entry.held]
 
 
 def per_element_keys(state_kinds: Mapping[str, str]) -> dict[str, str]:

@@ -61,6 +61,31 @@ def test_unknown_params_list_the_constructor_arguments():
         dsi.build_optimizer("Alada", params, {"torch_adam": True, "max_grad_norm": 1.0})
 
 
+def test_momentum_in_grad_is_refused_before_deepspeed_wraps_the_optimizer():
+    """DeepSpeed replaces gradients every step and does not checkpoint them: the momentum Alada
+    would keep there survives neither, so the engine refuses it, from the ds_config or a client."""
+    import torch
+
+    from dist_memopt.integrations.deepspeed import hooks
+
+    class Engine:
+        def optimizer_name(self):
+            return "Alada"
+
+        def optimizer_params(self):
+            return {"momentum_in_grad": True}
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    wrapped = []
+    refused = r"Alada\(momentum_in_grad=True\) cannot run under DeepSpeed.*use momentum_in_grad=False"
+    with pytest.raises(ValueError, match=refused):
+        hooks._build_by_name(lambda self, model_parameters: None)(Engine(), params)
+    configure = hooks._attach_after_wrapping(lambda self, client, model_parameters: wrapped.append(client))
+    with pytest.raises(ValueError, match=refused):
+        configure(Engine(), dsi.OPTIMIZERS["Alada"](params, momentum_in_grad=True), params)
+    assert not wrapped
+
+
 def test_hf_auto_adam_values_for_alada_warn():
     """HF Trainer fills "betas": "auto" / "eps": "auto" with its Adam defaults, not Alada's."""
     import warnings

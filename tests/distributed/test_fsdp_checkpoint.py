@@ -68,6 +68,38 @@ def test_dcp_save_on_2_ranks_load_on_3_continues_exactly(two_ranks, three_ranks)
             _assert_matches(_single_process(name), full, name)
 
 
+def _in_grad_fsdp2():
+    model = fsdp2_model()
+    return model, dm.Alada(model.parameters(), lr=1e-2, weight_decay=0.05, momentum_in_grad=True)
+
+
+def _dcp_in_grad(rank, world_size, path):
+    """Alada(momentum_in_grad=True) on FSDP2: STEPS steps, and the same saved with DCP after
+    SAVED_AT, loaded into fresh objects (whose get_state_dict initializes the state) and continued."""
+    model, optimizer = _in_grad_fsdp2()
+    _train(model, optimizer, range(STEPS), in_grad=True)
+    uninterrupted = _full(model)
+    model, optimizer = _in_grad_fsdp2()
+    _train(model, optimizer, range(SAVED_AT), in_grad=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    saved = type(optim_sd["state"]["proj.weight"]["exp_avg_in_grad"]).__name__
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{path}/alada-in-grad")
+    model, optimizer = _in_grad_fsdp2()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{path}/alada-in-grad")
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    _train(model, optimizer, range(SAVED_AT, STEPS), in_grad=True)
+    return uninterrupted, _full(model), saved
+
+
+def test_dcp_resumes_momentum_in_grad_bit_identically(two_ranks):
+    """The momentum FSDP2's .grad holds is saved sharded (a DTensor) and put back into .grad."""
+    for uninterrupted, resumed, saved in two_ranks.case("dcp in grad"):
+        assert saved == "DTensor"
+        for name, expected in uninterrupted.items():
+            assert torch.equal(resumed[name], expected), name
+
+
 def _fsdp1(use_orig_params):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -156,7 +188,8 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(checkpoints):
-    return Launch({"dcp save": (_dcp_save, (checkpoints,)), "fsdp1 save": (_fsdp1_save, (checkpoints,))}, 2)
+    return Launch({"dcp save": (_dcp_save, (checkpoints,)), "fsdp1 save": (_fsdp1_save, (checkpoints,)),
+                   "dcp in grad": (_dcp_in_grad, (checkpoints,))}, 2)
 
 
 @pytest.fixture(scope="module")

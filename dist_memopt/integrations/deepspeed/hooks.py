@@ -35,7 +35,7 @@ from dist_memopt.integrations.deepspeed.state import link_state_helpers, undo_st
 from dist_memopt.integrations.deepspeed.universal import enable_universal
 from dist_memopt.optim.base import FactoredOptimizer
 
-__all__ = ["install", "installed", "attach"]
+__all__ = ["install", "installed", "attach", "refuse_momentum_in_grad"]
 
 _MARK = "_dist_memopt_hook"
 
@@ -84,17 +84,30 @@ def _build_by_name(original: Callable) -> Callable:
         name = self.optimizer_name()
         if optimizer_class(name) is None:
             return original(self, model_parameters)
-        return build_optimizer(name, model_parameters, self.optimizer_params())
+        return refuse_momentum_in_grad(build_optimizer(name, model_parameters, self.optimizer_params()))
 
     return _configure_basic_optimizer
 
 
 def _attach_after_wrapping(original: Callable) -> Callable:
     def _configure_optimizer(self: Any, client_optimizer: Any, model_parameters: Any) -> None:
+        refuse_momentum_in_grad(client_optimizer)
         original(self, client_optimizer, model_parameters)
         attach(self)
 
     return _configure_optimizer
+
+
+def refuse_momentum_in_grad(optimizer: Any) -> Any:
+    """``optimizer``, unless it keeps Alada's momentum in ``.grad``: DeepSpeed hands the optimizer
+    fresh gradient partitions every step and its checkpoints hold no gradients, so the momentum
+    could neither survive a step nor a resume there."""
+    if isinstance(optimizer, FactoredOptimizer) and any(g.get("momentum_in_grad") for g in optimizer.param_groups):
+        raise ValueError(
+            "Alada(momentum_in_grad=True) cannot run under DeepSpeed: its optimizers replace the "
+            "gradients every step and its checkpoints do not carry them; use momentum_in_grad=False"
+        )
+    return optimizer
 
 
 def attach(engine: Any) -> None:

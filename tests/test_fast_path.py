@@ -34,7 +34,7 @@ CASES = {
 def _run(cls, foreach, config, monkeypatch, dtype=torch.float32):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in SHAPES]
-    optimizer = cls(params, lr=1e-2, foreach=foreach, **config)
+    optimizer = cls(params, lr=1e-2, foreach=foreach, kernel="torch", **config)
     optimizer.batch_numel = 1000
     batched = []
     module, function = BATCH_FUNCTION[cls]
@@ -105,7 +105,7 @@ def test_fast_path_keeps_bf16_parameters_and_fp32_state(cls, monkeypatch):
 def test_batches_are_cut_to_the_chunk_size(cls, monkeypatch):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(24)) for _ in range(10)]
-    optimizer = cls(params, lr=1e-2)
+    optimizer = cls(params, lr=1e-2, kernel="torch")
     optimizer.chunk_numel = 48  # two (24,) tensors per batch
     sizes = []
     module, function = BATCH_FUNCTION[cls]

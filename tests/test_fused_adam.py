@@ -58,7 +58,7 @@ def test_the_cpu_step_takes_the_fused_kernel():
     assert fused_adam_available(torch.device("cpu"))
     for beta, fused in ((0.9, True), (None, False)):
         weight = torch.nn.Parameter(torch.randn(30, 20))
-        optimizer = dm.SMMF([weight], lr=1e-2, beta=beta)
+        optimizer = dm.SMMF([weight], lr=1e-2, beta=beta, kernel="torch")
         weight.grad = torch.randn(30, 20)
         with StepCost() as cost:
             optimizer.step()

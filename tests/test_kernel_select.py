@@ -1,4 +1,4 @@
-"""``kernel="auto" | "torch" | "triton"``: validation, where each choice runs, clear refusals."""
+"""``kernel="auto" | "torch" | "triton" | "cpu"``: validation, where each choice runs, clear refusals."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dist_memopt.kernels.select import use_triton
 
 @pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
 def test_an_unknown_kernel_is_an_error_naming_the_argument(cls):
-    with pytest.raises(ValueError, match=r"Invalid kernel: 'cuda' \(must be one of \('auto', 'torch', 'triton'\)\)"):
+    with pytest.raises(ValueError, match=r"Invalid kernel: 'cuda' \(must be one of \('auto', 'torch', 'triton', 'cpu'\)\)"):
         cls([torch.nn.Parameter(torch.randn(3))], kernel="cuda")
     with pytest.raises(ValueError, match=r"Invalid kernel \(param group 1\): 'fused'"):
         cls([{"params": [torch.nn.Parameter(torch.randn(3))]}, {"params": [torch.nn.Parameter(torch.randn(2))], "kernel": "fused"}])

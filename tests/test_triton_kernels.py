@@ -19,9 +19,10 @@ import torch
 pytest.importorskip("triton")
 
 import dist_memopt as dm
-from dist_memopt import Segment, ShardSpec, set_layout
+from dist_memopt import Segment, ShardSpec
 from dist_memopt.shard.runs import RunsGeometry
 from dist_memopt.shard.spec import Run
+from kernel_cases import ALADA_STRIDED_CASES, STRIDED_CASES, momentum_in_grad_run, sharded_run, strided_rank
 from models import AwkwardModel, loss_fn
 from reference import AladaReference, SMMFReference
 
@@ -54,39 +55,6 @@ def test_triton_matches_the_float64_reference(cls, reference, config):
             assert (param.detach().double() - ref.w).abs().max().item() <= TOLERANCE * scale, f"step {step + 1}"
 
 
-def _sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, steps: int = 6, cls=dm.SMMF, device: str = "cpu"):
-    """Parameters laid out like shards (no process group: partial statistics stay local, the same
-    for both implementations): FSDP-like ranges cutting rows, an empty shard, a flat tensor
-    holding three segments back to back, and tensor-parallel strided pieces: a column block of a
-    (64, 96) weight, one cut mid-piece (the cut piece a run of its own), and columns of a (10, 6)
-    tensor (strides under a column block). Also the CUDA tier's (test_cuda_kernels.py)."""
-    torch.manual_seed(0)
-
-    def param(*shape: int) -> torch.nn.Parameter:
-        return torch.nn.Parameter(torch.randn(*shape).to(dtype).to(device))
-
-    matrix = param(20, 7)  # a range of a (23, 54) view: rows cut at both ends
-    set_layout(matrix, [Segment(0, ShardSpec((23, 54), 61, 61 + 140))])
-    empty = param(0)
-    set_layout(empty, [Segment(0, ShardSpec((9, 4), 36, 36))])
-    flat = param(5 + 13 + 22)  # sign bytes of three segments in one word
-    set_layout(flat, [Segment(0, ShardSpec((3, 3), 2, 7)), Segment(5, ShardSpec((17,), 0, 13)), Segment(18, ShardSpec((6, 8), 3, 25))])
-    block = param(64 * 40)
-    set_layout(block, [Segment(0, ShardSpec.of_runs((64, 96), [Run(8, 40, 96, 64)]))])
-    cut = param(16 * 20 + 13)
-    set_layout(cut, [Segment(0, ShardSpec.of_runs((40, 48), [Run(8, 20, 48, 16), Run(776, 13)]))])
-    narrow = param(20)
-    set_layout(narrow, [Segment(0, ShardSpec.of_runs((10, 6), [Run(2, 2, 6, 10)]))])
-    params = [empty, matrix, flat, block, cut, narrow]  # the empty shard first: no kernel base may be it
-    optimizer = cls(params, kernel=kernel, lr=1e-2, **config)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=generator).to(dtype).to(device)
-        optimizer.step()
-    return params, optimizer
-
-
 SHARDED = {
     "smmf": (dm.SMMF, dict(weight_decay=0.1)),
     "smmf-adam-no-first-moment": (dm.SMMF, dict(beta=None, weight_decay=0.1, weight_decay_mode="adam")),
@@ -96,8 +64,8 @@ SHARDED = {
 
 @pytest.mark.parametrize("cls, config", SHARDED.values(), ids=SHARDED.keys())
 def test_triton_matches_the_torch_path_on_sharded_layouts(cls, config):
-    fused, fused_opt = _sharded_run("triton", config, cls=cls)
-    plain, plain_opt = _sharded_run("torch", config, cls=cls)
+    fused, fused_opt = sharded_run("triton", config, cls=cls)
+    plain, plain_opt = sharded_run("torch", config, cls=cls)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         for key, value in plain_opt.state[b].items():
@@ -113,8 +81,8 @@ def test_triton_matches_the_torch_path_on_sharded_layouts(cls, config):
 def test_smmf_loads_and_stores_half_precision_weights_like_the_torch_path(dtype, config):
     """The kernels read bf16/fp16 weights and gradients themselves and round the updated weight
     to nearest even, as the torch path's fp32 copy does when written back: bit for bit."""
-    fused, _ = _sharded_run("triton", config, dtype, steps=4)
-    plain, _ = _sharded_run("torch", config, dtype, steps=4)
+    fused, _ = sharded_run("triton", config, dtype, steps=4)
+    plain, _ = sharded_run("torch", config, dtype, steps=4)
     for a, b in zip(fused, plain):
         assert a.dtype == dtype
         assert torch.equal(a, b)
@@ -147,8 +115,8 @@ def test_half_precision_step_makes_no_fp32_copies(cls):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_alada_half_precision_parameters_step_like_the_torch_path(dtype):
-    fused, _ = _sharded_run("triton", {}, dtype, steps=3, cls=dm.Alada)
-    plain, _ = _sharded_run("torch", {}, dtype, steps=3, cls=dm.Alada)
+    fused, _ = sharded_run("triton", {}, dtype, steps=3, cls=dm.Alada)
+    plain, _ = sharded_run("torch", {}, dtype, steps=3, cls=dm.Alada)
     for a, b in zip(fused, plain):
         assert a.dtype == dtype
         torch.testing.assert_close(a, b, rtol=0, atol=1e-2)  # within one rounding (sums may differ in their last bit)
@@ -156,28 +124,11 @@ def test_alada_half_precision_parameters_step_like_the_torch_path(dtype):
 
 @pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
 def test_two_runs_are_bit_identical(cls):
-    first, first_opt = _sharded_run("triton", dict(weight_decay=0.1), steps=3, cls=cls)
-    second, second_opt = _sharded_run("triton", dict(weight_decay=0.1), steps=3, cls=cls)
+    first, first_opt = sharded_run("triton", dict(weight_decay=0.1), steps=3, cls=cls)
+    second, second_opt = sharded_run("triton", dict(weight_decay=0.1), steps=3, cls=cls)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
         assert all(torch.equal(first_opt.state[a][k], second_opt.state[b][k]) for k in first_opt.state[a])
-
-
-def _strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo: int = 0, hi: int = -1):
-    from types import SimpleNamespace
-
-    from dist_memopt.optim.base import SegmentPlan
-
-    positions = torch.cat([p.positions() for p in pieces])
-    hi = positions.numel() if hi < 0 else hi
-    positions = positions[lo:hi]
-    numel = positions.numel()
-    state = {k: torch.zeros(n if k.startswith("row") else m) for k in ("row_v", "col_v", "row_m", "col_m")}
-    state["sign"] = torch.zeros((numel + 7) // 8, dtype=torch.uint8)
-    seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, numel)), RunsGeometry(n, m, pieces, lo, hi))
-    item = SimpleNamespace(weight=full.detach()[positions].clone(), grad=torch.zeros(numel), state=state)
-    stats = torch.zeros(2 * (n + m))
-    return item, seg, positions, stats, (stats[:n], stats[n : n + m], stats[n + m : 2 * n + m], stats[2 * n + m :])
 
 
 def test_only_runs_of_several_pieces_compile_strided_index_math_and_only_narrow_strides_divide():
@@ -196,22 +147,6 @@ def test_only_runs_of_several_pieces_compile_strided_index_math_and_only_narrow_
     assert index_math([wide, narrow], 16) == {"RUNS": DIVIDED}
 
 
-#: per case: SMMF's (n, m) view and each 'rank's pieces and window, covering the tensor once
-STRIDED_CASES = {
-    # column blocks of a (10, 6) tensor: one block, two windows of a pair of blocks (pieces sharing
-    # every row) cut mid-run; strides of 6 under a 16-column block: the dividing index math
-    "narrow": (10, 6, [((Run(0, 2, 6, 10),), 0, -1), ((Run(2, 2, 6, 10), Run(4, 2, 6, 10)), 0, 27),
-                       ((Run(2, 2, 6, 10), Run(4, 2, 6, 10)), 27, 40)]),
-    # column blocks of a (40, 48) tensor in SMMF's (48, 40) view, pieces crossing its rows; the
-    # middle block in two windows cut mid-piece: carried from block to block (strided index math)
-    "tp_columns": (48, 40, [((Run(0, 8, 48, 40),), 0, -1), ((Run(8, 20, 48, 40),), 0, 333),
-                            ((Run(8, 20, 48, 40),), 333, 800), ((Run(28, 20, 48, 40),), 0, -1)]),
-    # a (60, 32) tensor's halves: the stride is exactly one 32-column block (a carry every block)
-    "stride_is_block": (48, 40, [((Run(0, 16, 32, 60),), 0, -1), ((Run(16, 16, 32, 60),), 0, 500),
-                                 ((Run(16, 16, 32, 60),), 500, 960)]),
-}
-
-
 @pytest.mark.parametrize("case", STRIDED_CASES)
 def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step(case):
     """Pieces of a tensor on several 'ranks', as a flat shard of a TP block is; statistics summed as
@@ -226,7 +161,7 @@ def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step(case):
     torch.manual_seed(0)
     full = torch.nn.Parameter(torch.randn(n * m))
     reference = dm.SMMF([full], kernel="torch", lr=1e-2, weight_decay=0.1)
-    ranks = [_strided_rank(full, runs, n, m, lo, hi) for runs, lo, hi in pieces]
+    ranks = [strided_rank(full, runs, n, m, lo, hi) for runs, lo, hi in pieces]
     mode = DIVIDED if case == "narrow" else STRIDED
     assert all(index_math([seg.geometry], tiles_shape(m)[1])["RUNS"] == mode for _, seg, _, _, _ in ranks)
     generator = torch.Generator().manual_seed(1)
@@ -257,34 +192,12 @@ def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step(case):
             assert torch.equal(unpack_signs(item.state["sign"], positions.numel()), signs[positions])
 
 
-def _momentum_in_grad_run(kernel: str, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """Backward's accumulation into .grad done by hand (loss·(1 − β1) gives (1 − β1)·g)."""
-    torch.manual_seed(0)
-    params = [p for p in AwkwardModel().to(dtype).parameters()]
-    optimizer = dm.Alada(params, kernel=kernel, lr=1e-2, betas=(0.8, 0.9), momentum_in_grad=True)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(6):
-        optimizer.zero_grad()  # .grad ← β1·.grad (zeros at first)
-        for p in params:
-            p.grad.add_((0.2 * torch.randn(p.shape, generator=generator)).to(dtype))
-        optimizer.step()
-    return [p.detach() for p in params]
-
-
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_alada_momentum_in_grad_matches_the_torch_path(dtype, atol):
     """M in .grad, bf16 included (the kernels read it there in its own dtype)."""
-    for a, b in zip(_momentum_in_grad_run("triton", dtype), _momentum_in_grad_run("torch", dtype)):
+    for a, b in zip(momentum_in_grad_run("triton", dtype), momentum_in_grad_run("torch", dtype)):
         assert a.dtype == dtype
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
-
-
-#: Alada keeps a matrix as it is: (n, m) and each 'rank's pieces and window
-ALADA_STRIDED_CASES = {
-    "narrow": (6, 10, [((Run(0, 4, 10, 6),), 0, -1), ((Run(4, 3, 10, 6), Run(7, 3, 10, 6)), 0, -1)]),  # dividing
-    "tp_columns": (40, 48, [((Run(0, 20, 48, 40),), 0, -1), ((Run(20, 28, 48, 40),), 0, 517),
-                            ((Run(20, 28, 48, 40),), 517, 1120)]),  # carried, a window cut mid-row
-}
 
 
 @pytest.mark.parametrize("case", ALADA_STRIDED_CASES)

@@ -1,10 +1,12 @@
 """Which implementation steps a parameter group: ``kernel="auto" | "torch" | "triton" | "cpu"``.
 
 ``"auto"`` picks the fused Triton kernels on CUDA when Triton imports (each kernel checked against
-the torch path on its first use, :mod:`.verify`), the torch path elsewhere; ``"triton"`` insists
-(on CPU tensors it runs Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment
-before Triton is imported: that is how CI tests the kernels); ``"torch"`` never uses them. Both
-implementations compute the same equations.
+the torch path on its first use, :mod:`.verify`), the fused CPU kernels (C++, built on first use)
+on CPU tensors when they build, and the torch path otherwise (with one warning saying why).
+``"triton"`` insists (on CPU tensors it runs Triton's interpreter, which needs
+``TRITON_INTERPRET=1`` in the environment before Triton is imported: that is how CI tests the
+Triton kernels); ``"cpu"`` insists on the CPU kernels (an error on other devices, or the reason
+they could not be built); ``"torch"`` never uses a fused kernel. All compute the same equations.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dist_memopt.kernels.launch import KernelObserver
 __all__ = ["KERNELS", "SUPPORTED_TRITON", "TRITON_DEVICES", "check_kernel", "use_triton", "takes_kernel", "triton_available",
            "triton_problem", "fused_step", "FusedRunners"]
 
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "triton", "cpu")
 #: device types on which ``"auto"`` picks the Triton kernels, after :mod:`.verify` checked them
 TRITON_DEVICES = ("cuda",)
 
@@ -109,6 +111,19 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
     return True
 
 
+def _cpu_kernels_usable(kernel: str) -> bool:
+    """Whether the fused CPU kernels build here; ``"cpu"`` raises the reason, ``"auto"`` warns it once."""
+    from dist_memopt.kernels.cpu_build import cpu_kernels_problem
+
+    problem = cpu_kernels_problem()
+    if problem is None:
+        return True
+    if kernel == "cpu":
+        raise RuntimeError(problem)
+    _warn_once(problem)
+    return False
+
+
 def takes_kernel(optimizer: type, group: dict[str, Any], weight: Tensor, grad: Tensor,
                  devices: tuple[str, ...] = TRITON_DEVICES) -> Optional[str]:
     """The fused kernel family that steps a parameter of an ``optimizer`` class: ``"cpu"``,
@@ -116,7 +131,15 @@ def takes_kernel(optimizer: type, group: dict[str, Any], weight: Tensor, grad: T
     before its first use on a device of ``devices`` (:mod:`.verify`): on a mismatch ``"auto"``
     takes the torch path and ``"triton"`` raises. Raises RuntimeError with the reason when the
     group insists on a kernel that cannot run here."""
+    kernel = group.get("kernel", "auto")
     device = weight.device
+    if kernel == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(f"kernel='cpu' steps CPU tensors; these are on {device} (use kernel='auto')")
+        _cpu_kernels_usable(kernel)
+        return "cpu"
+    if kernel == "auto" and device.type == "cpu" and "cpu" not in devices:
+        return "cpu" if _cpu_kernels_usable(kernel) else None
     if not use_triton(group, device, devices=devices):
         return None
     if device.type not in devices:
@@ -126,7 +149,7 @@ def takes_kernel(optimizer: type, group: dict[str, Any], weight: Tensor, grad: T
     return "triton" if verify.verified(optimizer, group, device, (weight.dtype, grad.dtype)) else None
 
 
-_RUNNERS = {"triton": ("dist_memopt.kernels.{}_triton", "Fused{}")}
+_RUNNERS = {"triton": ("dist_memopt.kernels.{}_triton", "Fused{}"), "cpu": ("dist_memopt.kernels.{}_cpu", "Cpu{}")}
 
 
 def fused_step(items: list[Any], kind: str, observer: Optional[KernelObserver] = None) -> Any:

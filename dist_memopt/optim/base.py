@@ -331,9 +331,11 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
     def _native(self, family: str, plan: ParamPlan, grad: Tensor, data: Tensor) -> bool:
         """Whether the fused kernels of ``family``, when they step this parameter, do so in its own
         dtype: all its segments are theirs (a dense one would step an fp32 copy that commit()
-        writes back over theirs)."""
+        writes back over theirs); the CPU kernels take a weight and gradient of one dtype."""
         dtypes = self.kernel_dtypes
-        return data.dtype in dtypes and grad.dtype in dtypes and not plan.dense_segments
+        if data.dtype not in dtypes or grad.dtype not in dtypes or plan.dense_segments:
+            return False
+        return family != "cpu" or grad.dtype == data.dtype
 
     def _preflight(self, items: list[StepItem], reducer: StatReducer) -> None:
         """Raise, on every rank alike and before any state changes, on bad gradients or layouts

@@ -21,7 +21,7 @@ from models import AwkwardModel, batch  # noqa: E402
 from reference import AladaReference, SMMFReference  # noqa: E402
 from test_fidelity import check_alada_rare_rows  # noqa: E402
 from test_fsdp import TOLERANCE, _full  # noqa: E402
-from test_triton_kernels import _sharded_run  # noqa: E402
+from kernel_cases import sharded_run  # noqa: E402
 
 SHAPES = [(768, 3072), (3072,), (768,), (768, 768), (2304,), (1024, 768), (7, 13), ()]
 
@@ -81,10 +81,10 @@ def test_cuda_triton_matches_the_torch_path(dtype, atol, cls):
 
 @pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
 def test_cuda_triton_matches_the_torch_path_on_shard_and_tensor_parallel_layouts(cls):
-    """Declared layouts (test_triton_kernels._sharded_run): rows cut at both ends, an empty shard,
+    """Declared layouts (kernel_cases.sharded_run): rows cut at both ends, an empty shard,
     segments sharing sign words, and strided TP pieces in the carried and the dividing index math."""
-    fused, _ = _sharded_run("triton", dict(weight_decay=0.1), cls=cls, device="cuda")
-    plain, _ = _sharded_run("torch", dict(weight_decay=0.1), cls=cls, device="cuda")
+    fused, _ = sharded_run("triton", dict(weight_decay=0.1), cls=cls, device="cuda")
+    plain, _ = sharded_run("torch", dict(weight_decay=0.1), cls=cls, device="cuda")
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 

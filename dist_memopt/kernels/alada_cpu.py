@@ -1,0 +1,99 @@
+"""Alada's step as fused CPU kernels: two passes over the elements (C++, ``csrc/alada.h``).
+
+The same equations as :func:`dist_memopt.optim.alada._partial_statistics` and
+:func:`~dist_memopt.optim.alada._refit_and_update`, and as the Triton kernels. The refit needs the
+complete statistic before any weight can move, so :meth:`CpuAlada.statistics` (M and the partial
+statistic per tile, summed in tile order) runs before the all_reduce and :meth:`CpuAlada.update`
+(the float64 refit per segment, then the weights) after it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import Tensor
+
+from dist_memopt.kernels.launch import KernelObserver, Reporter
+from dist_memopt.kernels.cpu_build import cpu_kernels
+from dist_memopt.kernels.cpu_tables import add_runs, address, check_flat, dtype_code, int64_table
+
+__all__ = ["CpuAlada"]
+
+FIELDS = 10  # n, m, w, g, momentum, p, q, v0, statistic slot, ‖G0‖² slot (csrc/alada.h)
+EVEN, ODD, FIRST = 0, 1, 2
+
+
+@dataclass
+class _Job:
+    item: Any  # StepItem
+    seg: Any  # SegmentPlan
+    hp: Any  # alada._Schedule
+    stat: Tensor  # the row (even t) or column (odd t) statistic slot
+    norm: Tensor  # the ‖G0‖² slot
+
+
+def _phase(hp: Any) -> int:
+    return FIRST if hp.t == 0 else ODD if hp.t % 2 else EVEN
+
+
+class CpuAlada:
+    """One step's segments on CPU: :meth:`statistics` before the all_reduce, :meth:`update` after.
+
+    Segments of one dtype and schedule make one call per phase, whatever their shapes and layouts.
+    """
+
+    def __init__(self, observer: Optional[KernelObserver] = None) -> None:
+        self._report = Reporter(observer, "cpu.")
+        self._jobs: list[_Job] = []
+        self._batches: list[tuple[Any, Any, Tensor, Tensor, int]] = []
+
+    def add(self, item: Any, seg: Any, hp: Any, stat: Tensor, norm: Tensor) -> None:
+        check_flat(item.name, item.weight, item.grad)
+        self._jobs.append(_Job(item, seg, hp, stat, norm))
+
+    def statistics(self) -> None:
+        batches: dict[tuple, list[_Job]] = defaultdict(list)
+        for job in self._jobs:
+            batches[(job.item.weight.dtype, job.hp)].append(job)
+        kernels = cpu_kernels() if batches else None
+        for (dtype, hp), jobs in batches.items():
+            segs, runs, numel = _tables(jobs)
+            if self._report.executing:
+                kernels.alada_stats(segs, runs, dtype_code(dtype), _phase(hp), hp.in_grad, hp.beta1, hp.bias1,
+                                    (1.0 - hp.beta1) if hp.in_grad else 1.0)
+            momentum = 0 if hp.in_grad else numel * 4
+            self._report.record("alada_stats", numel * dtype.itemsize + momentum, momentum)
+            self._batches.append((dtype, hp, segs, runs, numel))
+        self._jobs = []
+
+    def update(self) -> None:
+        """After the all_reduce: refit every segment's p or q (float64), then update the weights."""
+        kernels = cpu_kernels() if self._batches else None
+        for dtype, hp, segs, runs, numel in self._batches:
+            if self._report.executing:
+                kernels.alada_refit(segs, _phase(hp), hp.beta2, hp.eps)
+                kernels.alada_update(segs, runs, dtype_code(dtype), hp.in_grad, hp.lr, hp.eps, hp.bias1, hp.bias2,
+                                     *hp.start_decays, 1.0 - hp.lr * hp.weight_decay)
+            size = dtype.itemsize
+            momentum = size if hp.in_grad else 4
+            self._report.record("alada_update", numel * (size + momentum), numel * size)
+        self._batches = []
+
+
+def _tables(jobs: list[_Job]) -> tuple[Tensor, Tensor, int]:
+    segs: list[int] = []
+    runs: list[int] = []
+    numel = 0
+    for index, job in enumerate(jobs):
+        item, seg, state = job.item, job.seg, job.item.state
+        geo = seg.geometry
+        offset = seg.segment.offset
+        grad = address(item.grad, offset)
+        momentum = grad if job.hp.in_grad else address(state["exp_avg"], seg.elems_at)
+        segs += [geo.rows, geo.cols, address(item.weight, offset), grad, momentum, address(state["row"], seg.rows_at),
+                 address(state["col"], seg.cols_at), address(state["v0"], seg.factor_index), job.stat.data_ptr(),
+                 job.norm.data_ptr()]
+        numel += add_runs(runs, index, geo)
+    return int64_table(segs, FIELDS), int64_table(runs, 6), numel

@@ -1,0 +1,79 @@
+"""Builds and loads the fused CPU kernels: C++ (``csrc/``) compiled on first use, then cached.
+
+Built the way torch builds extensions and DeepSpeed builds its CPU Adam: ``torch.utils.
+cpp_extension.load`` runs the machine's C++ compiler through ninja into ``TORCH_EXTENSIONS_DIR``
+(default ``~/.cache/torch_extensions``) and later processes load the cached library. The code is
+compiled for the building machine (``-march=native``: AVX2/FMA/F16C blocks where the processor
+has them, scalar code elsewhere), so the cache key includes the sources and the processor's
+features. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+__all__ = ["cpu_kernels", "cpu_kernels_problem", "CpuKernelsUnavailable", "SOURCES"]
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("ops.cpp",)
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+
+
+class CpuKernelsUnavailable(RuntimeError):
+    """The fused CPU kernels cannot be built or loaded here (the message says why)."""
+
+
+def _processor_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + path.read_bytes())
+    digest.update(" ".join(FLAGS).encode() + _processor_features().encode())
+    return f"dist_memopt_cpu_{digest.hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[Optional[ModuleType], Optional[str]]:
+    try:
+        from torch.utils import cpp_extension
+
+        module = cpp_extension.load(
+            name=_build_name(),
+            sources=[str(CSRC / name) for name in SOURCES],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=FLAGS,
+            verbose=False,
+        )
+        return module, None
+    except Exception as error:  # a missing compiler or ninja, a failed build, an unloadable library
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return None, (f"the fused CPU kernels could not be built ({type(error).__name__}: {first}); they need a C++17 "
+                      "compiler (g++ or clang++) and ninja (`pip install ninja`)")
+
+
+def cpu_kernels() -> ModuleType:
+    """The compiled module (built on first call; about a minute, once per machine and source)."""
+    module, problem = _load()
+    if module is None:
+        raise CpuKernelsUnavailable(problem)
+    return module
+
+
+def cpu_kernels_problem() -> Optional[str]:
+    """Why the fused CPU kernels cannot be used here, or None (builds them if needed)."""
+    return _load()[1]

@@ -1,0 +1,52 @@
+"""What the fused CPU kernels share on the Python side: dtype codes, run tables, addresses.
+
+The kernels take int64 tables of addresses and sizes (one row per segment, one per run group) and
+reach the tensors through them; the tensors stay referenced by the step's items while the kernels
+run. A segment's runs are those the Triton kernels tile (:func:`~dist_memopt.shard.runs.runs_of`):
+whole tensors, FSDP/ZeRO/Megatron ranges with partial first and last rows, tensor-parallel strided
+runs, each segment of a stack.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dist_memopt.shard.runs import runs_of
+
+__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "int64_table"]
+
+#: element types the kernels load and store themselves (the C++ side's ``Dtype``)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPE_CODES[dtype]
+
+
+def address(t: Tensor, offset: int = 0) -> int:
+    """Address of element ``offset`` of a contiguous tensor."""
+    return t.data_ptr() + offset * t.element_size()
+
+
+def add_runs(runs: list[int], index: int, geometry: Any) -> int:
+    """Append segment ``index``'s run groups (segment, start, length, stride, count, k0) to
+    ``runs``; returns the number of elements they hold."""
+    k0 = 0
+    for run in runs_of(geometry):
+        runs += [index, run.start, run.length, run.stride if run.count > 1 else 0, run.count, k0]
+        k0 += run.numel
+    return k0
+
+
+def int64_table(values: list[int], fields: int) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64).view(-1, fields)
+
+
+def check_flat(name: str, *tensors: Tensor) -> None:
+    """The kernels walk raw addresses: every tensor they step must be contiguous."""
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError(f"the fused CPU kernels step contiguous tensors; {name} has strides {t.stride()}")

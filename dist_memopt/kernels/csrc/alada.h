@@ -1,0 +1,166 @@
+// Alada's step on CPU: two passes over the elements (see dist_memopt/kernels/alada_cpu.py).
+//
+// The statistics pass updates M (unless .grad holds it) and adds each tile's partial V·q (even t),
+// Vᵀ·p (odd t) or row sums of V (t = 0), V = (M/bias1)², and ‖G0‖² at t = 0. After the all_reduce
+// the refit (float64, per segment) and the update pass, W ← W·decay − (lr/bias1)·M/√max(Ũ + eps, eps)
+// with Ũ + eps = rows ⊗ cols + row_shift formed from p and q without cancellation. The same
+// equations, in the same order, as the Triton kernels.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "simd.h"
+#include "tiles.h"
+
+namespace dmo {
+
+// per segment: view shape, weight/grad/momentum addresses (the momentum is .grad's when it holds
+// M, else fp32 state), p, q, v0 (float64 state), the statistic and ‖G0‖² slots (fp32)
+enum AladaField { A_N, A_M, A_W, A_G, A_MOM, A_P, A_Q, A_V0, A_STAT, A_NORM, ALADA_FIELDS };
+
+enum AladaPhase { EVEN = 0, ODD = 1, FIRST = 2 };  // t > 0 even: V·q; t odd: Vᵀ·p; t = 0: rowsum(V)
+
+struct AladaStats {
+    float beta1, bias1, g0_div;
+};
+
+template <typename GT, bool IN_GRAD, int PHASE>
+void alada_stats_tile(const Tile& t, const int64_t* seg, const int64_t* run, const AladaStats& h,
+                      float* row_out, float* col_out, float* norm_out, std::vector<float>& q32) {
+    const int64_t m = seg[A_M];
+    const auto* g = reinterpret_cast<const GT*>(seg[A_G]);
+    auto* momentum = reinterpret_cast<float*>(seg[A_MOM]);  // fp32 state (IN_GRAD: unused, g holds M)
+    const auto* p = reinterpret_cast<const double*>(seg[A_P]);
+    const auto* q = reinterpret_cast<const double*>(seg[A_Q]);
+    if (PHASE == ODD) std::fill(col_out, col_out + m, 0.0f);
+    if (PHASE == EVEN) {
+        q32.resize(m);
+        for (int64_t c = 0; c < m; ++c) q32[c] = static_cast<float>(q[c]);
+    }
+    const float unbias = 1.0f / h.bias1, keep = 1.0f - h.beta1;
+    float norm = 0.0f;
+    for (int64_t i = 0; i < t.rows; ++i) {
+        const int64_t r = t.row0 + i;
+        const float pr = PHASE == ODD ? static_cast<float>(p[r]) : 0.0f;
+        float acc = 0.0f;
+        auto element = [&](int64_t c, int64_t k) {
+            const float gk = to_float(g[k]);
+            float mk = gk;
+            if (!IN_GRAD) {
+                mk = std::fma(momentum[k], h.beta1, keep * gk);
+                momentum[k] = mk;
+            }
+            float second = mk * unbias;
+            second = second * second;
+            if (PHASE == ODD) col_out[c] += second * pr;
+            else if (PHASE == FIRST) acc += second;
+            else acc += second * q32[c];
+            if (PHASE == FIRST) {
+                const float g0 = gk / h.g0_div;
+                norm += g0 * g0;
+            }
+        };
+        for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
+#if DMO_AVX2
+            vf acc8 = _mm256_setzero_ps(), norm8 = _mm256_setzero_ps();
+            for (; c + 8 <= end; c += 8, k += 8) {
+                prefetch_ahead(g + k);
+                if (!IN_GRAD) prefetch_ahead(momentum + k);
+                const vf gk = load8(g + k);
+                vf mk = gk;
+                if (!IN_GRAD) {
+                    mk = fma(loadf(momentum + k), splat(h.beta1), mul(splat(keep), gk));
+                    storef(momentum + k, mk);
+                }
+                vf second = mul(mk, splat(unbias));
+                second = mul(second, second);
+                if (PHASE == ODD) storef(col_out + c, add(loadf(col_out + c), mul(second, splat(pr))));
+                else if (PHASE == FIRST) acc8 = add(acc8, second);
+                else acc8 = add(acc8, mul(second, loadf(q32.data() + c)));
+                if (PHASE == FIRST) {
+                    const vf g0 = div(gk, splat(h.g0_div));
+                    norm8 = add(norm8, mul(g0, g0));
+                }
+            }
+            acc += hsum(acc8);
+            if (PHASE == FIRST) norm += hsum(norm8);
+#endif
+            for (; c < end; ++c, ++k) element(c, k);
+        });
+        if (PHASE != ODD) row_out[i] = acc;
+    }
+    *norm_out = norm;
+}
+
+struct AladaUpdate {
+    float lr_over_bias1, eps, decay;
+    double eps64, bias2, power_p, power_q;  // power_*: β2^kp, β2^kq (p's and q's decayed start)
+};
+
+template <typename WT, typename MT>
+void alada_update_tile(const Tile& t, const int64_t* seg, const int64_t* run, const AladaUpdate& h, std::vector<float>& cols) {
+    const int64_t m = seg[A_M];
+    auto* w = reinterpret_cast<WT*>(seg[A_W]);
+    const auto* momentum = reinterpret_cast<const MT*>(seg[A_MOM]);
+    const auto* p = reinterpret_cast<const double*>(seg[A_P]);
+    const auto* q = reinterpret_cast<const double*>(seg[A_Q]);
+    const double root = std::sqrt(*reinterpret_cast<const double*>(seg[A_V0]));
+    const double x_p = root * h.power_p, x_q = root * h.power_q, shift_scale = x_q / h.bias2;
+    cols.resize(m);
+    for (int64_t c = 0; c < m; ++c) cols[c] = static_cast<float>(q[c] - x_q);
+    for (int64_t i = 0; i < t.rows; ++i) {
+        const int64_t r = t.row0 + i;
+        const float shift = static_cast<float>((p[r] - x_p) * shift_scale + h.eps64);
+        const float factor = static_cast<float>(p[r] / h.bias2);
+        for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
+#if DMO_AVX2
+            for (; c + 8 <= end; c += 8, k += 8) {
+                prefetch_ahead(w + k);
+                prefetch_ahead(momentum + k);
+                const vf refit = fma(splat(factor), loadf(cols.data() + c), splat(shift));
+                const vf denominator = vsqrt(vmax(refit, splat(h.eps)));
+                const vf wk = mul(load8(w + k), splat(h.decay));
+                store8(w + k, sub(wk, mul(splat(h.lr_over_bias1), div(load8(momentum + k), denominator))));
+            }
+#endif
+            for (; c < end; ++c, ++k) {
+                const float refit = std::fma(factor, cols[c], shift);
+                const float denominator = std::sqrt(std::max(refit, h.eps));
+                const float wk = to_float(w[k]) * h.decay;
+                w[k] = from_float<WT>(wk - h.lr_over_bias1 * (to_float(momentum[k]) / denominator));
+            }
+        });
+    }
+}
+
+// p ← β2·p + (1 − β2)·(V q)/(‖q‖² + eps) at even t, q likewise from Vᵀ p at odd t (float64);
+// at t = 0, v0 = ‖G0‖²/(n·m) first and p, q start at √v0 (the statistic then is rowsum(V)).
+inline void alada_refit(const int64_t* seg, int phase, double beta2, double eps) {
+    const int64_t n = seg[A_N], m = seg[A_M];
+    auto* p = reinterpret_cast<double*>(seg[A_P]);
+    auto* q = reinterpret_cast<double*>(seg[A_Q]);
+    const auto* stat = reinterpret_cast<const float*>(seg[A_STAT]);
+    const bool odd = phase == ODD, first = phase == FIRST;
+    double root = 0.0;
+    if (first) {
+        const double v0 = static_cast<double>(*reinterpret_cast<const float*>(seg[A_NORM])) / static_cast<double>(n * m);
+        *reinterpret_cast<double*>(seg[A_V0]) = v0;
+        root = std::sqrt(v0);
+        std::fill(p, p + n, root);
+        std::fill(q, q + m, root);
+    }
+    double* own = odd ? q : p;
+    const double* other = odd ? p : q;
+    const int64_t own_len = odd ? m : n, other_len = odd ? n : m;
+    double total = 0.0;
+    for (int64_t i = 0; i < other_len; ++i) total += other[i] * other[i];
+    const double scale = 1.0 / (total + eps);
+    for (int64_t i = 0; i < own_len; ++i) {
+        const double s = static_cast<double>(stat[i]) * (first ? root : 1.0);
+        own[i] = own[i] * beta2 + (1.0 - beta2) * (s * scale);
+    }
+}
+
+}  // namespace dmo

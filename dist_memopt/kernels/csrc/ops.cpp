@@ -1,0 +1,199 @@
+// Python bindings of the CPU kernels. Every entry takes int64 tables of addresses and sizes built
+// by dist_memopt/kernels/{smmf,alada}_cpu.py (the tensors they point into are kept alive there).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <memory>
+
+#include "alada.h"
+#include "smmf.h"
+
+namespace dmo {
+namespace {
+
+enum Dtype : int64_t { F32 = 0, BF16 = 1, F16 = 2 };
+
+// f(i) for i in [0, count) on torch's intra-op threads, each taking the next index when free:
+// tiles differ in size, and which thread runs a tile changes no result (each writes its own partials)
+template <typename F>
+void for_each_index(int64_t count, const F& f) {
+    if (count == 0) return;
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
+    at::parallel_for(0, workers, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t worker = lo; worker < hi; ++worker)
+            for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) f(i);
+    });
+}
+
+template <typename F>
+void with_dtype(int64_t dtype, const F& f) {
+    switch (dtype) {
+        case F32: f(float{}); break;
+        case BF16: f(bf16{}); break;
+        case F16: f(f16{}); break;
+        default: TORCH_CHECK(false, "unsupported dtype code ", dtype);
+    }
+}
+
+template <typename F>
+void with_flag(bool flag, const F& f) {
+    if (flag) f(std::true_type{});
+    else f(std::false_type{});
+}
+
+const int64_t* table(const at::Tensor& t, int64_t fields, const char* name) {
+    TORCH_CHECK(t.dtype() == at::kLong && t.is_contiguous() && t.device().is_cpu() && t.dim() == 2 && t.size(1) == fields,
+                name, " must be a contiguous CPU int64 table of ", fields, " columns");
+    return t.data_ptr<int64_t>();
+}
+
+// Sums each segment's tiles' partials in tile order into its slots: `rows` (n, from row partials)
+// and `cols` (m, from column partials); a slot address of 0 is skipped.
+void sum_tiles(const Tiles& plan, const int64_t* segs, int64_t seg_count, int64_t seg_fields, int n_field, int m_field,
+               int row_slot, int col_slot, const float* rowp, const float* colp) {
+    std::vector<int64_t> first(seg_count + 1, static_cast<int64_t>(plan.tiles.size()));
+    for (int64_t i = static_cast<int64_t>(plan.tiles.size()) - 1; i >= 0; --i) first[plan.tiles[i].seg] = i;
+    for (int64_t s = seg_count - 1; s >= 0; --s) first[s] = std::min(first[s], first[s + 1]);
+    for_each_index(seg_count, [&](int64_t s) {
+        const int64_t* seg = segs + s * seg_fields;
+        const int64_t n = seg[n_field], m = seg[m_field];
+        auto* rows = row_slot >= 0 ? reinterpret_cast<float*>(seg[row_slot]) : nullptr;
+        auto* cols = col_slot >= 0 ? reinterpret_cast<float*>(seg[col_slot]) : nullptr;
+        if (rows) std::fill(rows, rows + n, 0.0f);
+        if (cols) std::fill(cols, cols + m, 0.0f);
+        for (int64_t i = first[s]; i < first[s + 1]; ++i) {
+            const Tile& t = plan.tiles[i];
+            if (rows)
+                for (int64_t j = 0; j < t.rows; ++j) rows[t.row0 + j] += rowp[t.rowp + j];
+            if (cols)
+                for (int64_t c = 0; c < m; ++c) cols[c] += colp[t.colp + c];
+        }
+    });
+}
+
+void smmf_step(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_dtype, int64_t g_dtype, double lr, double beta1,
+               double beta2, double eps, double wd, double decay, bool has_m, bool coupled) {
+    TORCH_CHECK(w_dtype == g_dtype, "weights and gradients of one dtype");
+    const int64_t* segs = table(segs_t, SMMF_FIELDS, "segments");
+    const int64_t* runs = table(runs_t, RUN_FIELDS, "runs");
+    const int64_t seg_count = segs_t.size(0);
+    const Tiles plan = make_tiles(runs, runs_t.size(0), [&](int64_t s) { return segs[s * SMMF_FIELDS + S_M]; });
+    const int pairs = has_m ? 2 : 1;
+    std::unique_ptr<float[]> rowp(new float[plan.row_partials * pairs + 1]), colp(new float[plan.col_partials * pairs + 1]);
+    const SmmfHyper h{float(lr), float(beta1), float(beta2), float(eps), float(wd), float(decay)};
+    with_dtype(w_dtype, [&](auto w) {
+        using T = decltype(w);
+        with_flag(has_m, [&](auto m) {
+            with_flag(coupled, [&](auto c) {
+                for_each_index(static_cast<int64_t>(plan.tiles.size()), [&](int64_t i) {
+                    const Tile& t = plan.tiles[i];
+                    smmf_tile<T, T, decltype(m)::value, decltype(c)::value>(
+                        t, segs + t.seg * SMMF_FIELDS, runs + t.run * RUN_FIELDS, h, rowp.get() + t.rowp,
+                        rowp.get() + plan.row_partials + t.rowp, colp.get() + t.colp, colp.get() + plan.col_partials + t.colp);
+                });
+            });
+        });
+    });
+    sum_tiles(plan, segs, seg_count, SMMF_FIELDS, S_N, S_M, S_ORV, S_OCV, rowp.get(), colp.get());
+    if (has_m)
+        sum_tiles(plan, segs, seg_count, SMMF_FIELDS, S_N, S_M, S_ORM, S_OCM, rowp.get() + plan.row_partials,
+                  colp.get() + plan.col_partials);
+}
+
+// complete sums -> factors: the shorter side (rows when n <= m) divided by its total when non-zero
+void normalize_into(const float* rows_in, const float* cols_in, float* rows_out, float* cols_out, int64_t n, int64_t m) {
+    const bool by_rows = n <= m;
+    const float* side = by_rows ? rows_in : cols_in;
+    float total = 0.0f;
+    for (int64_t i = 0, len = by_rows ? n : m; i < len; ++i) total += side[i];
+    const float scale = total > 0.0f ? total : 1.0f;
+    for (int64_t i = 0; i < n; ++i) rows_out[i] = by_rows ? rows_in[i] / scale : rows_in[i];
+    for (int64_t i = 0; i < m; ++i) cols_out[i] = by_rows ? cols_in[i] : cols_in[i] / scale;
+}
+
+void smmf_finish(const at::Tensor& segs_t, bool has_m) {
+    const int64_t* segs = table(segs_t, SMMF_FIELDS, "segments");
+    for_each_index(segs_t.size(0), [&](int64_t s) {
+        const int64_t* seg = segs + s * SMMF_FIELDS;
+        auto f = [&](int field) { return reinterpret_cast<float*>(seg[field]); };
+        normalize_into(f(S_ORV), f(S_OCV), f(S_RV), f(S_CV), seg[S_N], seg[S_M]);
+        if (has_m) normalize_into(f(S_ORM), f(S_OCM), f(S_RM), f(S_CM), seg[S_N], seg[S_M]);
+    });
+}
+
+void alada_stats(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t g_dtype, int64_t phase, bool in_grad, double beta1,
+                 double bias1, double g0_div) {
+    const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
+    const int64_t* runs = table(runs_t, RUN_FIELDS, "runs");
+    const int64_t seg_count = segs_t.size(0);
+    const Tiles plan = make_tiles(runs, runs_t.size(0), [&](int64_t s) { return segs[s * ALADA_FIELDS + A_M]; });
+    const int64_t tiles = static_cast<int64_t>(plan.tiles.size());
+    std::unique_ptr<float[]> rowp(new float[plan.row_partials + 1]), colp(new float[plan.col_partials + 1]), normp(new float[tiles + 1]);
+    const AladaStats h{float(beta1), float(bias1), float(g0_div)};
+    with_dtype(g_dtype, [&](auto g) {
+        using G = decltype(g);
+        with_flag(in_grad, [&](auto in) {
+            auto run_phase = [&](auto phase_tag) {
+                for_each_index(tiles, [&](int64_t i) {
+                    thread_local std::vector<float> scratch;
+                    const Tile& t = plan.tiles[i];
+                    alada_stats_tile<G, decltype(in)::value, decltype(phase_tag)::value>(
+                        t, segs + t.seg * ALADA_FIELDS, runs + t.run * RUN_FIELDS, h, rowp.get() + t.rowp, colp.get() + t.colp,
+                        normp.get() + i, scratch);
+                });
+            };
+            if (phase == ODD) run_phase(std::integral_constant<int, ODD>{});
+            else if (phase == FIRST) run_phase(std::integral_constant<int, FIRST>{});
+            else run_phase(std::integral_constant<int, EVEN>{});
+        });
+    });
+    const bool odd = phase == ODD;
+    sum_tiles(plan, segs, seg_count, ALADA_FIELDS, A_N, A_M, odd ? -1 : A_STAT, odd ? A_STAT : -1, rowp.get(), colp.get());
+    if (phase == FIRST) {  // ‖G0‖² per segment, its tiles in order
+        std::vector<float> norms(seg_count, 0.0f);
+        for (int64_t i = 0; i < tiles; ++i) norms[plan.tiles[i].seg] += normp[i];
+        for (int64_t s = 0; s < seg_count; ++s) *reinterpret_cast<float*>(segs[s * ALADA_FIELDS + A_NORM]) = norms[s];
+    }
+}
+
+void alada_refit_all(const at::Tensor& segs_t, int64_t phase, double beta2, double eps) {
+    const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
+    for_each_index(segs_t.size(0), [&](int64_t s) { alada_refit(segs + s * ALADA_FIELDS, static_cast<int>(phase), beta2, eps); });
+}
+
+void alada_update(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_dtype, bool in_grad, double lr, double eps,
+                  double bias1, double bias2, double power_p, double power_q, double decay) {
+    const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
+    const int64_t* runs = table(runs_t, RUN_FIELDS, "runs");
+    const Tiles plan = make_tiles(runs, runs_t.size(0), [&](int64_t s) { return segs[s * ALADA_FIELDS + A_M]; });
+    const AladaUpdate h{float(lr / bias1), float(eps), float(decay), eps, bias2, power_p, power_q};
+    with_dtype(w_dtype, [&](auto w) {
+        using W = decltype(w);
+        auto run_tiles = [&](auto momentum) {
+            using M = decltype(momentum);
+            for_each_index(static_cast<int64_t>(plan.tiles.size()), [&](int64_t i) {
+                thread_local std::vector<float> scratch;
+                const Tile& t = plan.tiles[i];
+                alada_update_tile<W, M>(t, segs + t.seg * ALADA_FIELDS, runs + t.run * RUN_FIELDS, h, scratch);
+            });
+        };
+        if (in_grad) run_tiles(W{});  // .grad holds M, in the parameter's dtype
+        else run_tiles(float{});
+    });
+}
+
+}  // namespace
+}  // namespace dmo
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+    module.doc() = "dist_memopt's fused CPU kernels for SMMF and Alada";
+    module.def("smmf_step", &dmo::smmf_step);
+    module.def("smmf_finish", &dmo::smmf_finish);
+    module.def("alada_stats", &dmo::alada_stats);
+    module.def("alada_refit", &dmo::alada_refit_all);
+    module.def("alada_update", &dmo::alada_update);
+    module.def("simd", []() { return DMO_AVX2 ? "avx2" : "scalar"; });
+}

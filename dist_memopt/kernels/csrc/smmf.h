@@ -1,0 +1,142 @@
+// SMMF's step on CPU: one pass over each element (see dist_memopt/kernels/smmf_cpu.py).
+//
+// Per element: decompress V = (β2·r_V) ⊗ c_V + (1 − β2)·G² and M = sign ⊙ (β1·r_M) ⊗ c_M + (1 − β1)·G,
+// update the weight with them, write M's new sign bit, and add V and |M| to the tile's row and
+// column partials. The same equations, in the same order, as the Triton tile kernel.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "simd.h"
+#include "tiles.h"
+
+namespace dmo {
+
+// per segment: view shape, weight/grad/sign-byte addresses, the state's factors (r_V, c_V, r_M,
+// c_M), the statistic slots their new sums go to (same order)
+enum SmmfField { S_N, S_M, S_W, S_G, S_SIGN, S_RV, S_CV, S_RM, S_CM, S_ORV, S_OCV, S_ORM, S_OCM, SMMF_FIELDS };
+
+struct SmmfHyper {
+    float lr, beta1, beta2, eps, wd, decay;
+};
+
+// row b: +1 or -1 for each of the 8 sign bits of byte b (least significant bit first)
+struct SignTable {
+    alignas(32) float v[256][8];
+    SignTable() {
+        for (int b = 0; b < 256; ++b)
+            for (int j = 0; j < 8; ++j) v[b][j] = ((b >> j) & 1) ? 1.0f : -1.0f;
+    }
+};
+
+inline const SignTable& sign_table() {
+    static const SignTable table;
+    return table;
+}
+
+// Per-row constants and running sums of a tile row. Everything the loops read is copied into
+// locals first: stores through the float pointers could otherwise alias them and force reloads.
+struct SmmfRowSums {
+    float v = 0.0f, m = 0.0f;
+#if DMO_AVX2
+    vf acc_v = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
+    float total_v() const { return v + hsum(acc_v); }
+    float total_m() const { return m + hsum(acc_m); }
+#else
+    float total_v() const { return v; }
+    float total_m() const { return m; }
+#endif
+};
+
+// Columns [c, end) of one view row, local indices from k: a head and a tail element by element
+// (their sign byte may be shared with another tile, on another thread: atomic), the middle in
+// blocks of eight whose sign byte the block alone holds.
+template <typename WT, typename GT, bool HAS_M, bool COUPLED>
+inline void smmf_span(WT* __restrict w, const GT* __restrict g, uint8_t* __restrict sign, const float* __restrict cv,
+                      const float* __restrict cm, float* __restrict col_v, float* __restrict col_m, const float rv,
+                      const float rm, const SmmfHyper h, int64_t c, const int64_t end, int64_t k, SmmfRowSums& sums) {
+    const float keep2 = 1.0f - h.beta2, keep1 = 1.0f - h.beta1;
+    float sum_v = sums.v, sum_m = sums.m;
+    auto element = [&](int64_t c, int64_t k) {
+        float wk = to_float(w[k]), gk = to_float(g[k]);
+        if (COUPLED) gk = std::fma(h.wd, wk, gk);
+        const float v = std::fma(rv, cv[c], keep2 * (gk * gk));
+        col_v[c] += v;
+        sum_v += v;
+        float numerator = gk;
+        if (HAS_M) {
+            uint8_t* byte = sign + (k >> 3);
+            const unsigned bit = static_cast<unsigned>(k & 7);
+            const unsigned old = (__atomic_load_n(byte, __ATOMIC_RELAXED) >> bit) & 1u;
+            const float first = std::fma(rm * cm[c], old ? 1.0f : -1.0f, keep1 * gk);
+            if (static_cast<unsigned>(first >= 0.0f) != old) __atomic_fetch_xor(byte, static_cast<uint8_t>(1u << bit), __ATOMIC_RELAXED);
+            const float magnitude = std::fabs(first);
+            col_m[c] += magnitude;
+            sum_m += magnitude;
+            numerator = first;
+        }
+        wk = wk * h.decay - h.lr * (numerator / (std::sqrt(v) + h.eps));
+        w[k] = from_float<WT>(wk);
+    };
+    for (; c < end && (k & 7); ++c, ++k) element(c, k);
+#if DMO_AVX2
+    const float(*table)[8] = sign_table().v;
+    const vf rv8 = splat(rv), rm8 = splat(rm), keep2_8 = splat(keep2), keep1_8 = splat(keep1), wd8 = splat(h.wd);
+    const vf decay8 = splat(h.decay), lr8 = splat(h.lr), eps8 = splat(h.eps);
+    vf acc_v = sums.acc_v, acc_m = sums.acc_m;
+    for (; c + 8 <= end; c += 8, k += 8) {
+        prefetch_ahead(w + k);
+        prefetch_ahead(g + k);
+        vf wk = load8(w + k), gk = load8(g + k);
+        if (COUPLED) gk = fma(wd8, wk, gk);
+        const vf v = fma(rv8, loadf(cv + c), mul(keep2_8, mul(gk, gk)));
+        storef(col_v + c, add(loadf(col_v + c), v));
+        acc_v = add(acc_v, v);
+        vf numerator = gk;
+        if (HAS_M) {
+            uint8_t* byte = sign + (k >> 3);
+            const vf first = fma(mul(rm8, loadf(cm + c)), _mm256_load_ps(table[*byte]), mul(keep1_8, gk));
+            *byte = static_cast<uint8_t>(nonnegative_bits(first));
+            const vf magnitude = vabs(first);
+            storef(col_m + c, add(loadf(col_m + c), magnitude));
+            acc_m = add(acc_m, magnitude);
+            numerator = first;
+        }
+        store8(w + k, sub(mul(wk, decay8), mul(lr8, div(numerator, add(vsqrt(v), eps8)))));
+    }
+    sums.acc_v = acc_v;
+    sums.acc_m = acc_m;
+#endif
+    for (; c < end; ++c, ++k) element(c, k);
+    sums.v = sum_v;
+    sums.m = sum_m;
+}
+
+template <typename WT, typename GT, bool HAS_M, bool COUPLED>
+void smmf_tile(const Tile& t, const int64_t* seg, const int64_t* run, const SmmfHyper h,
+               float* row_v, float* row_m, float* col_v, float* col_m) {
+    const int64_t m = seg[S_M];
+    std::fill(col_v, col_v + m, 0.0f);
+    if (HAS_M) std::fill(col_m, col_m + m, 0.0f);
+    auto* w = reinterpret_cast<WT*>(seg[S_W]);
+    const auto* g = reinterpret_cast<const GT*>(seg[S_G]);
+    auto* sign = reinterpret_cast<uint8_t*>(seg[S_SIGN]);
+    const auto* rv = reinterpret_cast<const float*>(seg[S_RV]);
+    const auto* cv = reinterpret_cast<const float*>(seg[S_CV]);
+    const auto* rm = reinterpret_cast<const float*>(seg[S_RM]);
+    const auto* cm = reinterpret_cast<const float*>(seg[S_CM]);
+    for (int64_t i = 0; i < t.rows; ++i) {
+        const int64_t r = t.row0 + i;
+        const float rv_r = rv[r] * h.beta2, rm_r = HAS_M ? rm[r] * h.beta1 : 0.0f;  // β·(r ⊗ c) = (β·r) ⊗ c
+        SmmfRowSums sums;
+        for_each_span(run, m, r, [&](int64_t c0, int64_t c1, int64_t k) {
+            smmf_span<WT, GT, HAS_M, COUPLED>(w, g, sign, cv, cm, col_v, col_m, rv_r, rm_r, h, c0, c1, k, sums);
+        });
+        row_v[i] = sums.total_v();
+        if (HAS_M) row_m[i] = sums.total_m();
+    }
+}
+
+}  // namespace dmo

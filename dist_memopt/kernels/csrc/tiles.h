@@ -1,0 +1,82 @@
+// Tiles of a segment's runs in its (n, m) view, and the spans of a view row that a run holds.
+//
+// The same description the Triton kernels take (dist_memopt/kernels/tiles.py): a segment's local
+// elements are run groups, `count` runs of `length` global flat positions `stride` apart, the
+// i-th run's elements at local indices k0 + i*length + j. A tile is up to rows_per_tile(m)
+// consecutive view rows of one run group. Tiles are cut from the geometry alone, never from the
+// thread count, and every partial sum is combined in tile order: a step's result is the same with
+// 1 or 16 threads.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace dmo {
+
+// per run group: segment index, start, length, stride, count, k0
+constexpr int RUN_FIELDS = 6;
+
+struct Tile {
+    int64_t seg;   // segment index
+    int64_t run;   // run group index
+    int64_t row0;  // first view row
+    int64_t rows;  // view rows in this tile
+    int64_t rowp;  // offset of its row partials (rows_per_tile(m) per statistic)
+    int64_t colp;  // offset of its column partials (m per statistic)
+};
+
+// Enough rows that a tile's column partials (m floats per statistic, written once and read once)
+// cost little per element, few enough that a large tensor still makes many tiles for the threads.
+inline int64_t rows_per_tile(int64_t m) { return std::max<int64_t>(64, (int64_t(1) << 16) / std::max<int64_t>(m, 1)); }
+
+struct Tiles {
+    std::vector<Tile> tiles;
+    int64_t row_partials = 0;  // floats per statistic in all tiles' row partials
+    int64_t col_partials = 0;  // and in their column partials
+};
+
+// Tiles of every run group, in (segment, run group, row) order. `cols_of(seg)` is the view's m.
+template <typename ColsOf>
+Tiles make_tiles(const int64_t* runs, int64_t run_count, ColsOf cols_of) {
+    Tiles out;
+    std::vector<Tile>& tiles = out.tiles;
+    int64_t& rowp = out.row_partials;
+    int64_t& colp = out.col_partials;
+    for (int64_t r = 0; r < run_count; ++r) {
+        const int64_t* run = runs + r * RUN_FIELDS;
+        const int64_t seg = run[0], start = run[1], length = run[2], stride = run[3], count = run[4];
+        const int64_t m = cols_of(seg);
+        const int64_t last = start + (count - 1) * stride + length;  // one past the last position
+        const int64_t first_row = start / m, end_row = (last - 1) / m + 1;
+        const int64_t per_tile = rows_per_tile(m);
+        for (int64_t row0 = first_row; row0 < end_row; row0 += per_tile) {
+            tiles.push_back(Tile{seg, r, row0, std::min(per_tile, end_row - row0), rowp, colp});
+            rowp += per_tile;
+            colp += m;
+        }
+    }
+    return out;
+}
+
+// Calls f(c_lo, c_hi, k) for each span [c_lo, c_hi) of view row r held by run group `run`,
+// k the local index of column c_lo.
+template <typename F>
+inline void for_each_span(const int64_t* run, int64_t m, int64_t r, F&& f) {
+    const int64_t start = run[1], length = run[2], stride = run[3], count = run[4], k0 = run[5];
+    const int64_t lo = r * m, hi = lo + m;
+    int64_t first = 0, end = 1;
+    if (count > 1) {  // runs i with start + i*stride < hi and start + i*stride + length > lo
+        const int64_t below = lo - start - length;
+        first = below < 0 ? 0 : below / stride + 1;
+        const int64_t above = hi - start;
+        end = above <= 0 ? 0 : std::min(count, (above + stride - 1) / stride);
+    }
+    for (int64_t i = first; i < end; ++i) {
+        const int64_t p0 = start + i * stride;
+        const int64_t s = std::max(lo, p0), e = std::min(hi, p0 + length);
+        if (s < e) f(s - lo, e - lo, k0 + i * length + (s - p0));
+    }
+}
+
+}  // namespace dmo

@@ -1,0 +1,96 @@
+"""SMMF's step as a fused CPU kernel: one pass over each element (C++, ``csrc/smmf.h``).
+
+The same equations as :func:`dist_memopt.optim.smmf._factored_step` and the Triton tile kernel:
+per element, read the weight, the gradient and the sign bit, write the weight and the sign bit
+(about 12.3 bytes per fp32 element), and add V and |M| to per-tile row and column partials that
+are summed in tile order into the statistic slots (deterministic for any thread count). After the
+all_reduce completes the slots, :meth:`CpuSMMF.finish` normalises them into the state's factors.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import Tensor
+
+from dist_memopt.kernels.launch import KernelObserver, Reporter
+from dist_memopt.kernels.cpu_build import cpu_kernels
+from dist_memopt.kernels.cpu_tables import add_runs, address, check_flat, dtype_code, int64_table
+
+__all__ = ["CpuSMMF"]
+
+FIELDS = 13  # n, m, w, g, sign, r_V, c_V, r_M, c_M, then the four statistic slots (csrc/smmf.h)
+
+
+@dataclass
+class _Job:
+    item: Any  # StepItem
+    seg: Any  # SegmentPlan
+    hp: Any  # smmf._Schedule
+    slots: tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]  # row/col sums of V, of |M|
+
+
+class CpuSMMF:
+    """One step's segments on CPU: :meth:`run` steps them, :meth:`finish` stores their factors.
+
+    Segments of one dtype and schedule make one call, whatever their shapes and layouts.
+    """
+
+    def __init__(self, observer: Optional[KernelObserver] = None) -> None:
+        self._report = Reporter(observer, "cpu.")
+        self._jobs: list[_Job] = []
+        self._finish: list[tuple[Tensor, bool, int]] = []
+
+    def add(self, item: Any, seg: Any, hp: Any, slots: tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]) -> None:
+        check_flat(item.name, item.weight, item.grad)
+        self._jobs.append(_Job(item, seg, hp, slots))
+
+    def run(self) -> None:
+        batches: dict[tuple, list[_Job]] = defaultdict(list)
+        for job in self._jobs:
+            batches[(job.item.weight.dtype, job.hp)].append(job)
+        kernels = cpu_kernels()
+        for (dtype, hp), jobs in batches.items():
+            segs, runs, numel = _tables(jobs)
+            has_m = hp.beta1 is not None
+            decay = 1.0 - hp.lr * hp.weight_decay if hp.decoupled_decay else 1.0
+            if self._report.executing:
+                kernels.smmf_step(segs, runs, dtype_code(dtype), dtype_code(dtype), hp.lr, hp.beta1 if has_m else 0.0, hp.beta2,
+                                  hp.eps, hp.weight_decay, decay, has_m, hp.coupled_decay)
+            factors = sum(j.seg.geometry.rows + j.seg.geometry.cols for j in jobs) * 4 * (2 if has_m else 1)
+            size = dtype.itemsize
+            signs = (numel + 7) // 8 if has_m else 0
+            self._report.record("smmf", numel * 2 * size + signs + factors, numel * size + signs + factors)
+            self._finish.append((segs, has_m, factors))
+        self._jobs = []
+
+    def finish(self) -> None:
+        """After the statistics are complete: normalised factors into the state."""
+        kernels = cpu_kernels() if self._finish else None
+        for segs, has_m, factors in self._finish:
+            if self._report.executing:
+                kernels.smmf_finish(segs, has_m)
+            self._report.record("smmf_finish", factors, factors)
+        self._finish = []
+
+
+def _tables(jobs: list[_Job]) -> tuple[Tensor, Tensor, int]:
+    segs: list[int] = []
+    runs: list[int] = []
+    numel = 0
+    for index, job in enumerate(jobs):
+        item, seg, state = job.item, job.seg, job.item.state
+        geo = seg.geometry
+        offset = seg.segment.offset
+        if job.hp.beta1 is not None:
+            moment = [address(state["sign"], seg.bits_at), address(state["row_m"], seg.rows_at), address(state["col_m"], seg.cols_at)]
+        else:
+            moment = [0, 0, 0]
+        rv, cv, rm, cm = job.slots
+        segs += [geo.rows, geo.cols, address(item.weight, offset), address(item.grad, offset), moment[0],
+                 address(state["row_v"], seg.rows_at), address(state["col_v"], seg.cols_at), moment[1], moment[2],
+                 rv.data_ptr(), cv.data_ptr(), 0 if rm is None else rm.data_ptr(), 0 if cm is None else cm.data_ptr()]
+        numel += add_runs(runs, index, geo)
+    return int64_table(segs, FIELDS), int64_table(runs, 6), numel

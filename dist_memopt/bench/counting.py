@@ -201,4 +201,5 @@ def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, st
         "read_per_element": sum(c.bytes_read for c in costs) / steps / max(1, numel),
         "syncs": sum(c.sync_count for c in costs) / steps,
         "top_ops": dict(ops.most_common(8)),
+        "ops": dict(ops),
     }

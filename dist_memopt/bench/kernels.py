@@ -23,7 +23,7 @@ from dist_memopt.kernels.select import triton_available
 __all__ = ["DEFAULT_OPTIMIZERS", "count_step", "kernel_costs", "format_costs", "run"]
 
 DEFAULT_OPTIMIZERS = (
-    "AdamW-fused", "AdamW", "SMMF", "SMMF-nocheck", "Alada", "Alada-nocheck",
+    "AdamW", "AdamW-foreach", "SMMF", "SMMF-nocheck", "Alada", "Alada-nocheck",
     "SMMF-triton", "SMMF-triton-nocheck", "Alada-triton", "Alada-triton-nocheck",
 )
 

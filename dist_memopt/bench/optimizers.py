@@ -43,6 +43,15 @@ def _came(params: Iterable[Tensor]) -> torch.optim.Optimizer:
     return CAME(params, lr=2e-4, betas=(0.9, 0.999, 0.9999))
 
 
+def _deepspeed_cpu_adam(params: Iterable[Tensor]) -> torch.optim.Optimizer:
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a CPU-only machine; DeepSpeed's own choice elsewhere
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(params, lr=1e-3, adamw_mode=True)
+
+
 def _sm3(params: Iterable[Tensor]) -> torch.optim.Optimizer:
     from pytorch_optimizer import SM3
 
@@ -50,8 +59,9 @@ def _sm3(params: Iterable[Tensor]) -> torch.optim.Optimizer:
 
 
 _SPECS = (
-    OptimizerSpec("AdamW", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True), "torch.optim.AdamW(foreach=True)", "Adam"),
-    OptimizerSpec("AdamW-fused", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True), "torch.optim.AdamW(fused=True)", "Adam"),
+    OptimizerSpec("AdamW", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True), "torch.optim.AdamW(fused=True)", "Adam"),
+    OptimizerSpec("AdamW-foreach", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True), "torch.optim.AdamW(foreach=True)", "Adam"),
+    OptimizerSpec("DeepSpeedCPUAdam", _deepspeed_cpu_adam, "deepspeed.ops.adam.DeepSpeedCPUAdam(adamw_mode=True): ZeRO-Offload's optimizer", "Adam"),
     OptimizerSpec("Adafactor", lambda p: torch.optim.Adafactor(p, lr=1e-2, foreach=True), "torch.optim.Adafactor(foreach=True): no first moment", "Adafactor"),
     OptimizerSpec("Adafactor-b1", _adafactor_with_momentum, "pytorch_optimizer.AdaFactor(betas=(0.9, 0.999), fp32 momentum)", "Adafactor"),
     OptimizerSpec("CAME", _came, "came_pytorch.CAME(lr=2e-4, betas=(0.9, 0.999, 0.9999))", "CAME"),
@@ -61,6 +71,8 @@ _SPECS = (
     OptimizerSpec("Alada-M-in-grad", lambda p: dm.Alada(p, momentum_in_grad=True), "dist_memopt.Alada(momentum_in_grad=True): M lives in .grad"),
     OptimizerSpec("SMMF-nocheck", lambda p: dm.SMMF(p, check_finite=False), "dist_memopt.SMMF(check_finite=False)", "SMMF"),
     OptimizerSpec("Alada-nocheck", lambda p: dm.Alada(p, check_finite=False), "dist_memopt.Alada(check_finite=False)"),
+    OptimizerSpec("SMMF-torch", lambda p: dm.SMMF(p, kernel="torch"), "dist_memopt.SMMF(kernel='torch'): torch ops, no fused kernel", "SMMF"),
+    OptimizerSpec("Alada-torch", lambda p: dm.Alada(p, kernel="torch"), "dist_memopt.Alada(kernel='torch'): torch ops, no fused kernel"),
     OptimizerSpec("SMMF-per-tensor", lambda p: dm.SMMF(p, foreach=False), "dist_memopt.SMMF(foreach=False): no batched fast path for small tensors", "SMMF"),
     OptimizerSpec("SMMF-triton", lambda p: dm.SMMF(p, kernel="triton"), "dist_memopt.SMMF(kernel='triton'): the fused Triton kernels", "SMMF"),
     OptimizerSpec("SMMF-triton-nocheck", lambda p: dm.SMMF(p, kernel="triton", check_finite=False), "dist_memopt.SMMF(kernel='triton', check_finite=False)", "SMMF"),

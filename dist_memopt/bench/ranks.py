@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 __all__ = ["OPTIMIZERS", "CollectiveBytes", "make_optimizer", "spawn_ranks", "timed_step", "interleaved_steps"]
 
-OPTIMIZERS = ("AdamW", "SMMF", "Alada")
+OPTIMIZERS = ("AdamW", "AdamW-foreach", "SMMF", "Alada")
 
 
 class CollectiveBytes:
@@ -52,6 +52,8 @@ def make_optimizer(name: str, params):
     import dist_memopt as dm
 
     if name == "AdamW":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if name == "AdamW-foreach":
         return torch.optim.AdamW(params, lr=1e-4, foreach=True)
     return getattr(dm, name)(params, lr=1e-4)
 

@@ -120,7 +120,7 @@ def run_2d(args: argparse.Namespace) -> dict[str, Any]:
     lines = [
         f"{args.tp_layers} GPT-2-small blocks (nn.Linear) under FSDP2 x TP, mesh (dp={args.tp_ranks // args.tp}, "
         f"tp={args.tp}) on CPU/gloo; per rank (worst rank for bytes, median rank time; vs AdamW: within each round)",
-        f"{'optimizer':<9} {'state MiB':>10} {'vs AdamW':>9} {'opt all_reduce':>15} {'grad reduce-scatter':>20} "
+        f"{'optimizer':<13} {'state MiB':>10} {'vs AdamW':>9} {'opt all_reduce':>15} {'grad reduce-scatter':>20} "
         f"{'extra comm':>10} {'step s':>8} {'vs AdamW':>9} {'row/col-wise':>13}",
     ]
     summary: dict[str, Any] = {}
@@ -139,7 +139,7 @@ def run_2d(args: argparse.Namespace) -> dict[str, Any]:
     adamw = summary["AdamW"]
     for name, s in summary.items():
         lines.append(
-            f"{name:<9} {s['state_bytes'] / 2**20:>10.2f} {s['state_bytes'] / adamw['state_bytes']:>8.1%} "
+            f"{name:<13} {s['state_bytes'] / 2**20:>10.2f} {s['state_bytes'] / adamw['state_bytes']:>8.1%} "
             f"{s['optimizer_all_reduce_bytes']:>15,} {s['grad_reduce_scatter_bytes']:>20,} "
             f"{s['extra_comm_fraction']:>10.3%} {s['step_seconds']:>8.3f} "
             f"{s['vs_adamw']:>8.2f}x {s['row_over_col_wise']:>12.2f}x"

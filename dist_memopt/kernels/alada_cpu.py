@@ -47,7 +47,7 @@ class CpuAlada:
     def __init__(self, observer: Optional[KernelObserver] = None) -> None:
         self._report = Reporter(observer, "cpu.")
         self._jobs: list[_Job] = []
-        self._batches: list[tuple[Any, Any, Tensor, Tensor, int]] = []
+        self._batches: list[tuple[Any, Any, Tensor, Tensor, int, int]] = []
 
     def add(self, item: Any, seg: Any, hp: Any, stat: Tensor, norm: Tensor) -> None:
         check_flat(item.name, item.weight, item.grad)
@@ -61,24 +61,30 @@ class CpuAlada:
         for (dtype, hp), jobs in batches.items():
             segs, runs, numel = _tables(jobs)
             if self._report.executing:
-                kernels.alada_stats(segs, runs, dtype_code(dtype), _phase(hp), hp.in_grad, hp.beta1, hp.bias1,
-                                    (1.0 - hp.beta1) if hp.in_grad else 1.0)
+                partials = kernels.alada_stats(segs, runs, dtype_code(dtype), _phase(hp), hp.in_grad, hp.beta1, hp.bias1,
+                                               (1.0 - hp.beta1) if hp.in_grad else 1.0)
+            else:
+                rows, cols, tiles = kernels.tile_partials(segs, runs, 1)
+                partials = (cols if _phase(hp) == ODD else rows) + (tiles if _phase(hp) == FIRST else 0)
             momentum = 0 if hp.in_grad else numel * 4
-            self._report.record("alada_stats", numel * dtype.itemsize + momentum, momentum)
-            self._batches.append((dtype, hp, segs, runs, numel))
+            factors = sum(j.seg.geometry.rows + j.seg.geometry.cols for j in jobs) * 8  # p, q (float64)
+            # tile partials: written, then read once more when summed in tile order
+            self._report.record("alada_stats", numel * dtype.itemsize + momentum + factors + 4 * partials, momentum + 4 * partials)
+            self._batches.append((dtype, hp, segs, runs, numel, factors))
         self._jobs = []
 
     def update(self) -> None:
         """After the all_reduce: refit every segment's p or q (float64), then update the weights."""
         kernels = cpu_kernels() if self._batches else None
-        for dtype, hp, segs, runs, numel in self._batches:
+        for dtype, hp, segs, runs, numel, factors in self._batches:
             if self._report.executing:
                 kernels.alada_refit(segs, _phase(hp), hp.beta2, hp.eps)
                 kernels.alada_update(segs, runs, dtype_code(dtype), hp.in_grad, hp.lr, hp.eps, hp.bias1, hp.bias2,
                                      *hp.start_decays, 1.0 - hp.lr * hp.weight_decay)
             size = dtype.itemsize
             momentum = size if hp.in_grad else 4
-            self._report.record("alada_update", numel * (size + momentum), numel * size)
+            # p, q (float64): read and written by the refit, read by the update
+            self._report.record("alada_update", numel * (size + momentum) + 2 * factors, numel * size + factors)
         self._batches = []
 
 

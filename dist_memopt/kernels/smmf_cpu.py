@@ -57,12 +57,15 @@ class CpuSMMF:
             has_m = hp.beta1 is not None
             decay = 1.0 - hp.lr * hp.weight_decay if hp.decoupled_decay else 1.0
             if self._report.executing:
-                kernels.smmf_step(segs, runs, dtype_code(dtype), dtype_code(dtype), hp.lr, hp.beta1 if has_m else 0.0, hp.beta2,
-                                  hp.eps, hp.weight_decay, decay, has_m, hp.coupled_decay)
+                partials = kernels.smmf_step(segs, runs, dtype_code(dtype), dtype_code(dtype), hp.lr, hp.beta1 if has_m else 0.0, hp.beta2,
+                                             hp.eps, hp.weight_decay, decay, has_m, hp.coupled_decay)
+            else:
+                partials = sum(kernels.tile_partials(segs, runs, 1)[:2]) * (2 if has_m else 1)
             factors = sum(j.seg.geometry.rows + j.seg.geometry.cols for j in jobs) * 4 * (2 if has_m else 1)
             size = dtype.itemsize
             signs = (numel + 7) // 8 if has_m else 0
-            self._report.record("smmf", numel * 2 * size + signs + factors, numel * size + signs + factors)
+            # tile partials: written, then read once more when summed in tile order
+            self._report.record("smmf", numel * 2 * size + signs + factors + 4 * partials, numel * size + signs + factors + 4 * partials)
             self._finish.append((segs, has_m, factors))
         self._jobs = []
 

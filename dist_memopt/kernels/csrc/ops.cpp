@@ -74,7 +74,8 @@ void sum_tiles(const Tiles& plan, const int64_t* segs, int64_t seg_count, int64_
     });
 }
 
-void smmf_step(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_dtype, int64_t g_dtype, double lr, double beta1,
+// returns the floats of tile partials written (and read once more when summed)
+int64_t smmf_step(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_dtype, int64_t g_dtype, double lr, double beta1,
                double beta2, double eps, double wd, double decay, bool has_m, bool coupled) {
     TORCH_CHECK(w_dtype == g_dtype, "weights and gradients of one dtype");
     const int64_t* segs = table(segs_t, SMMF_FIELDS, "segments");
@@ -101,6 +102,7 @@ void smmf_step(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_dty
     if (has_m)
         sum_tiles(plan, segs, seg_count, SMMF_FIELDS, S_N, S_M, S_ORM, S_OCM, rowp.get() + plan.row_partials,
                   colp.get() + plan.col_partials);
+    return (plan.row_partials + plan.col_partials) * pairs;
 }
 
 // complete sums -> factors: the shorter side (rows when n <= m) divided by its total when non-zero
@@ -124,7 +126,8 @@ void smmf_finish(const at::Tensor& segs_t, bool has_m) {
     });
 }
 
-void alada_stats(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t g_dtype, int64_t phase, bool in_grad, double beta1,
+// returns the floats of tile partials written (and read once more when summed)
+int64_t alada_stats(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t g_dtype, int64_t phase, bool in_grad, double beta1,
                  double bias1, double g0_div) {
     const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
     const int64_t* runs = table(runs_t, RUN_FIELDS, "runs");
@@ -157,6 +160,7 @@ void alada_stats(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t g_d
         for (int64_t i = 0; i < tiles; ++i) norms[plan.tiles[i].seg] += normp[i];
         for (int64_t s = 0; s < seg_count; ++s) *reinterpret_cast<float*>(segs[s * ALADA_FIELDS + A_NORM]) = norms[s];
     }
+    return (odd ? plan.col_partials : plan.row_partials) + (phase == FIRST ? tiles : 0);
 }
 
 void alada_refit_all(const at::Tensor& segs_t, int64_t phase, double beta2, double eps) {
@@ -188,6 +192,21 @@ void alada_update(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_
 }  // namespace
 }  // namespace dmo
 
+namespace dmo {
+namespace {
+
+// (row partial floats, column partial floats, tiles) per statistic of a step's tiles: what a dry
+// run reports without stepping
+std::tuple<int64_t, int64_t, int64_t> tile_partials(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t m_field) {
+    const int64_t fields = segs_t.size(1);
+    const int64_t* segs = table(segs_t, fields, "segments");
+    const Tiles plan = make_tiles(table(runs_t, RUN_FIELDS, "runs"), runs_t.size(0), [&](int64_t s) { return segs[s * fields + m_field]; });
+    return {plan.row_partials, plan.col_partials, static_cast<int64_t>(plan.tiles.size())};
+}
+
+}  // namespace
+}  // namespace dmo
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.doc() = "dist_memopt's fused CPU kernels for SMMF and Alada";
     module.def("smmf_step", &dmo::smmf_step);
@@ -195,5 +214,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("alada_stats", &dmo::alada_stats);
     module.def("alada_refit", &dmo::alada_refit_all);
     module.def("alada_update", &dmo::alada_update);
+    module.def("tile_partials", &dmo::tile_partials);
     module.def("simd", []() { return DMO_AVX2 ? "avx2" : "scalar"; });
 }

@@ -22,13 +22,14 @@ struct Tile {
     int64_t run;   // run group index
     int64_t row0;  // first view row
     int64_t rows;  // view rows in this tile
-    int64_t rowp;  // offset of its row partials (rows_per_tile(m) per statistic)
+    int64_t rowp;  // offset of its row partials (one per row, per statistic)
     int64_t colp;  // offset of its column partials (m per statistic)
 };
 
 // Enough rows that a tile's column partials (m floats per statistic, written once and read once)
-// cost little per element, few enough that a large tensor still makes many tiles for the threads.
-inline int64_t rows_per_tile(int64_t m) { return std::max<int64_t>(64, (int64_t(1) << 16) / std::max<int64_t>(m, 1)); }
+// cost under 0.07 bytes per element, few enough that a large tensor still makes many tiles for
+// the threads (a 768 x 768 view: 6).
+inline int64_t rows_per_tile(int64_t m) { return std::max<int64_t>(128, (int64_t(1) << 17) / std::max<int64_t>(m, 1)); }
 
 struct Tiles {
     std::vector<Tile> tiles;
@@ -51,8 +52,9 @@ Tiles make_tiles(const int64_t* runs, int64_t run_count, ColsOf cols_of) {
         const int64_t first_row = start / m, end_row = (last - 1) / m + 1;
         const int64_t per_tile = rows_per_tile(m);
         for (int64_t row0 = first_row; row0 < end_row; row0 += per_tile) {
-            tiles.push_back(Tile{seg, r, row0, std::min(per_tile, end_row - row0), rowp, colp});
-            rowp += per_tile;
+            const int64_t rows = std::min(per_tile, end_row - row0);
+            tiles.push_back(Tile{seg, r, row0, rows, rowp, colp});
+            rowp += rows;
             colp += m;
         }
     }

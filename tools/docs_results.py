@@ -56,7 +56,27 @@ def _kernels(results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"memory": _memory, "kernels": _kernels}
+def _ratio(value: Any) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def _step(results: dict[str, Any]) -> str:
+    headers = ["optimizer", "median ms", "× AdamW(fused)", "bytes / element", "limit ms", "of limit"]
+    parts = []
+    for model in results["models"].values():
+        rows = [[name, _number(row["median_ms"], 1), _ratio(row["ratio_to_adamw"]), _number(row.get("bytes_per_element"), 1),
+                 _number(row.get("limit_ms"), 1),
+                 "—" if row.get("fraction_of_limit") is None else f"{row['fraction_of_limit']:.0%}"]
+                for name, row in model["optimizers"].items()]
+        triad = model.get("triad_gb_per_s") or []
+        note = f"; memory bandwidth (triad) {' / '.join(f'{b:.1f}' for b in triad)} GB/s" if triad else ""
+        parts.append(f"**{model['title']}**, {model['numel']:,} {results['dtype']} parameters, {results['torch_threads']} threads, "
+                     f"{results['repeats']} interleaved repeats{note}\n\n" + _table(headers, rows))
+    verdicts = [f"- {'met' if v['ok'] else 'missed'}: {v['check']} (measured {v['measured']:.2f}×)" for v in results.get("verdicts", [])]
+    return "\n\n".join(parts + (["\n".join(verdicts)] if verdicts else []))
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"memory": _memory, "kernels": _kernels, "step": _step}
 
 
 def _environment(env: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from dist_memopt.kernels import cpu_build
 from dist_memopt.kernels.launch import KernelObserver
 
 __all__ = ["KERNELS", "SUPPORTED_TRITON", "TRITON_DEVICES", "check_kernel", "use_triton", "takes_kernel", "triton_available",
@@ -113,9 +114,7 @@ def use_triton(group: dict[str, Any], device: torch.device, supported: bool = Tr
 
 def _cpu_kernels_usable(kernel: str) -> bool:
     """Whether the fused CPU kernels build here; ``"cpu"`` raises the reason, ``"auto"`` warns it once."""
-    from dist_memopt.kernels.cpu_build import cpu_kernels_problem
-
-    problem = cpu_kernels_problem()
+    problem = cpu_build.cpu_kernels_problem()
     if problem is None:
         return True
     if kernel == "cpu":

@@ -48,7 +48,7 @@ def _train(cls, config, foreach, sharded: bool, stacks: list) -> list[torch.Tens
     model = _model()
     if sharded:
         fully_shard(model)
-    optimizer = cls(model.parameters(), lr=1e-2, foreach=foreach, **config)
+    optimizer = cls(model.parameters(), lr=1e-2, foreach=foreach, kernel="torch", **config)  # the torch path stacks
     module, name = STEP_FUNCTION[cls]
     original = getattr(module, name)
 

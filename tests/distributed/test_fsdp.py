@@ -1,7 +1,8 @@
 """FSDP2, FSDP1 and HSDP: after 10 steps the sharded run's full parameters equal one process.
 
 Every rank trains on the same batches, so FSDP's averaged gradient is the single-process gradient
-up to rounding; the tolerance is 1e-6 of the parameter scale (observed: ~5e-8). The model holds a
+up to rounding; the tolerance is 1e-6 of the parameter scale. The ranks step with ``kernel="auto"``
+(the fused CPU kernels), the single process with the torch path. The model holds a
 weight with 23 rows (uneven on 2 and 3 ranks), one with 2 rows (an empty shard on 3 ranks), a
 prime-sized vector, a 4-D conv kernel, vectors and a scalar (FSDP rejects 0-d parameters, so the
 scalar stays outside FSDP, replicated: a group mixing sharded and unsharded parameters).
@@ -39,7 +40,7 @@ def _single_process(name: str, steps: int = STEPS) -> dict[str, torch.Tensor]:
     cls_name, config = CONFIGS[name]
     torch.manual_seed(0)
     model = AwkwardModel()
-    optimizer = getattr(dm, cls_name)(model.parameters(), **config)
+    optimizer = getattr(dm, cls_name)(model.parameters(), kernel="torch", **config)  # the ranks: kernel="auto", the CPU kernels
     for step in range(steps):
         optimizer.zero_grad()
         loss_fn(model, step).backward()

@@ -61,19 +61,27 @@ CHUNKS = pytest.mark.parametrize("chunk_numel", [None, 40], ids=["whole", "chunk
 @pytest.mark.parametrize("foreach", [None, False], ids=["fast-path", "per-tensor"])
 @pytest.mark.parametrize("config", SMMF_CONFIGS.values(), ids=SMMF_CONFIGS.keys())
 def test_smmf_matches_reference(config, chunk_numel, foreach):
-    _compare(dm.SMMF, SMMFReference, config, chunk_numel, foreach=foreach)
+    _compare(dm.SMMF, SMMFReference, config, chunk_numel, foreach=foreach, kernel="torch")
 
 
 @CHUNKS
 @pytest.mark.parametrize("foreach", [None, False], ids=["fast-path", "per-tensor"])
 @pytest.mark.parametrize("config", ALADA_CONFIGS.values(), ids=ALADA_CONFIGS.keys())
 def test_alada_matches_reference(config, chunk_numel, foreach):
-    _compare(dm.Alada, AladaReference, config, chunk_numel, foreach=foreach)
+    _compare(dm.Alada, AladaReference, config, chunk_numel, foreach=foreach, kernel="torch")
+
+
+@pytest.mark.parametrize("cls, reference, config", [(dm.SMMF, SMMFReference, c) for c in SMMF_CONFIGS.values()]
+                         + [(dm.Alada, AladaReference, c) for c in ALADA_CONFIGS.values()],
+                         ids=[f"smmf-{k}" for k in SMMF_CONFIGS] + [f"alada-{k}" for k in ALADA_CONFIGS])
+def test_the_fused_cpu_kernels_match_the_reference(cls, reference, config):
+    """``kernel="auto"`` on CPU tensors: the fused CPU kernels (dense vectors stay on the torch path)."""
+    _compare(cls, reference, config, kernel="auto")
 
 
 _INTERPRETED_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
 KERNELS = pytest.mark.parametrize(
-    "kernel", ["torch", pytest.param("triton", marks=pytest.mark.skipif(not _INTERPRETED_TRITON, reason="needs triton and TRITON_INTERPRET=1"))]
+    "kernel", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.skipif(not _INTERPRETED_TRITON, reason="needs triton and TRITON_INTERPRET=1"))]
 )
 
 

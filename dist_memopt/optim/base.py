@@ -341,7 +341,7 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         """Raise, on every rank alike and before any state changes, on bad gradients or layouts
         (see :func:`~dist_memopt.optim.preflight.check_step`)."""
         agreed = self.__dict__.setdefault("_agreed", {})
-        check_step(type(self).__name__, items, reducer, self.param_groups, agreed)
+        check_step(type(self).__name__, items, reducer, self.param_groups, agreed, self.kernel_observer)
 
     # --- statistic reduction ---------------------------------------------------------------
 

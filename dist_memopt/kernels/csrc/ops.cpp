@@ -195,6 +195,56 @@ void alada_update(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_
 namespace dmo {
 namespace {
 
+// Whether elements [lo, hi) of p hold an inf or NaN: one read, no early exit within a piece.
+template <typename T>
+bool has_nonfinite(const T* p, int64_t lo, int64_t hi) {
+    int64_t i = lo;
+    bool bad = false;
+#if DMO_AVX2
+    __m256 any = _mm256_setzero_ps();
+    for (; i + 8 <= hi; i += 8) {
+        prefetch_ahead(p + i);
+        const __m256 x = load8(p + i);
+        any = _mm256_or_ps(any, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));  // x - x: 0, or NaN
+    }
+    bad = _mm256_movemask_ps(any) != 0;
+#endif
+    for (; i < hi; ++i) {
+        const float x = to_float(p[i]);
+        bad |= !std::isfinite(x);
+    }
+    return bad;
+}
+
+// index of the first tensor holding an inf or NaN, -1 if none: the non-finite check before a step,
+// at the memory's speed (pieces of 1M elements on every thread)
+int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
+    struct Piece {
+        int64_t tensor, lo, hi;
+    };
+    constexpr int64_t PIECE = int64_t(1) << 20;
+    std::vector<Piece> pieces;
+    for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
+        const at::Tensor& x = tensors[t];
+        TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                    x.scalar_type() == at::kHalf), "the finite check takes contiguous fp32, bf16 or fp16 CPU tensors");
+        for (int64_t lo = 0; lo < x.numel(); lo += PIECE) pieces.push_back(Piece{t, lo, std::min(x.numel(), lo + PIECE)});
+    }
+    std::vector<uint8_t> bad(pieces.size(), 0);
+    for_each_index(static_cast<int64_t>(pieces.size()), [&](int64_t i) {
+        const Piece& piece = pieces[i];
+        const at::Tensor& x = tensors[piece.tensor];
+        switch (x.scalar_type()) {
+            case at::kFloat: bad[i] = has_nonfinite(x.data_ptr<float>(), piece.lo, piece.hi); break;
+            case at::kBFloat16: bad[i] = has_nonfinite(reinterpret_cast<const bf16*>(x.data_ptr()), piece.lo, piece.hi); break;
+            default: bad[i] = has_nonfinite(reinterpret_cast<const f16*>(x.data_ptr()), piece.lo, piece.hi);
+        }
+    });
+    for (size_t i = 0; i < pieces.size(); ++i)
+        if (bad[i]) return pieces[i].tensor;
+    return -1;
+}
+
 // (row partial floats, column partial floats, tiles) per statistic of a step's tiles: what a dry
 // run reports without stepping
 std::tuple<int64_t, int64_t, int64_t> tile_partials(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t m_field) {
@@ -215,5 +265,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("alada_refit", &dmo::alada_refit_all);
     module.def("alada_update", &dmo::alada_update);
     module.def("tile_partials", &dmo::tile_partials);
+    module.def("first_nonfinite", &dmo::first_nonfinite);
     module.def("simd", []() { return DMO_AVX2 ? "avx2" : "scalar"; });
 }

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
-from dist_memopt.kernels.cpu_tables import add_runs, address, check_flat, dtype_code, int64_table
+from dist_memopt.kernels.cpu_tables import add_runs, check_flat, dtype_code, int64_table
 
 __all__ = ["CpuSMMF"]
 
@@ -87,13 +87,15 @@ def _tables(jobs: list[_Job]) -> tuple[Tensor, Tensor, int]:
         item, seg, state = job.item, job.seg, job.item.state
         geo = seg.geometry
         offset = seg.segment.offset
+        size = item.weight.element_size()
         if job.hp.beta1 is not None:
-            moment = [address(state["sign"], seg.bits_at), address(state["row_m"], seg.rows_at), address(state["col_m"], seg.cols_at)]
+            moment = [state["sign"].data_ptr() + seg.bits_at, state["row_m"].data_ptr() + 4 * seg.rows_at,
+                      state["col_m"].data_ptr() + 4 * seg.cols_at]
         else:
             moment = [0, 0, 0]
         rv, cv, rm, cm = job.slots
-        segs += [geo.rows, geo.cols, address(item.weight, offset), address(item.grad, offset), moment[0],
-                 address(state["row_v"], seg.rows_at), address(state["col_v"], seg.cols_at), moment[1], moment[2],
+        segs += [geo.rows, geo.cols, item.weight.data_ptr() + size * offset, item.grad.data_ptr() + size * offset, moment[0],
+                 state["row_v"].data_ptr() + 4 * seg.rows_at, state["col_v"].data_ptr() + 4 * seg.cols_at, moment[1], moment[2],
                  rv.data_ptr(), cv.data_ptr(), 0 if rm is None else rm.data_ptr(), 0 if cm is None else cm.data_ptr()]
         numel += add_runs(runs, index, geo)
     return int64_table(segs, FIELDS), int64_table(runs, 6), numel

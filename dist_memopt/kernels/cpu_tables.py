@@ -16,13 +16,14 @@ from torch import Tensor
 
 from dist_memopt.shard.runs import runs_of
 
-__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "int64_table"]
+__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "int64_table", "check_flat"]
 
 #: element types the kernels load and store themselves (the C++ side's ``Dtype``)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def dtype_code(dtype: torch.dtype) -> int:
+    """The C++ side's code of a parameter dtype (a ``KeyError`` for dtypes the kernels do not take)."""
     return DTYPE_CODES[dtype]
 
 
@@ -42,6 +43,7 @@ def add_runs(runs: list[int], index: int, geometry: Any) -> int:
 
 
 def int64_table(values: list[int], fields: int) -> Tensor:
+    """A (rows, ``fields``) int64 CPU tensor of ``values``, row-major: what the kernels read."""
     return torch.tensor(values, dtype=torch.int64).view(-1, fields)
 
 

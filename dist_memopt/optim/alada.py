@@ -59,8 +59,9 @@ class Alada(FactoredOptimizer):
         check_finite: raise on inf/NaN gradients before any state changes (False skips the check).
         foreach: None or True steps small, whole (unsharded) tensors of the same 2-D view
             together in batched ops; False keeps the plain per-tensor path (see :class:`SMMF`).
-        kernel: ``"auto"`` (fused Triton kernels on CUDA when Triton imports, else torch),
-            ``"torch"`` or ``"triton"`` (see :mod:`dist_memopt.kernels.select`).
+        kernel: ``"auto"`` (the fused CPU kernels on CPU tensors, the fused Triton kernels on CUDA
+            when Triton imports, else torch), ``"cpu"``, ``"triton"`` or ``"torch"`` (see
+            :mod:`dist_memopt.kernels.select`).
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")

@@ -79,8 +79,9 @@ class SMMF(FactoredOptimizer):
             together, a few batched ops for all of them instead of a few dozen per tensor
             (vectors, biases, norms: most of a transformer's tensors, little of its size); False
             keeps the plain per-tensor path, the reference the fast path is tested against.
-        kernel: ``"auto"`` (fused Triton kernels on CUDA when Triton imports, else torch),
-            ``"torch"`` or ``"triton"`` (see :mod:`dist_memopt.kernels.select`).
+        kernel: ``"auto"`` (the fused CPU kernels on CPU tensors, the fused Triton kernels on CUDA
+            when Triton imports, else torch), ``"cpu"``, ``"triton"`` or ``"torch"`` (see
+            :mod:`dist_memopt.kernels.select`).
     """
 
     hyperparameters = ("lr", "beta", "eps", "weight_decay", "decay_rate", "growth_rate", "vector_reshape", "weight_decay_mode")

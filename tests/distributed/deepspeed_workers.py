@@ -16,19 +16,7 @@ import torch
 import torch.distributed as dist
 
 from deepspeed_cases import OPTIMIZER_PARAMS, ds_config, ds_model, make_optimizer, rank_loss
-
-
-class KernelNames:
-    """A kernel observer (:mod:`dist_memopt.kernels.launch`) collecting the names of the fused
-    kernels the optimizer launches: which implementation stepped DeepSpeed's partitions."""
-
-    execute = True
-
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-
-    def record(self, name: str, bytes_read: int, bytes_written: int) -> None:
-        self.names.add(name)
+from kernel_cases import KernelNames
 
 
 def _observe(engine) -> KernelNames:

@@ -23,7 +23,7 @@ from models import AwkwardModel, batch  # noqa: E402
 from reference import AladaReference, SMMFReference  # noqa: E402
 from test_fidelity import check_alada_rare_rows  # noqa: E402
 from test_fsdp import TOLERANCE, _full  # noqa: E402
-from kernel_cases import sharded_run  # noqa: E402
+from kernel_cases import KernelNames, sharded_run  # noqa: E402
 
 SHAPES = [(768, 3072), (3072,), (768,), (768, 768), (2304,), (1024, 768), (7, 13), ()]
 
@@ -134,18 +134,6 @@ def test_fsdp2_over_nccl_equals_one_process(kernel):
             assert (params[name] - value).abs().max().item() <= TOLERANCE * scale, name
 
 
-class _KernelNames:
-    """A kernel observer (:mod:`dist_memopt.kernels.launch`) collecting the launches' names."""
-
-    execute = True
-
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-
-    def record(self, name: str, bytes_read: int, bytes_written: int) -> None:
-        self.names.add(name)
-
-
 def _fsdp2_cpu_offload(rank, world_size, name):
     """FSDP2 keeps the shards (and their gradients) on the host; the optimizer steps them there and
     completes its factor statistics over the process group's CPU backend (gloo)."""
@@ -158,7 +146,7 @@ def _fsdp2_cpu_offload(rank, world_size, name):
     fully_shard(model, ignored_params={model.scale}, offload_policy=policy)
     sharded = [p for p in model.parameters() if p is not model.scale]
     optimizer = getattr(dm, name)(model.parameters(), lr=1e-2, weight_decay=0.1)
-    optimizer.kernel_observer = observer = _KernelNames()
+    optimizer.kernel_observer = observer = KernelNames()
     for step in range(5):
         optimizer.zero_grad()
         _loss(model, step).backward()

@@ -67,6 +67,9 @@ BF16_CASES = {
     # stage 0: DeepSpeed's FP16_UnfusedOptimizer, whose zero-gradient priming step must be undone
     "bf16-SMMF-0": ("SMMF", 0, {}, torch.bfloat16),
     "bf16-Alada-0": ("Alada", 0, {}, torch.bfloat16),
+    # ZeRO-Offload: the bf16 gradient partitions are copied into fp32 host buffers
+    "bf16-offload-SMMF-2": ("SMMF", 2, _zero(2, **OFFLOAD), torch.bfloat16),
+    "bf16-offload-Alada-3": ("Alada", 3, _zero(3, **OFFLOAD), torch.bfloat16),
 }
 TWO_RANK_CASES += [
     (key, "exact", dict(name=name, stage=stage, bf16={"enabled": True}, **extra))
@@ -282,6 +285,9 @@ def test_bf16_matches_single_process_with_the_same_roundings(two_ranks, key):
     for marker, wrapper in expected.items():
         if marker in key:
             assert results[0]["wrapper"] == wrapper
+    if "offload" in key:
+        assert all(result["offload"] for result in results)
+        _assert_cpu_kernels_stepped(results, name)
     reference = _reference(name, 2, dtype=torch.bfloat16, grad_dtype=grad_dtype)
     _assert_close(results, reference, FP32_TOLERANCE)
 

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 0–3 with SMMF / Alada by name: real engines on 2 and 3 gloo ranks (CPU).
+"""DeepSpeed ZeRO 0–3 and ZeRO-Offload with SMMF / Alada by name: real engines on 2 and 3 gloo ranks (CPU).
 
 One process launch per world size runs every case (see deepspeed_workers.py); the tests assert on
 its results against single-process runs of the same optimizer (deepspeed_cases.reference_run).

@@ -16,6 +16,19 @@ from dist_memopt.shard.spec import Run
 from models import AwkwardModel
 
 
+class KernelNames:
+    """A kernel observer (:mod:`dist_memopt.kernels.launch`) collecting the names of the fused
+    kernels an optimizer launches: which implementation stepped its tensors."""
+
+    execute = True
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def record(self, name: str, bytes_read: int, bytes_written: int) -> None:
+        self.names.add(name)
+
+
 def sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, steps: int = 6, cls=dm.SMMF, device: str = "cpu"):
     """Parameters laid out like shards (no process group: partial statistics stay local, the same
     for both implementations): FSDP-like ranges cutting rows, an empty shard, a flat tensor

@@ -260,3 +260,16 @@ def test_interleaved_steps_step_every_optimizer_once_per_round(tmp_path):
     assert steps == {"AdamW": 3, "SMMF": 3}
     assert timing["AdamW"]["vs_baseline"] == 1.0
     assert all(t["step_seconds"] > 0 and t["vs_baseline"] > 0 for t in timing.values())
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_deepspeed_baseline_is_what_a_user_gets(offload):
+    """Without offload DeepSpeed's torch_adam path with fused=True (AdamW(fused=True)); with
+    ZeRO-Offload plain "AdamW", for which DeepSpeed builds DeepSpeedCPUAdam."""
+    from dist_memopt.bench.deepspeed_bench import _config
+
+    adamw, smmf = _config(3, "AdamW", offload), _config(3, "SMMF", offload)
+    assert ("offload_optimizer" in adamw["zero_optimization"]) == offload == ("offload_optimizer" in smmf["zero_optimization"])
+    params = adamw["optimizer"]["params"]
+    assert adamw["optimizer"]["type"] == "AdamW" and params.get("torch_adam", False) == params.get("fused", False) == (not offload)
+    assert smmf["optimizer"]["type"] == "SMMF"

@@ -61,3 +61,11 @@ def test_environment_names_the_optimizer_in_place_of_adam(monkeypatch):
     monkeypatch.setenv("DIST_MEMOPT_OPTIMIZER_ARGS", "decay_rate=-0.8")
     with pytest.raises(ValueError, match="DIST_MEMOPT_OPTIMIZER_ARGS is not JSON"):
         _requested(adam, {})
+
+
+@pytest.mark.parametrize("optimizer", ["smmf", "alada"])
+def test_optimizer_cpu_offload_is_refused_before_anything_is_built(optimizer):
+    """Megatron's HybridDeviceOptimizer builds torch Adam/SGD on the host, not a given class."""
+    config = OptimizerConfig(optimizer=optimizer, lr=1e-3, optimizer_cpu_offload=True)
+    with pytest.raises(ValueError, match=f"optimizer='{optimizer}': optimizer_cpu_offload .*Adam/SGD only"):
+        get_megatron_optimizer(config, [])

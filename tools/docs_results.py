@@ -4,6 +4,9 @@ The result files are what ``python -m dist_memopt.bench NAME --json docs/results
 writes: the environment (date, machine, threads, torch, the command) and each benchmark's
 results. Rendering them at build time keeps every published number beside the run that produced
 it; a missing file renders as a note saying which command writes it.
+
+A file named for a variant of a benchmark (``deepspeed_offload.json``: ``bench deepspeed
+--ds-offload``) holds that one benchmark's results and renders as it does.
 """
 
 from __future__ import annotations
@@ -76,7 +79,18 @@ def _step(results: dict[str, Any]) -> str:
     return "\n\n".join(parts + (["\n".join(verdicts)] if verdicts else []))
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"memory": _memory, "kernels": _kernels, "step": _step}
+def _deepspeed(results: dict[str, Any]) -> str:
+    headers = ["ZeRO stage", "optimizer", "class", "state MiB per rank", "bytes / param", "step ms", "× AdamW", "CPU ms", "× AdamW (CPU)"]
+    rows = [[c["stage"], c["optimizer"], c.get("implementation", "—"), " / ".join(f"{b / 2**20:,.1f}" for b in c["state_bytes_per_rank"]),
+             _number(c["bits_per_param"] / 8, 3), _number(c["step_seconds"] * 1e3, 0), _ratio(c["step_vs_adamw"]),
+             _number(c["step_cpu_seconds"] * 1e3, 0), _ratio(c["step_cpu_vs_adamw"])] for c in results["configurations"]]
+    first = results["configurations"][0]
+    offload = ' with `"offload_optimizer": {"device": "cpu"}`' if results.get("offload") else ""
+    return (f"**{results['model_title']}**, {first['numel']:,} parameters, {results['ranks']} CPU ranks (gloo, 1 thread each){offload}; "
+            f"median `engine.step()` of {results['repeats']} after {results['warmup']} warm-up steps, slowest rank\n\n" + _table(headers, rows))
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"memory": _memory, "kernels": _kernels, "step": _step, "deepspeed": _deepspeed}
 
 
 def _environment(env: dict[str, Any]) -> str:
@@ -93,8 +107,9 @@ def render(name: str, folder: Path) -> str:
         return (f'!!! note "No result file yet"\n    `python -m dist_memopt.bench {name} --json docs/results/{name}.json` '
                 "writes it.")
     data = json.loads(path.read_text())
-    results = data["benchmarks"][name]
-    body = RENDERERS[name](results) if name in RENDERERS else f"See `docs/results/{name}.json`."
+    benchmarks = data["benchmarks"]
+    key = name if name in benchmarks else next(iter(benchmarks))  # a file named for a variant holds one benchmark
+    body = RENDERERS[key](benchmarks[key]) if key in RENDERERS else f"See `docs/results/{name}.json`."
     return _environment(data["environment"]) + "\n\n" + body
 
 

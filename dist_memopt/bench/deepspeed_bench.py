@@ -2,9 +2,11 @@
 
 A GPT-2-small-shaped model (transformers ``GPT2LMHeadModel(GPT2Config())``, random weights, nothing
 downloaded) trains under real DeepSpeed engines at ZeRO stages 1, 2 and 3 on ``--ds-ranks`` CPU
-ranks (gloo, one thread each), the optimizer chosen by name in ds_config. AdamW is DeepSpeed's
-``"type": "AdamW"`` with ``"torch_adam": true`` (its CPU-capable path; FusedAdam needs CUDA and
-DeepSpeedCPUAdam is for ZeRO-Offload). Per configuration: ``dist_memopt.state_bytes`` of the
+ranks (gloo, one thread each), the optimizer chosen by name in ds_config. AdamW is what DeepSpeed
+gives a user there: without offload ``"type": "AdamW"`` with ``"torch_adam": true, "fused": true``
+(``torch.optim.AdamW(fused=True)``; DeepSpeed's FusedAdam needs CUDA); with ``--ds-offload``
+(ZeRO-Offload, ``"offload_optimizer": {"device": "cpu"}``) plain ``"type": "AdamW"``, for which
+DeepSpeed builds DeepSpeedCPUAdam. Per configuration: ``dist_memopt.state_bytes`` of the
 optimizer DeepSpeed steps on each rank (its partition's state), and the median time of
 ``engine.step()`` (ZeRO's unscale/clip, the optimizer on the partition, the parameter all-gather)
 after ``warmup`` untimed steps, in wall-clock and in process CPU time (on a shared machine the
@@ -30,12 +32,14 @@ __all__ = ["DEFAULT_OPTIMIZERS", "OPTIMIZER_CONFIGS", "add_arguments", "run", "f
 
 #: ds_config "optimizer" entries by benchmark name
 OPTIMIZER_CONFIGS: dict[str, dict[str, Any]] = {
-    "AdamW": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01, "torch_adam": True}},
+    "AdamW": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01, "torch_adam": True, "fused": True}},
     "SMMF": {"type": "SMMF", "params": {"lr": 1e-4, "weight_decay": 0.01}},
     "Alada": {"type": "Alada", "params": {"lr": 1e-4, "weight_decay": 0.01}},
     "SMMF-nocheck": {"type": "SMMF", "params": {"lr": 1e-4, "weight_decay": 0.01, "check_finite": False}},
     "Alada-nocheck": {"type": "Alada", "params": {"lr": 1e-4, "weight_decay": 0.01, "check_finite": False}},
 }
+#: under ZeRO-Offload: DeepSpeed builds DeepSpeedCPUAdam for "type": "AdamW" without "torch_adam"
+OFFLOAD_ADAMW = {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}}
 DEFAULT_OPTIMIZERS = ("AdamW", "SMMF", "Alada")
 REFERENCE = "AdamW"
 MODELS = {"gpt2": "GPT-2 small (GPT2LMHeadModel, GPT2Config() defaults)", "tiny": "tiny GPT-2 (2 layers, width 32)"}
@@ -47,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ds-ranks", type=int, default=2, help="data-parallel CPU ranks (default 2)")
     parser.add_argument("--ds-warmup", type=int, default=2, help="untimed steps per configuration (default 2)")
     parser.add_argument("--ds-seq", type=int, default=32, help="tokens per rank per step (default 32)")
+    parser.add_argument(
+        "--ds-offload",
+        action="store_true",
+        help='ZeRO-Offload: "offload_optimizer": {"device": "cpu"} (AdamW is then DeepSpeedCPUAdam; stages 1-3)',
+    )
 
 
 def _build_model(key: str) -> torch.nn.Module:
@@ -77,15 +86,7 @@ def _rank_main(plan: dict[str, Any]) -> list[dict[str, Any]]:
             torch.manual_seed(0)
             model = _build_model(plan["model"])
             numel = sum(p.numel() for p in model.parameters())
-            config = {
-                "train_micro_batch_size_per_gpu": 1,
-                "gradient_clipping": 1.0,
-                # buckets of 5e7 elements (DeepSpeed's default 5e8 is 2 GB per fp32 bucket on CPU)
-                "zero_optimization": {"stage": stage, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
-                "optimizer": OPTIMIZER_CONFIGS[name],
-                "steps_per_print": 10**9,
-            }
-            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_config(stage, name, plan["offload"]))
             generator = torch.Generator().manual_seed(rank)
             ids = torch.randint(0, model.config.vocab_size, (1, plan["seq"]), generator=generator)
             seconds, cpu_seconds = [], []
@@ -102,6 +103,7 @@ def _rank_main(plan: dict[str, Any]) -> list[dict[str, Any]]:
                     "stage": stage,
                     "optimizer": name,
                     "numel": numel,
+                    "implementation": type(engine.basic_optimizer).__name__,
                     "state_bytes": state_bytes(engine.basic_optimizer),
                     "step_seconds": statistics.median(seconds),
                     "step_cpu_seconds": statistics.median(cpu_seconds),
@@ -113,6 +115,20 @@ def _rank_main(plan: dict[str, Any]) -> list[dict[str, Any]]:
             if rank == 0:
                 print(f"  ZeRO-{stage} {name}: {rows[-1]['step_seconds'] * 1e3:.0f} ms", flush=True)
     return rows
+
+
+def _config(stage: int, name: str, offload: bool) -> dict[str, Any]:
+    # buckets of 5e7 elements (DeepSpeed's default 5e8 is 2 GB per fp32 bucket on CPU)
+    zero = {"stage": stage, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "optimizer": OFFLOAD_ADAMW if offload and name == REFERENCE else OPTIMIZER_CONFIGS[name],
+        "steps_per_print": 10**9,
+    }
 
 
 def _launch(plan: dict[str, Any], ranks: int) -> dict[int, list[dict[str, Any]]]:
@@ -145,6 +161,7 @@ def _combine(per_rank: dict[int, list[dict[str, Any]]], ranks: int) -> dict[str,
             {
                 "stage": first["stage"],
                 "optimizer": first["optimizer"],
+                "implementation": first["implementation"],
                 "numel": first["numel"],
                 "state_bytes_per_rank": [row["state_bytes"] for row in rows],
                 "step_seconds": max(row["step_seconds"] for row in rows),
@@ -157,6 +174,7 @@ def _combine(per_rank: dict[int, list[dict[str, Any]]], ranks: int) -> dict[str,
             c[key.replace("seconds", "vs_adamw")] = c[key] / reference[c["stage"]] if c["stage"] in reference else None
     for c in results["configurations"]:
         c["bits_per_param"] = max(c["state_bytes_per_rank"]) * 8 / (c["numel"] / ranks)
+        c["bytes_per_param"] = c["bits_per_param"] / 8
     return results
 
 
@@ -170,6 +188,7 @@ def format_results(results: dict[str, Any]) -> str:
             [
                 f"ZeRO-{c['stage']}",
                 c["optimizer"],
+                c["implementation"],
                 " / ".join(f"{b / MIB:.2f}" for b in c["state_bytes_per_rank"]),
                 f"{c['bits_per_param']:.2f}",
                 f"{c['step_seconds'] * 1e3:.0f}",
@@ -178,14 +197,14 @@ def format_results(results: dict[str, Any]) -> str:
                 ratio(c["step_cpu_vs_adamw"]),
             ]
         )
-    headers = ["stage", "optimizer", "state MiB per rank", "bits/param", "step ms", f"× {REFERENCE}", "CPU ms", f"× {REFERENCE} (CPU)"]
+    headers = ["stage", "optimizer", "class", "state MiB per rank", "bits/param", "step ms", f"× {REFERENCE}", "CPU ms", f"× {REFERENCE} (CPU)"]
     cells = [headers] + from_table
     widths = [max(len(str(row[i])) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in cells]
+    lines = ["  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     first = results["configurations"][0]
     title = (
-        f"DeepSpeed ZeRO on CPU: {results['model_title']}, {first['numel']:,} parameters, {results['ranks']} ranks "
+        f"DeepSpeed ZeRO{'-Offload' if results.get('offload') else ''} on CPU: {results['model_title']}, {first['numel']:,} parameters, {results['ranks']} ranks "
         f"(gloo, 1 thread each); median engine.step() of {results['repeats']} after {results['warmup']} warm-up, slowest rank"
     )
     note = (
@@ -213,9 +232,10 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "repeats": getattr(options, "repeats", None) or 5,
         "warmup": getattr(options, "ds_warmup", 2),
         "seq": getattr(options, "ds_seq", 32),
+        "offload": bool(getattr(options, "ds_offload", False)),
     }
     results = _combine(_launch(plan, ranks), ranks)
-    results.update(model=model, model_title=MODELS[model], repeats=plan["repeats"], warmup=plan["warmup"])
+    results.update(model=model, model_title=MODELS[model], repeats=plan["repeats"], warmup=plan["warmup"], offload=plan["offload"])
     print(format_results(results), flush=True)
     return results
 

@@ -16,6 +16,17 @@ import torch
 import torch.distributed as dist
 
 from deepspeed_cases import OPTIMIZER_PARAMS, ds_config, ds_model, make_optimizer, rank_loss
+from kernel_cases import KernelNames
+
+
+def _observe(engine) -> KernelNames:
+    engine.basic_optimizer.kernel_observer = observer = KernelNames()
+    return observer
+
+
+def _offloads(engine) -> bool:
+    """Whether ZeRO keeps the optimizer's partitions and step on the host (ZeRO-Offload)."""
+    return bool(getattr(engine.optimizer, "cpu_offload", False) or getattr(engine.optimizer, "offload_optimizer", False))
 
 
 def _engine(config: dict, optimizer: Any = None):
@@ -65,26 +76,30 @@ def _layout_facts(engine) -> list[dict[str, Any]]:
 
 
 def exact(rank: int, world: int, workdir: str, name: str, stage: int, **extra: Any) -> dict:
-    """10 steps by name from ds_config; full fp32 weights and the declared layouts."""
+    """10 steps by name from ds_config; full fp32 weights, the declared layouts, the kernels run."""
     engine, model = _engine(ds_config(stage, name, **extra))
+    observer = _observe(engine)
     _train(engine, rank, range(10))
     result = {"full": _full_fp32(engine, model), "layouts": _layout_facts(engine), "wrapper": type(engine.optimizer).__name__}
+    result.update(kernels=sorted(observer.names), offload=_offloads(engine))
     engine.destroy()
     return result
 
 
-def by_instance(rank: int, world: int, workdir: str, name: str, stage: int) -> dict:
+def by_instance(rank: int, world: int, workdir: str, name: str, stage: int, **extra: Any) -> dict:
     """The client passes an optimizer instance; no zero_allow_untested_optimizer anywhere."""
     model_for_params = ds_model()
-    config = ds_config(stage)
+    config = ds_config(stage, **extra)
     import deepspeed
 
     import dist_memopt.integrations.deepspeed  # noqa: F401
 
     optimizer = make_optimizer(name, model_for_params.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model_for_params, config=config, optimizer=optimizer)
+    observer = _observe(engine)
     _train(engine, rank, range(10))
     result = {"full": _full_fp32(engine, model_for_params), "basic": type(engine.basic_optimizer).__name__}
+    result.update(kernels=sorted(observer.names), offload=_offloads(engine))
     engine.destroy()
     return result
 
@@ -189,8 +204,9 @@ def resume(rank: int, world: int, workdir: str, name: str, stage: int, **extra: 
     engine.load_checkpoint(folder, tag="step5")
     _train(engine, rank, range(5, 10))
     resumed = _full_fp32(engine, model)
+    offload = _offloads(engine)
     engine.destroy()
-    return {"uninterrupted": uninterrupted, "resumed": resumed, "folder": folder}
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "folder": folder, "offload": offload}
 
 
 def state_helpers(rank: int, world: int, workdir: str, name: str, stage: int) -> dict:

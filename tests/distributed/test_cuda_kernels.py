@@ -2,7 +2,9 @@
 
 On a GPU, compiled rather than interpreted: ``kernel="triton"`` against the float64 references on
 the fidelity model and on Alada's rare rows (where fp32 scalars would lose Ũ), against the torch
-path on GPT-2-sized shapes (fp32 and bf16) and on shard and tensor-parallel layouts, bit-identical across two runs, and FSDP2 over NCCL with the Triton kernels against one process.
+path on GPT-2-sized shapes (fp32 and bf16) and on shard and tensor-parallel layouts, bit-identical across two runs, and FSDP2 over NCCL with the Triton kernels against one process; FSDP2 with
+``CPUOffloadPolicy`` (which needs an accelerator) stepping its host shards with the fused CPU
+kernels against one process.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 import dist_memopt as dm  # noqa: E402
 from harness import run_distributed  # noqa: E402
-from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard  # noqa: E402
 
 from models import AwkwardModel, batch  # noqa: E402
 from reference import AladaReference, SMMFReference  # noqa: E402
 from test_fidelity import check_alada_rare_rows  # noqa: E402
 from test_fsdp import TOLERANCE, _full  # noqa: E402
-from kernel_cases import sharded_run  # noqa: E402
+from kernel_cases import KernelNames, sharded_run  # noqa: E402
 
 SHAPES = [(768, 3072), (3072,), (768,), (768, 768), (2304,), (1024, 768), (7, 13), ()]
 
@@ -103,14 +105,14 @@ def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:
     return (model(x, z) - y).pow(2).mean()
 
 
-def _train_cuda(kernel: str, shard: bool) -> dict[str, torch.Tensor]:
+def _train_cuda(kernel: str, shard: bool, name: str = "SMMF") -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = AwkwardModel().cuda()
     if shard:
         for module in (model.conv, model.proj, model.head):
             fully_shard(module)
         fully_shard(model, ignored_params={model.scale})
-    optimizer = dm.SMMF(model.parameters(), kernel=kernel, lr=1e-2, weight_decay=0.1)
+    optimizer = getattr(dm, name)(model.parameters(), kernel=kernel, lr=1e-2, weight_decay=0.1)
     for step in range(5):
         optimizer.zero_grad()
         _loss(model, step).backward()
@@ -130,3 +132,37 @@ def test_fsdp2_over_nccl_equals_one_process(kernel):
         for name, value in reference.items():
             scale = max(1.0, value.abs().max().item())
             assert (params[name] - value).abs().max().item() <= TOLERANCE * scale, name
+
+
+def _fsdp2_cpu_offload(rank, world_size, name):
+    """FSDP2 keeps the shards (and their gradients) on the host; the optimizer steps them there and
+    completes its factor statistics over the process group's CPU backend (gloo)."""
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    torch.manual_seed(0)
+    model = AwkwardModel().cuda()
+    policy = CPUOffloadPolicy()
+    for module in (model.conv, model.proj, model.head):
+        fully_shard(module, offload_policy=policy)
+    fully_shard(model, ignored_params={model.scale}, offload_policy=policy)
+    sharded = [p for p in model.parameters() if p is not model.scale]
+    optimizer = getattr(dm, name)(model.parameters(), lr=1e-2, weight_decay=0.1)
+    optimizer.kernel_observer = observer = KernelNames()
+    for step in range(5):
+        optimizer.zero_grad()
+        _loss(model, step).backward()
+        optimizer.step()
+    devices = {p.to_local().device.type for p in sharded}
+    return {n: p.cpu() for n, p in _full(model).items()}, devices, sorted(observer.names)
+
+
+@pytest.mark.parametrize("name", ["SMMF", "Alada"])
+def test_fsdp2_cpu_offload_steps_host_shards_with_the_cpu_kernels(name):
+    reference = _train_cuda("torch", shard=False, name=name)
+    world_size = min(2, torch.cuda.device_count())
+    ranks = run_distributed(_fsdp2_cpu_offload, world_size, name, backend="cpu:gloo,cuda:nccl")
+    for params, devices, kernels in ranks:
+        assert devices == {"cpu"}, "CPUOffloadPolicy keeps the shards on the host"
+        assert any(k.startswith(f"cpu.{name.lower()}") for k in kernels), kernels
+        for pname, value in reference.items():
+            scale = max(1.0, value.abs().max().item())
+            assert (params[pname] - value).abs().max().item() <= TOLERANCE * scale, pname

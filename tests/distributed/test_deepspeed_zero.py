@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 0–3 with SMMF / Alada by name: real engines on 2 and 3 gloo ranks (CPU).
+"""DeepSpeed ZeRO 0–3 and ZeRO-Offload with SMMF / Alada by name: real engines on 2 and 3 gloo ranks (CPU).
 
 One process launch per world size runs every case (see deepspeed_workers.py); the tests assert on
 its results against single-process runs of the same optimizer (deepspeed_cases.reference_run).
@@ -21,20 +21,32 @@ OPTIMIZERS = ("SMMF", "Alada")
 STAGES = (1, 2, 3)
 STEPS = 10
 FP32_TOLERANCE = 1e-6  # × parameter scale (max |w|, at least 1)
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}}  # ZeRO-Offload: partitions and step on the host
 BF16_OPTIMIZER = dict(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})  # ZeRO-1 → BF16_Optimizer
+
+
+def _zero(stage: int, **extra: dict) -> dict:
+    """The ``zero_optimization`` section; ZeRO-3 sub-groups of ~200 elements: several flat fp32
+    tensors, as in large models (with offload, the sub-groups are swapped through param_groups)."""
+    return {"zero_optimization": {"stage": stage, **({"sub_group_size": 200} if stage == 3 else {}), **extra}}
 
 
 def _exact_cases(world: int) -> list:
     cases = []
     for name in OPTIMIZERS:
         for stage in STAGES:
-            # ZeRO-3 sub-groups of ~200 elements: several flat fp32 tensors, as in large models
-            extra = {"zero_optimization": {"stage": 3, "sub_group_size": 200}} if stage == 3 else {}
-            cases.append((f"exact-{name}-{stage}", "exact", dict(name=name, stage=stage, **extra)))
+            cases.append((f"exact-{name}-{stage}", "exact", dict(name=name, stage=stage, **_zero(stage))))
     return cases
 
 
-TWO_RANK_CASES = _exact_cases(2) + [
+OFFLOAD_CASES = [(f"offload-{name}-{stage}", name, stage) for name in OPTIMIZERS for stage in STAGES]
+OFFLOAD_INSTANCE_CASES = [("offload-by-instance-SMMF-3", "SMMF", 3), ("offload-by-instance-Alada-2", "Alada", 2)]
+
+
+TWO_RANK_CASES = _exact_cases(2)
+TWO_RANK_CASES += [(key, "exact", dict(name=name, stage=stage, **_zero(stage, **OFFLOAD))) for key, name, stage in OFFLOAD_CASES]
+TWO_RANK_CASES += [(key, "by_instance", dict(name=name, stage=stage, **_zero(stage, **OFFLOAD))) for key, name, stage in OFFLOAD_INSTANCE_CASES]
+TWO_RANK_CASES += [
     ("exact-SMMF-0", "exact", dict(name="SMMF", stage=0)),
     ("by-instance-Alada-2", "by_instance", dict(name="Alada", stage=2)),
     ("by-instance-SMMF-3", "by_instance", dict(name="SMMF", stage=3)),
@@ -55,6 +67,9 @@ BF16_CASES = {
     # stage 0: DeepSpeed's FP16_UnfusedOptimizer, whose zero-gradient priming step must be undone
     "bf16-SMMF-0": ("SMMF", 0, {}, torch.bfloat16),
     "bf16-Alada-0": ("Alada", 0, {}, torch.bfloat16),
+    # ZeRO-Offload: the bf16 gradient partitions are copied into fp32 host buffers
+    "bf16-offload-SMMF-2": ("SMMF", 2, _zero(2, **OFFLOAD), torch.bfloat16),
+    "bf16-offload-Alada-3": ("Alada", 3, _zero(3, **OFFLOAD), torch.bfloat16),
 }
 TWO_RANK_CASES += [
     (key, "exact", dict(name=name, stage=stage, bf16={"enabled": True}, **extra))
@@ -65,6 +80,8 @@ RESUME_CASES = {
     "resume-Alada-1": dict(name="Alada", stage=1),
     "resume-Alada-3": dict(name="Alada", stage=3),
     "resume-SMMF-1-bf16opt": dict(name="SMMF", stage=1, **BF16_OPTIMIZER),
+    "resume-offload-SMMF-3": dict(name="SMMF", stage=3, **_zero(3, **OFFLOAD)),
+    "resume-offload-Alada-2": dict(name="Alada", stage=2, **_zero(2, **OFFLOAD)),
 }
 TWO_RANK_CASES += [(key, "resume", kwargs) for key, kwargs in RESUME_CASES.items()]
 TWO_RANK_CASES += [
@@ -190,6 +207,31 @@ def test_zero_matches_single_process(two_ranks, three_ranks, world, name, stage)
     _assert_close(results, _reference(name, world), FP32_TOLERANCE)
 
 
+def _assert_cpu_kernels_stepped(results: list, name: str) -> None:
+    """Every rank's optimizer stepped its partitions with the fused CPU kernels of ``name``."""
+    for rank, result in enumerate(results):
+        kernels = result["kernels"]
+        assert kernels and all(k.startswith(f"cpu.{name.lower()}") for k in kernels), f"rank {rank} ran {kernels}"
+
+
+@pytest.mark.parametrize("key, name, stage", OFFLOAD_CASES)
+def test_zero_offload_matches_single_process(two_ranks, key, name, stage):
+    """ZeRO-Offload: DeepSpeed hands the optimizer its fp32 host partitions (ZeRO-3: one sub-group
+    at a time, swapped into param_groups); the fused CPU kernels step them, exact as without it."""
+    results = _results(two_ranks, key)
+    assert all(result["offload"] for result in results), "the engine must offload the optimizer"
+    _assert_cpu_kernels_stepped(results, name)
+    _assert_close(results, _reference(name, 2), FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("key, name, stage", OFFLOAD_INSTANCE_CASES)
+def test_zero_offload_with_an_optimizer_instance(two_ranks, key, name, stage):
+    results = _results(two_ranks, key)
+    assert results[0]["basic"] == name and all(result["offload"] for result in results)
+    _assert_cpu_kernels_stepped(results, name)
+    _assert_close(results, _reference(name, 2), FP32_TOLERANCE)
+
+
 def test_stage0_matches_single_process(two_ranks):
     results = _results(two_ranks, "exact-SMMF-0")
     assert results[0]["layouts"] == [] and results[0]["wrapper"] == "SMMF"
@@ -243,13 +285,18 @@ def test_bf16_matches_single_process_with_the_same_roundings(two_ranks, key):
     for marker, wrapper in expected.items():
         if marker in key:
             assert results[0]["wrapper"] == wrapper
+    if "offload" in key:
+        assert all(result["offload"] for result in results)
+        _assert_cpu_kernels_stepped(results, name)
     reference = _reference(name, 2, dtype=torch.bfloat16, grad_dtype=grad_dtype)
     _assert_close(results, reference, FP32_TOLERANCE)
 
 
 @pytest.mark.parametrize("key", RESUME_CASES)
 def test_save_load_continue_equals_uninterrupted(two_ranks, key):
+    """Bit-identical: the resumed run's weights equal the uninterrupted run's (offload included)."""
     for result in _results(two_ranks, key):
+        assert result["offload"] == ("offload" in key)
         for name, value in result["uninterrupted"].items():
             assert torch.equal(result["resumed"][name], value), name
 

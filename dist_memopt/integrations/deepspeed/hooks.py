@@ -19,7 +19,10 @@ parameters). :func:`install` therefore
      tensors DeepSpeed will step (:mod:`.layouts`), undoes the state-priming step of its
      stage-0 fp16/bf16 wrapper, and links DeepSpeed's state helpers and
      checkpoint loading to them (per engine instance, nothing global: :mod:`.state`,
-     :mod:`.universal`).
+     :mod:`.universal`). Under ZeRO-Offload an instance of ours is accepted as the host
+     optimizer, as one named in the ds_config is: DeepSpeed refuses other client optimizers there
+     (``zero_force_ds_cpu_optimizer``) because their step would be slow on the host, and ours
+     step host tensors with their fused CPU kernels.
 
 It is idempotent: a second call changes nothing. Torch's ``torch.optim`` namespace is not touched.
 """
@@ -92,6 +95,8 @@ def _build_by_name(original: Callable) -> Callable:
 def _attach_after_wrapping(original: Callable) -> Callable:
     def _configure_optimizer(self: Any, client_optimizer: Any, model_parameters: Any) -> None:
         refuse_momentum_in_grad(client_optimizer)
+        if isinstance(client_optimizer, FactoredOptimizer):
+            self._config.zero_force_ds_cpu_optimizer = False  # this engine's config only
         original(self, client_optimizer, model_parameters)
         attach(self)
 

@@ -110,7 +110,10 @@ def check_supported(config: Any, model_chunks: list, pg_collection: Any = None) 
 
     name = config.optimizer
     if config.optimizer_cpu_offload:
-        raise ValueError(f"optimizer={name!r}: optimizer_cpu_offload (HybridDeviceOptimizer) is Adam/SGD only")
+        raise ValueError(
+            f"optimizer={name!r}: optimizer_cpu_offload (HybridDeviceOptimizer) is Adam/SGD only; the "
+            "factored state is small enough to keep on the GPU (DeepSpeed ZeRO-Offload runs SMMF/Alada on the host)"
+        )
     if config.use_precision_aware_optimizer:
         raise ValueError(f"optimizer={name!r}: use_precision_aware_optimizer needs TransformerEngine's FusedAdam")
     if any(chunk.ddp_config.use_megatron_fsdp for chunk in model_chunks):

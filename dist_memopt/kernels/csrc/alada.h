@@ -66,8 +66,8 @@ void alada_stats_tile(const Tile& t, const int64_t* seg, const int64_t* run, con
 #if DMO_AVX2
             vf acc8 = _mm256_setzero_ps(), norm8 = _mm256_setzero_ps();
             for (; c + 8 <= end; c += 8, k += 8) {
-                prefetch_ahead(g + k);
-                if (!IN_GRAD) prefetch_ahead(momentum + k);
+                prefetch_ahead<false>(g + k);
+                if (!IN_GRAD) prefetch_ahead<true>(momentum + k);
                 const vf gk = load8(g + k);
                 vf mk = gk;
                 if (!IN_GRAD) {
@@ -117,8 +117,8 @@ void alada_update_tile(const Tile& t, const int64_t* seg, const int64_t* run, co
         for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
 #if DMO_AVX2
             for (; c + 8 <= end; c += 8, k += 8) {
-                prefetch_ahead(w + k);
-                prefetch_ahead(momentum + k);
+                prefetch_ahead<true>(w + k);
+                prefetch_ahead<false>(momentum + k);
                 const vf refit = fma(splat(factor), loadf(cols.data() + c), splat(shift));
                 const vf denominator = vsqrt(vmax(refit, splat(h.eps)));
                 const vf wk = mul(load8(w + k), splat(h.decay));

@@ -201,12 +201,13 @@ bool has_nonfinite(const T* p, int64_t lo, int64_t hi) {
     int64_t i = lo;
     bool bad = false;
 #if DMO_AVX2
-    __m256 any = _mm256_setzero_ps();
-    for (; i + 8 <= hi; i += 8) {
-        prefetch_ahead(p + i);
-        const __m256 x = load8(p + i);
-        any = _mm256_or_ps(any, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));  // x - x: 0, or NaN
+    __m256 any = _mm256_setzero_ps(), any2 = _mm256_setzero_ps();
+    for (; i + 16 <= hi; i += 16) {  // x - x: 0, or NaN for inf and NaN
+        const __m256 x = load8(p + i), y = load8(p + i + 8);
+        any = _mm256_or_ps(any, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+        any2 = _mm256_or_ps(any2, _mm256_cmp_ps(_mm256_sub_ps(y, y), _mm256_setzero_ps(), _CMP_NEQ_UQ));
     }
+    any = _mm256_or_ps(any, any2);
     bad = _mm256_movemask_ps(any) != 0;
 #endif
     for (; i < hi; ++i) {

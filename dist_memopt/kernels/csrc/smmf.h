@@ -87,8 +87,8 @@ inline void smmf_span(WT* __restrict w, const GT* __restrict g, uint8_t* __restr
     const vf decay8 = splat(h.decay), lr8 = splat(h.lr), eps8 = splat(h.eps);
     vf acc_v = sums.acc_v, acc_m = sums.acc_m;
     for (; c + 8 <= end; c += 8, k += 8) {
-        prefetch_ahead(w + k);
-        prefetch_ahead(g + k);
+        prefetch_ahead<true>(w + k);
+        prefetch_ahead<false>(g + k);
         vf wk = load8(w + k), gk = load8(g + k);
         if (COUPLED) gk = fma(wd8, wk, gk);
         const vf v = fma(rv8, loadf(cv + c), mul(keep2_8, mul(gk, gk)));

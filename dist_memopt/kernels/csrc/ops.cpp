@@ -267,5 +267,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("alada_update", &dmo::alada_update);
     module.def("tile_partials", &dmo::tile_partials);
     module.def("first_nonfinite", &dmo::first_nonfinite);
-    module.def("simd", []() { return DMO_AVX2 ? "avx2" : "scalar"; });
+    module.def("simd", []() { return DMO_AVX512 ? "avx512" : DMO_AVX2 ? "avx2" : "scalar"; });
 }

@@ -1,6 +1,7 @@
-// Eight-lane fp32 blocks for the CPU kernels: loads and stores of fp32, bf16 and fp16 elements,
-// and the scalar twins every head and tail element goes through. With AVX2 + FMA + F16C (the
-// build passes -march=native) a block is one __m256; otherwise eight scalar lanes. The scalar and
+// Eight- and sixteen-lane fp32 blocks for the CPU kernels: loads and stores of fp32, bf16 and fp16
+// elements, and the scalar twins every head and tail element goes through. With AVX2 + FMA + F16C
+// (the build passes -march=native) a block is one __m256, with AVX-512 also one __m512; without
+// them every element takes the scalar code. The scalar and
 // vector forms round alike (one fused multiply-add where the vector form has one), so an element's
 // result does not depend on whether it fell in a block or in a head or tail.
 #pragma once
@@ -17,6 +18,11 @@
 #define DMO_AVX2 1
 #else
 #define DMO_AVX2 0
+#endif
+#if DMO_AVX2 && defined(__AVX512F__)
+#define DMO_AVX512 1
+#else
+#define DMO_AVX512 0
 #endif
 
 namespace dmo {
@@ -95,6 +101,39 @@ inline float hsum(vf x) {
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, x);
     return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+#endif
+
+#if DMO_AVX512
+// Sixteen-lane blocks: half the instructions per element of eight-lane ones.
+using vf16 = __m512;
+
+template <typename T> inline vf16 load16(const T* p);
+template <> inline vf16 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline vf16 load16<bf16>(const bf16* p) {
+    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+template <> inline vf16 load16<f16>(const f16* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <typename T> inline void store16(T* p, vf16 x);
+template <> inline void store16<float>(float* p, vf16 x) { _mm512_storeu_ps(p, x); }
+template <> inline void store16<bf16>(bf16* p, vf16 x) {  // as store8<bf16>: nearest even, NaN to 0x7FC0
+    __m512i bits = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+template <> inline void store16<f16>(f16* p, vf16 x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// the sixteen lanes summed in a fixed order (each half as hsum does)
+inline float hsum(vf16 x) {
+    return hsum(_mm512_castps512_ps256(x)) + hsum(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
 }
 #endif
 

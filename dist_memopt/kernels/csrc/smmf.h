@@ -40,7 +40,12 @@ inline const SignTable& sign_table() {
 // locals first: stores through the float pointers could otherwise alias them and force reloads.
 struct SmmfRowSums {
     float v = 0.0f, m = 0.0f;
-#if DMO_AVX2
+#if DMO_AVX512
+    vf acc_v = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
+    vf16 wide_v = _mm512_setzero_ps(), wide_m = _mm512_setzero_ps();
+    float total_v() const { return v + hsum(acc_v) + hsum(wide_v); }
+    float total_m() const { return m + hsum(acc_m) + hsum(wide_m); }
+#elif DMO_AVX2
     vf acc_v = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
     float total_v() const { return v + hsum(acc_v); }
     float total_m() const { return m + hsum(acc_m); }
@@ -86,6 +91,42 @@ inline void smmf_span(WT* __restrict w, const GT* __restrict g, uint8_t* __restr
     const vf rv8 = splat(rv), rm8 = splat(rm), keep2_8 = splat(keep2), keep1_8 = splat(keep1), wd8 = splat(h.wd);
     const vf decay8 = splat(h.decay), lr8 = splat(h.lr), eps8 = splat(h.eps);
     vf acc_v = sums.acc_v, acc_m = sums.acc_m;
+#if DMO_AVX512
+    {  // sixteen elements, two whole sign bytes, at a time; the same operations as the eight-lane block
+        const vf16 rv16 = _mm512_set1_ps(rv), rm16 = _mm512_set1_ps(rm), keep2_16 = _mm512_set1_ps(keep2);
+        const vf16 keep1_16 = _mm512_set1_ps(keep1), wd16 = _mm512_set1_ps(h.wd), decay16 = _mm512_set1_ps(h.decay);
+        const vf16 lr16 = _mm512_set1_ps(h.lr), eps16 = _mm512_set1_ps(h.eps), zero = _mm512_setzero_ps();
+        vf16 wide_v = sums.wide_v, wide_m = sums.wide_m;
+        for (; c + 16 <= end; c += 16, k += 16) {
+            prefetch_ahead<true>(w + k);
+            prefetch_ahead<false>(g + k);
+            vf16 wk = load16(w + k), gk = load16(g + k);
+            if (COUPLED) gk = _mm512_fmadd_ps(wd16, wk, gk);
+            const vf16 v = _mm512_fmadd_ps(rv16, _mm512_loadu_ps(cv + c), _mm512_mul_ps(keep2_16, _mm512_mul_ps(gk, gk)));
+            _mm512_storeu_ps(col_v + c, _mm512_add_ps(_mm512_loadu_ps(col_v + c), v));
+            wide_v = _mm512_add_ps(wide_v, v);
+            vf16 numerator = gk;
+            if (HAS_M) {
+                uint16_t bits;
+                std::memcpy(&bits, sign + (k >> 3), 2);
+                const vf16 magnitude_rc = _mm512_mul_ps(rm16, _mm512_loadu_ps(cm + c));
+                // ±(r ⊗ c) + (1 − β1)·G: a negation where the bit is 0 (the fma by ±1 of the other blocks)
+                const vf16 signed_rc = _mm512_mask_sub_ps(magnitude_rc, static_cast<__mmask16>(~bits), zero, magnitude_rc);
+                const vf16 first = _mm512_add_ps(signed_rc, _mm512_mul_ps(keep1_16, gk));
+                const uint16_t fresh = static_cast<uint16_t>(_mm512_cmp_ps_mask(first, zero, _CMP_GE_OQ));
+                std::memcpy(sign + (k >> 3), &fresh, 2);
+                const vf16 magnitude = _mm512_abs_ps(first);
+                _mm512_storeu_ps(col_m + c, _mm512_add_ps(_mm512_loadu_ps(col_m + c), magnitude));
+                wide_m = _mm512_add_ps(wide_m, magnitude);
+                numerator = first;
+            }
+            const vf16 step = _mm512_div_ps(numerator, _mm512_add_ps(_mm512_sqrt_ps(v), eps16));
+            store16(w + k, _mm512_sub_ps(_mm512_mul_ps(wk, decay16), _mm512_mul_ps(lr16, step)));
+        }
+        sums.wide_v = wide_v;
+        sums.wide_m = wide_m;
+    }
+#endif
     for (; c + 8 <= end; c += 8, k += 8) {
         prefetch_ahead<true>(w + k);
         prefetch_ahead<false>(g + k);

@@ -63,24 +63,55 @@ void alada_stats_tile(const Tile& t, const int64_t* seg, const int64_t* run, con
             }
         };
         for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
+            // locals, not h's fields: stores through the float pointers could alias those
+            const float beta1 = h.beta1, g0_div = h.g0_div;
+            const float* __restrict q_cols = q32.data();
+            float* __restrict out = col_out;
+            float* __restrict moment = momentum;
+#if DMO_AVX512
+            {
+                const vf16 beta16 = _mm512_set1_ps(beta1), keep16 = _mm512_set1_ps(keep), unbias16 = _mm512_set1_ps(unbias);
+                const vf16 pr16 = _mm512_set1_ps(pr), div16 = _mm512_set1_ps(g0_div);
+                vf16 acc16 = _mm512_setzero_ps(), norm16 = _mm512_setzero_ps();
+                for (; c + 16 <= end; c += 16, k += 16) {
+                    prefetch_ahead<false>(g + k);
+                    if (!IN_GRAD) prefetch_ahead<true>(moment + k);
+                    const vf16 gk = load16(g + k);
+                    vf16 mk = gk;
+                    if (!IN_GRAD) {
+                        mk = _mm512_fmadd_ps(_mm512_loadu_ps(moment + k), beta16, _mm512_mul_ps(keep16, gk));
+                        _mm512_storeu_ps(moment + k, mk);
+                    }
+                    vf16 second = _mm512_mul_ps(mk, unbias16);
+                    second = _mm512_mul_ps(second, second);
+                    if (PHASE == ODD) _mm512_storeu_ps(out + c, _mm512_add_ps(_mm512_loadu_ps(out + c), _mm512_mul_ps(second, pr16)));
+                    else if (PHASE == FIRST) acc16 = _mm512_add_ps(acc16, second);
+                    else acc16 = _mm512_add_ps(acc16, _mm512_mul_ps(second, _mm512_loadu_ps(q_cols + c)));
+                    if (PHASE == FIRST) {
+                        const vf16 g0 = _mm512_div_ps(gk, div16);
+                        norm16 = _mm512_add_ps(norm16, _mm512_mul_ps(g0, g0));
+                    }
+                }
+                acc += hsum(acc16);
+                if (PHASE == FIRST) norm += hsum(norm16);
+            }
+#endif
 #if DMO_AVX2
             vf acc8 = _mm256_setzero_ps(), norm8 = _mm256_setzero_ps();
             for (; c + 8 <= end; c += 8, k += 8) {
-                prefetch_ahead<false>(g + k);
-                if (!IN_GRAD) prefetch_ahead<true>(momentum + k);
                 const vf gk = load8(g + k);
                 vf mk = gk;
                 if (!IN_GRAD) {
-                    mk = fma(loadf(momentum + k), splat(h.beta1), mul(splat(keep), gk));
-                    storef(momentum + k, mk);
+                    mk = fma(loadf(moment + k), splat(beta1), mul(splat(keep), gk));
+                    storef(moment + k, mk);
                 }
                 vf second = mul(mk, splat(unbias));
                 second = mul(second, second);
-                if (PHASE == ODD) storef(col_out + c, add(loadf(col_out + c), mul(second, splat(pr))));
+                if (PHASE == ODD) storef(out + c, add(loadf(out + c), mul(second, splat(pr))));
                 else if (PHASE == FIRST) acc8 = add(acc8, second);
-                else acc8 = add(acc8, mul(second, loadf(q32.data() + c)));
+                else acc8 = add(acc8, mul(second, loadf(q_cols + c)));
                 if (PHASE == FIRST) {
-                    const vf g0 = div(gk, splat(h.g0_div));
+                    const vf g0 = div(gk, splat(g0_div));
                     norm8 = add(norm8, mul(g0, g0));
                 }
             }
@@ -115,21 +146,35 @@ void alada_update_tile(const Tile& t, const int64_t* seg, const int64_t* run, co
         const float shift = static_cast<float>((p[r] - x_p) * shift_scale + h.eps64);
         const float factor = static_cast<float>(p[r] / h.bias2);
         for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
+            const float eps = h.eps, decay = h.decay, step = h.lr_over_bias1;  // locals: see alada_stats_tile
+            const float* __restrict col = cols.data();
+#if DMO_AVX512
+            {
+                const vf16 factor16 = _mm512_set1_ps(factor), shift16 = _mm512_set1_ps(shift), eps16 = _mm512_set1_ps(eps);
+                const vf16 decay16 = _mm512_set1_ps(decay), step16 = _mm512_set1_ps(step);
+                for (; c + 16 <= end; c += 16, k += 16) {
+                    prefetch_ahead<true>(w + k);
+                    prefetch_ahead<false>(momentum + k);
+                    const vf16 refit = _mm512_fmadd_ps(factor16, _mm512_loadu_ps(col + c), shift16);
+                    const vf16 denominator = _mm512_sqrt_ps(_mm512_max_ps(refit, eps16));
+                    const vf16 wk = _mm512_mul_ps(load16(w + k), decay16);
+                    store16(w + k, _mm512_sub_ps(wk, _mm512_mul_ps(step16, _mm512_div_ps(load16(momentum + k), denominator))));
+                }
+            }
+#endif
 #if DMO_AVX2
             for (; c + 8 <= end; c += 8, k += 8) {
-                prefetch_ahead<true>(w + k);
-                prefetch_ahead<false>(momentum + k);
-                const vf refit = fma(splat(factor), loadf(cols.data() + c), splat(shift));
-                const vf denominator = vsqrt(vmax(refit, splat(h.eps)));
-                const vf wk = mul(load8(w + k), splat(h.decay));
-                store8(w + k, sub(wk, mul(splat(h.lr_over_bias1), div(load8(momentum + k), denominator))));
+                const vf refit = fma(splat(factor), loadf(col + c), splat(shift));
+                const vf denominator = vsqrt(vmax(refit, splat(eps)));
+                const vf wk = mul(load8(w + k), splat(decay));
+                store8(w + k, sub(wk, mul(splat(step), div(load8(momentum + k), denominator))));
             }
 #endif
             for (; c < end; ++c, ++k) {
-                const float refit = std::fma(factor, cols[c], shift);
-                const float denominator = std::sqrt(std::max(refit, h.eps));
-                const float wk = to_float(w[k]) * h.decay;
-                w[k] = from_float<WT>(wk - h.lr_over_bias1 * (to_float(momentum[k]) / denominator));
+                const float refit = std::fma(factor, col[c], shift);
+                const float denominator = std::sqrt(std::max(refit, eps));
+                const float wk = to_float(w[k]) * decay;
+                w[k] = from_float<WT>(wk - step * (to_float(momentum[k]) / denominator));
             }
         });
     }

@@ -62,7 +62,8 @@ def sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, s
     return params, optimizer
 
 
-def strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo: int = 0, hi: int = -1):
+def _strided_piece(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo: int, hi: int, state: dict):
+    """(item, segment, positions) of one 'rank's window of ``pieces`` of ``full`` in the (n, m) view."""
     from types import SimpleNamespace
 
     from dist_memopt.optim.base import SegmentPlan
@@ -71,12 +72,29 @@ def strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo
     hi = positions.numel() if hi < 0 else hi
     positions = positions[lo:hi]
     numel = positions.numel()
-    state = {k: torch.zeros(n if k.startswith("row") else m) for k in ("row_v", "col_v", "row_m", "col_m")}
-    state["sign"] = torch.zeros((numel + 7) // 8, dtype=torch.uint8)
     seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, numel)), RunsGeometry(n, m, pieces, lo, hi))
-    item = SimpleNamespace(weight=full.detach()[positions].clone(), grad=torch.zeros(numel), state=state)
+    item = SimpleNamespace(name="piece", weight=full.detach().reshape(-1)[positions].clone(), grad=torch.zeros(numel), state=state)
+    return item, seg, positions
+
+
+def strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo: int = 0, hi: int = -1):
+    """An SMMF 'rank' holding a window of strided pieces: item, segment, positions, its statistics
+    buffer and the four slots in it."""
+    state = {k: torch.zeros(n if k.startswith("row") else m) for k in ("row_v", "col_v", "row_m", "col_m")}
+    item, seg, positions = _strided_piece(full, pieces, n, m, lo, hi, state)
+    state["sign"] = torch.zeros((positions.numel() + 7) // 8, dtype=torch.uint8)
     stats = torch.zeros(2 * (n + m))
     return item, seg, positions, stats, (stats[:n], stats[n : n + m], stats[n + m : 2 * n + m], stats[2 * n + m :])
+
+
+def alada_strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo: int = 0, hi: int = -1):
+    """An Alada 'rank' holding a window of strided pieces: item, segment, positions and its
+    statistics buffer (rows, columns, ‖G0‖²)."""
+    f64 = dict(dtype=torch.float64)
+    state = dict(row=torch.zeros(n, **f64), col=torch.zeros(m, **f64), v0=torch.zeros(1, **f64))
+    item, seg, positions = _strided_piece(full, pieces, n, m, lo, hi, state)
+    state["exp_avg"] = torch.zeros(positions.numel())
+    return item, seg, positions, torch.zeros(n + m + 1)
 
 
 #: per case: SMMF's (n, m) view and each 'rank's pieces and window, covering the tensor once

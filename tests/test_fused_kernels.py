@@ -16,7 +16,7 @@ import torch
 
 import dist_memopt as dm
 from dist_memopt.bench.counting import StepCost
-from kernel_cases import KernelNames, momentum_in_grad_run, sharded_run
+from kernel_cases import ALADA_STRIDED_CASES, STRIDED_CASES, KernelNames, alada_strided_rank, momentum_in_grad_run, sharded_run, strided_rank
 from models import AwkwardModel, loss_fn
 from reference import AladaReference, SMMFReference
 
@@ -142,3 +142,107 @@ def test_alada_momentum_in_grad_matches_the_torch_path(family, dtype, atol):
     for a, b in zip(momentum_in_grad_run(family, dtype), momentum_in_grad_run("torch", dtype)):
         assert a.dtype == dtype
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+#: per family: the SMMF and Alada runners, the names SMMF's step and finish report
+RUNNERS = {
+    "triton": ("dist_memopt.kernels.smmf_triton.FusedSMMF", "dist_memopt.kernels.alada_triton.FusedAlada", ("smmf_tiles", "smmf_finish")),
+    "cpu": ("dist_memopt.kernels.smmf_cpu.CpuSMMF", "dist_memopt.kernels.alada_cpu.CpuAlada", ("smmf", "smmf_finish")),
+}
+
+
+def _runner(path: str):
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def _check_triton_index_math(family: str, case: str, ranks: list, m: int) -> None:
+    """The Triton kernels' index math for these pieces: divided for narrow strides, else carried."""
+    if family == "triton":
+        from dist_memopt.kernels.tiles import DIVIDED, STRIDED, index_math, tiles_shape
+
+        mode = DIVIDED if case == "narrow" else STRIDED
+        assert all(index_math([rank[1].geometry], tiles_shape(m)[1])["RUNS"] == mode for rank in ranks)
+
+
+@FAMILIES
+@pytest.mark.parametrize("case", STRIDED_CASES)
+def test_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step(family, case):
+    """Pieces of a tensor on several 'ranks', as a flat shard of a TP block is; statistics summed as
+    an all_reduce would: the unsharded torch step (in either Triton index math)."""
+    from dist_memopt.optim.bits import unpack_signs
+    from dist_memopt.optim.smmf import _Schedule
+
+    runner = _runner(RUNNERS[family][0])
+    n, m, pieces = STRIDED_CASES[case]
+    torch.manual_seed(0)
+    full = torch.nn.Parameter(torch.randn(n * m))
+    reference = dm.SMMF([full], kernel="torch", lr=1e-2, weight_decay=0.1)
+    ranks = [strided_rank(full, runs, n, m, lo, hi) for runs, lo, hi in pieces]
+    _check_triton_index_math(family, case, ranks, m)
+    generator = torch.Generator().manual_seed(1)
+    for t in range(1, 6):
+        full.grad = torch.randn(n * m, generator=generator)
+        reference.step()
+        hp = _Schedule.at(reference.param_groups[0], t)
+        steps = []
+        with StepCost() as cost:
+            for item, seg, positions, stats, slots in ranks:
+                item.grad.copy_(full.grad[positions])
+                stats.zero_()
+                fused = runner(cost)
+                fused.add(item, seg, hp, slots)
+                fused.run()
+                steps.append(fused)
+            total = sum(rank[3] for rank in ranks)  # the all_reduce
+            for (_, _, _, stats, _), fused in zip(ranks, steps):
+                stats.copy_(total)
+                fused.finish()
+        assert [cost.ops[f"{family}.{name}"] for name in RUNNERS[family][2]] == [len(ranks)] * 2  # one launch each per rank
+        expected = reference.state[full]
+        signs = unpack_signs(expected["sign"], n * m)
+        for item, _, positions, _, _ in ranks:
+            torch.testing.assert_close(item.weight, full.detach()[positions], rtol=0, atol=1e-6)
+            for key in ("row_v", "col_v", "row_m", "col_m"):
+                torch.testing.assert_close(item.state[key], expected[key], rtol=1e-5, atol=1e-8)
+            assert torch.equal(unpack_signs(item.state["sign"], positions.numel()), signs[positions])
+
+
+@FAMILIES
+@pytest.mark.parametrize("case", ALADA_STRIDED_CASES)
+def test_alada_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step(family, case):
+    """Alada's two passes on the same column blocks: statistics summed between them (the all_reduce)."""
+    from dist_memopt.optim.alada import _Schedule
+
+    runner = _runner(RUNNERS[family][1])
+    n, m, cases = ALADA_STRIDED_CASES[case]
+    torch.manual_seed(0)
+    full = torch.nn.Parameter(torch.randn(n, m))
+    reference = dm.Alada([full], kernel="torch", lr=1e-2, weight_decay=0.1)
+    ranks = [alada_strided_rank(full, pieces, n, m, lo, hi) for pieces, lo, hi in cases]
+    _check_triton_index_math(family, case, ranks, m)
+    generator = torch.Generator().manual_seed(1)
+    for t in range(5):
+        full.grad = torch.randn(n, m, generator=generator)
+        reference.step()
+        hp = _Schedule.at(reference.param_groups[0], t)
+        steps = []
+        for item, seg, positions, stats in ranks:
+            item.grad.copy_(full.grad.view(-1)[positions])
+            stats.zero_()
+            fused = runner()
+            fused.add(item, seg, hp, stats[n : n + m] if t % 2 else stats[:n], stats[n + m :])
+            fused.statistics()
+            steps.append(fused)
+        total = sum(rank[3] for rank in ranks)  # the all_reduce
+        for (_, _, _, stats), fused in zip(ranks, steps):
+            stats.copy_(total)
+            fused.update()
+        expected = reference.state[full]
+        # M: Triton's β1·M + (1 − β1)·G rounds as torch's lerp here; the CPU kernel's fma may differ in the last bit
+        momentum_rtol = 0 if family == "triton" else 1e-6
+        for item, _, positions, _ in ranks:
+            torch.testing.assert_close(item.weight, full.detach().view(-1)[positions], rtol=0, atol=1e-6)
+            torch.testing.assert_close(item.state["exp_avg"], expected["exp_avg"][positions], rtol=momentum_rtol, atol=1e-7)
+            for key in ("row", "col", "v0"):
+                torch.testing.assert_close(item.state[key], expected[key], rtol=1e-6, atol=1e-12)  # fp32 sums, another order

@@ -1,0 +1,149 @@
+"""The quality study's table and plots, drawn from a results file's records alone.
+
+Best learning rate: the one whose first-seed run has the lowest held-out loss (the study's
+choice too). At that rate the table gives the mean held-out perplexity over the seeds, its spread
+(half the range), the gap to AdamW's mean at AdamW's best rate, the optimizer-state MiB per rank
+and the first-seed perplexity at every swept rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["summarize", "table", "plot_curves", "plot_lr", "render"]
+
+MiB = 2**20
+_ORDER = ("AdamW", "SMMF", "Alada", "Adafactor", "CAME", "SM3")
+
+
+def _labels(records: Iterable[dict]) -> list[str]:
+    found = {r["optimizer"] for r in records}
+    return [x for x in _ORDER if x in found] + sorted(found - set(_ORDER))
+
+
+def _models(records: Iterable[dict]) -> list[str]:
+    found = {r["model"] for r in records}
+    return [m for m in ("gpt2", "bert", "t5") if m in found] + sorted(found - {"gpt2", "bert", "t5"})
+
+
+def summarize(records: list[dict]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (model, optimizer): best lr, its seeds' perplexities, the sweep, state MiB, the best curve."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["model"], r["optimizer"])].append(r)
+    out = {}
+    for key, runs in groups.items():
+        first_seed = min(r["seed"] for r in runs)
+        sweep = {r["lr"]: r for r in runs if r["seed"] == first_seed}
+        finite = {lr: r for lr, r in sweep.items() if math.isfinite(r["val_loss"])}
+        best = min(finite, key=lambda lr: finite[lr]["val_loss"]) if finite else min(sweep)
+        ppl = [r["val_ppl"] for r in runs if r["lr"] == best]
+        out[key] = {
+            "best_lr": best,
+            "ppl": ppl,
+            "mean_ppl": sum(ppl) / len(ppl),
+            "spread": (max(ppl) - min(ppl)) / 2,
+            "sweep": {lr: r["val_ppl"] for lr, r in sorted(sweep.items())},
+            "state_mib": sweep[best]["state_bytes_per_rank"] / MiB,
+            "curve": sweep[best]["val_curve"],
+        }
+    return out
+
+
+def _ppl(value: float) -> str:
+    if not math.isfinite(value):
+        return "diverged"
+    return f"{value:.3f}" if value < 1e4 else f"{value:.2e}"
+
+
+def table(records: list[dict]) -> str:
+    """A Markdown table: one row per model and optimizer."""
+    summary = summarize(records)
+    lines = [
+        "| model | optimizer | best lr | held-out ppl (mean) | seeds | spread (±) | vs AdamW | state MiB/rank "
+        "| ppl at each lr (first seed) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in _models(records):
+        reference = summary.get((model, "AdamW"), {}).get("mean_ppl")
+        for label in _labels(records):
+            s = summary.get((model, label))
+            if s is None:
+                continue
+            finite = reference and math.isfinite(s["mean_ppl"]) and s["mean_ppl"] < 1e4
+            gap = f"{100 * (s['mean_ppl'] / reference - 1):+.2f}%" if finite else "—"
+            sweep = ", ".join(f"{lr:g}: {_ppl(p)}" for lr, p in s["sweep"].items())
+            lines.append(
+                f"| {model} | {label} | {s['best_lr']:g} | {_ppl(s['mean_ppl'])} | {len(s['ppl'])} | "
+                f"{s['spread']:.3f} | {gap} | {s['state_mib']:.3f} | {sweep} |"
+            )
+    return "\n".join(lines)
+
+
+def _figure(count: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, count, figsize=(5.2 * count, 4.2), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Held-out perplexity against step, each optimizer at its best lr (first seed)."""
+    summary, models = summarize(records), _models(records)
+    plt, fig, axes = _figure(len(models))
+    for ax, model in zip(axes, models):
+        for label in _labels(records):
+            s = summary.get((model, label))
+            if s is None or not s["curve"]:
+                continue
+            steps, losses = zip(*s["curve"][1:] or s["curve"])
+            ax.plot(steps, [math.exp(x) for x in losses], label=f"{label} (lr {s['best_lr']:g})", linewidth=1.3)
+        ax.set_yscale("log")
+        ax.set(title=f"{model}: held-out perplexity", xlabel="step", ylabel="perplexity")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lr(records: list[dict], path: Path) -> None:
+    """Final held-out perplexity against learning rate (first seed): how robust to the step size."""
+    summary, models = summarize(records), _models(records)
+    plt, fig, axes = _figure(len(models))
+    for ax, model in zip(axes, models):
+        for label in _labels(records):
+            s = summary.get((model, label))
+            if s is None:
+                continue
+            points = [(lr, p) for lr, p in s["sweep"].items() if math.isfinite(p)]
+            if points:
+                lrs, ppl = zip(*points)
+                ax.plot(lrs, ppl, marker="o", label=label, linewidth=1.3)
+        ax.set_xscale("log")
+        ax.set(title=f"{model}: final perplexity vs learning rate", xlabel="peak learning rate", ylabel="held-out perplexity")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(study: dict[str, Any], out: Path) -> list[Path]:
+    """Print the table; write ``quality.md``, ``quality_curves.png`` and ``quality_lr.png`` under ``out``."""
+    records = study["records"]
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(records)
+    print(text)
+    paths = [out / "quality.md", out / "quality_curves.png", out / "quality_lr.png"]
+    paths[0].write_text(text + "\n")
+    if records:
+        plot_curves(records, paths[1])
+        plot_lr(records, paths[2])
+    return paths

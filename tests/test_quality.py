@@ -136,3 +136,21 @@ def test_an_optimizer_params_override_reaches_the_optimizer_and_names_the_runs()
     config = settings.config()
     assert label == "Alada eps=1e-8"
     assert config.optimizer.params["eps"] == 1e-8 and list(config.optimizer.params["betas"]) == [0.9, 0.9]
+
+
+def test_dense_alada_is_algorithm_2_where_the_rank_one_fit_is_exact():
+    """Gradients with one value per step keep M̃² a multiple of p qᵀ: the dense diagnostic then steps
+    like the paper's factored Algorithm 2 (tests/reference.py)."""
+    import torch
+    from reference import AladaReference
+
+    from dist_memopt.bench.quality_probe import DenseAlada
+
+    weight = torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+    reference = AladaReference(weight, lr=1e-2, weight_decay=0.1)
+    dense = DenseAlada([weight], lr=1e-2, weight_decay=0.1)
+    for value in (0.5, -2.0, 0.1, 1.5, -0.3):
+        weight.grad = torch.full((6, 4), value, dtype=torch.float64)
+        reference.step(weight.grad)
+        dense.step()
+        torch.testing.assert_close(weight.detach(), reference.w)

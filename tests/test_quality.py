@@ -70,7 +70,7 @@ def test_a_one_cell_rerun_reproduces_its_recorded_val_loss(tmp_path):
     assert record["val_loss"] == recorded["val_loss"] and math.isfinite(record["val_loss"])
     assert {"model", "optimizer", "lr", "seed", "steps", "val_loss", "val_curve", "state_bytes_per_rank", "wall_seconds"} <= set(record)
     assert [step for step, _ in record["val_curve"]] == [0, 2, 3]
-    assert {"date", "machine", "command"} <= set(alone)
+    assert {"date", "machine", "commands"} <= set(alone) and alone["commands"][0] == record["command"]
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -122,7 +122,7 @@ def test_table_and_plots_render_from_a_results_file(tmp_path):
     records += [_record(m, "SMMF", lr, s, 3.1 + s / 100) for m in ("gpt2", "t5") for lr in (0.001,) for s in (0, 1)]
     records.append(_record("gpt2", "SM3", 0.1, 0, float("nan")))  # a diverged run
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"benchmarks": {"quality": {"date": "d", "machine": {}, "command": "c", "records": records}}}))
+    path.write_text(json.dumps({"benchmarks": {"quality": {"date": "d", "machine": {}, "commands": ["c"], "records": records}}}))
     assert main(["quality", "--render", str(path), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "quality.md").read_text()
     assert text.count("| gpt2 |") == 3 and text.count("| t5 |") == 2 and "| 2 |" in text

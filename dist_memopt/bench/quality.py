@@ -38,7 +38,7 @@ from typing import Any, Iterator, Optional
 from dist_memopt.bench.quality_train import RunSettings, threads_default, train_one
 from dist_memopt.bench.registry import Benchmark, int_at_least, register
 
-__all__ = ["add_arguments", "run", "Contender", "CONTENDERS", "MODELS", "study_cells", "load_records"]
+__all__ = ["add_arguments", "run", "Contender", "CONTENDERS", "MODELS", "study_cells", "load_study"]
 
 MODELS = ("gpt2", "bert", "t5")
 
@@ -196,12 +196,11 @@ def study_cells(args: argparse.Namespace, records: dict[str, dict]) -> Iterator[
 # --- the results file -------------------------------------------------------------------------------
 
 
-def load_records(path: Path) -> dict[str, dict]:
-    """The records of a results file by cell key (empty when there is none yet)."""
+def load_study(path: Path) -> dict[str, Any]:
+    """A results file's ``quality`` section (empty when there is none yet)."""
     if not path.exists():
         return {}
-    data = json.loads(path.read_text())
-    return {r["key"]: r for r in data.get("benchmarks", {}).get("quality", data).get("records", [])}
+    return json.loads(path.read_text())["benchmarks"]["quality"]
 
 
 def _machine() -> dict[str, Any]:
@@ -223,12 +222,12 @@ def _command() -> str:
     return " ".join(sys.argv)
 
 
-def _study(records: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]:
-    """The results file's ``quality`` section: when, where, how, and every record."""
+def _study(records: dict[str, dict], args: argparse.Namespace, commands: list[str]) -> dict[str, Any]:
+    """The results file's ``quality`` section: when, where, the commands that ran its records, the records."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(),
-        "command": _command(),
+        "commands": commands,
         "threads": args.threads,
         "records": sorted(records.values(), key=lambda r: (r["model"], r["optimizer"], r["lr"], r["seed"])),
     }
@@ -277,7 +276,7 @@ def _record(label: str, settings: RunSettings, result: dict[str, Any]) -> dict[s
     }
 
 
-def _run_cells(args: argparse.Namespace, path: Path, records: dict[str, dict]) -> list[str]:
+def _run_cells(args: argparse.Namespace, path: Path, records: dict[str, dict], commands: list[str]) -> list[str]:
     """Run every pending cell (re-planning after each run); returns the ones the budget left out."""
     began, skipped = time.monotonic(), []
     while True:
@@ -295,8 +294,8 @@ def _run_cells(args: argparse.Namespace, path: Path, records: dict[str, dict]) -
             continue
         print(f"{name} ({len(pending)} known to run, {_plan(records, pending)}, {used:.1f} min used)", flush=True)
         result = train_one(settings, log=sys.stdout)
-        records[cell_key(settings)] = _record(label, settings, result)
-        _save(path, _study(records, args))
+        records[cell_key(settings)] = {**_record(label, settings, result), "command": commands[-1]}
+        _save(path, _study(records, args, commands))
         print(f"      val_loss {result['val_loss']:.4f} in {result['wall_seconds']:.0f}s", flush=True)
 
 
@@ -313,9 +312,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"quality study: {unknown} not in models {MODELS} or optimizers {tuple(CONTENDERS)}")
     path = Path(args.json) if args.json else args.out / "quality.json"
-    records = load_records(path)
-    skipped = _run_cells(args, path, records)
-    study = _study(records, args)
+    before = load_study(path)
+    records = {r["key"]: r for r in before.get("records", [])}
+    commands = list(before.get("commands", [before["command"]] if "command" in before else []))
+    if _command() not in commands:
+        commands.append(_command())
+    skipped = _run_cells(args, path, records, commands)
+    study = _study(records, args, commands)
     study["not_run_for_budget"] = len(skipped)
     _save(path, study)
     render(study, args.out)

@@ -93,43 +93,58 @@ def _figure(count: int):
     return plt, fig, axes[0]
 
 
+def _ceiling(summary: dict, model: str) -> float:
+    """The plots' top: 2.5 times the model's best final perplexity (diverging runs would flatten the rest)."""
+    finals = [p for (m, _), s in summary.items() if m == model for p in s["sweep"].values() if math.isfinite(p)]
+    return 2.5 * min(finals) if finals else math.inf
+
+
+def _axes(ax, model: str, title: str, ceiling: float, xlabel: str) -> None:
+    ax.set_yscale("log")
+    if math.isfinite(ceiling):
+        ax.set_ylim(top=ceiling)
+    ax.set(title=f"{model}: {title}", xlabel=xlabel, ylabel="held-out perplexity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
 def plot_curves(records: list[dict], path: Path) -> None:
     """Held-out perplexity against step, each optimizer at its best lr (first seed)."""
     summary, models = summarize(records), _models(records)
     plt, fig, axes = _figure(len(models))
     for ax, model in zip(axes, models):
+        ceiling = _ceiling(summary, model)
         for label in _labels(records):
             s = summary.get((model, label))
             if s is None or not s["curve"]:
                 continue
             steps, losses = zip(*s["curve"][1:] or s["curve"])
-            ax.plot(steps, [math.exp(x) for x in losses], label=f"{label} (lr {s['best_lr']:g})", linewidth=1.3)
-        ax.set_yscale("log")
-        ax.set(title=f"{model}: held-out perplexity", xlabel="step", ylabel="perplexity")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+            ppl = [min(math.exp(x), ceiling) if math.isfinite(x) else ceiling for x in losses]
+            ax.plot(steps, ppl, label=f"{label} (lr {s['best_lr']:g})", linewidth=1.3)
+        _axes(ax, model, "held-out perplexity (clipped at the top)", ceiling, "step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_lr(records: list[dict], path: Path) -> None:
-    """Final held-out perplexity against learning rate (first seed): how robust to the step size."""
+    """Final held-out perplexity against learning rate (first seed): how robust to the step size.
+    Runs beyond the plot's top (or diverged) are triangles on it."""
     summary, models = summarize(records), _models(records)
     plt, fig, axes = _figure(len(models))
     for ax, model in zip(axes, models):
+        ceiling = _ceiling(summary, model)
         for label in _labels(records):
             s = summary.get((model, label))
             if s is None:
                 continue
-            points = [(lr, p) for lr, p in s["sweep"].items() if math.isfinite(p)]
-            if points:
-                lrs, ppl = zip(*points)
-                ax.plot(lrs, ppl, marker="o", label=label, linewidth=1.3)
+            lrs = list(s["sweep"])
+            ppl = [p if math.isfinite(p) and p < ceiling else ceiling for p in s["sweep"].values()]
+            (line,) = ax.plot(lrs, ppl, marker="o", label=label, linewidth=1.3)
+            over = [lr for lr, p in zip(lrs, ppl) if p == ceiling]
+            ax.plot(over, [ceiling] * len(over), "^", color=line.get_color(), markersize=9)
         ax.set_xscale("log")
-        ax.set(title=f"{model}: final perplexity vs learning rate", xlabel="peak learning rate", ylabel="held-out perplexity")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        _axes(ax, model, "final perplexity vs learning rate", ceiling, "peak learning rate")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

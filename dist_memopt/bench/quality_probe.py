@@ -23,13 +23,21 @@ __all__ = ["DenseAlada", "main"]
 
 
 class DenseAlada(torch.optim.Optimizer):
-    """Algorithm 2 of the Alada paper with U kept elementwise (2× AdamW's state: a reference only)."""
+    """Algorithm 2 of the Alada paper with U kept elementwise (2× AdamW's state: a reference only).
+
+    ``moment_of="gradient"`` feeds U the gradient's square G² instead of M̃² (everything else as
+    Algorithm 2): with β2 = 0.999 that is Adam with Alada's ε, v0 start and bias correction.
+    """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.9),
-                 eps: float = 1e-16, weight_decay: float = 0.0, factored: bool = False) -> None:
+                 eps: float = 1e-16, weight_decay: float = 0.0, factored: bool = False,
+                 moment_of: str = "momentum") -> None:
         if factored:
             raise ValueError("factored: DenseAlada keeps U dense; use dist_memopt.Alada for p qᵀ")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        if moment_of not in ("momentum", "gradient"):
+            raise ValueError(f"moment_of: 'momentum' or 'gradient', got {moment_of!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, moment_of=moment_of)
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:  # type: ignore[override]
@@ -46,7 +54,8 @@ class DenseAlada(torch.optim.Optimizer):
                 t = state["t"]
                 state["M"].mul_(b1).add_(p.grad, alpha=1 - b1)
                 m_tilde = state["M"] / (1 - b1 ** (t + 1))
-                state["U"].mul_(b2).add_(m_tilde.square(), alpha=1 - b2)
+                fed = m_tilde if group["moment_of"] == "momentum" else p.grad
+                state["U"].mul_(b2).add_(fed.square(), alpha=1 - b2)
                 u_tilde = ((state["U"] - b2 ** (t + 1) * state["v0"]) / (1 - b2 ** (t + 1))).clamp_min(0)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.sub_(lr * m_tilde / (u_tilde + eps).sqrt())

@@ -57,7 +57,9 @@ SIZE: tuple[str, ...] = (
     "train.global_batch_size=8",
     "data.corpus_max_bytes=16000000",
 )
-_MODEL_SIZE = {"t5": ("model.encoder_num_layers=2", "model.decoder_num_layers=2", "model.kv_channels=32", "model.decoder_seq_length=32")}
+_MODEL_SIZE = {
+    "t5": ("model.encoder_num_layers=2", "model.decoder_num_layers=2", "model.kv_channels=32", "model.decoder_seq_length=32")
+}
 _GRID = (1e-3, 3e-3, 1e-2)
 #: a sweep whose best rate is at an edge of its grid grows along this ladder, at most _EXTEND times
 LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -134,7 +136,7 @@ def _contenders(args: argparse.Namespace) -> list[Contender]:
 
 def settings_for(args: argparse.Namespace, model: str, contender: Contender, lr: float, seed: int) -> RunSettings:
     overrides = (*SIZE, *_MODEL_SIZE.get(model, ()), f"train.min_lr={lr / 10!r}", *args.overrides)
-    return RunSettings(model, contender.optimizer, contender.params, lr, seed, args.steps, max(args.steps // 10, 0),
+    return RunSettings(model, contender.optimizer, contender.params, lr, seed, args.steps, args.steps // 10,
                        overrides, args.eval_every, args.eval_batches, args.threads)
 
 
@@ -311,6 +313,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [m for m in args.models if m not in MODELS] + [o for o in args.optimizers if o not in CONTENDERS]
     if unknown:
         raise ValueError(f"quality study: {unknown} not in models {MODELS} or optimizers {tuple(CONTENDERS)}")
+    if not args.seeds or not args.alada_beta2:
+        raise ValueError("quality study: --seeds and --alada-beta2 need at least one value")
     path = Path(args.json) if args.json else args.out / "quality.json"
     before = load_study(path)
     records = {r["key"]: r for r in before.get("records", [])}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 __all__ = ["summarize", "table", "plot_curves", "plot_lr", "render"]
 
@@ -99,55 +99,51 @@ def _ceiling(summary: dict, model: str) -> float:
     return 2.5 * min(finals) if finals else math.inf
 
 
-def _axes(ax, model: str, title: str, ceiling: float, xlabel: str) -> None:
-    ax.set_yscale("log")
-    if math.isfinite(ceiling):
-        ax.set_ylim(top=ceiling)
-    ax.set(title=f"{model}: {title}", xlabel=xlabel, ylabel="held-out perplexity")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-
-
-def plot_curves(records: list[dict], path: Path) -> None:
-    """Held-out perplexity against step, each optimizer at its best lr (first seed)."""
+def _draw(records: list[dict], path: Path, panel: Callable, title: str, xlabel: str, log_x: bool) -> None:
+    """One panel per model; ``panel(ax, label, summary, ceiling)`` draws one optimizer in it."""
     summary, models = summarize(records), _models(records)
     plt, fig, axes = _figure(len(models))
     for ax, model in zip(axes, models):
         ceiling = _ceiling(summary, model)
         for label in _labels(records):
-            s = summary.get((model, label))
-            if s is None or not s["curve"]:
-                continue
-            steps, losses = zip(*s["curve"][1:] or s["curve"])
-            ppl = [min(math.exp(x), ceiling) if math.isfinite(x) else ceiling for x in losses]
-            ax.plot(steps, ppl, label=f"{label} (lr {s['best_lr']:g})", linewidth=1.3)
-        _axes(ax, model, "held-out perplexity (clipped at the top)", ceiling, "step")
+            if (model, label) in summary:
+                panel(ax, label, summary[(model, label)], ceiling)
+        ax.set_yscale("log")
+        if log_x:
+            ax.set_xscale("log")
+        if math.isfinite(ceiling):
+            ax.set_ylim(top=ceiling)
+        ax.set(title=f"{model}: {title}", xlabel=xlabel, ylabel="held-out perplexity")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _curve(ax, label: str, s: dict[str, Any], ceiling: float) -> None:
+    steps, losses = zip(*s["curve"][1:] or s["curve"])
+    ppl = [min(math.exp(x), ceiling) if math.isfinite(x) else ceiling for x in losses]
+    ax.plot(steps, ppl, label=f"{label} (lr {s['best_lr']:g})", linewidth=1.3)
+
+
+def _sweep(ax, label: str, s: dict[str, Any], ceiling: float) -> None:
+    lrs = list(s["sweep"])
+    ppl = [p if math.isfinite(p) and p < ceiling else ceiling for p in s["sweep"].values()]
+    (line,) = ax.plot(lrs, ppl, marker="o", label=label, linewidth=1.3)
+    over = [lr for lr, p in zip(lrs, ppl) if p == ceiling]
+    ax.plot(over, [ceiling] * len(over), "^", color=line.get_color(), markersize=9)
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Held-out perplexity against step, each optimizer at its best lr (first seed)."""
+    _draw(records, path, _curve, "held-out perplexity (clipped at the top)", "step", log_x=False)
 
 
 def plot_lr(records: list[dict], path: Path) -> None:
     """Final held-out perplexity against learning rate (first seed): how robust to the step size.
     Runs beyond the plot's top (or diverged) are triangles on it."""
-    summary, models = summarize(records), _models(records)
-    plt, fig, axes = _figure(len(models))
-    for ax, model in zip(axes, models):
-        ceiling = _ceiling(summary, model)
-        for label in _labels(records):
-            s = summary.get((model, label))
-            if s is None:
-                continue
-            lrs = list(s["sweep"])
-            ppl = [p if math.isfinite(p) and p < ceiling else ceiling for p in s["sweep"].values()]
-            (line,) = ax.plot(lrs, ppl, marker="o", label=label, linewidth=1.3)
-            over = [lr for lr, p in zip(lrs, ppl) if p == ceiling]
-            ax.plot(over, [ceiling] * len(over), "^", color=line.get_color(), markersize=9)
-        ax.set_xscale("log")
-        _axes(ax, model, "final perplexity vs learning rate", ceiling, "peak learning rate")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _draw(records, path, _sweep, "final perplexity vs learning rate", "peak learning rate", log_x=True)
 
 
 def render(study: dict[str, Any], out: Path) -> list[Path]:

@@ -217,27 +217,6 @@ def test_module_entry_point_runs():
     assert "memory" in done.stdout and "step" in done.stdout
 
 
-def test_quality_takes_tiny_as_the_tiny_gpt2_and_scales_warmup_to_short_runs(tmp_path, monkeypatch, capsys):
-    """`bench all --models tiny` reaches the quality benchmark too; a 5-step run needs a shorter warm-up."""
-    from dist_memopt.bench import quality
-
-    commands = []
-
-    def call(command, **kwargs):
-        commands.append(command)
-        return 3  # a failed run: the table reports it, nothing is trained here
-
-    monkeypatch.setattr(quality.subprocess, "call", call)
-    parser = quality.argparse.ArgumentParser()
-    quality.add_arguments(parser)
-    args = parser.parse_args(["--steps", "5", "--out", str(tmp_path)])
-    args.models, args.optimizers = ["tiny", "gpt2"], ["SMMF"]
-    quality.run(args)
-    assert len(commands) == 1 and commands[0][commands[0].index("--config") + 1].endswith("gpt2.yaml")
-    assert "--set=train.train_iters=5" in commands[0] and "--set=train.lr_warmup_iters=0" in commands[0]
-    assert "exit code 3" in capsys.readouterr().out
-
-
 def test_interleaved_steps_step_every_optimizer_once_per_round(tmp_path):
     """`bench sharded`'s timing on a one-rank gloo group: each optimizer steps once per round (a
     reduction left in flight included), and the ratios are taken within rounds."""

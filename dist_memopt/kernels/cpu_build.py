@@ -21,7 +21,8 @@ __all__ = ["cpu_kernels", "cpu_kernels_problem", "CpuKernelsUnavailable", "SOURC
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("ops.cpp",)
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+# -fopenmp: at::parallel_for is a header template over torch's OpenMP backend, serial without it
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-fopenmp"]
 
 
 class CpuKernelsUnavailable(RuntimeError):
@@ -57,6 +58,7 @@ def _load() -> tuple[Optional[ModuleType], Optional[str]]:
             sources=[str(CSRC / name) for name in SOURCES],
             extra_include_paths=[str(CSRC)],
             extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
         return module, None

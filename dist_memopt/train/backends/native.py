@@ -2,8 +2,8 @@
 
 Under FSDP each transformer layer is its own unit and the root holds embeddings and heads. Our
 optimizers take ``model.parameters()`` of the wrapped model as any torch optimizer does (FSDP2
-hands them DTensors, FSDP1 flat-parameter views). DDP replicates whole parameters: the reference
-for optimizers that only handle whole tensors (the baselines in ``dist_memopt.bench.quality``).
+hands them DTensors, FSDP1 flat-parameter views). DDP replicates whole parameters: the backend
+for optimizers that only handle whole tensors (torch's Adafactor, CAME, SM3).
 
 Checkpoints use torch.distributed.checkpoint (DCP) with ``get_state_dict``/``set_state_dict``, for
 our optimizers as for torch's: SMMF and Alada hand DCP their per-element state as DTensors placed

@@ -10,11 +10,11 @@ statistic per tile, summed in tile order) runs before the all_reduce and :meth:`
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from torch import Tensor
 
+from dist_memopt.kernels.jobs import AladaJob as _Job
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
 from dist_memopt.kernels.cpu_tables import add_runs, address, check_flat, dtype_code, int64_table
@@ -23,15 +23,6 @@ __all__ = ["CpuAlada"]
 
 FIELDS = 10  # n, m, w, g, momentum, p, q, v0, statistic slot, ‖G0‖² slot (csrc/alada.h)
 EVEN, ODD, FIRST = 0, 1, 2
-
-
-@dataclass
-class _Job:
-    item: Any  # StepItem
-    seg: Any  # SegmentPlan
-    hp: Any  # alada._Schedule
-    stat: Tensor  # the row (even t) or column (odd t) statistic slot
-    norm: Tensor  # the ‖G0‖² slot
 
 
 def _phase(hp: Any) -> int:

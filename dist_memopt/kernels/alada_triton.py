@@ -16,7 +16,6 @@ that form Ũ from them).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -25,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
+from dist_memopt.kernels.jobs import AladaJob as _Job
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, holding, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
@@ -190,15 +190,6 @@ def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, eps64: tl.float64, bias1,
             momentum = load_block(F + m_off + k, held)
         w = w - (lr / bias1) * (momentum / denominator)
         store_block(W + w_off + k, to_dtype_of(tl.where(held, w, 0.0), W), held)
-
-
-@dataclass
-class _Job:
-    item: Any  # StepItem
-    seg: Any  # SegmentPlan
-    hp: Any  # alada._Schedule
-    stat: Tensor  # the row (even t) or column (odd t) statistic slot
-    norm: Tensor  # the ‖G0‖² slot
 
 
 class FusedAlada:

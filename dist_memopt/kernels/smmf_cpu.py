@@ -10,11 +10,11 @@ all_reduce completes the slots, :meth:`CpuSMMF.finish` normalises them into the 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from torch import Tensor
 
+from dist_memopt.kernels.jobs import SMMFJob as _Job
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
 from dist_memopt.kernels.cpu_tables import add_runs, check_flat, dtype_code, int64_table
@@ -22,14 +22,6 @@ from dist_memopt.kernels.cpu_tables import add_runs, check_flat, dtype_code, int
 __all__ = ["CpuSMMF"]
 
 FIELDS = 13  # n, m, w, g, sign, r_V, c_V, r_M, c_M, then the four statistic slots (csrc/smmf.h)
-
-
-@dataclass
-class _Job:
-    item: Any  # StepItem
-    seg: Any  # SegmentPlan
-    hp: Any  # smmf._Schedule
-    slots: tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]  # row/col sums of V, of |M|
 
 
 class CpuSMMF:

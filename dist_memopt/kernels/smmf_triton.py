@@ -22,7 +22,6 @@ table and set of launches per dtype pair), the math is fp32.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -31,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
+from dist_memopt.kernels.jobs import SMMFJob as _Job
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.tiles import BitOffsets, Offsets, holding, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
@@ -164,14 +164,6 @@ def _finish_kernel(OUT, F, SEGS, SHAPES, BLOCK: tl.constexpr):
             lanes = i + tl.arange(0, BLOCK)
             x = tl.load(OUT + col_in + lanes, mask=lanes < m, other=0.0)
             tl.store(F + col_out + lanes, x / col_scale, mask=lanes < m)
-
-
-@dataclass
-class _Job:
-    item: Any  # StepItem
-    seg: Any  # SegmentPlan
-    hp: Any  # smmf._Schedule
-    slots: tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]  # row/col sums of V, of |M|
 
 
 class FusedSMMF:

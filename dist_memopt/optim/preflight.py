@@ -44,7 +44,7 @@ def check_step(kind: str, items: list[Any], reducer: Any, param_groups: list[dic
     """
     checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
     verdict = any(g.get("check_finite", True) for g in param_groups)  # the same on every rank
-    on_cpu_kernels = all(items[i].kernel == "cpu" for i in checked)
+    on_cpu_kernels = bool(checked) and all(items[i].kernel == "cpu" for i in checked)  # never loads the C++ module otherwise
     grads = [items[i].grad for i in checked]
     if not verdict:
         candidate = _NO_VERDICT

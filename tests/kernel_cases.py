@@ -11,6 +11,7 @@ import torch
 
 import dist_memopt as dm
 from dist_memopt import Segment, ShardSpec, set_layout
+from dist_memopt.kernels.jobs import StatSlots
 from dist_memopt.shard.runs import RunsGeometry
 from dist_memopt.shard.spec import Run
 from models import AwkwardModel
@@ -79,12 +80,12 @@ def _strided_piece(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, 
 
 def strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo: int = 0, hi: int = -1):
     """An SMMF 'rank' holding a window of strided pieces: item, segment, positions, its statistics
-    buffer and the four slots in it."""
+    buffer and its four statistics in it."""
     state = {k: torch.zeros(n if k.startswith("row") else m) for k in ("row_v", "col_v", "row_m", "col_m")}
     item, seg, positions = _strided_piece(full, pieces, n, m, lo, hi, state)
     state["sign"] = torch.zeros((positions.numel() + 7) // 8, dtype=torch.uint8)
     stats = torch.zeros(2 * (n + m))
-    return item, seg, positions, stats, (stats[:n], stats[n : n + m], stats[n + m : 2 * n + m], stats[2 * n + m :])
+    return item, seg, positions, stats, StatSlots(stats, {"row_v": n, "col_v": m, "row_m": n, "col_m": m})
 
 
 def alada_strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo: int = 0, hi: int = -1):

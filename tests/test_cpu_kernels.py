@@ -95,3 +95,23 @@ def test_kernel_cpu_refuses_other_devices():
     with pytest.raises(RuntimeError, match="kernel='cpu' steps CPU tensors"):
         meta = torch.empty(3, device="meta")
         select.takes_kernel(dm.SMMF, {"kernel": "cpu"}, meta, meta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finite_scan_finds_every_inf_and_nan_wherever_it_lies(dtype):
+    """The scan reads each 1M-element piece as interleaved streams with a scalar tail: a bad
+    element at any position (piece, stream and tail boundaries) is found in the right tensor."""
+    scan = cpu_build.cpu_kernels().first_nonfinite
+    piece = 1 << 20
+    generator = torch.Generator().manual_seed(0)
+    for numel in (1, 15, 64, 65, 1000, piece + 77, 2 * piece + 5):
+        quarter = numel // 64 * 16
+        positions = {0, numel - 1, quarter - 1, quarter, 3 * quarter, 4 * quarter - 1, 4 * quarter, piece - 1, piece,
+                     int(torch.randint(numel, (), generator=generator))}
+        for position in sorted(p for p in positions if 0 <= p < numel):
+            for value in (float("inf"), float("-inf"), float("nan")):
+                tensors = [torch.randn(numel, generator=generator).to(dtype) for _ in range(3)]
+                assert scan(tensors) == -1
+                tensors[1][position] = value
+                assert scan(tensors) == 1, (numel, position, value)
+    assert scan([torch.full((40,), 6e4, dtype=dtype).clamp(max=torch.finfo(dtype).max)]) == -1  # large is finite

@@ -16,6 +16,7 @@ import torch
 
 import dist_memopt as dm
 from dist_memopt.bench.counting import StepCost
+from dist_memopt.kernels.jobs import StatSlots
 from kernel_cases import ALADA_STRIDED_CASES, STRIDED_CASES, KernelNames, alada_strided_rank, momentum_in_grad_run, sharded_run, strided_rank
 from models import AwkwardModel, loss_fn
 from reference import AladaReference, SMMFReference
@@ -231,7 +232,7 @@ def test_alada_strided_pieces_summed_over_ranks_equal_the_unsharded_torch_step(f
             item.grad.copy_(full.grad.view(-1)[positions])
             stats.zero_()
             fused = runner()
-            fused.add(item, seg, hp, stats[n : n + m] if t % 2 else stats[:n], stats[n + m :])
+            fused.add(item, seg, hp, StatSlots(stats, {"row": n, "col": m, "norm": 1}))
             fused.statistics()
             steps.append(fused)
         total = sum(rank[3] for rank in ranks)  # the all_reduce

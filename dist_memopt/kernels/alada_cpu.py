@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from dist_memopt.kernels.jobs import AladaJob as _Job
+from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
 from dist_memopt.kernels.cpu_tables import add_runs, address, check_flat, dtype_code, int64_table
@@ -40,9 +40,9 @@ class CpuAlada:
         self._jobs: list[_Job] = []
         self._batches: list[tuple[Any, Any, Tensor, Tensor, int, int]] = []
 
-    def add(self, item: Any, seg: Any, hp: Any, stat: Tensor, norm: Tensor) -> None:
+    def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         check_flat(item.name, item.weight, item.grad)
-        self._jobs.append(_Job(item, seg, hp, stat, norm))
+        self._jobs.append(_Job(item, seg, hp, slots))
 
     def statistics(self) -> None:
         batches: dict[tuple, list[_Job]] = defaultdict(list)
@@ -90,7 +90,6 @@ def _tables(jobs: list[_Job]) -> tuple[Tensor, Tensor, int]:
         grad = address(item.grad, offset)
         momentum = grad if job.hp.in_grad else address(state["exp_avg"], seg.elems_at)
         segs += [geo.rows, geo.cols, address(item.weight, offset), grad, momentum, address(state["row"], seg.rows_at),
-                 address(state["col"], seg.cols_at), address(state["v0"], seg.factor_index), job.stat.data_ptr(),
-                 job.norm.data_ptr()]
+                 address(state["col"], seg.cols_at), address(state["v0"], seg.factor_index), *job.slots.addresses(job.stat_name, "norm")]
         numel += add_runs(runs, index, geo)
     return int64_table(segs, FIELDS), int64_table(runs, 6), numel

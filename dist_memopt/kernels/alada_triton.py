@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.jobs import AladaJob as _Job
+from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, holding, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
@@ -206,8 +206,8 @@ class FusedAlada:
         self._batches: list[tuple] = []
         self._refits: list[tuple] = []
 
-    def add(self, item: Any, seg: Any, hp: Any, stat: Tensor, norm: Tensor) -> None:
-        self._jobs.append(_Job(item, seg, hp, stat, norm))
+    def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
+        self._jobs.append(_Job(item, seg, hp, slots))
 
     def statistics(self) -> None:
         if not self._jobs:

@@ -35,11 +35,27 @@ def address(t: Tensor, offset: int = 0) -> int:
 def add_runs(runs: list[int], index: int, geometry: Any) -> int:
     """Append segment ``index``'s run groups (segment, start, length, stride, count, k0) to
     ``runs``; returns the number of elements they hold."""
-    k0 = 0
+    rows, numel = _run_rows(geometry)
+    for row in rows:
+        runs.append(index)
+        runs += row
+    return numel
+
+
+def _run_rows(geometry: Any) -> tuple[tuple[tuple[int, ...], ...], int]:
+    """A geometry's run groups as (start, length, stride, count, k0) rows, and their elements;
+    kept on the geometry (frozen dataclasses hold computed values in their ``__dict__``), which
+    steps the same segment every step."""
+    cached = geometry.__dict__.get("_cpu_run_rows")
+    if cached is not None:
+        return cached
+    rows, k0 = [], 0
     for run in runs_of(geometry):
-        runs += [index, run.start, run.length, run.stride if run.count > 1 else 0, run.count, k0]
+        rows.append((run.start, run.length, run.stride if run.count > 1 else 0, run.count, k0))
         k0 += run.numel
-    return k0
+    cached = (tuple(rows), k0)
+    geometry.__dict__["_cpu_run_rows"] = cached
+    return cached
 
 
 def int64_table(values: list[int], fields: int) -> Tensor:

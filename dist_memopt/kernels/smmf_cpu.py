@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from dist_memopt.kernels.jobs import SMMFJob as _Job
+from dist_memopt.kernels.jobs import SMMFJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
 from dist_memopt.kernels.cpu_tables import add_runs, check_flat, dtype_code, int64_table
@@ -35,7 +35,7 @@ class CpuSMMF:
         self._jobs: list[_Job] = []
         self._finish: list[tuple[Tensor, bool, int]] = []
 
-    def add(self, item: Any, seg: Any, hp: Any, slots: tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]) -> None:
+    def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         check_flat(item.name, item.weight, item.grad)
         self._jobs.append(_Job(item, seg, hp, slots))
 
@@ -76,18 +76,16 @@ def _tables(jobs: list[_Job]) -> tuple[Tensor, Tensor, int]:
     runs: list[int] = []
     numel = 0
     for index, job in enumerate(jobs):
-        item, seg, state = job.item, job.seg, job.item.state
+        item, seg, state, slots = job.item, job.seg, job.item.state, job.slots
         geo = seg.geometry
-        offset = seg.segment.offset
-        size = item.weight.element_size()
+        offset = seg.segment.offset * item.weight.element_size()
         if job.hp.beta1 is not None:
             moment = [state["sign"].data_ptr() + seg.bits_at, state["row_m"].data_ptr() + 4 * seg.rows_at,
                       state["col_m"].data_ptr() + 4 * seg.cols_at]
         else:
             moment = [0, 0, 0]
-        rv, cv, rm, cm = job.slots
-        segs += [geo.rows, geo.cols, item.weight.data_ptr() + size * offset, item.grad.data_ptr() + size * offset, moment[0],
+        segs += [geo.rows, geo.cols, item.weight.data_ptr() + offset, item.grad.data_ptr() + offset, moment[0],
                  state["row_v"].data_ptr() + 4 * seg.rows_at, state["col_v"].data_ptr() + 4 * seg.cols_at, moment[1], moment[2],
-                 rv.data_ptr(), cv.data_ptr(), 0 if rm is None else rm.data_ptr(), 0 if cm is None else cm.data_ptr()]
+                 *slots.addresses("row_v", "col_v", "row_m", "col_m")]
         numel += add_runs(runs, index, geo)
     return int64_table(segs, FIELDS), int64_table(runs, 6), numel

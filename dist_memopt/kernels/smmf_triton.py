@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.jobs import SMMFJob as _Job
+from dist_memopt.kernels.jobs import SMMFJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.tiles import BitOffsets, Offsets, holding, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
@@ -179,7 +179,7 @@ class FusedSMMF:
         self._jobs: list[_Job] = []
         self._finish: list[tuple[dict[str, Tensor], Tensor, Tensor, int, int]] = []  # per dtype pair
 
-    def add(self, item: Any, seg: Any, hp: Any, slots: tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]) -> None:
+    def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         self._jobs.append(_Job(item, seg, hp, slots))
 
     def run(self) -> None:
@@ -195,7 +195,7 @@ class FusedSMMF:
         first = holding(jobs_of_dtype)
         signs = [j.item.state["sign"] for j in jobs_of_dtype if "sign" in j.item.state and j.item.state["sign"].numel()]
         sign_base = min(signs, key=Tensor.data_ptr) if signs else first.item.state["row_v"]
-        bases = dict(W=first.item.weight, G=first.item.grad, F=first.item.state["row_v"], OUT=first.slots[0], S=sign_base)
+        bases = dict(W=first.item.weight, G=first.item.grad, F=first.item.state["row_v"], OUT=first.slots.view("row_v"), S=sign_base)
         bit_at = BitOffsets(sign_base)  # the lowest sign byte: every sign offset is >= 0
         w_at, g_at, f_at, out_at = (Offsets(bases[k]) for k in ("W", "G", "F", "OUT"))
         batches: dict[tuple, list[_Job]] = defaultdict(list)
@@ -226,7 +226,7 @@ class FusedSMMF:
                 for fields in tile_pieces(seg.geometry, rows_per_tile):
                     tiles += head + fields
                 numel += seg.segment.numel
-                rv, cv, rm, cm = job.slots
+                rv, cv, rm, cm = (job.slots.view(name) for name in ("row_v", "col_v", "row_m", "col_m"))
                 entry = [tile_lo, len(tiles) // NF, out_at(rv), out_at(cv), out_at(rm), out_at(cm)]
                 entry += [f_at(seg.rows(state["row_v"])), f_at(seg.cols(state["col_v"]))]
                 entry += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))] if rm is not None else [0, 0]
@@ -246,7 +246,7 @@ class FusedSMMF:
         self._report.record("copy_table", 0, cpu.numel() * 8)
         for n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel in launches:
             self._launch(bases, bit_at.shift, tensor, n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel)
-        moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (1 if j.slots[2] is None else 2) for j in jobs_of_dtype)
+        moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (2 if "row_m" in j.slots.sizes else 1) for j in jobs_of_dtype)
         self._finish.append((bases, tensor[segs_at:shapes_at], tensor[shapes_at:], len(all_segs) // NS, moved))
 
     def _launch(self, bases: dict[str, Tensor], words_shift: int, table: Tensor, n: int, m: int, hp: Any, index: dict[str, int],

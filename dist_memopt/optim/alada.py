@@ -20,6 +20,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
+from dist_memopt.kernels.jobs import alada_statistic
 from dist_memopt.optim.base import (
     FactoredOptimizer,
     ParamPlan,
@@ -224,9 +225,7 @@ class Alada(FactoredOptimizer):
         fused = work.fused
         if fused is not None:
             for w in work.fused_works:
-                hp = w.schedule
-                slots = w.slots
-                fused.add(w.item, w.seg, hp, slots[_statistic_name(hp)], slots["norm"])
+                fused.add(w.item, w.seg, w.schedule, w.slots)
             fused.statistics()
         reducer.reduce(async_op=False)  # the refits need the complete statistics at once
         for stack in work.stacks:
@@ -286,8 +285,7 @@ def _momentum(work: SegmentWork) -> Tensor:
 
 
 def _statistic_name(hp: "_Schedule") -> str:
-    """The statistic step ``t`` refits with: Vᵀ·p at odd t (for q), V·q at even t (for p)."""
-    return "col" if hp.t % 2 == 1 else "row"
+    return alada_statistic(hp.t)
 
 
 _P = state_view("row", SegmentPlan.rows)  # float64

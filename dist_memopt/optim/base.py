@@ -74,7 +74,9 @@ def flat_tensor(t: Tensor, dtype: torch.dtype) -> Tensor:
     non-contiguous tensor (a slice, a transpose, channels-last) can flatten to one with
     ``reshape``. A copied weight is written back by :meth:`StepItem.commit`."""
     if t.is_contiguous():
-        return t.to(dtype).view(-1)
+        if t.dtype != dtype:
+            t = t.to(dtype)
+        return t if t.dim() == 1 else t.view(-1)
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t).view(-1)
 
 
@@ -209,6 +211,19 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
             group_index = next(k for k, g in enumerate(self.param_groups) if g is group)
         return f"param_groups[{group_index}]['params'][{i}]"
 
+    def _cached_name(self, group: dict[str, Any], i: int) -> str:
+        """:meth:`_param_name`, remembered per (group, index) while the group's ``param_names``
+        list and its position in ``param_groups`` stay the same (every step names every item)."""
+        cache = self.__dict__.setdefault("_names", {})
+        names = group.get("param_names")
+        where = len(self.param_groups) if names is not None else next(k for k, g in enumerate(self.param_groups) if g is group)
+        entry = cache.get((id(group), i))
+        if entry is not None and entry[0] is group and entry[1] is names and entry[2] == where:
+            return entry[3]
+        name = self._param_name(group, i, where if names is None else None)
+        cache[(id(group), i)] = (group, names, where, name)
+        return name
+
     def _plan(self, group: dict[str, Any], param: Tensor) -> ParamPlan:
         key = self._plan_key(group)
         cached = self._plans.get(id(param))
@@ -271,13 +286,18 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
     def _begin(self, items: list[StepItem], works: list[SegmentWork], reducer: StatReducer) -> StepWork:
         """The step's common prologue: state, step counts, schedules, decoupled decay, and the split
         into fused segments and torch-path stacks."""
-        schedules = [self._schedule(item.group, t) for item, t in zip(items, self._advance_steps(items))]
+        schedules = self._schedules(items)
         fused = fused_step([item for item in items if item.kernel], self.kernel_family, self.kernel_observer)
         in_kernel = {id(item) for item in items if item.kernel}
         decays: list[tuple[Tensor, float]] = []
+        presence: dict[int, tuple[bool, ...]] = {}
         for item, hp in zip(items, schedules):
-            for key, (numel, dtype) in self._expected_state(item.group, item.plan).items():
-                self._ensure(item.state, key, numel, dtype, item.weight.device)
+            group_key = id(item.group)
+            if group_key not in presence:
+                presence[group_key] = tuple(entry.present(item.group) for entry in self.state_layout.values())
+            for key, numel, dtype in self._state_entries(item, presence[group_key]):
+                if item.state.get(key) is None:
+                    self._ensure(item.state, key, numel, dtype, item.weight.device)
             if hp.decay_factor is not None:  # the fused kernels decay their own segments' elements
                 targets = [s.local(item.weight) for s in item.plan.dense_segments] if id(item) in in_kernel else [item.weight]
                 decays += [(target, hp.decay_factor) for target in targets]
@@ -290,6 +310,28 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
                 work.span = reducer.slot(work.ticket)
             (fused_works if id(work.item) in in_kernel else torch_works).append(work)
         return StepWork(items, schedules, stack_segments(torch_works, self._stackable), fused_works, fused)
+
+    def _schedules(self, items: list[StepItem]) -> list[Any]:
+        """Advance the step counts; each item's schedule, built once per (group, step count)."""
+        built: dict[tuple[int, int], Any] = {}
+        schedules = []
+        for item, t in zip(items, self._advance_steps(items)):
+            key = (id(item.group), t)
+            if key not in built:
+                built[key] = self._schedule(item.group, t)
+            schedules.append(built[key])
+        return schedules
+
+    def _state_entries(self, item: StepItem, presence: tuple[bool, ...]) -> tuple[tuple[str, int, torch.dtype], ...]:
+        """(key, numel, dtype) of the state ``item`` must hold, kept per plan while the group's
+        settings that decide which keys exist (``presence``) stay the same."""
+        cache = self.__dict__.setdefault("_state_entries_cache", {})
+        cached = cache.get(id(item.plan))
+        if cached is not None and cached[0] is item.plan and cached[1] == presence:
+            return cached[2]
+        entries = tuple((key, numel, dtype) for key, (numel, dtype) in self._expected_state(item.group, item.plan).items())
+        cache[id(item.plan)] = (item.plan, presence, entries)
+        return entries
 
     def _collect(self) -> list[StepItem]:
         items = []
@@ -308,7 +350,7 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
                     if placed is not p.grad:
                         p.grad = placed  # the optimizer's view of it is the parameter's shard
                     grad = local_tensor(placed)
-                name = self._param_name(group, i)
+                name = self._cached_name(group, i)
                 if grad.is_sparse:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients ({name}); "

@@ -192,8 +192,7 @@ class SMMF(FactoredOptimizer):
         fused = work.fused
         if fused is not None:
             for w in work.fused_works:
-                slots = w.slots
-                fused.add(w.item, w.seg, w.schedule, (slots["row_v"], slots["col_v"], slots.get("row_m"), slots.get("col_m")))
+                fused.add(w.item, w.seg, w.schedule, w.slots)
             fused.run()
         for item in work.items:
             item.commit()

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from dist_memopt.kernels.jobs import StatSlots
 from dist_memopt.optim.plan import SegmentPlan, StepItem
 from dist_memopt.shard.reduce import StatReducer, group_chain
 from dist_memopt.shard.stacked import StackedGeometry
@@ -48,9 +49,10 @@ class SegmentWork:
         return sum(self.sizes.values())
 
     @property
-    def slots(self) -> dict[str, Tensor]:
-        """Each statistic's view of the span (empty before allocate() or when not reduced)."""
-        return {} if self.span is None else split_statistics(self.span, self.sizes)
+    def slots(self) -> StatSlots:
+        """Where the fused kernels write this segment's statistics: its span (after allocate())."""
+        assert self.span is not None, "a fused segment's statistics have a reducer slot"
+        return StatSlots(self.span, self.sizes)
 
 
 def local_weight(work: SegmentWork) -> Tensor:

@@ -33,9 +33,9 @@ class KernelNames:
 def sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, steps: int = 6, cls=dm.SMMF, device: str = "cpu"):
     """Parameters laid out like shards (no process group: partial statistics stay local, the same
     for both implementations): FSDP-like ranges cutting rows, an empty shard, a flat tensor
-    holding three segments back to back, and tensor-parallel strided pieces: a column block of a
+    holding three segments back to back, tensor-parallel strided pieces: a column block of a
     (64, 96) weight, one cut mid-piece (the cut piece a run of its own), and columns of a (10, 6)
-    tensor (strides under a column block). Also the CUDA tier's (test_cuda_kernels.py)."""
+    tensor (strides under a column block), and a range of a view 48 wide. Also the CUDA tier's (test_cuda_kernels.py)."""
     torch.manual_seed(0)
 
     def param(*shape: int) -> torch.nn.Parameter:
@@ -53,7 +53,9 @@ def sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, s
     set_layout(cut, [Segment(0, ShardSpec.of_runs((40, 48), [Run(8, 20, 48, 16), Run(776, 13)]))])
     narrow = param(20)
     set_layout(narrow, [Segment(0, ShardSpec.of_runs((10, 6), [Run(2, 2, 6, 10)]))])
-    params = [empty, matrix, flat, block, cut, narrow]  # the empty shard first: no kernel base may be it
+    wide = param(11 * 48)  # a range of a (40, 48) view: partial rows around whole rows of whole blocks
+    set_layout(wide, [Segment(0, ShardSpec((40, 48), 152, 152 + 11 * 48))])
+    params = [empty, matrix, flat, block, cut, narrow, wide]  # the empty shard first: no kernel base may be it
     optimizer = cls(params, kernel=kernel, lr=1e-2, **config)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):

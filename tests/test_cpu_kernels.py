@@ -115,3 +115,32 @@ def test_the_finite_scan_finds_every_inf_and_nan_wherever_it_lies(dtype):
                 tensors[1][position] = value
                 assert scan(tensors) == 1, (numel, position, value)
     assert scan([torch.full((40,), 6e4, dtype=dtype).clamp(max=torch.finfo(dtype).max)]) == -1  # large is finite
+
+
+WIDE_CONFIGS = {
+    "adamw-decay": dict(lr=1e-2, weight_decay=0.1),
+    "adam-decay": dict(lr=1e-2, weight_decay=0.1, weight_decay_mode="adam"),
+    "no-first-moment": dict(lr=1e-2, beta=None),
+}
+
+
+@pytest.mark.parametrize("config", WIDE_CONFIGS.values(), ids=WIDE_CONFIGS.keys())
+def test_rows_of_whole_blocks_match_the_float64_reference(config):
+    """Views a multiple of 16 wide: every element in a whole block, no head or tail (the model of
+    the other tests has none such): the float64 reference."""
+    from reference import SMMFReference
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(131, 64)), torch.nn.Parameter(torch.randn(96, 64) * 0.1)]
+    optimizer = dm.SMMF(params, kernel="cpu", **config)
+    references = [SMMFReference(p, **config) for p in params]
+    generator = torch.Generator().manual_seed(1)
+    for step in range(10):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        grads = [p.grad.clone() for p in params]
+        optimizer.step()
+        for ref, grad, param in zip(references, grads, params):
+            ref.step(grad)
+            scale = max(1.0, ref.w.abs().max().item())
+            assert (param.detach().double() - ref.w.view(param.shape)).abs().max().item() <= 5e-6 * scale, f"step {step + 1}"

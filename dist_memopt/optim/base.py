@@ -216,11 +216,11 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         list and its position in ``param_groups`` stay the same (every step names every item)."""
         cache = self.__dict__.setdefault("_names", {})
         names = group.get("param_names")
-        where = len(self.param_groups) if names is not None else next(k for k, g in enumerate(self.param_groups) if g is group)
+        where = None if names is not None else next(k for k, g in enumerate(self.param_groups) if g is group)
         entry = cache.get((id(group), i))
         if entry is not None and entry[0] is group and entry[1] is names and entry[2] == where:
             return entry[3]
-        name = self._param_name(group, i, where if names is None else None)
+        name = self._param_name(group, i, where)
         cache[(id(group), i)] = (group, names, where, name)
         return name
 

@@ -100,36 +100,36 @@ inline void smmf_span(WT* __restrict w, const GT* __restrict g, uint8_t* __restr
         // four blocks in a row share one load and one store of their eight sign bytes: a store
         // fewer per block in a store queue that the weights' stores, waiting on memory, keep full
         for (; c + 16 <= end;) {
-          const bool four = HAS_M && c + 64 <= end;
-          uint64_t bits = 0, fresh = 0;
-          uint8_t* const bytes = sign + (k >> 3);
-          if (HAS_M && four) std::memcpy(&bits, bytes, 8);
-          else if (HAS_M) std::memcpy(&bits, bytes, 2);
-          for (int b = 0; b < (four ? 4 : 1); ++b, c += 16, k += 16) {
-            prefetch_ahead<true>(w + k);
-            prefetch_ahead<false>(g + k);
-            vf16 wk = load16(w + k), gk = load16(g + k);
-            if (COUPLED) gk = _mm512_fmadd_ps(wd16, wk, gk);
-            const vf16 v = _mm512_fmadd_ps(rv16, _mm512_loadu_ps(cv + c), _mm512_mul_ps(keep2_16, _mm512_mul_ps(gk, gk)));
-            _mm512_storeu_ps(col_v + c, _mm512_add_ps(_mm512_loadu_ps(col_v + c), v));
-            wide_v = _mm512_add_ps(wide_v, v);
-            vf16 numerator = gk;
-            if (HAS_M) {
-                const vf16 magnitude_rc = _mm512_mul_ps(rm16, _mm512_loadu_ps(cm + c));
-                // ±(r ⊗ c) + (1 − β1)·G: a negation where the bit is 0 (the fma by ±1 of the other blocks)
-                const vf16 signed_rc = _mm512_mask_sub_ps(magnitude_rc, static_cast<__mmask16>(~(bits >> (16 * b))), zero, magnitude_rc);
-                const vf16 first = _mm512_add_ps(signed_rc, _mm512_mul_ps(keep1_16, gk));
-                fresh |= static_cast<uint64_t>(_mm512_cmp_ps_mask(first, zero, _CMP_GE_OQ)) << (16 * b);
-                const vf16 magnitude = _mm512_abs_ps(first);
-                _mm512_storeu_ps(col_m + c, _mm512_add_ps(_mm512_loadu_ps(col_m + c), magnitude));
-                wide_m = _mm512_add_ps(wide_m, magnitude);
-                numerator = first;
+            const bool four = HAS_M && c + 64 <= end;
+            uint64_t bits = 0, fresh = 0;
+            uint8_t* const bytes = sign + (k >> 3);
+            if (HAS_M && four) std::memcpy(&bits, bytes, 8);
+            else if (HAS_M) std::memcpy(&bits, bytes, 2);
+            for (int b = 0; b < (four ? 4 : 1); ++b, c += 16, k += 16) {
+                prefetch_ahead<true>(w + k);
+                prefetch_ahead<false>(g + k);
+                vf16 wk = load16(w + k), gk = load16(g + k);
+                if (COUPLED) gk = _mm512_fmadd_ps(wd16, wk, gk);
+                const vf16 v = _mm512_fmadd_ps(rv16, _mm512_loadu_ps(cv + c), _mm512_mul_ps(keep2_16, _mm512_mul_ps(gk, gk)));
+                _mm512_storeu_ps(col_v + c, _mm512_add_ps(_mm512_loadu_ps(col_v + c), v));
+                wide_v = _mm512_add_ps(wide_v, v);
+                vf16 numerator = gk;
+                if (HAS_M) {
+                    const vf16 magnitude_rc = _mm512_mul_ps(rm16, _mm512_loadu_ps(cm + c));
+                    // ±(r ⊗ c) + (1 − β1)·G: a negation where the bit is 0 (the fma by ±1 of the other blocks)
+                    const vf16 signed_rc = _mm512_mask_sub_ps(magnitude_rc, static_cast<__mmask16>(~(bits >> (16 * b))), zero, magnitude_rc);
+                    const vf16 first = _mm512_add_ps(signed_rc, _mm512_mul_ps(keep1_16, gk));
+                    fresh |= static_cast<uint64_t>(_mm512_cmp_ps_mask(first, zero, _CMP_GE_OQ)) << (16 * b);
+                    const vf16 magnitude = _mm512_abs_ps(first);
+                    _mm512_storeu_ps(col_m + c, _mm512_add_ps(_mm512_loadu_ps(col_m + c), magnitude));
+                    wide_m = _mm512_add_ps(wide_m, magnitude);
+                    numerator = first;
+                }
+                const vf16 step = _mm512_div_ps(numerator, _mm512_add_ps(_mm512_sqrt_ps(v), eps16));
+                store16(w + k, _mm512_sub_ps(_mm512_mul_ps(wk, decay16), _mm512_mul_ps(lr16, step)));
             }
-            const vf16 step = _mm512_div_ps(numerator, _mm512_add_ps(_mm512_sqrt_ps(v), eps16));
-            store16(w + k, _mm512_sub_ps(_mm512_mul_ps(wk, decay16), _mm512_mul_ps(lr16, step)));
-          }
-          if (HAS_M && four) std::memcpy(bytes, &fresh, 8);
-          else if (HAS_M) std::memcpy(bytes, &fresh, 2);
+            if (HAS_M && four) std::memcpy(bytes, &fresh, 8);
+            else if (HAS_M) std::memcpy(bytes, &fresh, 2);
         }
         sums.wide_v = wide_v;
         sums.wide_m = wide_m;

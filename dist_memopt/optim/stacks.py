@@ -71,15 +71,6 @@ def state_view(key: str, part: Callable[[SegmentPlan, Tensor], Tensor]) -> Calla
     return lambda work: part(work.seg, work.item.state[key])
 
 
-def split_statistics(span: Tensor, sizes: dict[str, int]) -> dict[str, Tensor]:
-    """Views of a (..., total) tensor, one per statistic, along its last dimension."""
-    views, at = {}, 0
-    for name, size in sizes.items():
-        views[name] = span[..., at : at + size]
-        at += size
-    return views
-
-
 def _length(side: Side, seg: SegmentPlan) -> int:
     geo = seg.geometry
     assert geo is not None
@@ -160,7 +151,7 @@ class SegmentStack:
                 self._sums = first.span.unsqueeze(0)
             else:
                 self._sums = torch.zeros(self.count, first.total, dtype=torch.float32, device=first.item.weight.device)
-        return split_statistics(self._sums, self.works[0].sizes)[name]
+        return self._named(name)
 
     def publish(self) -> None:
         """Copy a reduced stack's sums into its members' slots, for the reduction to complete."""
@@ -172,8 +163,14 @@ class SegmentStack:
         if self.reduced and self.count > 1 and not self._gathered:
             self._sums = torch.stack([work.span for work in self.works])
             self._gathered = True
+        return self._named(name)
+
+    def _named(self, name: str) -> Tensor:
+        """Statistic ``name``'s (B, size) piece of the sums (laid out as a member's slot)."""
         assert self._sums is not None
-        return split_statistics(self._sums, self.works[0].sizes)[name]
+        view = StatSlots(self._sums, self.works[0].sizes).view(name)
+        assert view is not None, f"no statistic {name!r}"
+        return view
 
     def memo(self, key: str, make: Callable[[], Tensor]) -> Tensor:
         """A tensor computed once per step for this stack (a gathered copy both phases read)."""

@@ -144,3 +144,47 @@ def test_rows_of_whole_blocks_match_the_float64_reference(config):
             ref.step(grad)
             scale = max(1.0, ref.w.abs().max().item())
             assert (param.detach().double() - ref.w.view(param.shape)).abs().max().item() <= 5e-6 * scale, f"step {step + 1}"
+
+
+def _alada_steps(params, config, steps, monkeypatch, reduced: bool) -> tuple[list[torch.Tensor], list[set[str]]]:
+    """Alada's fused CPU steps on copies of ``params``; ``reduced`` routes every segment through
+    the statistics, refit and update passes a sharded step takes (statistics completed by the
+    all_reduce) instead of the one-pass even steps of whole tensors."""
+    from dist_memopt.kernels import alada_cpu
+    from dist_memopt.kernels.jobs import AladaJob
+
+    with monkeypatch.context() as patch:
+        if reduced:
+            patch.setattr(alada_cpu.CpuAlada, "add", lambda self, item, seg, hp, slots: self._jobs.append(AladaJob(item, seg, hp, slots)))
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        optimizer = dm.Alada(copies, kernel="cpu", **config)
+        names = []
+        for step in range(steps):
+            generator = torch.Generator().manual_seed(step)
+            if config.get("momentum_in_grad"):
+                optimizer.zero_grad()
+                for p in copies:
+                    p.grad.add_(torch.randn(p.shape, generator=generator).to(p.dtype), alpha=0.1)
+            else:
+                for p in copies:
+                    p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+            names.append(_counted_step(optimizer))
+        state = optimizer.state_dict()["state"]
+        return [p.detach() for p in copies] + [v for s in state.values() for v in s.values()], names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [dict(weight_decay=0.1), dict(momentum_in_grad=True)], ids=["state-momentum", "momentum-in-grad"])
+def test_alada_one_pass_even_steps_give_the_numbers_of_the_two_passes(config, dtype, monkeypatch):
+    """At even t, whole unsharded tensors take one pass over whole rows: the same operations in the
+    same order as the two passes a sharded step takes, so bit-identical weights and state."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(300, 77), (64, 64), (7,), (5, 3, 3, 3), (1031,), (128, 96), ()]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in shapes]
+    whole, names = _alada_steps(params, config, 5, monkeypatch, reduced=False)
+    passes, reduced_names = _alada_steps(params, config, 5, monkeypatch, reduced=True)
+    kernels = [n - {"cpu.finite_check"} for n in names]
+    assert kernels[1] == {"cpu.alada_stats", "cpu.alada_update"} and kernels[2] == {"cpu.alada_even_rows"}, names  # t = 1, 2
+    assert all(n >= {"cpu.alada_stats", "cpu.alada_update"} for n in reduced_names), reduced_names
+    for a, b in zip(whole, passes, strict=True):
+        assert torch.equal(a, b)

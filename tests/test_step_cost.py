@@ -27,8 +27,8 @@ from dist_memopt.shard.geometry import balanced_split, square_matricize
 PINNED = {
     "SMMF": (5, 18.9),
     "SMMF-nocheck": (4, 14.8),
-    "Alada": (5, 30.1),
-    "Alada-nocheck": (4, 26.1),
+    "Alada": (5, 27.6),
+    "Alada-nocheck": (4, 23.6),
     "SMMF-torch": (330, 109.3),
     "Alada-torch": (336, 87.5),
     # the fused kernels (counted without running them: launches and bytes do not depend on values)
@@ -89,23 +89,27 @@ def test_step_cost_does_not_grow(tiny_costs, name):
         assert [row["top_ops"][f"triton.{k}"] for k in kernels] == [2 * len(views)] * len(kernels)
     assert row["bytes_per_element"] >= 12  # at least: read the gradient, read and write the weight (fp32)
     if name.startswith(("SMMF", "Alada")) and "-" not in name.replace("-nocheck", ""):  # the fused CPU kernels
-        cpu_kernels = ("smmf", "smmf_finish") if name.startswith("SMMF") else ("alada_stats", "alada_update")
-        assert [row["ops"][f"cpu.{k}"] for k in cpu_kernels] == [2] * len(cpu_kernels)  # one call each per step (2 counted)
+        calls = {k: v for k, v in row["ops"].items() if k.startswith("cpu.") and k != "cpu.finite_check"}
+        if name.startswith("SMMF"):
+            assert calls == {"cpu.smmf": 2, "cpu.smmf_finish": 2}  # one call each per step (2 counted)
+        else:  # one process: whole tensors, so the even step is one pass, the odd step two
+            assert calls == {"cpu.alada_even_rows": 1, "cpu.alada_stats": 1, "cpu.alada_update": 1}
     from dist_memopt.bench.kernels import format_costs
 
     assert f"\n{name} " in format_costs("tiny", tiny_costs["optimizers"])
 
 
-#: GPT-2 small, one process: at most these bytes per element (the fused CPU kernels: one pass over
-#: weight, gradient and sign bits for SMMF, 12.25 bytes, two passes for Alada, 24; the finite check
-#: reads the gradients once more; the rest is the factors and the tiles' partial sums)
-GPT2_BYTES = {"SMMF": 16.5, "SMMF-nocheck": 12.5, "Alada": 28.5, "Alada-nocheck": 24.5}
+#: GPT-2 small, one process, an odd and an even step: at most these bytes per element (the fused
+#: CPU kernels: one pass over weight, gradient and sign bits for SMMF, 12.25 bytes; for Alada two
+#: passes at odd steps, 24, and one at even steps, 20; the finite check reads the gradients once
+#: more; the rest is the factors and the tiles' partial sums)
+GPT2_BYTES = {"SMMF": 16.5, "SMMF-nocheck": 12.5, "Alada": 26.5, "Alada-nocheck": 22.5}
 
 
 def test_fused_cpu_kernels_move_about_half_of_adamws_bytes_on_gpt2_small():
     from dist_memopt.bench.kernels import kernel_costs
 
-    costs = kernel_costs("gpt2", list(GPT2_BYTES), warmup=1, steps=1)["optimizers"]
+    costs = kernel_costs("gpt2", list(GPT2_BYTES), warmup=1, steps=2)["optimizers"]
     for name, limit in GPT2_BYTES.items():
         assert costs[name]["bytes_per_element"] <= limit, (name, costs[name]["bytes_per_element"])
         assert costs[name]["launches"] <= 5, costs[name]["ops"]  # the statistic buffers, the step counters, the kernels

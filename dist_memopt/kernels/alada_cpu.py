@@ -5,6 +5,10 @@ The same equations as :func:`dist_memopt.optim.alada._partial_statistics` and
 complete statistic before any weight can move, so :meth:`CpuAlada.statistics` (M and the partial
 statistic per tile, summed in tile order) runs before the all_reduce and :meth:`CpuAlada.update`
 (the float64 refit per segment, then the weights) after it.
+
+At even t > 0 the statistic is one per row (V·q). A whole segment whose statistic needs no
+all_reduce holds every row whole, so its rows take one pass (statistic, p's refit, update, row by
+row): the same numbers, M read once instead of twice (20 bytes per fp32 element instead of 24).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import Tensor
 from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
-from dist_memopt.kernels.cpu_tables import add_runs, address, check_flat, dtype_code, int64_table
+from dist_memopt.kernels.cpu_tables import add_runs, address, check_flat, dtype_code, int64_table, whole_segment
 
 __all__ = ["CpuAlada"]
 
@@ -33,32 +37,34 @@ class CpuAlada:
     """One step's segments on CPU: :meth:`statistics` before the all_reduce, :meth:`update` after.
 
     Segments of one dtype and schedule make one call per phase, whatever their shapes and layouts.
+    At even t > 0, whole segments whose statistics need no all_reduce (``seg.group`` is None) are
+    stepped in one pass in :meth:`update` instead.
     """
 
     def __init__(self, observer: Optional[KernelObserver] = None) -> None:
         self._report = Reporter(observer, "cpu.")
-        self._jobs: list[_Job] = []
+        self._jobs: list[_Job] = []  # two passes, the statistics completed in between
+        self._whole_rows: list[_Job] = []  # one pass
         self._batches: list[tuple[Any, Any, Tensor, Tensor, int, int]] = []
 
     def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         check_flat(item.name, item.weight, item.grad)
-        self._jobs.append(_Job(item, seg, hp, slots))
+        one_pass = _phase(hp) == EVEN and seg.group is None and whole_segment(seg.geometry)
+        (self._whole_rows if one_pass else self._jobs).append(_Job(item, seg, hp, slots))
 
     def statistics(self) -> None:
-        batches: dict[tuple, list[_Job]] = defaultdict(list)
-        for job in self._jobs:
-            batches[(job.item.weight.dtype, job.hp)].append(job)
+        """M and the partial statistics, summed in tile order into the reducer's slots."""
+        batches = _batched(self._jobs)
         kernels = cpu_kernels() if batches else None
         for (dtype, hp), jobs in batches.items():
             segs, runs, numel = _tables(jobs)
             if self._report.executing:
-                partials = kernels.alada_stats(segs, runs, dtype_code(dtype), _phase(hp), hp.in_grad, hp.beta1, hp.bias1,
-                                               (1.0 - hp.beta1) if hp.in_grad else 1.0)
+                partials = kernels.alada_stats(segs, runs, dtype_code(dtype), _phase(hp), hp.in_grad, hp.beta1, hp.bias1, _g0_div(hp))
             else:
                 rows, cols, tiles = kernels.tile_partials(segs, runs, 1)
                 partials = (cols if _phase(hp) == ODD else rows) + (tiles if _phase(hp) == FIRST else 0)
             momentum = 0 if hp.in_grad else numel * 4
-            factors = sum(j.seg.geometry.rows + j.seg.geometry.cols for j in jobs) * 8  # p, q (float64)
+            factors = _factor_bytes(jobs)
             # tile partials: written, then read once more when summed in tile order
             self._report.record("alada_stats", numel * dtype.itemsize + momentum + factors + 4 * partials, momentum + 4 * partials)
             self._batches.append((dtype, hp, segs, runs, numel, factors))
@@ -66,17 +72,54 @@ class CpuAlada:
 
     def update(self) -> None:
         """After the all_reduce: refit every segment's p or q (float64), then update the weights."""
+        self._step_whole_rows()
         kernels = cpu_kernels() if self._batches else None
         for dtype, hp, segs, runs, numel, factors in self._batches:
             if self._report.executing:
                 kernels.alada_refit(segs, _phase(hp), hp.beta2, hp.eps)
                 kernels.alada_update(segs, runs, dtype_code(dtype), hp.in_grad, hp.lr, hp.eps, hp.bias1, hp.bias2,
-                                     *hp.start_decays, 1.0 - hp.lr * hp.weight_decay)
+                                     *hp.start_decays, _decay(hp))
             size = dtype.itemsize
             momentum = size if hp.in_grad else 4
             # p, q (float64): read and written by the refit, read by the update
             self._report.record("alada_update", numel * (size + momentum) + 2 * factors, numel * size + factors)
         self._batches = []
+
+    def _step_whole_rows(self) -> None:
+        """Even t, whole segments: per row, V·q, p's refit and the update while the row is in L1."""
+        batches = _batched(self._whole_rows)
+        kernels = cpu_kernels() if batches else None
+        for (dtype, hp), jobs in batches.items():
+            segs, runs, numel = _tables(jobs)
+            if self._report.executing:
+                kernels.alada_even_rows(segs, runs, dtype_code(dtype), hp.in_grad, hp.beta1, hp.bias1, hp.beta2, hp.lr, hp.eps,
+                                        hp.bias2, *hp.start_decays, _decay(hp))
+            size, momentum = dtype.itemsize, 0 if hp.in_grad else numel * 4
+            # G, M, W read and M, W written once; p read and written, q read
+            factors = _factor_bytes(jobs)
+            self._report.record("alada_even_rows", numel * 2 * size + momentum + factors, numel * size + momentum + factors)
+        self._whole_rows = []
+
+
+def _batched(jobs: list[_Job]) -> dict[tuple, list[_Job]]:
+    """Jobs by (dtype, schedule): one kernel call each."""
+    batches: dict[tuple, list[_Job]] = defaultdict(list)
+    for job in jobs:
+        batches[(job.item.weight.dtype, job.hp)].append(job)
+    return batches
+
+
+def _g0_div(hp: Any) -> float:
+    """What G0 is recovered from: M_1 = (1 − β1)·G0 where .grad holds M."""
+    return (1.0 - hp.beta1) if hp.in_grad else 1.0
+
+
+def _decay(hp: Any) -> float:
+    return 1.0 - hp.lr * hp.weight_decay
+
+
+def _factor_bytes(jobs: list[_Job]) -> int:
+    return sum(j.seg.geometry.rows + j.seg.geometry.cols for j in jobs) * 8  # p, q (float64)
 
 
 def _tables(jobs: list[_Job]) -> tuple[Tensor, Tensor, int]:

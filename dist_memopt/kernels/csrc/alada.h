@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -26,100 +27,113 @@ struct AladaStats {
     float beta1, bias1, g0_div;
 };
 
+// One view row of the statistics pass: M updated in place (unless .grad holds it); returns the row's
+// V·q (even t) or rowsum(V) (t = 0), adds its Vᵀ·p (odd t) to col_out and its ‖G0‖² (t = 0) to norm.
 template <typename GT, bool IN_GRAD, int PHASE>
-void alada_stats_tile(const Tile& t, const int64_t* seg, const int64_t* run, const AladaStats& h,
-                      float* row_out, float* col_out, float* norm_out, std::vector<float>& q32) {
+inline float alada_stats_row(const int64_t* seg, const int64_t* run, int64_t r, const AladaStats& h, float pr,
+                             const float* q32, float* col_out, float& norm) {
     const int64_t m = seg[A_M];
     const auto* g = reinterpret_cast<const GT*>(seg[A_G]);
     auto* momentum = reinterpret_cast<float*>(seg[A_MOM]);  // fp32 state (IN_GRAD: unused, g holds M)
-    const auto* p = reinterpret_cast<const double*>(seg[A_P]);
-    const auto* q = reinterpret_cast<const double*>(seg[A_Q]);
-    if (PHASE == ODD) std::fill(col_out, col_out + m, 0.0f);
-    if (PHASE == EVEN) {
-        q32.resize(m);
-        for (int64_t c = 0; c < m; ++c) q32[c] = static_cast<float>(q[c]);
-    }
     const float unbias = 1.0f / h.bias1, keep = 1.0f - h.beta1;
+    float acc = 0.0f;
+    auto element = [&](int64_t c, int64_t k) {
+        const float gk = to_float(g[k]);
+        float mk = gk;
+        if (!IN_GRAD) {
+            mk = std::fma(momentum[k], h.beta1, keep * gk);
+            momentum[k] = mk;
+        }
+        float second = mk * unbias;
+        second = second * second;
+        if (PHASE == ODD) col_out[c] += second * pr;
+        else if (PHASE == FIRST) acc += second;
+        else acc += second * q32[c];
+        if (PHASE == FIRST) {
+            const float g0 = gk / h.g0_div;
+            norm += g0 * g0;
+        }
+    };
+    for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
+        // locals, not h's fields: stores through the float pointers could alias those
+        const float beta1 = h.beta1, g0_div = h.g0_div;
+        const float* __restrict q_cols = q32;
+        float* __restrict out = col_out;
+        float* __restrict moment = momentum;
+#if DMO_AVX512
+        {
+            const vf16 beta16 = _mm512_set1_ps(beta1), keep16 = _mm512_set1_ps(keep), unbias16 = _mm512_set1_ps(unbias);
+            const vf16 pr16 = _mm512_set1_ps(pr), div16 = _mm512_set1_ps(g0_div);
+            vf16 acc16 = _mm512_setzero_ps(), norm16 = _mm512_setzero_ps();
+            for (; c + 16 <= end; c += 16, k += 16) {
+                prefetch_ahead<false>(g + k);
+                if (!IN_GRAD) prefetch_ahead<true>(moment + k);
+                const vf16 gk = load16(g + k);
+                vf16 mk = gk;
+                if (!IN_GRAD) {
+                    mk = _mm512_fmadd_ps(_mm512_loadu_ps(moment + k), beta16, _mm512_mul_ps(keep16, gk));
+                    _mm512_storeu_ps(moment + k, mk);
+                }
+                vf16 second = _mm512_mul_ps(mk, unbias16);
+                second = _mm512_mul_ps(second, second);
+                if (PHASE == ODD) _mm512_storeu_ps(out + c, _mm512_add_ps(_mm512_loadu_ps(out + c), _mm512_mul_ps(second, pr16)));
+                else if (PHASE == FIRST) acc16 = _mm512_add_ps(acc16, second);
+                else acc16 = _mm512_add_ps(acc16, _mm512_mul_ps(second, _mm512_loadu_ps(q_cols + c)));
+                if (PHASE == FIRST) {
+                    const vf16 g0 = _mm512_div_ps(gk, div16);
+                    norm16 = _mm512_add_ps(norm16, _mm512_mul_ps(g0, g0));
+                }
+            }
+            acc += hsum(acc16);
+            if (PHASE == FIRST) norm += hsum(norm16);
+        }
+#endif
+#if DMO_AVX2
+        vf acc8 = _mm256_setzero_ps(), norm8 = _mm256_setzero_ps();
+        for (; c + 8 <= end; c += 8, k += 8) {
+            const vf gk = load8(g + k);
+            vf mk = gk;
+            if (!IN_GRAD) {
+                mk = fma(loadf(moment + k), splat(beta1), mul(splat(keep), gk));
+                storef(moment + k, mk);
+            }
+            vf second = mul(mk, splat(unbias));
+            second = mul(second, second);
+            if (PHASE == ODD) storef(out + c, add(loadf(out + c), mul(second, splat(pr))));
+            else if (PHASE == FIRST) acc8 = add(acc8, second);
+            else acc8 = add(acc8, mul(second, loadf(q_cols + c)));
+            if (PHASE == FIRST) {
+                const vf g0 = div(gk, splat(g0_div));
+                norm8 = add(norm8, mul(g0, g0));
+            }
+        }
+        acc += hsum(acc8);
+        if (PHASE == FIRST) norm += hsum(norm8);
+#endif
+        for (; c < end; ++c, ++k) element(c, k);
+    });
+    return acc;
+}
+
+// the q of the statistics pass in fp32 (even t), once per tile
+inline void alada_q32(const int64_t* seg, std::vector<float>& q32) {
+    const int64_t m = seg[A_M];
+    const auto* q = reinterpret_cast<const double*>(seg[A_Q]);
+    q32.resize(m);
+    for (int64_t c = 0; c < m; ++c) q32[c] = static_cast<float>(q[c]);
+}
+
+template <typename GT, bool IN_GRAD, int PHASE>
+void alada_stats_tile(const Tile& t, const int64_t* seg, const int64_t* run, const AladaStats& h,
+                      float* row_out, float* col_out, float* norm_out, std::vector<float>& q32) {
+    const auto* p = reinterpret_cast<const double*>(seg[A_P]);
+    if (PHASE == ODD) std::fill(col_out, col_out + seg[A_M], 0.0f);
+    if (PHASE == EVEN) alada_q32(seg, q32);
     float norm = 0.0f;
     for (int64_t i = 0; i < t.rows; ++i) {
         const int64_t r = t.row0 + i;
         const float pr = PHASE == ODD ? static_cast<float>(p[r]) : 0.0f;
-        float acc = 0.0f;
-        auto element = [&](int64_t c, int64_t k) {
-            const float gk = to_float(g[k]);
-            float mk = gk;
-            if (!IN_GRAD) {
-                mk = std::fma(momentum[k], h.beta1, keep * gk);
-                momentum[k] = mk;
-            }
-            float second = mk * unbias;
-            second = second * second;
-            if (PHASE == ODD) col_out[c] += second * pr;
-            else if (PHASE == FIRST) acc += second;
-            else acc += second * q32[c];
-            if (PHASE == FIRST) {
-                const float g0 = gk / h.g0_div;
-                norm += g0 * g0;
-            }
-        };
-        for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
-            // locals, not h's fields: stores through the float pointers could alias those
-            const float beta1 = h.beta1, g0_div = h.g0_div;
-            const float* __restrict q_cols = q32.data();
-            float* __restrict out = col_out;
-            float* __restrict moment = momentum;
-#if DMO_AVX512
-            {
-                const vf16 beta16 = _mm512_set1_ps(beta1), keep16 = _mm512_set1_ps(keep), unbias16 = _mm512_set1_ps(unbias);
-                const vf16 pr16 = _mm512_set1_ps(pr), div16 = _mm512_set1_ps(g0_div);
-                vf16 acc16 = _mm512_setzero_ps(), norm16 = _mm512_setzero_ps();
-                for (; c + 16 <= end; c += 16, k += 16) {
-                    prefetch_ahead<false>(g + k);
-                    if (!IN_GRAD) prefetch_ahead<true>(moment + k);
-                    const vf16 gk = load16(g + k);
-                    vf16 mk = gk;
-                    if (!IN_GRAD) {
-                        mk = _mm512_fmadd_ps(_mm512_loadu_ps(moment + k), beta16, _mm512_mul_ps(keep16, gk));
-                        _mm512_storeu_ps(moment + k, mk);
-                    }
-                    vf16 second = _mm512_mul_ps(mk, unbias16);
-                    second = _mm512_mul_ps(second, second);
-                    if (PHASE == ODD) _mm512_storeu_ps(out + c, _mm512_add_ps(_mm512_loadu_ps(out + c), _mm512_mul_ps(second, pr16)));
-                    else if (PHASE == FIRST) acc16 = _mm512_add_ps(acc16, second);
-                    else acc16 = _mm512_add_ps(acc16, _mm512_mul_ps(second, _mm512_loadu_ps(q_cols + c)));
-                    if (PHASE == FIRST) {
-                        const vf16 g0 = _mm512_div_ps(gk, div16);
-                        norm16 = _mm512_add_ps(norm16, _mm512_mul_ps(g0, g0));
-                    }
-                }
-                acc += hsum(acc16);
-                if (PHASE == FIRST) norm += hsum(norm16);
-            }
-#endif
-#if DMO_AVX2
-            vf acc8 = _mm256_setzero_ps(), norm8 = _mm256_setzero_ps();
-            for (; c + 8 <= end; c += 8, k += 8) {
-                const vf gk = load8(g + k);
-                vf mk = gk;
-                if (!IN_GRAD) {
-                    mk = fma(loadf(moment + k), splat(beta1), mul(splat(keep), gk));
-                    storef(moment + k, mk);
-                }
-                vf second = mul(mk, splat(unbias));
-                second = mul(second, second);
-                if (PHASE == ODD) storef(out + c, add(loadf(out + c), mul(second, splat(pr))));
-                else if (PHASE == FIRST) acc8 = add(acc8, second);
-                else acc8 = add(acc8, mul(second, loadf(q_cols + c)));
-                if (PHASE == FIRST) {
-                    const vf g0 = div(gk, splat(g0_div));
-                    norm8 = add(norm8, mul(g0, g0));
-                }
-            }
-            acc += hsum(acc8);
-            if (PHASE == FIRST) norm += hsum(norm8);
-#endif
-            for (; c < end; ++c, ++k) element(c, k);
-        });
+        const float acc = alada_stats_row<GT, IN_GRAD, PHASE>(seg, run, r, h, pr, q32.data(), col_out, norm);
         if (PHASE != ODD) row_out[i] = acc;
     }
     *norm_out = norm;
@@ -130,53 +144,108 @@ struct AladaUpdate {
     double eps64, bias2, power_p, power_q;  // power_*: β2^kp, β2^kq (p's and q's decayed start)
 };
 
+// p's and q's decayed √v0 starts, per segment: Ũ + eps = (p/bias2) ⊗ (q − x_q) + row shift
+struct AladaStarts {
+    double x_p, x_q, shift_scale;
+    AladaStarts(const int64_t* seg, const AladaUpdate& h) {
+        const double root = std::sqrt(*reinterpret_cast<const double*>(seg[A_V0]));
+        x_p = root * h.power_p;
+        x_q = root * h.power_q;
+        shift_scale = x_q / h.bias2;
+    }
+};
+
+// the update's column terms q − x_q in fp32, once per tile
+inline void alada_cols(const int64_t* seg, const AladaStarts& s, std::vector<float>& cols) {
+    const int64_t m = seg[A_M];
+    const auto* q = reinterpret_cast<const double*>(seg[A_Q]);
+    cols.resize(m);
+    for (int64_t c = 0; c < m; ++c) cols[c] = static_cast<float>(q[c] - s.x_q);
+}
+
+// One view row of the update pass, W ← W·decay − (lr/bias1)·M/√max(Ũ + eps, eps), p_r its row's p.
 template <typename WT, typename MT>
-void alada_update_tile(const Tile& t, const int64_t* seg, const int64_t* run, const AladaUpdate& h, std::vector<float>& cols) {
+inline void alada_update_row(const int64_t* seg, const int64_t* run, int64_t r, const AladaUpdate& h, const AladaStarts& s,
+                             double p_r, const float* cols) {
     const int64_t m = seg[A_M];
     auto* w = reinterpret_cast<WT*>(seg[A_W]);
     const auto* momentum = reinterpret_cast<const MT*>(seg[A_MOM]);
-    const auto* p = reinterpret_cast<const double*>(seg[A_P]);
-    const auto* q = reinterpret_cast<const double*>(seg[A_Q]);
-    const double root = std::sqrt(*reinterpret_cast<const double*>(seg[A_V0]));
-    const double x_p = root * h.power_p, x_q = root * h.power_q, shift_scale = x_q / h.bias2;
-    cols.resize(m);
-    for (int64_t c = 0; c < m; ++c) cols[c] = static_cast<float>(q[c] - x_q);
-    for (int64_t i = 0; i < t.rows; ++i) {
-        const int64_t r = t.row0 + i;
-        const float shift = static_cast<float>((p[r] - x_p) * shift_scale + h.eps64);
-        const float factor = static_cast<float>(p[r] / h.bias2);
-        for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
-            const float eps = h.eps, decay = h.decay, step = h.lr_over_bias1;  // locals: see alada_stats_tile
-            const float* __restrict col = cols.data();
+    const float shift = static_cast<float>((p_r - s.x_p) * s.shift_scale + h.eps64);
+    const float factor = static_cast<float>(p_r / h.bias2);
+    for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
+        const float eps = h.eps, decay = h.decay, step = h.lr_over_bias1;  // locals: see alada_stats_row
+        const float* __restrict col = cols;
 #if DMO_AVX512
-            {
-                const vf16 factor16 = _mm512_set1_ps(factor), shift16 = _mm512_set1_ps(shift), eps16 = _mm512_set1_ps(eps);
-                const vf16 decay16 = _mm512_set1_ps(decay), step16 = _mm512_set1_ps(step);
-                for (; c + 16 <= end; c += 16, k += 16) {
-                    prefetch_ahead<true>(w + k);
-                    prefetch_ahead<false>(momentum + k);
-                    const vf16 refit = _mm512_fmadd_ps(factor16, _mm512_loadu_ps(col + c), shift16);
-                    const vf16 denominator = _mm512_sqrt_ps(_mm512_max_ps(refit, eps16));
-                    const vf16 wk = _mm512_mul_ps(load16(w + k), decay16);
-                    store16(w + k, _mm512_sub_ps(wk, _mm512_mul_ps(step16, _mm512_div_ps(load16(momentum + k), denominator))));
-                }
+        {
+            const vf16 factor16 = _mm512_set1_ps(factor), shift16 = _mm512_set1_ps(shift), eps16 = _mm512_set1_ps(eps);
+            const vf16 decay16 = _mm512_set1_ps(decay), step16 = _mm512_set1_ps(step);
+            for (; c + 16 <= end; c += 16, k += 16) {
+                prefetch_ahead<true>(w + k);
+                prefetch_ahead<false>(momentum + k);
+                const vf16 refit = _mm512_fmadd_ps(factor16, _mm512_loadu_ps(col + c), shift16);
+                const vf16 denominator = _mm512_sqrt_ps(_mm512_max_ps(refit, eps16));
+                const vf16 wk = _mm512_mul_ps(load16(w + k), decay16);
+                store16(w + k, _mm512_sub_ps(wk, _mm512_mul_ps(step16, _mm512_div_ps(load16(momentum + k), denominator))));
             }
+        }
 #endif
 #if DMO_AVX2
-            for (; c + 8 <= end; c += 8, k += 8) {
-                const vf refit = fma(splat(factor), loadf(col + c), splat(shift));
-                const vf denominator = vsqrt(vmax(refit, splat(eps)));
-                const vf wk = mul(load8(w + k), splat(decay));
-                store8(w + k, sub(wk, mul(splat(step), div(load8(momentum + k), denominator))));
-            }
+        for (; c + 8 <= end; c += 8, k += 8) {
+            const vf refit = fma(splat(factor), loadf(col + c), splat(shift));
+            const vf denominator = vsqrt(vmax(refit, splat(eps)));
+            const vf wk = mul(load8(w + k), splat(decay));
+            store8(w + k, sub(wk, mul(splat(step), div(load8(momentum + k), denominator))));
+        }
 #endif
-            for (; c < end; ++c, ++k) {
-                const float refit = std::fma(factor, col[c], shift);
-                const float denominator = std::sqrt(std::max(refit, eps));
-                const float wk = to_float(w[k]) * decay;
-                w[k] = from_float<WT>(wk - step * (to_float(momentum[k]) / denominator));
-            }
-        });
+        for (; c < end; ++c, ++k) {
+            const float refit = std::fma(factor, col[c], shift);
+            const float denominator = std::sqrt(std::max(refit, eps));
+            const float wk = to_float(w[k]) * decay;
+            w[k] = from_float<WT>(wk - step * (to_float(momentum[k]) / denominator));
+        }
+    });
+}
+
+template <typename WT, typename MT>
+void alada_update_tile(const Tile& t, const int64_t* seg, const int64_t* run, const AladaUpdate& h, std::vector<float>& cols) {
+    const auto* p = reinterpret_cast<const double*>(seg[A_P]);
+    const AladaStarts starts(seg, h);
+    alada_cols(seg, starts, cols);
+    for (int64_t i = 0; i < t.rows; ++i)
+        alada_update_row<WT, MT>(seg, run, t.row0 + i, h, starts, p[t.row0 + i], cols.data());
+}
+
+// one element of a refit: own·β2 + (1 − β2)·(statistic·scale), scale = 1/(‖other‖² + eps)
+inline double alada_refit_one(double own, double statistic, double beta2, double scale) {
+    return own * beta2 + (1.0 - beta2) * (statistic * scale);
+}
+
+inline double alada_refit_scale(const double* other, int64_t len, double eps) {
+    double total = 0.0;
+    for (int64_t i = 0; i < len; ++i) total += other[i] * other[i];
+    return 1.0 / (total + eps);
+}
+
+// Even t > 0 on a segment whose every row this process holds whole (no reduction): per row, its
+// V·q, p's refit and its update, the row still in L1. One pass, G, M, W read and M, W written, where
+// the statistics and update passes read M twice; the same operations in the same order, so the same
+// numbers. The row statistics also land in the segment's slot, as the statistics pass leaves them.
+template <typename T, bool IN_GRAD>
+void alada_even_rows_tile(const Tile& t, const int64_t* seg, const int64_t* run, const AladaStats& hs, const AladaUpdate& hu,
+                          double beta2, double scale, std::vector<float>& q32, std::vector<float>& cols) {
+    using MT = std::conditional_t<IN_GRAD, T, float>;
+    auto* p = reinterpret_cast<double*>(seg[A_P]);
+    auto* stat = reinterpret_cast<float*>(seg[A_STAT]);
+    const AladaStarts starts(seg, hu);
+    alada_q32(seg, q32);
+    alada_cols(seg, starts, cols);
+    float unused = 0.0f;
+    for (int64_t i = 0; i < t.rows; ++i) {
+        const int64_t r = t.row0 + i;
+        const float acc = alada_stats_row<T, IN_GRAD, EVEN>(seg, run, r, hs, 0.0f, q32.data(), nullptr, unused);
+        stat[r] = acc;
+        p[r] = alada_refit_one(p[r], static_cast<double>(acc), beta2, scale);
+        alada_update_row<T, MT>(seg, run, r, hu, starts, p[r], cols.data());
     }
 }
 
@@ -199,13 +268,8 @@ inline void alada_refit(const int64_t* seg, int phase, double beta2, double eps)
     double* own = odd ? q : p;
     const double* other = odd ? p : q;
     const int64_t own_len = odd ? m : n, other_len = odd ? n : m;
-    double total = 0.0;
-    for (int64_t i = 0; i < other_len; ++i) total += other[i] * other[i];
-    const double scale = 1.0 / (total + eps);
-    for (int64_t i = 0; i < own_len; ++i) {
-        const double s = static_cast<double>(stat[i]) * (first ? root : 1.0);
-        own[i] = own[i] * beta2 + (1.0 - beta2) * (s * scale);
-    }
+    const double scale = alada_refit_scale(other, other_len, eps);
+    for (int64_t i = 0; i < own_len; ++i) own[i] = alada_refit_one(own[i], static_cast<double>(stat[i]) * (first ? root : 1.0), beta2, scale);
 }
 
 }  // namespace dmo

@@ -189,6 +189,42 @@ void alada_update(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_
     });
 }
 
+// Even t > 0 on whole segments (one run group over all n·m elements, statistics complete here):
+// statistics, refit and update in one pass (alada_even_rows_tile); the segments' p and their row
+// statistic slots end as alada_stats, alada_refit and alada_update leave them.
+void alada_even_rows(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t dtype, bool in_grad, double beta1, double bias1,
+                     double beta2, double lr, double eps, double bias2, double power_p, double power_q, double decay) {
+    const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
+    const int64_t* runs = table(runs_t, RUN_FIELDS, "runs");
+    const int64_t seg_count = segs_t.size(0);
+    std::vector<int64_t> groups(seg_count, 0);
+    for (int64_t r = 0; r < runs_t.size(0); ++r) {
+        const int64_t* run = runs + r * RUN_FIELDS;
+        const int64_t* seg = segs + run[0] * ALADA_FIELDS;
+        TORCH_CHECK(run[1] == 0 && run[4] == 1 && run[2] == seg[A_N] * seg[A_M] && ++groups[run[0]] == 1,
+                    "alada_even_rows takes whole segments: one run group of all n*m elements each");
+    }
+    std::vector<double> scales(seg_count);
+    for (int64_t s = 0; s < seg_count; ++s) {
+        const int64_t* seg = segs + s * ALADA_FIELDS;
+        scales[s] = alada_refit_scale(reinterpret_cast<const double*>(seg[A_Q]), seg[A_M], eps);
+    }
+    const Tiles plan = make_tiles(runs, runs_t.size(0), [&](int64_t s) { return segs[s * ALADA_FIELDS + A_M]; });
+    const AladaStats hs{float(beta1), float(bias1), 1.0f};
+    const AladaUpdate hu{float(lr / bias1), float(eps), float(decay), eps, bias2, power_p, power_q};
+    with_dtype(dtype, [&](auto w) {
+        using T = decltype(w);
+        with_flag(in_grad, [&](auto in) {
+            for_each_index(static_cast<int64_t>(plan.tiles.size()), [&](int64_t i) {
+                thread_local std::vector<float> q32, cols;
+                const Tile& t = plan.tiles[i];
+                alada_even_rows_tile<T, decltype(in)::value>(t, segs + t.seg * ALADA_FIELDS, runs + t.run * RUN_FIELDS, hs, hu, beta2,
+                                                            scales[t.seg], q32, cols);
+            });
+        });
+    });
+}
+
 }  // namespace
 }  // namespace dmo
 
@@ -278,6 +314,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("alada_stats", &dmo::alada_stats);
     module.def("alada_refit", &dmo::alada_refit_all);
     module.def("alada_update", &dmo::alada_update);
+    module.def("alada_even_rows", &dmo::alada_even_rows);
     module.def("tile_partials", &dmo::tile_partials);
     module.def("first_nonfinite", &dmo::first_nonfinite);
     module.def("simd", []() { return DMO_AVX512 ? "avx512" : DMO_AVX2 ? "avx2" : "scalar"; });

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dist_memopt as dm
+from dist_memopt import Segment, ShardSpec, set_layout
 from dist_memopt.kernels import cpu_build, select
 from dist_memopt.kernels.cpu_build import cpu_kernels_problem
 from kernel_cases import KernelNames
@@ -146,7 +147,7 @@ def test_rows_of_whole_blocks_match_the_float64_reference(config):
             assert (param.detach().double() - ref.w.view(param.shape)).abs().max().item() <= 5e-6 * scale, f"step {step + 1}"
 
 
-def _alada_steps(params, config, steps, monkeypatch, reduced: bool) -> tuple[list[torch.Tensor], list[set[str]]]:
+def _alada_steps(params, layouts, config, steps, monkeypatch, reduced: bool) -> tuple[list[torch.Tensor], list[set[str]]]:
     """Alada's fused CPU steps on copies of ``params``; ``reduced`` routes every segment through
     the statistics, refit and update passes a sharded step takes (statistics completed by the
     all_reduce) instead of the one-pass even steps of whole tensors."""
@@ -157,6 +158,8 @@ def _alada_steps(params, config, steps, monkeypatch, reduced: bool) -> tuple[lis
         if reduced:
             patch.setattr(alada_cpu.CpuAlada, "add", lambda self, item, seg, hp, slots: self._jobs.append(AladaJob(item, seg, hp, slots)))
         copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for index, layout in layouts.items():
+            set_layout(copies[index], layout)
         optimizer = dm.Alada(copies, kernel="cpu", **config)
         names = []
         for step in range(steps):
@@ -176,15 +179,20 @@ def _alada_steps(params, config, steps, monkeypatch, reduced: bool) -> tuple[lis
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", [dict(weight_decay=0.1), dict(momentum_in_grad=True)], ids=["state-momentum", "momentum-in-grad"])
 def test_alada_one_pass_even_steps_give_the_numbers_of_the_two_passes(config, dtype, monkeypatch):
-    """At even t, whole unsharded tensors take one pass over whole rows: the same operations in the
-    same order as the two passes a sharded step takes, so bit-identical weights and state."""
+    """At even t, segments of whole rows take one pass: the same operations in the same order as
+    the two passes the other layouts take, so bit-identical weights and state."""
     generator = torch.Generator().manual_seed(0)
-    shapes = [(300, 77), (64, 64), (7,), (5, 3, 3, 3), (1031,), (128, 96), ()]
+    shapes = [(300, 77), (64, 64), (7,), (5, 3, 3, 3), (1031,), (128, 96), (), (6, 33), (6, 33)]
     params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in shapes]
-    whole, names = _alada_steps(params, config, 5, monkeypatch, reduced=False)
-    passes, reduced_names = _alada_steps(params, config, 5, monkeypatch, reduced=True)
+    # rows 10-15 of a (40, 33) matrix, as FSDP2 cuts it: the other rows' p refit from zeros; and a
+    # range cut mid-row, which takes the two passes
+    layouts = {len(shapes) - 2: [Segment(0, ShardSpec((40, 33), 10 * 33, 16 * 33))],
+               len(shapes) - 1: [Segment(0, ShardSpec((40, 33), 10 * 33 + 5, 16 * 33 + 5))]}
+    whole, names = _alada_steps(params, layouts, config, 5, monkeypatch, reduced=False)
+    passes, reduced_names = _alada_steps(params, layouts, config, 5, monkeypatch, reduced=True)
     kernels = [n - {"cpu.finite_check"} for n in names]
-    assert kernels[1] == {"cpu.alada_stats", "cpu.alada_update"} and kernels[2] == {"cpu.alada_even_rows"}, names  # t = 1, 2
+    assert kernels[1] == {"cpu.alada_stats", "cpu.alada_update"}, names  # t = 1
+    assert kernels[2] == {"cpu.alada_even_rows", "cpu.alada_refit_rest", "cpu.alada_stats", "cpu.alada_update"}, names  # t = 2
     assert all(n >= {"cpu.alada_stats", "cpu.alada_update"} for n in reduced_names), reduced_names
     for a, b in zip(whole, passes, strict=True):
         assert torch.equal(a, b)

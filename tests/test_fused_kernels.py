@@ -83,12 +83,21 @@ def test_the_kernels_match_the_torch_path_on_sharded_layouts(family, cls, config
                          ids=["adamw", "adam", "no-m"])
 def test_smmf_loads_and_stores_half_precision_weights_like_the_torch_path(family, dtype, config):
     """The kernels read bf16/fp16 weights and gradients themselves and round the updated weight
-    to nearest even, as the torch path's fp32 copy does when written back: bit for bit."""
+    to nearest even, as the torch path's fp32 copy does when written back. The factors are sums
+    in another order, so an fp32 weight can differ in its last bits and, where it lies next to a
+    rounding boundary, round to the neighbouring half-precision value: at most one unit in the
+    last place, in under 1% of the elements (another rounding, e.g. truncation, moves about half)."""
     fused, _ = sharded_run(family, config, dtype, steps=4)
     plain, _ = sharded_run("torch", config, dtype, steps=4)
+    differ = total = 0
     for a, b in zip(fused, plain):
         assert a.dtype == dtype
-        assert torch.equal(a, b)
+        exact = b.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(exact)))
+        assert bool(((a.float() - b.float()).abs() <= ulp).all())
+        differ += int((a != b).sum())
+        total += a.numel()
+    assert differ <= 0.01 * total, (differ, total)
 
 
 @FAMILIES

@@ -6,9 +6,11 @@ complete statistic before any weight can move, so :meth:`CpuAlada.statistics` (M
 statistic per tile, summed in tile order) runs before the all_reduce and :meth:`CpuAlada.update`
 (the float64 refit per segment, then the weights) after it.
 
-At even t > 0 the statistic is one per row (V·q). A whole segment whose statistic needs no
-all_reduce holds every row whole, so its rows take one pass (statistic, p's refit, update, row by
+At even t > 0 the statistic is one per row (V·q). A segment of whole rows (a whole tensor, or a
+range cut at row boundaries, as FSDP2 cuts a matrix) holds each of its rows' statistic complete,
+so its rows take one pass in :meth:`CpuAlada.statistics` (statistic, p's refit, update, row by
 row): the same numbers, M read once instead of twice (20 bytes per fp32 element instead of 24).
+The rows other ranks hold are refit in :meth:`CpuAlada.update`, from the completed statistic.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import Tensor
 from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
-from dist_memopt.kernels.cpu_tables import add_runs, address, check_flat, dtype_code, int64_table, whole_segment
+from dist_memopt.kernels.cpu_tables import add_runs, address, check_flat, dtype_code, int64_table, whole_rows
 
 __all__ = ["CpuAlada"]
 
@@ -37,8 +39,7 @@ class CpuAlada:
     """One step's segments on CPU: :meth:`statistics` before the all_reduce, :meth:`update` after.
 
     Segments of one dtype and schedule make one call per phase, whatever their shapes and layouts.
-    At even t > 0, whole segments whose statistics need no all_reduce (``seg.group`` is None) are
-    stepped in one pass in :meth:`update` instead.
+    At even t > 0, segments of whole rows are stepped in one pass by :meth:`statistics`.
     """
 
     def __init__(self, observer: Optional[KernelObserver] = None) -> None:
@@ -46,14 +47,17 @@ class CpuAlada:
         self._jobs: list[_Job] = []  # two passes, the statistics completed in between
         self._whole_rows: list[_Job] = []  # one pass
         self._batches: list[tuple[Any, Any, Tensor, Tensor, int, int]] = []
+        self._rest: list[tuple[Any, Tensor, Tensor]] = []  # (schedule, segments, runs) with rows held elsewhere
 
     def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         check_flat(item.name, item.weight, item.grad)
-        one_pass = _phase(hp) == EVEN and seg.group is None and whole_segment(seg.geometry)
+        one_pass = _phase(hp) == EVEN and whole_rows(seg.geometry)
         (self._whole_rows if one_pass else self._jobs).append(_Job(item, seg, hp, slots))
 
     def statistics(self) -> None:
-        """M and the partial statistics, summed in tile order into the reducer's slots."""
+        """M and the partial statistics, summed in tile order into the reducer's slots (and the
+        one-pass steps of whole rows, whose statistics the slots then hold too)."""
+        self._step_whole_rows()
         batches = _batched(self._jobs)
         kernels = cpu_kernels() if batches else None
         for (dtype, hp), jobs in batches.items():
@@ -72,8 +76,12 @@ class CpuAlada:
 
     def update(self) -> None:
         """After the all_reduce: refit every segment's p or q (float64), then update the weights."""
-        self._step_whole_rows()
-        kernels = cpu_kernels() if self._batches else None
+        kernels = cpu_kernels() if self._batches or self._rest else None
+        for hp, segs, runs in self._rest:
+            if self._report.executing:
+                kernels.alada_refit_rest(segs, runs, hp.beta2, hp.eps)
+            self._report.record("alada_refit_rest", 0, 0)  # O(rows) float64, no element
+        self._rest = []
         for dtype, hp, segs, runs, numel, factors in self._batches:
             if self._report.executing:
                 kernels.alada_refit(segs, _phase(hp), hp.beta2, hp.eps)
@@ -86,7 +94,7 @@ class CpuAlada:
         self._batches = []
 
     def _step_whole_rows(self) -> None:
-        """Even t, whole segments: per row, V·q, p's refit and the update while the row is in L1."""
+        """Even t, segments of whole rows: per row, V·q, p's refit and the update while the row is in L1."""
         batches = _batched(self._whole_rows)
         kernels = cpu_kernels() if batches else None
         for (dtype, hp), jobs in batches.items():
@@ -98,6 +106,8 @@ class CpuAlada:
             # G, M, W read and M, W written once; p read and written, q read
             factors = _factor_bytes(jobs)
             self._report.record("alada_even_rows", numel * 2 * size + momentum + factors, numel * size + momentum + factors)
+            if numel < sum(j.seg.geometry.rows * j.seg.geometry.cols for j in jobs):  # some rows are held elsewhere
+                self._rest.append((hp, segs, runs))
         self._whole_rows = []
 
 

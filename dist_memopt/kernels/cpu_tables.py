@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dist_memopt.shard.runs import runs_of
 
-__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "whole_segment", "int64_table", "check_flat"]
+__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "whole_rows", "int64_table", "check_flat"]
 
 #: element types the kernels load and store themselves (the C++ side's ``Dtype``)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -42,10 +42,14 @@ def add_runs(runs: list[int], index: int, geometry: Any) -> int:
     return numel
 
 
-def whole_segment(geometry: Any) -> bool:
-    """Whether the segment holds its whole (n, m) view as one run: every view row whole, in order."""
+def whole_rows(geometry: Any) -> bool:
+    """Whether the segment holds whole rows of its (n, m) view, consecutive, as one run (a whole
+    tensor, or a range cut at row boundaries, as FSDP2 cuts a matrix along its first dimension)."""
     rows, numel = _run_rows(geometry)
-    return len(rows) == 1 and rows[0] == (0, numel, 0, 1, 0) and numel == geometry.rows * geometry.cols
+    if len(rows) != 1 or numel == 0:
+        return False
+    start, length, _, count, _ = rows[0]
+    return count == 1 and start % geometry.cols == 0 and length % geometry.cols == 0
 
 
 def _run_rows(geometry: Any) -> tuple[tuple[tuple[int, ...], ...], int]:

@@ -66,7 +66,7 @@ def _tile_kernel(W, G, S, S_SHIFT, F, ROWP, COLP, TILES, n, m, lr, beta1, beta2,
         w = load_block(W + w_off + k, ok).to(tl.float32)  # fp32, bf16 or fp16 weights
         g = load_block(G + g_off + k, ok).to(tl.float32)
         if COUPLED:
-            g = g + wd * w
+            g = tl.fma(wd, w, g)  # one rounding, as torch's add(alpha=) and the CPU kernel
         cv = tl.load(F + cv_off + cols, mask=col_ok, other=0.0)
         v = rv[:, None] * cv[None, :] + (1.0 - beta2) * (g * g)
         v = tl.where(ok, v, 0.0)

@@ -82,6 +82,8 @@ def _fsdp2_runs(rank, world_size, names, mesh_shape=None):
         optimizer = getattr(dm, cls_name)(model.parameters(), **config)
         _train(model, optimizer, range(STEPS))
         results[name] = _full(model)
+        if cls_name == "Alada":  # p, q, v0: held whole on every rank, refit there from the reduced statistics
+            results[("factors", name)] = [optimizer.state[p][k].clone() for p in model.parameters() for k in ("row", "col", "v0")]
     return results
 
 
@@ -146,6 +148,16 @@ def launches():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_fsdp2_equals_single_process(world_size, launches):
     _assert_all_equal_single(launches(world_size).case("fsdp2"), ALL)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_alada_factors_are_the_same_on_every_rank(world_size, launches):
+    """p, q and v0 are whole on every rank: a rank refits the rows it holds in its one-pass even
+    steps and the others' rows from the reduced statistic, with the same operations, so every rank
+    ends with the same bits."""
+    per_rank = [results[("factors", "alada")] for results in launches(world_size).case("fsdp2")]
+    for other in per_rank[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(per_rank[0], other, strict=True))
 
 
 def test_hsdp_2x2_equals_single_process(launches):

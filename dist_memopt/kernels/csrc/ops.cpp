@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <memory>
+#include <utility>
 
 #include "alada.h"
 #include "smmf.h"
@@ -189,25 +190,46 @@ void alada_update(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_
     });
 }
 
-// Even t > 0 on whole segments (one run group over all n·m elements, statistics complete here):
-// statistics, refit and update in one pass (alada_even_rows_tile); the segments' p and their row
-// statistic slots end as alada_stats, alada_refit and alada_update leave them.
+// The view rows [first, end) a segment of whole rows holds: its one run group of whole rows.
+std::pair<int64_t, int64_t> held_rows(const int64_t* seg, const int64_t* run) {
+    const int64_t m = seg[A_M];
+    return {run[1] / m, (run[1] + run[2]) / m};
+}
+
+// Checks that each segment's elements are one run group of whole view rows; returns each
+// segment's run.
+std::vector<const int64_t*> whole_row_runs(const int64_t* segs, int64_t seg_count, const int64_t* runs, int64_t run_count) {
+    std::vector<const int64_t*> of(seg_count, nullptr);
+    for (int64_t r = 0; r < run_count; ++r) {
+        const int64_t* run = runs + r * RUN_FIELDS;
+        const int64_t m = segs[run[0] * ALADA_FIELDS + A_M];
+        TORCH_CHECK(run[4] == 1 && run[1] % m == 0 && run[2] % m == 0 && of[run[0]] == nullptr,
+                    "alada_even_rows takes segments of whole rows: one run group of whole view rows each");
+        of[run[0]] = run;
+    }
+    for (const int64_t* run : of) TORCH_CHECK(run != nullptr, "alada_even_rows: a segment without elements");
+    return of;
+}
+
+// Even t > 0 on segments of whole view rows (each row's statistic complete in this process):
+// statistics, refit and update of the rows held in one pass (alada_even_rows_tile). The statistic
+// slots hold those rows' V·q and zeros elsewhere, as alada_stats leaves them: after the all_reduce,
+// alada_refit_rest refits the rows other ranks hold. p and the weights end as alada_stats,
+// alada_refit and alada_update leave them.
 void alada_even_rows(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t dtype, bool in_grad, double beta1, double bias1,
                      double beta2, double lr, double eps, double bias2, double power_p, double power_q, double decay) {
     const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
     const int64_t* runs = table(runs_t, RUN_FIELDS, "runs");
     const int64_t seg_count = segs_t.size(0);
-    std::vector<int64_t> groups(seg_count, 0);
-    for (int64_t r = 0; r < runs_t.size(0); ++r) {
-        const int64_t* run = runs + r * RUN_FIELDS;
-        const int64_t* seg = segs + run[0] * ALADA_FIELDS;
-        TORCH_CHECK(run[1] == 0 && run[4] == 1 && run[2] == seg[A_N] * seg[A_M] && ++groups[run[0]] == 1,
-                    "alada_even_rows takes whole segments: one run group of all n*m elements each");
-    }
+    const std::vector<const int64_t*> run_of = whole_row_runs(segs, seg_count, runs, runs_t.size(0));
     std::vector<double> scales(seg_count);
     for (int64_t s = 0; s < seg_count; ++s) {
         const int64_t* seg = segs + s * ALADA_FIELDS;
         scales[s] = alada_refit_scale(reinterpret_cast<const double*>(seg[A_Q]), seg[A_M], eps);
+        auto* stat = reinterpret_cast<float*>(seg[A_STAT]);
+        const auto [first, end] = held_rows(seg, run_of[s]);
+        std::fill(stat, stat + first, 0.0f);
+        std::fill(stat + end, stat + seg[A_N], 0.0f);
     }
     const Tiles plan = make_tiles(runs, runs_t.size(0), [&](int64_t s) { return segs[s * ALADA_FIELDS + A_M]; });
     const AladaStats hs{float(beta1), float(bias1), 1.0f};
@@ -222,6 +244,23 @@ void alada_even_rows(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t
                                                             scales[t.seg], q32, cols);
             });
         });
+    });
+}
+
+// After alada_even_rows and the all_reduce: p's refit of the rows each segment does not hold, from
+// the completed statistic (the same operations as the holder's, so p stays the same on every rank).
+void alada_refit_rest(const at::Tensor& segs_t, const at::Tensor& runs_t, double beta2, double eps) {
+    const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
+    const int64_t seg_count = segs_t.size(0);
+    const std::vector<const int64_t*> run_of = whole_row_runs(segs, seg_count, table(runs_t, RUN_FIELDS, "runs"), runs_t.size(0));
+    for_each_index(seg_count, [&](int64_t s) {
+        const int64_t* seg = segs + s * ALADA_FIELDS;
+        auto* p = reinterpret_cast<double*>(seg[A_P]);
+        const auto* stat = reinterpret_cast<const float*>(seg[A_STAT]);
+        const double scale = alada_refit_scale(reinterpret_cast<const double*>(seg[A_Q]), seg[A_M], eps);
+        const auto [first, end] = held_rows(seg, run_of[s]);
+        for (int64_t i = 0; i < seg[A_N]; ++i)
+            if (i < first || i >= end) p[i] = alada_refit_one(p[i], static_cast<double>(stat[i]), beta2, scale);
     });
 }
 
@@ -315,6 +354,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("alada_refit", &dmo::alada_refit_all);
     module.def("alada_update", &dmo::alada_update);
     module.def("alada_even_rows", &dmo::alada_even_rows);
+    module.def("alada_refit_rest", &dmo::alada_refit_rest);
     module.def("tile_partials", &dmo::tile_partials);
     module.def("first_nonfinite", &dmo::first_nonfinite);
     module.def("simd", []() { return DMO_AVX512 ? "avx512" : DMO_AVX2 ? "avx2" : "scalar"; });

@@ -68,25 +68,17 @@ def sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, s
     return params, optimizer
 
 
-def _strided_piece(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo: int, hi: int, state: dict, summed=False):
-    """(item, segment, positions) of one 'rank's window of ``pieces`` of ``full`` in the (n, m) view.
-
-    ``summed``: the segment reports a process group (its statistics are summed by hand between the
-    passes); a segment without one holds its statistics whole, and Alada's runner steps it whole."""
+def _strided_piece(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: int, lo: int, hi: int, state: dict):
+    """(item, segment, positions) of one 'rank's window of ``pieces`` of ``full`` in the (n, m) view."""
     from types import SimpleNamespace
 
     from dist_memopt.optim.base import SegmentPlan
-
-    class HandSummed(SegmentPlan):
-        @property
-        def group(self):
-            return "summed by hand"
 
     positions = torch.cat([p.positions() for p in pieces])
     hi = positions.numel() if hi < 0 else hi
     positions = positions[lo:hi]
     numel = positions.numel()
-    seg = (HandSummed if summed else SegmentPlan)(Segment(0, ShardSpec((n * m,), 0, numel)), RunsGeometry(n, m, pieces, lo, hi))
+    seg = SegmentPlan(Segment(0, ShardSpec((n * m,), 0, numel)), RunsGeometry(n, m, pieces, lo, hi))
     item = SimpleNamespace(name="piece", weight=full.detach().reshape(-1)[positions].clone(), grad=torch.zeros(numel), state=state)
     return item, seg, positions
 
@@ -106,7 +98,7 @@ def alada_strided_rank(full: torch.Tensor, pieces: tuple[Run, ...], n: int, m: i
     statistics buffer (rows, columns, ‖G0‖²)."""
     f64 = dict(dtype=torch.float64)
     state = dict(row=torch.zeros(n, **f64), col=torch.zeros(m, **f64), v0=torch.zeros(1, **f64))
-    item, seg, positions = _strided_piece(full, pieces, n, m, lo, hi, state, summed=True)
+    item, seg, positions = _strided_piece(full, pieces, n, m, lo, hi, state)
     state["exp_avg"] = torch.zeros(positions.numel())
     return item, seg, positions, torch.zeros(n + m + 1)
 

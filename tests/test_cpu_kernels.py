@@ -150,7 +150,7 @@ def test_rows_of_whole_blocks_match_the_float64_reference(config):
 def _alada_steps(params, layouts, config, steps, monkeypatch, reduced: bool) -> tuple[list[torch.Tensor], list[set[str]]]:
     """Alada's fused CPU steps on copies of ``params``; ``reduced`` routes every segment through
     the statistics, refit and update passes a sharded step takes (statistics completed by the
-    all_reduce) instead of the one-pass even steps of whole tensors."""
+    all_reduce) instead of the one-pass even steps of segments of whole rows."""
     from dist_memopt.kernels import alada_cpu
     from dist_memopt.kernels.jobs import AladaJob
 

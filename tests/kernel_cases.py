@@ -35,7 +35,8 @@ def sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, s
     for both implementations): FSDP-like ranges cutting rows, an empty shard, a flat tensor
     holding three segments back to back, tensor-parallel strided pieces: a column block of a
     (64, 96) weight, one cut mid-piece (the cut piece a run of its own), and columns of a (10, 6)
-    tensor (strides under a column block), a range of a view 48 wide and one of whole rows. Also the
+    tensor (strides under a column block), a range of a view 48 wide, one of whole rows and one of a view
+    64 wide (whole rows stepped in pairs by the CPU kernel). Also the
     CUDA tier's (test_cuda_kernels.py)."""
     torch.manual_seed(0)
 
@@ -58,7 +59,9 @@ def sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, s
     set_layout(wide, [Segment(0, ShardSpec((40, 48), 152, 152 + 11 * 48))])
     rows = param(6, 33)  # rows 10-15 of a (40, 33) matrix: a range cut at row boundaries, as FSDP2 cuts it
     set_layout(rows, [Segment(0, ShardSpec((40, 33), 10 * 33, 16 * 33))])
-    params = [empty, matrix, flat, block, cut, narrow, wide, rows]  # the empty shard first: no kernel base may be it
+    paired = param(13 * 64)  # a range of a (67, 64) view: whole rows stepped two at a time between partial rows
+    set_layout(paired, [Segment(0, ShardSpec((67, 64), 40, 40 + 13 * 64))])
+    params = [empty, matrix, flat, block, cut, narrow, wide, rows, paired]  # the empty shard first: no kernel base may be it
     optimizer = cls(params, kernel=kernel, lr=1e-2, **config)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):

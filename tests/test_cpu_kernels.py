@@ -52,11 +52,15 @@ out = {{}}
 for name, cls in (("smmf", dm.SMMF), ("alada", dm.Alada)):
     params, optimizer = sharded_run("cpu", dict(weight_decay=0.1), steps=3, cls=cls)
     big = torch.nn.Parameter(torch.randn(300, 517, generator=torch.Generator().manual_seed(2)))
-    opt = cls([big], kernel="cpu")
+    paired = torch.nn.Parameter(torch.randn(640, 640, generator=torch.Generator().manual_seed(4)))  # four tiles of row pairs
+    opt = cls([big, paired], kernel="cpu")
     for _ in range(3):
         big.grad = torch.randn(big.shape, generator=torch.Generator().manual_seed(3))
+        paired.grad = torch.randn(paired.shape, generator=torch.Generator().manual_seed(5))
         opt.step()
-    out[name] = [p.detach().clone() for p in params] + [big.detach().clone(), *opt.state_dict()["state"][0].values()]
+    state = opt.state_dict()["state"]
+    out[name] = [p.detach().clone() for p in params] + [big.detach().clone(), paired.detach().clone()]
+    out[name] += [v for s in state.values() for v in s.values()]
 torch.save(out, {path!r})
 """
 

@@ -46,6 +46,9 @@ class CpuAlada:
         self._report = Reporter(observer, "cpu.")
         self._jobs: list[_Job] = []  # two passes, the statistics completed in between
         self._whole_rows: list[_Job] = []  # one pass
+        # (dtype, schedule, jobs, segments, runs, elements) per kernel call, built by prepare()
+        self._two_pass: list[tuple[Any, Any, list[_Job], Tensor, Tensor, int]] = []
+        self._one_pass: list[tuple[Any, Any, list[_Job], Tensor, Tensor, int]] = []
         self._batches: list[tuple[Any, Any, Tensor, Tensor, int, int]] = []
         self._rest: list[tuple[Any, Tensor, Tensor]] = []  # (schedule, segments, runs) with rows held elsewhere
 
@@ -54,14 +57,20 @@ class CpuAlada:
         one_pass = _phase(hp) == EVEN and whole_rows(seg.geometry)
         (self._whole_rows if one_pass else self._jobs).append(_Job(item, seg, hp, slots))
 
+    def prepare(self) -> None:
+        """The kernel tables of the segments added so far (reads addresses, changes nothing: the
+        step builds them while the finite check runs)."""
+        self._one_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in _batched(self._whole_rows).items()]
+        self._two_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in _batched(self._jobs).items()]
+        self._whole_rows, self._jobs = [], []
+
     def statistics(self) -> None:
         """M and the partial statistics, summed in tile order into the reducer's slots (and the
         one-pass steps of whole rows, whose statistics the slots then hold too)."""
+        self.prepare()
         self._step_whole_rows()
-        batches = _batched(self._jobs)
-        kernels = cpu_kernels() if batches else None
-        for (dtype, hp), jobs in batches.items():
-            segs, runs, numel = _tables(jobs)
+        kernels = cpu_kernels() if self._two_pass else None
+        for dtype, hp, jobs, segs, runs, numel in self._two_pass:
             if self._report.executing:
                 partials = kernels.alada_stats(segs, runs, dtype_code(dtype), _phase(hp), hp.in_grad, hp.beta1, hp.bias1, _g0_div(hp))
             else:
@@ -72,7 +81,7 @@ class CpuAlada:
             # tile partials: written, then read once more when summed in tile order
             self._report.record("alada_stats", numel * dtype.itemsize + momentum + factors + 4 * partials, momentum + 4 * partials)
             self._batches.append((dtype, hp, segs, runs, numel, factors))
-        self._jobs = []
+        self._two_pass = []
 
     def update(self) -> None:
         """After the all_reduce: refit every segment's p or q (float64), then update the weights."""
@@ -95,10 +104,8 @@ class CpuAlada:
 
     def _step_whole_rows(self) -> None:
         """Even t, segments of whole rows: per row, V·q, p's refit and the update while the row is in L1."""
-        batches = _batched(self._whole_rows)
-        kernels = cpu_kernels() if batches else None
-        for (dtype, hp), jobs in batches.items():
-            segs, runs, numel = _tables(jobs)
+        kernels = cpu_kernels() if self._one_pass else None
+        for dtype, hp, jobs, segs, runs, numel in self._one_pass:
             if self._report.executing:
                 kernels.alada_even_rows(segs, runs, dtype_code(dtype), hp.in_grad, hp.beta1, hp.bias1, hp.beta2, hp.lr, hp.eps,
                                         hp.bias2, *hp.start_decays, _decay(hp))
@@ -108,7 +115,7 @@ class CpuAlada:
             self._report.record("alada_even_rows", numel * 2 * size + momentum + factors, numel * size + momentum + factors)
             if numel < sum(j.seg.geometry.rows * j.seg.geometry.cols for j in jobs):  # some rows are held elsewhere
                 self._rest.append((hp, segs, runs))
-        self._whole_rows = []
+        self._one_pass = []
 
 
 def _batched(jobs: list[_Job]) -> dict[tuple, list[_Job]]:

@@ -209,6 +209,10 @@ class FusedAlada:
     def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         self._jobs.append(_Job(item, seg, hp, slots))
 
+    def prepare(self) -> None:
+        """Nothing to build before the checks: the launches' table is built and copied to the
+        device in one go when they run."""
+
     def statistics(self) -> None:
         if not self._jobs:
             return

@@ -33,19 +33,26 @@ class CpuSMMF:
     def __init__(self, observer: Optional[KernelObserver] = None) -> None:
         self._report = Reporter(observer, "cpu.")
         self._jobs: list[_Job] = []
+        self._batches: list[tuple[Any, Any, list[_Job], Tensor, Tensor, int]] = []  # tables built by prepare()
         self._finish: list[tuple[Tensor, bool, int]] = []
 
     def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         check_flat(item.name, item.weight, item.grad)
         self._jobs.append(_Job(item, seg, hp, slots))
 
-    def run(self) -> None:
+    def prepare(self) -> None:
+        """The kernel tables of the segments added so far (reads addresses, changes nothing: the
+        step builds them while the finite check runs)."""
         batches: dict[tuple, list[_Job]] = defaultdict(list)
         for job in self._jobs:
             batches[(job.item.weight.dtype, job.hp)].append(job)
+        self._batches += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batches.items()]
+        self._jobs = []
+
+    def run(self) -> None:
+        self.prepare()
         kernels = cpu_kernels()
-        for (dtype, hp), jobs in batches.items():
-            segs, runs, numel = _tables(jobs)
+        for dtype, hp, jobs, segs, runs, numel in self._batches:
             has_m = hp.beta1 is not None
             decay = 1.0 - hp.lr * hp.weight_decay if hp.decoupled_decay else 1.0
             if self._report.executing:
@@ -59,7 +66,7 @@ class CpuSMMF:
             # tile partials: written, then read once more when summed in tile order
             self._report.record("smmf", numel * 2 * size + signs + factors + 4 * partials, numel * size + signs + factors + 4 * partials)
             self._finish.append((segs, has_m, factors))
-        self._jobs = []
+        self._batches = []
 
     def finish(self) -> None:
         """After the statistics are complete: normalised factors into the state."""

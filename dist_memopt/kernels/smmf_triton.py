@@ -182,6 +182,10 @@ class FusedSMMF:
     def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         self._jobs.append(_Job(item, seg, hp, slots))
 
+    def prepare(self) -> None:
+        """Nothing to build before the checks: the launches' table is built and copied to the
+        device in one go when they run."""
+
     def run(self) -> None:
         """Launch every batch; weights and gradients of one dtype pair share a table (the kernels
         address them as offsets from one pointer of that dtype)."""

@@ -224,8 +224,6 @@ class Alada(FactoredOptimizer):
             stack.publish()
         fused = work.fused
         if fused is not None:
-            for w in work.fused_works:
-                fused.add(w.item, w.seg, w.schedule, w.slots)
             fused.statistics()
         reducer.reduce(async_op=False)  # the refits need the complete statistics at once
         for stack in work.stacks:

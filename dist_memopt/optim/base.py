@@ -20,7 +20,7 @@ from dist_memopt.optim.bits import packed_numel
 from dist_memopt.kernels.launch import KernelObserver
 from dist_memopt.kernels.select import TRITON_DEVICES, fused_step, takes_kernel
 from dist_memopt.optim.plan import ParamPlan, SegmentPlan, StepItem, decay_weights
-from dist_memopt.optim.preflight import NonFiniteGradientError, StepCounts, check_step, first_nonfinite
+from dist_memopt.optim.preflight import GradientCheck, NonFiniteGradientError, StepCounts, check_step, first_nonfinite
 from dist_memopt.optim.state_dict import StateDictMixin
 from dist_memopt.optim.stacks import SegmentStack, SegmentWork, Side, StepWork, reserve_statistics, stack_segments
 from dist_memopt.optim.state_layout import STATE_KINDS, StateKey, expected_state, kinds_of
@@ -275,33 +275,25 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         if not items:
             return loss
         reducer = StatReducer()
-        works = reserve_statistics(items, self.statistics, _needs_slots, reducer)
-        reducer.allocate()
-        self._preflight(items, reducer)
+        check = GradientCheck(items, self.param_groups, self.kernel_observer)
+        work = check.during(lambda: self._plan_step(items, reducer))  # the bookkeeping overlaps the finite check
+        self._preflight(items, reducer, check)
         for item in items:
             self.state[item.param] = item.state
-        self._update(self._begin(items, works, reducer), reducer)
+        self._begin(work)
+        self._update(work, reducer)
         return loss
 
-    def _begin(self, items: list[StepItem], works: list[SegmentWork], reducer: StatReducer) -> StepWork:
-        """The step's common prologue: state, step counts, schedules, decoupled decay, and the split
-        into fused segments and torch-path stacks."""
-        schedules = self._schedules(items)
-        fused = fused_step([item for item in items if item.kernel], self.kernel_family, self.kernel_observer)
-        in_kernel = {id(item) for item in items if item.kernel}
-        decays: list[tuple[Tensor, float]] = []
-        presence: dict[int, tuple[bool, ...]] = {}
-        for item, hp in zip(items, schedules):
-            group_key = id(item.group)
-            if group_key not in presence:
-                presence[group_key] = tuple(entry.present(item.group) for entry in self.state_layout.values())
-            for key, numel, dtype in self._state_entries(item, presence[group_key]):
-                if item.state.get(key) is None:
-                    self._ensure(item.state, key, numel, dtype, item.weight.device)
-            if hp.decay_factor is not None:  # the fused kernels decay their own segments' elements
-                targets = [s.local(item.weight) for s in item.plan.dense_segments] if id(item) in in_kernel else [item.weight]
-                decays += [(target, hp.decay_factor) for target in targets]
-        decay_weights(decays)  # W ← W·(1 − lr·wd) before any update
+    def _plan_step(self, items: list[StepItem], reducer: StatReducer) -> StepWork:
+        """The step's bookkeeping that changes no state (it runs before the checks): statistic
+        slots, schedules at the coming step counts, and the fused kernels' segments, their tables
+        built where the state exists."""
+        works = reserve_statistics(items, self.statistics, _needs_slots, reducer)
+        reducer.allocate()
+        schedules = self._schedules(items, self._step_counter().upcoming([item.state for item in items]))
+        kernel_items = [item for item in items if item.kernel]
+        fused = fused_step(kernel_items, self.kernel_family, self.kernel_observer)
+        in_kernel = {id(item) for item in kernel_items}
         by_item = {id(item): hp for item, hp in zip(items, schedules)}
         torch_works, fused_works = [], []
         for work in works:
@@ -309,13 +301,43 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
             if work.ticket is not None:
                 work.span = reducer.slot(work.ticket)
             (fused_works if id(work.item) in in_kernel else torch_works).append(work)
-        return StepWork(items, schedules, stack_segments(torch_works, self._stackable), fused_works, fused)
+        presence: dict[int, tuple[bool, ...]] = {}
+        missing = {id(item): entries for item in items if (entries := self._missing_state(item, presence))}
+        if fused is not None:
+            for w in fused_works:
+                fused.add(w.item, w.seg, w.schedule, w.slots)
+            if not any(id(item) in missing for item in kernel_items):
+                fused.prepare()
+        return StepWork(items, schedules, [], fused_works, fused, torch_works=torch_works, missing=missing)
 
-    def _schedules(self, items: list[StepItem]) -> list[Any]:
-        """Advance the step counts; each item's schedule, built once per (group, step count)."""
+    def _begin(self, work: StepWork) -> None:
+        """The step's common prologue, once the checks passed: step counts, missing state,
+        decoupled decay, and the torch path's stacks."""
+        self._step_counter().advance([item.state for item in work.items])  # to the counts the schedules were built at
+        in_kernel = {id(w.item) for w in work.fused_works}
+        decays: list[tuple[Tensor, float]] = []
+        for item, hp in zip(work.items, work.schedules):
+            for key, numel, dtype in work.missing.get(id(item), ()):
+                self._ensure(item.state, key, numel, dtype, item.weight.device)
+            if hp.decay_factor is not None:  # the fused kernels decay their own segments' elements
+                targets = [s.local(item.weight) for s in item.plan.dense_segments] if id(item) in in_kernel else [item.weight]
+                decays += [(target, hp.decay_factor) for target in targets]
+        decay_weights(decays)  # W ← W·(1 − lr·wd) before any update
+        work.stacks = stack_segments(work.torch_works, self._stackable)
+
+    def _missing_state(self, item: StepItem, presence: dict[int, tuple[bool, ...]]) -> list[tuple[str, int, torch.dtype]]:
+        """(key, numel, dtype) of the state ``item`` must hold and does not yet; ``presence`` keeps
+        which keys each group's settings call for, per step."""
+        group_key = id(item.group)
+        if group_key not in presence:
+            presence[group_key] = tuple(entry.present(item.group) for entry in self.state_layout.values())
+        return [entry for entry in self._state_entries(item, presence[group_key]) if item.state.get(entry[0]) is None]
+
+    def _schedules(self, items: list[StepItem], counts: list[int]) -> list[Any]:
+        """Each item's schedule at its step count, built once per (group, step count)."""
         built: dict[tuple[int, int], Any] = {}
         schedules = []
-        for item, t in zip(items, self._advance_steps(items)):
+        for item, t in zip(items, counts):
             key = (id(item.group), t)
             if key not in built:
                 built[key] = self._schedule(item.group, t)
@@ -379,11 +401,11 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
             return False
         return family != "cpu" or grad.dtype == data.dtype
 
-    def _preflight(self, items: list[StepItem], reducer: StatReducer) -> None:
+    def _preflight(self, items: list[StepItem], reducer: StatReducer, check: GradientCheck) -> None:
         """Raise, on every rank alike and before any state changes, on bad gradients or layouts
         (see :func:`~dist_memopt.optim.preflight.check_step`)."""
         agreed = self.__dict__.setdefault("_agreed", {})
-        check_step(type(self).__name__, items, reducer, self.param_groups, agreed, self.kernel_observer)
+        check_step(type(self).__name__, items, reducer, agreed, check)
 
     # --- statistic reduction ---------------------------------------------------------------
 
@@ -422,11 +444,10 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
             state[key] = value
         return value
 
-    def _advance_steps(self, items: list[StepItem]) -> list[int]:
-        """Increment the per-parameter step counters (CPU float32 tensors, as in torch.optim) with
-        one op; returns the new counts without reading the tensors back (see :class:`StepCounts`)."""
-        counts = self.__dict__.setdefault("_step_counts", StepCounts())
-        return counts.advance([item.state for item in items])
+    def _step_counter(self) -> StepCounts:
+        """The per-parameter step counters (CPU float32 tensors, as in torch.optim), advanced with
+        one op and known without reading the tensors back (see :class:`StepCounts`)."""
+        return self.__dict__.setdefault("_step_counts", StepCounts())
 
 
 def _needs_slots(item: StepItem, seg: SegmentPlan) -> bool:

@@ -12,7 +12,7 @@ remembered instead of read back each step.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,9 @@ from torch import Tensor
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.shard.probe import agree, distinct_groups, group_device, with_signatures
 
-__all__ = ["NonFiniteGradientError", "check_step", "nonfinite_candidate", "first_nonfinite", "StepCounts"]
+__all__ = ["NonFiniteGradientError", "GradientCheck", "check_step", "nonfinite_candidate", "first_nonfinite", "StepCounts"]
+
+T = TypeVar("T")
 
 _NO_VERDICT = torch.tensor(math.inf, dtype=torch.float64)  # check_finite=False everywhere: nothing to report
 
@@ -30,28 +32,55 @@ class NonFiniteGradientError(RuntimeError):
     """A gradient holds inf or NaN; raised before any optimizer state or parameter changes."""
 
 
-def check_step(kind: str, items: list[Any], reducer: Any, param_groups: list[dict[str, Any]], agreed: dict[int, int],
-               observer: Optional[KernelObserver] = None) -> None:
+class GradientCheck:
+    """The step's local non-finite verdict, and the gradients it covers.
+
+    :meth:`during` computes it while running the step's bookkeeping: where every checked gradient
+    belongs to a parameter the fused CPU kernels step, their C++ module scans them exactly for
+    inf/NaN at the memory's speed (reported to the observer as the kernel ``cpu.finite_check``) on
+    torch's other threads while this thread runs the bookkeeping, then helps finish the scan.
+    Elsewhere the verdict comes from norms (:func:`nonfinite_candidate`), kept on the device.
+    """
+
+    def __init__(self, items: list[Any], param_groups: list[dict[str, Any]], observer: Optional[KernelObserver] = None) -> None:
+        self.checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
+        self.verdict = any(g.get("check_finite", True) for g in param_groups)  # the same on every rank
+        self.grads = [items[i].grad for i in self.checked]
+        # never loads the C++ module otherwise
+        self._on_cpu_kernels = bool(self.checked) and all(items[i].kernel == "cpu" for i in self.checked)
+        self._report = Reporter(observer, "cpu.")
+        self._device = items[0].grad.device if items else torch.device("cpu")
+        #: 0-d float64: the first checked item index whose gradient is not finite, inf if none
+        self.candidate = _NO_VERDICT
+
+    def during(self, prologue: Callable[[], T]) -> T:
+        """``prologue()`` (which must change no state), with :attr:`candidate` computed meanwhile."""
+        if not self.verdict:
+            return prologue()
+        if not self._on_cpu_kernels:
+            self.candidate = nonfinite_candidate(self.grads, self.checked, self._device)
+            return prologue()
+        self._report.record("finite_check", sum(t.numel() * t.element_size() for t in self.grads), 0)
+        if not self._report.executing:
+            result, first = prologue(), -1
+        else:
+            from dist_memopt.kernels.cpu_build import cpu_kernels
+
+            first, result = cpu_kernels().first_nonfinite_during(self.grads, prologue)
+        self.candidate = torch.tensor(math.inf if first < 0 else float(self.checked[first]), dtype=torch.float64)
+        return result
+
+
+def check_step(kind: str, items: list[Any], reducer: Any, agreed: dict[int, int], check: GradientCheck) -> None:
     """Raise, on every rank alike and before any state changes, on bad gradients or layouts.
 
-    Locally: whether a gradient's norm is not finite, kept on the device. Then one small
-    all_reduce per process group (:func:`~dist_memopt.shard.probe.agree`) carries that verdict and
-    a fingerprint of the statistic layout. One host sync reads the verdict (none without
+    ``check`` holds the local verdict: whether a gradient is not finite. One small all_reduce
+    per process group (:func:`~dist_memopt.shard.probe.agree`) carries that verdict and a
+    fingerprint of the statistic layout. One host sync reads the verdict (none without
     ``check_finite``, once the ranks agreed on this layout: ``agreed`` remembers it per group);
-    only a non-finite norm costs a second, exact round. Gradients of parameters the fused CPU
-    kernels step are scanned exactly instead, reported to ``observer`` as the kernel
-    ``cpu.finite_check``.
+    only a non-finite verdict costs a second, exact round.
     """
-    checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
-    verdict = any(g.get("check_finite", True) for g in param_groups)  # the same on every rank
-    on_cpu_kernels = bool(checked) and all(items[i].kernel == "cpu" for i in checked)  # never loads the C++ module otherwise
-    grads = [items[i].grad for i in checked]
-    if not verdict:
-        candidate = _NO_VERDICT
-    elif on_cpu_kernels:
-        candidate = _first_nonfinite_on_cpu(grads, checked, Reporter(observer, "cpu."))
-    else:
-        candidate = nonfinite_candidate(grads, checked, items[0].grad.device)
+    checked, verdict, candidate = check.checked, check.verdict, check.candidate
     specs = [seg.segment.spec for it in items for seg in it.plan.segments]
     fingerprints = with_signatures(reducer.fingerprints(), specs)
     suspects = []
@@ -104,17 +133,6 @@ def nonfinite_candidate(tensors: list[Tensor], indices: list[int], device: torch
     return torch.where(finite, math.inf, where).min()
 
 
-def _first_nonfinite_on_cpu(tensors: list[Tensor], indices: list[int], report: Reporter) -> Tensor:
-    """:func:`nonfinite_candidate` for the gradients of parameters the fused CPU kernels step
-    (contiguous CPU tensors): an exact scan for inf/NaN at the memory's speed, in their C++ module,
-    instead of a norm (several times slower on CPU)."""
-    from dist_memopt.kernels.cpu_build import cpu_kernels
-
-    first = cpu_kernels().first_nonfinite(tensors) if report.executing else -1
-    report.record("finite_check", sum(t.numel() * t.element_size() for t in tensors), 0)
-    return torch.tensor(math.inf if first < 0 else float(indices[first]), dtype=torch.float64)
-
-
 def first_nonfinite(tensors: list[Tensor]) -> Optional[int]:
     """Index of the first tensor holding an inf or NaN, else None (exact; syncs per suspect).
 
@@ -141,6 +159,10 @@ class StepCounts:
     def __init__(self) -> None:
         self._known: dict[int, tuple[Tensor, int, int]] = {}  # id(step) -> (step, version, value)
 
+    def upcoming(self, states: list[dict[str, Any]]) -> list[int]:
+        """The counts :meth:`advance` will give these states (changes nothing)."""
+        return [(0 if state.get("step") is None else self._value(state["step"])) + 1 for state in states]
+
     def advance(self, states: list[dict[str, Any]]) -> list[int]:
         """Increment every state's ``step`` (created at 0 where missing); returns the new counts."""
         steps = []
@@ -164,4 +186,6 @@ class StepCounts:
         entry = self._known.get(id(step))
         if entry is not None and entry[0] is step and entry[1] == step._version:
             return entry[2]
-        return int(step.item())
+        value = int(step.item())
+        self._known[id(step)] = (step, step._version, value)  # read once
+        return value

@@ -191,8 +191,6 @@ class SMMF(FactoredOptimizer):
                 _store_stack_factors(stack)
         fused = work.fused
         if fused is not None:
-            for w in work.fused_works:
-                fused.add(w.item, w.seg, w.schedule, w.slots)
             fused.run()
         for item in work.items:
             item.commit()

@@ -224,8 +224,8 @@ class Scratch:
 @dataclass(eq=False)
 class StepWork:
     """What a subclass's update gets: the items with their schedules, the torch path's stacks, the
-    segments of items that take the fused kernels (with ``fused``, their kernel step), and the
-    step's scratch buffers."""
+    segments of items that take the fused kernels (with ``fused``, their kernel step, every segment
+    already added to it), and the step's scratch buffers."""
 
     items: list[StepItem]
     schedules: list[Any]
@@ -233,3 +233,7 @@ class StepWork:
     fused_works: list[SegmentWork]
     fused: Any = None
     scratch: Scratch = field(default_factory=Scratch)
+    #: the torch path's segments, stacked once the checks passed (into ``stacks``)
+    torch_works: list[SegmentWork] = field(default_factory=list)
+    #: id(item) -> (key, numel, dtype) of the state it lacks, created once the checks passed
+    missing: dict[int, list[tuple[str, int, torch.dtype]]] = field(default_factory=dict)

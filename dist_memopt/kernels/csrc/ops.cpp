@@ -5,8 +5,11 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <exception>
 #include <memory>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "alada.h"
 #include "smmf.h"
@@ -306,33 +309,85 @@ bool has_nonfinite(const T* p, int64_t lo, int64_t hi) {
     return bad;
 }
 
-// index of the first tensor holding an inf or NaN, -1 if none: the non-finite check before a step,
-// at the memory's speed (pieces of 1M elements on every thread)
-int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
+// The non-finite check of tensors, in pieces of 1M elements that threads take in turn: which
+// thread reads a piece changes nothing.
+class FiniteScan {
+   public:
+    explicit FiniteScan(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
+        constexpr int64_t PIECE = int64_t(1) << 20;
+        for (int64_t t = 0; t < static_cast<int64_t>(tensors_.size()); ++t) {
+            const at::Tensor& x = tensors_[t];
+            TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && (x.scalar_type() == at::kFloat ||
+                        x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+                        "the finite check takes contiguous fp32, bf16 or fp16 CPU tensors");
+            for (int64_t lo = 0; lo < x.numel(); lo += PIECE) pieces_.push_back(Piece{t, lo, std::min(x.numel(), lo + PIECE)});
+        }
+        bad_.assign(pieces_.size(), 0);
+    }
+
+    // read pieces until none is left
+    void take() {
+        for (int64_t i = next_.fetch_add(1); i < static_cast<int64_t>(pieces_.size()); i = next_.fetch_add(1)) {
+            const Piece& piece = pieces_[i];
+            const at::Tensor& x = tensors_[piece.tensor];
+            switch (x.scalar_type()) {
+                case at::kFloat: bad_[i] = has_nonfinite(x.data_ptr<float>(), piece.lo, piece.hi); break;
+                case at::kBFloat16: bad_[i] = has_nonfinite(reinterpret_cast<const bf16*>(x.data_ptr()), piece.lo, piece.hi); break;
+                default: bad_[i] = has_nonfinite(reinterpret_cast<const f16*>(x.data_ptr()), piece.lo, piece.hi);
+            }
+        }
+    }
+
+    // the first tensor holding an inf or NaN, -1 if none (after every piece was taken)
+    int64_t first() const {
+        for (size_t i = 0; i < pieces_.size(); ++i)
+            if (bad_[i]) return pieces_[i].tensor;
+        return -1;
+    }
+
+   private:
     struct Piece {
         int64_t tensor, lo, hi;
     };
-    constexpr int64_t PIECE = int64_t(1) << 20;
-    std::vector<Piece> pieces;
-    for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
-        const at::Tensor& x = tensors[t];
-        TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
-                    x.scalar_type() == at::kHalf), "the finite check takes contiguous fp32, bf16 or fp16 CPU tensors");
-        for (int64_t lo = 0; lo < x.numel(); lo += PIECE) pieces.push_back(Piece{t, lo, std::min(x.numel(), lo + PIECE)});
+    std::vector<at::Tensor> tensors_;
+    std::vector<Piece> pieces_;
+    std::vector<uint8_t> bad_;
+    std::atomic<int64_t> next_{0};
+};
+
+// index of the first tensor holding an inf or NaN, -1 if none: the non-finite check before a step,
+// at the memory's speed
+int64_t first_nonfinite(std::vector<at::Tensor> tensors) {
+    FiniteScan scan(std::move(tensors));
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { scan.take(); });
+    return scan.first();
+}
+
+// first_nonfinite(tensors), while this thread runs `prologue` (Python: the step's bookkeeping that
+// changes no state) and torch's other threads read the tensors; it then reads what is left. The
+// check is memory-bound and the bookkeeping is not, so the two overlap. Returns (the index, what
+// `prologue` returned); an exception of `prologue` is raised after the scan.
+std::tuple<int64_t, pybind11::object> first_nonfinite_during(std::vector<at::Tensor> tensors, const pybind11::function& prologue) {
+    FiniteScan scan(std::move(tensors));
+    pybind11::object result;
+    std::exception_ptr error;
+    {
+        pybind11::gil_scoped_release release;
+        // the chunk starting at 0 runs on the calling thread (OpenMP's thread 0), the rest on the others
+        at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t lo, int64_t) {
+            if (lo == 0) {
+                pybind11::gil_scoped_acquire acquire;
+                try {
+                    result = prologue();
+                } catch (...) {
+                    error = std::current_exception();
+                }
+            }
+            scan.take();
+        });
     }
-    std::vector<uint8_t> bad(pieces.size(), 0);
-    for_each_index(static_cast<int64_t>(pieces.size()), [&](int64_t i) {
-        const Piece& piece = pieces[i];
-        const at::Tensor& x = tensors[piece.tensor];
-        switch (x.scalar_type()) {
-            case at::kFloat: bad[i] = has_nonfinite(x.data_ptr<float>(), piece.lo, piece.hi); break;
-            case at::kBFloat16: bad[i] = has_nonfinite(reinterpret_cast<const bf16*>(x.data_ptr()), piece.lo, piece.hi); break;
-            default: bad[i] = has_nonfinite(reinterpret_cast<const f16*>(x.data_ptr()), piece.lo, piece.hi);
-        }
-    });
-    for (size_t i = 0; i < pieces.size(); ++i)
-        if (bad[i]) return pieces[i].tensor;
-    return -1;
+    if (error) std::rethrow_exception(error);
+    return {scan.first(), std::move(result)};
 }
 
 // (row partial floats, column partial floats, tiles) per statistic of a step's tiles: what a dry
@@ -358,5 +413,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("alada_refit_rest", &dmo::alada_refit_rest);
     module.def("tile_partials", &dmo::tile_partials);
     module.def("first_nonfinite", &dmo::first_nonfinite);
+    module.def("first_nonfinite_during", &dmo::first_nonfinite_during);
     module.def("simd", []() { return DMO_AVX512 ? "avx512" : DMO_AVX2 ? "avx2" : "scalar"; });
 }

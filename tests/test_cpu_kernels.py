@@ -122,6 +122,27 @@ def test_the_finite_scan_finds_every_inf_and_nan_wherever_it_lies(dtype):
     assert scan([torch.full((40,), 6e4, dtype=dtype).clamp(max=torch.finfo(dtype).max)]) == -1  # large is finite
 
 
+def test_the_scan_during_the_bookkeeping_finds_what_the_scan_finds_and_returns_or_raises_what_it_did():
+    """first_nonfinite_during: the calling thread runs Python while the others scan, then helps;
+    every piece is read whoever reads it, and the Python's result or exception comes back."""
+    kernels = cpu_build.cpu_kernels()
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(numel, generator=generator) for numel in (5, (1 << 20) * 3 + 7, 1000, 1 << 21)]
+    calls = []
+    assert kernels.first_nonfinite_during(tensors, lambda: calls.append(1) or "planned") == (-1, "planned")
+    for index, position in ((0, 4), (1, (1 << 20) * 3 + 6), (3, 1 << 20)):
+        bad = [t.clone() for t in tensors]
+        bad[index][position] = float("nan")
+        assert kernels.first_nonfinite_during(bad, lambda: None)[0] == kernels.first_nonfinite(bad) == index
+    assert calls == [1]
+
+    def fails():
+        raise KeyError("from the bookkeeping")
+
+    with pytest.raises(KeyError, match="from the bookkeeping"):
+        kernels.first_nonfinite_during(tensors, fails)
+
+
 WIDE_CONFIGS = {
     "adamw-decay": dict(lr=1e-2, weight_decay=0.1),
     "adam-decay": dict(lr=1e-2, weight_decay=0.1, weight_decay_mode="adam"),

@@ -89,13 +89,16 @@ def test_sparse_gradients_are_rejected(cls):
     assert not optimizer.state
 
 
+@pytest.mark.parametrize("steps_before", [0, 2], ids=["first-step", "third-step"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
-def test_non_finite_gradient_names_the_parameter_and_changes_nothing(cls, bad):
+def test_non_finite_gradient_names_the_parameter_and_changes_nothing(cls, bad, steps_before):
+    """Also where the step's bookkeeping ran while the gradients were scanned: no state created
+    (first step), no step count or factor changed (later steps)."""
     torch.manual_seed(0)
     model = AwkwardModel()
     optimizer = cls(model.named_parameters(), lr=1e-2)
-    for step in range(2):
+    for step in range(steps_before):
         optimizer.zero_grad()
         loss_fn(model, step).backward()
         optimizer.step()
@@ -108,7 +111,9 @@ def test_non_finite_gradient_names_the_parameter_and_changes_nothing(cls, bad):
         optimizer.step()
     for before, p in zip(params, model.parameters()):
         assert torch.equal(before, p.detach())
+    assert len(optimizer.state) == len(state)
     for p, s in optimizer.state.items():
+        assert s.keys() == state[id(p)].keys()
         for k, v in s.items():
             assert torch.equal(v, state[id(p)][k]), k
 

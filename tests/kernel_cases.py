@@ -35,9 +35,9 @@ def sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, s
     for both implementations): FSDP-like ranges cutting rows, an empty shard, a flat tensor
     holding three segments back to back, tensor-parallel strided pieces: a column block of a
     (64, 96) weight, one cut mid-piece (the cut piece a run of its own), and columns of a (10, 6)
-    tensor (strides under a column block), a range of a view 48 wide, one of whole rows and one of a view
-    64 wide (whole rows stepped in pairs by the CPU kernel). Also the
-    CUDA tier's (test_cuda_kernels.py)."""
+    tensor (strides under a column block), a range of a view 48 wide, one of whole rows, and ranges
+    of views 64 and 1088 wide (whole rows stepped in pairs by the CPU kernel). Also the CUDA tier's
+    (test_cuda_kernels.py)."""
     torch.manual_seed(0)
 
     def param(*shape: int) -> torch.nn.Parameter:
@@ -61,7 +61,9 @@ def sharded_run(kernel: str, config: dict, dtype: torch.dtype = torch.float32, s
     set_layout(rows, [Segment(0, ShardSpec((40, 33), 10 * 33, 16 * 33))])
     paired = param(13 * 64)  # a range of a (67, 64) view: whole rows stepped two at a time between partial rows
     set_layout(paired, [Segment(0, ShardSpec((67, 64), 40, 40 + 13 * 64))])
-    params = [empty, matrix, flat, block, cut, narrow, wide, rows, paired]  # the empty shard first: no kernel base may be it
+    long_rows = param(5 * 1088)  # a range of a (1091, 1088) view: row pairs of 17 groups of 64 columns, between partial rows
+    set_layout(long_rows, [Segment(0, ShardSpec((1091, 1088), 10 * 1088 + 40, 15 * 1088 + 40))])
+    params = [empty, matrix, flat, block, cut, narrow, wide, rows, paired, long_rows]  # the empty shard first: no kernel base may be it
     optimizer = cls(params, kernel=kernel, lr=1e-2, **config)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):

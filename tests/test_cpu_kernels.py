@@ -52,7 +52,7 @@ out = {{}}
 for name, cls in (("smmf", dm.SMMF), ("alada", dm.Alada)):
     params, optimizer = sharded_run("cpu", dict(weight_decay=0.1), steps=3, cls=cls)
     big = torch.nn.Parameter(torch.randn(300, 517, generator=torch.Generator().manual_seed(2)))
-    paired = torch.nn.Parameter(torch.randn(640, 640, generator=torch.Generator().manual_seed(4)))  # four tiles of row pairs
+    paired = torch.nn.Parameter(torch.randn(1091, 1088, generator=torch.Generator().manual_seed(4)))  # tiles of row pairs
     opt = cls([big, paired], kernel="cpu")
     for _ in range(3):
         big.grad = torch.randn(big.shape, generator=torch.Generator().manual_seed(3))
@@ -153,7 +153,8 @@ WIDE_CONFIGS = {
 @pytest.mark.parametrize("config", WIDE_CONFIGS.values(), ids=WIDE_CONFIGS.keys())
 def test_rows_of_whole_blocks_match_the_float64_reference(config):
     """Views a multiple of 16 wide: every element in a whole block, no head or tail (the model of
-    the other tests has none such): the float64 reference."""
+    the other tests has none such): the float64 reference. Views a multiple of 64 wide step whole
+    rows in pairs (strips of wider views: test_fused_kernels.py's sharded layouts)."""
     from reference import SMMFReference
 
     torch.manual_seed(0)

@@ -314,13 +314,12 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         """The step's common prologue, once the checks passed: step counts, missing state,
         decoupled decay, and the torch path's stacks."""
         self._step_counter().advance([item.state for item in work.items])  # to the counts the schedules were built at
-        in_kernel = {id(w.item) for w in work.fused_works}
         decays: list[tuple[Tensor, float]] = []
         for item, hp in zip(work.items, work.schedules):
             for key, numel, dtype in work.missing.get(id(item), ()):
                 self._ensure(item.state, key, numel, dtype, item.weight.device)
             if hp.decay_factor is not None:  # the fused kernels decay their own segments' elements
-                targets = [s.local(item.weight) for s in item.plan.dense_segments] if id(item) in in_kernel else [item.weight]
+                targets = [s.local(item.weight) for s in item.plan.dense_segments] if item.kernel else [item.weight]
                 decays += [(target, hp.decay_factor) for target in targets]
         decay_weights(decays)  # W ← W·(1 − lr·wd) before any update
         work.stacks = stack_segments(work.torch_works, self._stackable)

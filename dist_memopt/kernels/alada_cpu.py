@@ -15,7 +15,6 @@ The rows other ranks hold are refit in :meth:`CpuAlada.update`, from the complet
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Optional
 
 from torch import Tensor
@@ -23,7 +22,7 @@ from torch import Tensor
 from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
-from dist_memopt.kernels.cpu_tables import add_runs, address, check_flat, dtype_code, int64_table, whole_rows
+from dist_memopt.kernels.cpu_tables import add_runs, address, batched, check_flat, dtype_code, int64_table, whole_rows
 
 __all__ = ["CpuAlada"]
 
@@ -60,8 +59,8 @@ class CpuAlada:
     def prepare(self) -> None:
         """The kernel tables of the segments added so far (reads addresses, changes nothing: the
         step builds them while the finite check runs)."""
-        self._one_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in _batched(self._whole_rows).items()]
-        self._two_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in _batched(self._jobs).items()]
+        self._one_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batched(self._whole_rows).items()]
+        self._two_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batched(self._jobs).items()]
         self._whole_rows, self._jobs = [], []
 
     def statistics(self) -> None:
@@ -116,14 +115,6 @@ class CpuAlada:
             if numel < sum(j.seg.geometry.rows * j.seg.geometry.cols for j in jobs):  # some rows are held elsewhere
                 self._rest.append((hp, segs, runs))
         self._one_pass = []
-
-
-def _batched(jobs: list[_Job]) -> dict[tuple, list[_Job]]:
-    """Jobs by (dtype, schedule): one kernel call each."""
-    batches: dict[tuple, list[_Job]] = defaultdict(list)
-    for job in jobs:
-        batches[(job.item.weight.dtype, job.hp)].append(job)
-    return batches
 
 
 def _g0_div(hp: Any) -> float:

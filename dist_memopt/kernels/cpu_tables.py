@@ -1,4 +1,4 @@
-"""What the fused CPU kernels share on the Python side: dtype codes, run tables, addresses.
+"""What the fused CPU kernels share on the Python side: dtype codes, run tables, addresses, batches.
 
 The kernels take int64 tables of addresses and sizes (one row per segment, one per run group) and
 reach the tensors through them; the tensors stay referenced by the step's items while the kernels
@@ -9,6 +9,7 @@ runs, each segment of a stack.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from dist_memopt.shard.runs import runs_of
 
-__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "whole_rows", "int64_table", "check_flat"]
+__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "whole_rows", "int64_table", "check_flat", "batched"]
 
 #: element types the kernels load and store themselves (the C++ side's ``Dtype``)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -78,3 +79,11 @@ def check_flat(name: str, *tensors: Tensor) -> None:
     for t in tensors:
         if not t.is_contiguous():
             raise ValueError(f"the fused CPU kernels step contiguous tensors; {name} has strides {t.stride()}")
+
+
+def batched(jobs: list[Any]) -> dict[tuple, list[Any]]:
+    """Jobs by (weight dtype, schedule), in first-seen order: one kernel call each."""
+    batches: dict[tuple, list[Any]] = defaultdict(list)
+    for job in jobs:
+        batches[(job.item.weight.dtype, job.hp)].append(job)
+    return batches

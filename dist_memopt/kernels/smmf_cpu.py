@@ -9,7 +9,6 @@ all_reduce completes the slots, :meth:`CpuSMMF.finish` normalises them into the 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Optional
 
 from torch import Tensor
@@ -17,7 +16,7 @@ from torch import Tensor
 from dist_memopt.kernels.jobs import SMMFJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
-from dist_memopt.kernels.cpu_tables import add_runs, check_flat, dtype_code, int64_table
+from dist_memopt.kernels.cpu_tables import add_runs, batched, check_flat, dtype_code, int64_table
 
 __all__ = ["CpuSMMF"]
 
@@ -43,10 +42,7 @@ class CpuSMMF:
     def prepare(self) -> None:
         """The kernel tables of the segments added so far (reads addresses, changes nothing: the
         step builds them while the finite check runs)."""
-        batches: dict[tuple, list[_Job]] = defaultdict(list)
-        for job in self._jobs:
-            batches[(job.item.weight.dtype, job.hp)].append(job)
-        self._batches += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batches.items()]
+        self._batches += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batched(self._jobs).items()]
         self._jobs = []
 
     def run(self) -> None:

@@ -78,6 +78,12 @@ def _awkward() -> nn.Module:
     return nn.ParameterList([nn.Parameter(torch.empty(s)) for s in shapes])
 
 
+def _many() -> nn.Module:
+    """A thousand 256 x 256 matrices and a thousand 256-vectors: what a deep, narrow model hands an
+    optimizer, where the per-tensor cost of a step shows."""
+    return nn.ParameterList([nn.Parameter(torch.empty(s)) for _ in range(1000) for s in ((256, 256), (256,))])
+
+
 #: key -> (title, builder); the builder runs under the meta device
 MODELS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "gpt2": ("GPT-2 small (GPT2LMHeadModel, GPT2Config() defaults)", _gpt2),
@@ -85,6 +91,7 @@ MODELS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "t5": ("T5-small (T5ForConditionalGeneration, t5-small sizes)", _t5),
     "tiny": ("tiny GPT-2 (2 layers, width 32, vocab 101; for tests and smoke runs)", _tiny),
     "awkward": ("awkward shapes (a scalar, a vector, 13x7, a 3x5x3x3 conv kernel, 48x160; for tests)", _awkward),
+    "many": ("2,000 small tensors (1,000 of 256x256 and 1,000 of 256; 65.8M elements)", _many),
 }
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
-from dist_memopt.kernels.cpu_tables import add_runs, address, batched, check_flat, dtype_code, int64_table, whole_rows
+from dist_memopt.kernels.cpu_tables import add_runs, address, batched, check_flat, dtype_code, grad_offsets, int64_table, patch_grads, rebatched, whole_rows
 
 __all__ = ["CpuAlada"]
 
@@ -62,6 +62,32 @@ class CpuAlada:
         self._one_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batched(self._whole_rows).items()]
         self._two_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batched(self._jobs).items()]
         self._whole_rows, self._jobs = [], []
+
+    def route(self, schedules: list[Any]) -> Any:
+        """The phase of each distinct schedule, in the items' order: it decides which segments
+        take one pass and which statistic each table names."""
+        return tuple(_phase(hp) for hp in {id(hp): hp for hp in schedules}.values())
+
+    def prepared(self) -> tuple[list[tuple], list[tuple]]:
+        """The tables :meth:`prepare` built, for :meth:`reuse` at a later step of the same segments
+        and phases."""
+        def keep(batches: list[tuple]) -> list[tuple]:
+            return [(dtype, hp, jobs, segs, runs, numel, grad_offsets(jobs)) for dtype, hp, jobs, segs, runs, numel in batches]
+
+        return keep(self._one_pass), keep(self._two_pass)
+
+    def reuse(self, prepared: tuple[list[tuple], list[tuple]], schedule_of: dict[int, Any]) -> bool:
+        """Take :meth:`prepared` tables again, with this step's gradient addresses (and momentum's,
+        where ``.grad`` holds it) and schedules; False, with nothing taken, where a batch's
+        segments no longer share one schedule."""
+        one_pass, two_pass = (rebatched(p, schedule_of) for p in prepared)
+        if one_pass is None or two_pass is None:
+            return False
+        for batches, into in ((one_pass, self._one_pass), (two_pass, self._two_pass)):
+            for dtype, hp, jobs, segs, runs, numel, offsets in batches:
+                patch_grads(segs, jobs, offsets, (3, 4) if hp.in_grad else (3,))
+                into.append((dtype, hp, jobs, segs, runs, numel))
+        return True
 
     def statistics(self) -> None:
         """M and the partial statistics, summed in tile order into the reducer's slots (and the

@@ -10,14 +10,17 @@ runs, each segment of a stack.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Optional
+
+import numpy as np
 
 import torch
 from torch import Tensor
 
 from dist_memopt.shard.runs import runs_of
 
-__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "whole_rows", "int64_table", "check_flat", "batched"]
+__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "whole_rows", "int64_table", "check_flat", "batched", "grad_offsets",
+           "rebatched", "patch_grads"]
 
 #: element types the kernels load and store themselves (the C++ side's ``Dtype``)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -87,3 +90,36 @@ def batched(jobs: list[Any]) -> dict[tuple, list[Any]]:
     for job in jobs:
         batches[(job.item.weight.dtype, job.hp)].append(job)
     return batches
+
+
+def grad_offsets(jobs: list[Any]) -> list[int]:
+    """Each job's byte offset of its segment in its item's flat gradient (the gradient's address
+    changes from step to step, the offset does not)."""
+    return [job.seg.segment.offset * job.item.grad.element_size() for job in jobs]
+
+
+def rebatched(prepared: list[tuple], schedule_of: dict[int, Any]) -> Optional[list[tuple]]:
+    """Prepared batches ``(dtype, schedule, jobs, segs, runs, numel, offsets)`` with this step's
+    schedules in place of the one each was built for, every job's ``hp`` set; None where a batch's
+    jobs no longer share one schedule (the tables must be built again)."""
+    out = []
+    for dtype, _, jobs, segs, runs, numel, offsets in prepared:
+        hp = schedule_of[id(jobs[0].item)]
+        for job in jobs:
+            mine = schedule_of[id(job.item)]
+            if mine is not hp and mine != hp:
+                return None
+        out.append((dtype, hp, jobs, segs, runs, numel, offsets))
+    for _, hp, jobs, *_ in out:
+        for job in jobs:
+            job.hp = hp
+    return out
+
+
+def patch_grads(segs: Tensor, jobs: list[Any], offsets: list[int], fields: tuple[int, ...]) -> None:
+    """Write the jobs' gradient addresses (this step's tensors) into the table's ``fields``, on the
+    host like the rest of the table (through numpy: no tensor op)."""
+    addresses = np.fromiter((job.item.grad.data_ptr() + offset for job, offset in zip(jobs, offsets)), dtype=np.int64, count=len(jobs))
+    table = segs.numpy()
+    for field in fields:
+        table[:, field] = addresses

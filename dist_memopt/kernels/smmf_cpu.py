@@ -16,7 +16,7 @@ from torch import Tensor
 from dist_memopt.kernels.jobs import SMMFJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
-from dist_memopt.kernels.cpu_tables import add_runs, batched, check_flat, dtype_code, int64_table
+from dist_memopt.kernels.cpu_tables import add_runs, batched, check_flat, dtype_code, grad_offsets, int64_table, patch_grads, rebatched
 
 __all__ = ["CpuSMMF"]
 
@@ -44,6 +44,26 @@ class CpuSMMF:
         step builds them while the finite check runs)."""
         self._batches += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batched(self._jobs).items()]
         self._jobs = []
+
+    def route(self, schedules: list[Any]) -> Any:
+        """What decides which tables a step builds besides its segments: nothing for SMMF."""
+        return None
+
+    def prepared(self) -> list[tuple]:
+        """The tables :meth:`prepare` built, for :meth:`reuse` at a later step of the same segments."""
+        return [(dtype, hp, jobs, segs, runs, numel, grad_offsets(jobs)) for dtype, hp, jobs, segs, runs, numel in self._batches]
+
+    def reuse(self, prepared: list[tuple], schedule_of: dict[int, Any]) -> bool:
+        """Take :meth:`prepared` tables again, with this step's gradient addresses and schedules
+        (``schedule_of``: by id of item); False, with nothing taken, where a batch's segments no
+        longer share one schedule."""
+        batches = rebatched(prepared, schedule_of)
+        if batches is None:
+            return False
+        for dtype, hp, jobs, segs, runs, numel, offsets in batches:
+            patch_grads(segs, jobs, offsets, (3,))
+            self._batches.append((dtype, hp, jobs, segs, runs, numel))
+        return True
 
     def run(self) -> None:
         self.prepare()

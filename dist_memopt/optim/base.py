@@ -23,6 +23,7 @@ from dist_memopt.optim.plan import ParamPlan, SegmentPlan, StepItem, decay_weigh
 from dist_memopt.optim.preflight import GradientCheck, NonFiniteGradientError, StepCounts, check_step, first_nonfinite
 from dist_memopt.optim.state_dict import StateDictMixin
 from dist_memopt.optim.stacks import SegmentStack, SegmentWork, Side, StepWork, reserve_statistics, stack_segments
+from dist_memopt.optim.step_cache import ItemCache, PlanCache, group_settings
 from dist_memopt.optim.state_layout import STATE_KINDS, StateKey, expected_state, kinds_of
 from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.reduce import StatReducer
@@ -274,27 +275,50 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         items = self._collect()
         if not items:
             return loss
-        reducer = StatReducer()
-        check = GradientCheck(items, self.param_groups, self.kernel_observer)
-        work = check.during(lambda: self._plan_step(items, reducer))  # the bookkeeping overlaps the finite check
-        self._preflight(items, reducer, check)
-        for item in items:
-            self.state[item.param] = item.state
-        self._begin(work)
-        self._update(work, reducer)
+        try:
+            check = GradientCheck(items, self.param_groups, self.kernel_observer)
+            work = check.during(lambda: self._plan_step(items))  # the bookkeeping overlaps the finite check
+            self._preflight(items, work.reducer, check)
+            for item in items:
+                self.state[item.param] = item.state
+            self._begin(work)
+            self._update(work, work.reducer)
+        finally:
+            self._caches()[0].release_grads()
         return loss
 
-    def _plan_step(self, items: list[StepItem], reducer: StatReducer) -> StepWork:
+    def _caches(self) -> tuple[ItemCache, PlanCache]:
+        """The previous steps' items and plans, taken again where nothing changed (:mod:`.step_cache`)."""
+        caches = self.__dict__.get("_step_caches")
+        if caches is None:
+            caches = self.__dict__["_step_caches"] = (ItemCache(), PlanCache())
+        return caches
+
+    def _plan_step(self, items: list[StepItem]) -> StepWork:
         """The step's bookkeeping that changes no state (it runs before the checks): statistic
         slots, schedules at the coming step counts, and the fused kernels' segments, their tables
-        built where the state exists."""
-        works = reserve_statistics(items, self.statistics, _needs_slots, reducer)
-        reducer.allocate()
-        schedules = self._schedules(items, self._step_counter().upcoming([item.state for item in items]))
+        built where the state exists (or the previous step's of the same kind, taken again)."""
+        counts = self._step_counter().upcoming([item.state for item in items])
+        schedules = self._schedules(items, counts)
         kernel_items = [item for item in items if item.kernel]
         fused = fused_step(kernel_items, self.kernel_family, self.kernel_observer)
-        in_kernel = {id(item) for item in kernel_items}
         by_item = {id(item): hp for item, hp in zip(items, schedules)}
+        # only steps whose every segment the CPU kernels take are kept: no torch path, no Triton
+        cacheable = fused is not None and len(kernel_items) == len(items) and all(item.kernel == "cpu" for item in items)
+        route, plans = None, self._caches()[1]
+        if not cacheable:
+            plans.clear()
+        else:  # the same item objects as a kept plan's were built from the same settings (ItemCache)
+            route = fused.route(schedules)
+            saved = plans.take(items, route)
+            if saved is not None and fused.reuse(saved.prepared, by_item):
+                for work in saved.works:
+                    work.schedule = by_item[id(work.item)]
+                return StepWork(items, schedules, [], saved.works, fused, reducer=saved.reducer.renew(), counts=counts)
+        reducer = StatReducer()
+        works = reserve_statistics(items, self.statistics, _needs_slots, reducer)
+        reducer.allocate()
+        in_kernel = {id(item) for item in kernel_items}
         torch_works, fused_works = [], []
         for work in works:
             work.schedule = by_item[id(work.item)]
@@ -308,12 +332,15 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
                 fused.add(w.item, w.seg, w.schedule, w.slots)
             if not any(id(item) in missing for item in kernel_items):
                 fused.prepare()
-        return StepWork(items, schedules, [], fused_works, fused, torch_works=torch_works, missing=missing)
+                if cacheable:
+                    plans.keep(items, route, fused_works, reducer, fused.prepared())
+        return StepWork(items, schedules, [], fused_works, fused, torch_works=torch_works, missing=missing, reducer=reducer,
+                        counts=counts)
 
     def _begin(self, work: StepWork) -> None:
         """The step's common prologue, once the checks passed: step counts, missing state,
         decoupled decay, and the torch path's stacks."""
-        self._step_counter().advance([item.state for item in work.items])  # to the counts the schedules were built at
+        self._step_counter().advance([item.state for item in work.items], work.counts)  # to the schedules' counts
         decays: list[tuple[Tensor, float]] = []
         for item, hp in zip(work.items, work.schedules):
             for key, numel, dtype in work.missing.get(id(item), ()):
@@ -356,40 +383,58 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
 
     def _collect(self) -> list[StepItem]:
         items = []
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                data = local_tensor(p)
-                plan = self._named_plan(group, p, i)  # on every rank, in the same order
-                if p.grad is None:
-                    # A rank whose shard of a parameter is empty gets no gradient from FSDP1
-                    # (use_orig_params=True); it must still post that parameter's statistics.
-                    if data.numel() or not any(s.group is not None for s in plan.segments):
-                        continue
-                    grad = data
-                else:
-                    placed = grad_like_param(p, p.grad)
-                    if placed is not p.grad:
-                        p.grad = placed  # the optimizer's view of it is the parameter's shard
-                    grad = local_tensor(placed)
-                name = self._cached_name(group, i)
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients ({name}); "
-                        "use a dense embedding (sparse=False)"
-                    )
-                if grad.shape != data.shape:
-                    raise RuntimeError(
-                        f"gradient of {name} has local shape {tuple(grad.shape)} but the "
-                        f"parameter has {tuple(data.shape)}"
-                    )
-                chunk = self.chunk_numel or default_chunk_numel(data.device)
-                if chunk % 8:
-                    raise ValueError(f"chunk_numel must be a multiple of 8, got {chunk}")
-                state = self.state[p] if p in self.state else {}  # stored once the step commits
-                kernel = takes_kernel(type(self), group, data, grad, self.triton_devices)
-                flat_grad, flat_weight = _flat_pair(grad, data, kernel is not None and self._native(kernel, plan, grad, data))
-                items.append(StepItem(group, p, name, plan, state, flat_grad, flat_weight, data, chunk, kernel))
+        cache = self._caches()[0]
+        classwide = (self.chunk_numel, self.kernel_dtypes, self.triton_devices)
+        try:
+            for index, group in enumerate(self.param_groups):
+                settings = cache.settings(index, (group_settings(group), classwide))
+                for i, p in enumerate(group["params"]):
+                    item = cache.take(p, group, i, settings, self.state.get(p))
+                    if item is None:
+                        item = self._collect_one(group, i, p)
+                        if item is None:
+                            continue
+                        cache.keep(item, i, settings)
+                    items.append(item)
+        except BaseException:
+            cache.clear()  # holds no gradient of a step that did not happen
+            raise
+        cache.commit()
         return items
+
+    def _collect_one(self, group: dict[str, Any], i: int, p: Tensor) -> Optional[StepItem]:
+        """The step item of parameter ``i`` of ``group``, or None when it takes no part."""
+        data = local_tensor(p)
+        plan = self._named_plan(group, p, i)  # on every rank, in the same order
+        if p.grad is None:
+            # A rank whose shard of a parameter is empty gets no gradient from FSDP1
+            # (use_orig_params=True); it must still post that parameter's statistics.
+            if data.numel() or not any(s.group is not None for s in plan.segments):
+                return None
+            grad = data
+        else:
+            placed = grad_like_param(p, p.grad)
+            if placed is not p.grad:
+                p.grad = placed  # the optimizer's view of it is the parameter's shard
+            grad = local_tensor(placed)
+        name = self._cached_name(group, i)
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients ({name}); "
+                "use a dense embedding (sparse=False)"
+            )
+        if grad.shape != data.shape:
+            raise RuntimeError(
+                f"gradient of {name} has local shape {tuple(grad.shape)} but the "
+                f"parameter has {tuple(data.shape)}"
+            )
+        chunk = self.chunk_numel or default_chunk_numel(data.device)
+        if chunk % 8:
+            raise ValueError(f"chunk_numel must be a multiple of 8, got {chunk}")
+        state = self.state[p] if p in self.state else {}  # stored once the step commits
+        kernel = takes_kernel(type(self), group, data, grad, self.triton_devices)
+        flat_grad, flat_weight = _flat_pair(grad, data, kernel is not None and self._native(kernel, plan, grad, data))
+        return StepItem(group, p, name, plan, state, flat_grad, flat_weight, data, chunk, kernel)
 
     def _native(self, family: str, plan: ParamPlan, grad: Tensor, data: Tensor) -> bool:
         """Whether the fused kernels of ``family``, when they step this parameter, do so in its own
@@ -428,6 +473,7 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_pending", None)
+        self.__dict__.pop("_step_caches", None)
         self.__dict__.pop("_step_counts", None)  # the states were replaced: read their steps once
         for group in self.param_groups:
             for key, value in self.defaults.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Optional
 
 import torch
@@ -78,13 +79,14 @@ class ParamPlan:
     dense: int
     factored_count: int
 
-    @property
-    def factored(self) -> list[SegmentPlan]:
-        return [s for s in self.segments if s.geometry is not None]
+    # computed once per plan: every step reads them for every parameter
+    @cached_property
+    def factored(self) -> tuple[SegmentPlan, ...]:
+        return tuple(s for s in self.segments if s.geometry is not None)
 
-    @property
-    def dense_segments(self) -> list[SegmentPlan]:
-        return [s for s in self.segments if s.geometry is None]
+    @cached_property
+    def dense_segments(self) -> tuple[SegmentPlan, ...]:
+        return tuple(s for s in self.segments if s.geometry is None)
 
 
 @dataclass(eq=False)

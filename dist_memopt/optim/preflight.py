@@ -163,15 +163,16 @@ class StepCounts:
         """The counts :meth:`advance` will give these states (changes nothing)."""
         return [(0 if state.get("step") is None else self._value(state["step"])) + 1 for state in states]
 
-    def advance(self, states: list[dict[str, Any]]) -> list[int]:
-        """Increment every state's ``step`` (created at 0 where missing); returns the new counts."""
+    def advance(self, states: list[dict[str, Any]], upcoming: Optional[list[int]] = None) -> list[int]:
+        """Increment every state's ``step`` (created at 0 where missing); returns the new counts
+        (``upcoming``: what :meth:`upcoming` returned for these states, nothing changed since)."""
         steps = []
         for state in states:
             if state.get("step") is None:
                 state["step"] = step = torch.tensor(0.0, dtype=torch.float32)
                 self._known[id(step)] = (step, step._version, 0)
             steps.append(state["step"])
-        values = [self._value(step) + 1 for step in steps]
+        values = upcoming if upcoming is not None else [self._value(step) + 1 for step in steps]
         if steps:
             torch._foreach_add_(steps, 1.0)
         for step, value in zip(steps, values):

@@ -237,3 +237,7 @@ class StepWork:
     torch_works: list[SegmentWork] = field(default_factory=list)
     #: id(item) -> (key, numel, dtype) of the state it lacks, created once the checks passed
     missing: dict[int, list[tuple[str, int, torch.dtype]]] = field(default_factory=dict)
+    #: the StatReducer whose slots the works write
+    reducer: Any = None
+    #: the step counts the schedules were built at, in the items' order
+    counts: Optional[list[int]] = None

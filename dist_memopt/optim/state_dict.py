@@ -57,6 +57,7 @@ class StateDictMixin:
         (Alada's in-gradient momentum) goes back where it lives.
         """
         self.synchronize()
+        self.__dict__.pop("_step_caches", None)  # what the previous steps kept was built on the old state
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)

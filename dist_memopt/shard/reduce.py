@@ -48,11 +48,12 @@ class _GroupBuffer:
 
 
 class StatReducer:
-    """Plans slots, then reduces them; usable once per step.
+    """Plans slots, then reduces them; once per step (or again after :meth:`renew`).
 
     Usage: ``ticket = reducer.reserve(group, n, device)`` for every statistic vector, then
     ``reducer.allocate()``, ``reducer.slot(ticket)`` to write partial sums, and
-    ``reducer.reduce(async_op)``; after ``wait()`` the slots hold the complete sums.
+    ``reducer.reduce(async_op)``; after ``wait()`` the slots hold the complete sums. ``renew()``
+    makes it ready for another step with the same slots.
     """
 
     def __init__(self) -> None:
@@ -77,6 +78,16 @@ class StatReducer:
         for buf in self._buffers.values():
             buf.buffer = torch.zeros(buf.total, dtype=torch.float32, device=buf.device)
         self._allocated = True
+
+    def renew(self) -> "StatReducer":
+        """This reducer for another step with the same slots: its buffers zeroed and kept, so the
+        slots' views and addresses stay valid (the previous step's reduction must be complete)."""
+        assert self._allocated, "allocate() first"
+        for buf in self._buffers.values():
+            assert not buf.works, "the previous reduction is still running"
+            assert buf.buffer is not None
+            buf.buffer.zero_()
+        return self
 
     def slot(self, ticket: int) -> Tensor:
         key, offset, size = self._tickets[ticket]

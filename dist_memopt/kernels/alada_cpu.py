@@ -27,6 +27,7 @@ from dist_memopt.kernels.cpu_tables import add_runs, address, batched, check_fla
 __all__ = ["CpuAlada"]
 
 FIELDS = 10  # n, m, w, g, momentum, p, q, v0, statistic slot, ‖G0‖² slot (csrc/alada.h)
+GRAD_FIELD, MOMENTUM_FIELD = 3, 4  # the momentum's is the gradient's where .grad holds M
 EVEN, ODD, FIRST = 0, 1, 2
 
 
@@ -85,7 +86,7 @@ class CpuAlada:
             return False
         for batches, into in ((one_pass, self._one_pass), (two_pass, self._two_pass)):
             for dtype, hp, jobs, segs, runs, numel, offsets in batches:
-                patch_grads(segs, jobs, offsets, (3, 4) if hp.in_grad else (3,))
+                patch_grads(segs, jobs, offsets, (GRAD_FIELD, MOMENTUM_FIELD) if hp.in_grad else (GRAD_FIELD,))
                 into.append((dtype, hp, jobs, segs, runs, numel))
         return True
 

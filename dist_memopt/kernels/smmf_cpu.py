@@ -21,6 +21,7 @@ from dist_memopt.kernels.cpu_tables import add_runs, batched, check_flat, dtype_
 __all__ = ["CpuSMMF"]
 
 FIELDS = 13  # n, m, w, g, sign, r_V, c_V, r_M, c_M, then the four statistic slots (csrc/smmf.h)
+GRAD_FIELD = 3
 
 
 class CpuSMMF:
@@ -61,7 +62,7 @@ class CpuSMMF:
         if batches is None:
             return False
         for dtype, hp, jobs, segs, runs, numel, offsets in batches:
-            patch_grads(segs, jobs, offsets, (3,))
+            patch_grads(segs, jobs, offsets, (GRAD_FIELD,))
             self._batches.append((dtype, hp, jobs, segs, runs, numel))
         return True
 

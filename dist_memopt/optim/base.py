@@ -280,7 +280,8 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
             work = check.during(lambda: self._plan_step(items))  # the bookkeeping overlaps the finite check
             self._preflight(items, work.reducer, check)
             for item in items:
-                self.state[item.param] = item.state
+                if not item.stored:
+                    self.state[item.param] = item.state
             self._begin(work)
             self._update(work, work.reducer)
         finally:

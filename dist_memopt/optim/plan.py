@@ -105,9 +105,14 @@ class StepItem:
     _data: Tensor
     chunk: int  # elements per piece when a segment is processed piecewise
     kernel: Optional[str] = None  # the fused kernel family that steps it ("triton", "cpu"; decided in _collect)
+    #: its state dict is the one ``optimizer.state`` holds (an item taken again from the previous step)
+    stored: bool = False
+
+    def __post_init__(self) -> None:
+        self._copied = self.weight.data_ptr() != self._data.data_ptr()  # a copy of another dtype or layout
 
     def commit(self) -> None:
-        if self.weight.data_ptr() != self._data.data_ptr():
+        if self._copied:
             self._data.copy_(self.weight.view_as(self._data))
 
 

@@ -131,14 +131,13 @@ class ItemCache:
 class _SavedPlan:
     items: list[StepItem]
     states: list[tuple]  # per item, its state's tensors (by identity)
-    route: Any  # the runner's own key: which kernels the schedules send each segment to
     works: list  # SegmentWork, all fused
     reducer: Any  # StatReducer: its layout and buffers serve the next step
     prepared: Any  # the runner's tables
 
 
 def _same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return len(a) == len(b) and all(map(is_, a, b))
 
 
 class PlanCache:
@@ -166,7 +165,7 @@ class PlanCache:
         states = [tuple(item.state.values()) for item in items]
         if any(not _same(saved.items, items) for saved in self._saved.values()):
             self._saved = {}  # other parameters: the other routes' plans are stale
-        self._saved[route] = _SavedPlan(list(items), states, route, works, reducer, prepared)
+        self._saved[route] = _SavedPlan(list(items), states, works, reducer, prepared)
 
     def clear(self) -> None:
         self._saved = {}

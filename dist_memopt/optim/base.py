@@ -305,7 +305,7 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         fused = fused_step(kernel_items, self.kernel_family, self.kernel_observer)
         by_item = {id(item): hp for item, hp in zip(items, schedules)}
         # only steps whose every segment the CPU kernels take are kept: no torch path, no Triton
-        cacheable = fused is not None and len(kernel_items) == len(items) and all(item.kernel == "cpu" for item in items)
+        cacheable = fused is not None and all(item.kernel == "cpu" for item in items)
         route, plans = None, self._caches()[1]
         if not cacheable:
             plans.clear()

@@ -106,9 +106,8 @@ class ItemCache:
         """Remember a freshly built item for the next step (where it steps the parameter's storage)."""
         data = item._data
         grad = local_tensor(item.param.grad) if item.param.grad is not None else None
+        # the item's flat weight and gradient are the parameter's and gradient's own storage (no copy)
         if grad is None or item.weight.data_ptr() != data.data_ptr() or item.grad.data_ptr() != grad.data_ptr():
-            return
-        if grad.dtype != item.grad.dtype:
             return
         dtensor = local_tensor(item.param) is not item.param
         kind = (type(grad), grad.dtype, grad.device, grad.shape)

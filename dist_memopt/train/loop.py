@@ -116,6 +116,7 @@ def _train(config: RunConfig, env: DistEnv, resume: Optional[str | bool]) -> dic
             checkpoint.save_checkpoint(config.checkpoint_dir, iteration + 1, engine, {"history": history}, env.rank)
             last_saved = iteration + 1
     bar.close()
+    session.engine.finish()
     if config.checkpoint.save_final and last_saved != config.train.train_iters and session.start < config.train.train_iters:
         checkpoint.save_checkpoint(config.checkpoint_dir, config.train.train_iters, engine, {"history": history}, env.rank)
     summary = {

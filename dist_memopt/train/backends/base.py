@@ -71,6 +71,19 @@ class Engine(ABC):
     def state_bytes(self) -> int:
         return state_bytes(self.optimizer)
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers that step this rank's parameters (Megatron's are inside its wrapper)."""
+        return [self.optimizer]
+
+    def finish(self) -> None:
+        """Complete the reductions SMMF leaves in flight after its last step: a gloo group
+        destroyed under one can abort the process at exit."""
+        from dist_memopt.optim.base import FactoredOptimizer
+
+        for optimizer in self.optimizers():
+            if isinstance(optimizer, FactoredOptimizer):
+                optimizer.synchronize()
+
     def local_numel(self) -> int:
         """Elements this rank's optimizer steps on (AdamW would keep 8 bytes for each)."""
         return sum(local_tensor(p).numel() for g in self.optimizer.param_groups for p in g["params"])

@@ -103,6 +103,9 @@ class MegatronEngine(Engine):
         self.seq_length, self.decoder_seq_length = config.model.seq_length, config.model.decoder_seq_length
         self.micro_batch_size = config.train.micro_batch_size
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self._inner()
+
     def _inner(self) -> list[torch.optim.Optimizer]:
         return [o.optimizer for o in self.megatron_optimizer.chained_optimizers if o.optimizer is not None]
 

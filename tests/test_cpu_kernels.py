@@ -205,20 +205,25 @@ def _alada_steps(params, layouts, config, steps, monkeypatch, reduced: bool) -> 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", [dict(weight_decay=0.1), dict(momentum_in_grad=True)], ids=["state-momentum", "momentum-in-grad"])
 def test_alada_one_pass_even_steps_give_the_numbers_of_the_two_passes(config, dtype, monkeypatch):
-    """At even t, segments of whole rows take one pass: the same operations in the same order as
-    the two passes the other layouts take, so bit-identical weights and state."""
+    """At even t, segments of one run take one pass over the rows they hold whole (the rows a range
+    cuts: statistics, then refit and update after the all_reduce): the same operations in the same
+    order as the two passes, so bit-identical weights and state."""
     generator = torch.Generator().manual_seed(0)
-    shapes = [(300, 77), (64, 64), (7,), (5, 3, 3, 3), (1031,), (128, 96), (), (6, 33), (6, 33)]
+    shapes = [(300, 77), (64, 64), (7,), (5, 3, 3, 3), (1031,), (128, 96), (), (6, 33), (6, 33), (17,), (193,), (40,)]
     params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in shapes]
-    # rows 10-15 of a (40, 33) matrix, as FSDP2 cuts it: the other rows' p refit from zeros; and a
-    # range cut mid-row, which takes the two passes
-    layouts = {len(shapes) - 2: [Segment(0, ShardSpec((40, 33), 10 * 33, 16 * 33))],
-               len(shapes) - 1: [Segment(0, ShardSpec((40, 33), 10 * 33 + 5, 16 * 33 + 5))]}
+    # ranges of a (40, 33) matrix: rows 10-15, as FSDP2 cuts it (the other rows' p refit from
+    # zeros); a range cut mid-row at both ends, as ZeRO cuts it; one inside a row; one cut at its
+    # start only; and a flat partition holding pieces of three tensors
+    layouts = {7: [Segment(0, ShardSpec((40, 33), 10 * 33, 16 * 33))],
+               8: [Segment(0, ShardSpec((40, 33), 10 * 33 + 5, 16 * 33 + 5))],
+               9: [Segment(0, ShardSpec((40, 33), 10 * 33 + 3, 10 * 33 + 20))],
+               10: [Segment(0, ShardSpec((40, 33), 10 * 33 + 5, 16 * 33))],
+               11: [Segment(0, ShardSpec((3, 3), 2, 7)), Segment(5, ShardSpec((17,), 0, 13)), Segment(18, ShardSpec((6, 8), 3, 25))]}
     whole, names = _alada_steps(params, layouts, config, 5, monkeypatch, reduced=False)
     passes, reduced_names = _alada_steps(params, layouts, config, 5, monkeypatch, reduced=True)
     kernels = [n - {"cpu.finite_check"} for n in names]
     assert kernels[1] == {"cpu.alada_stats", "cpu.alada_update"}, names  # t = 1
-    assert kernels[2] == {"cpu.alada_even_rows", "cpu.alada_refit_rest", "cpu.alada_stats", "cpu.alada_update"}, names  # t = 2
+    assert kernels[2] == {"cpu.alada_even_rows", "cpu.alada_refit_rest", "cpu.alada_update_cut_rows"}, names  # t = 2
     assert all(n >= {"cpu.alada_stats", "cpu.alada_update"} for n in reduced_names), reduced_names
     for a, b in zip(whole, passes, strict=True):
         assert torch.equal(a, b)

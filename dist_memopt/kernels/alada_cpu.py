@@ -6,11 +6,13 @@ complete statistic before any weight can move, so :meth:`CpuAlada.statistics` (M
 statistic per tile, summed in tile order) runs before the all_reduce and :meth:`CpuAlada.update`
 (the float64 refit per segment, then the weights) after it.
 
-At even t > 0 the statistic is one per row (V·q). A segment of whole rows (a whole tensor, or a
-range cut at row boundaries, as FSDP2 cuts a matrix) holds each of its rows' statistic complete,
-so its rows take one pass in :meth:`CpuAlada.statistics` (statistic, p's refit, update, row by
-row): the same numbers, M read once instead of twice (20 bytes per fp32 element instead of 24).
-The rows other ranks hold are refit in :meth:`CpuAlada.update`, from the completed statistic.
+At even t > 0 the statistic is one per row (V·q). A segment of one run (a whole tensor, or a
+range: FSDP2's shard of a matrix, a ZeRO or Megatron partition) holds the statistic of each row it
+holds whole, so those rows take one pass in :meth:`CpuAlada.statistics` (statistic, p's refit,
+update, row by row): the same numbers, M read once instead of twice (20 bytes per fp32 element
+instead of 24). The rows the range cuts (its first and last, at most two) take the statistics
+there and their refit and update in :meth:`CpuAlada.update`, after the all_reduce, where the rows
+other ranks hold are refit too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor
 from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
-from dist_memopt.kernels.cpu_tables import add_runs, address, batched, check_flat, dtype_code, grad_offsets, int64_table, patch_grads, rebatched, whole_rows
+from dist_memopt.kernels.cpu_tables import add_runs, address, batched, check_flat, dtype_code, grad_offsets, int64_table, one_run, patch_grads, rebatched, whole_row_elements
 
 __all__ = ["CpuAlada"]
 
@@ -39,30 +41,32 @@ class CpuAlada:
     """One step's segments on CPU: :meth:`statistics` before the all_reduce, :meth:`update` after.
 
     Segments of one dtype and schedule make one call per phase, whatever their shapes and layouts.
-    At even t > 0, segments of whole rows are stepped in one pass by :meth:`statistics`.
+    At even t > 0, segments of one run are stepped in one pass by :meth:`statistics` (but the
+    rows they cut).
     """
 
     def __init__(self, observer: Optional[KernelObserver] = None) -> None:
         self._report = Reporter(observer, "cpu.")
         self._jobs: list[_Job] = []  # two passes, the statistics completed in between
-        self._whole_rows: list[_Job] = []  # one pass
+        self._one_run_jobs: list[_Job] = []  # one pass
         # (dtype, schedule, jobs, segments, runs, elements) per kernel call, built by prepare()
         self._two_pass: list[tuple[Any, Any, list[_Job], Tensor, Tensor, int]] = []
         self._one_pass: list[tuple[Any, Any, list[_Job], Tensor, Tensor, int]] = []
         self._batches: list[tuple[Any, Any, Tensor, Tensor, int, int]] = []
-        self._rest: list[tuple[Any, Tensor, Tensor]] = []  # (schedule, segments, runs) with rows held elsewhere
+        # (dtype, schedule, segments, runs, elements in rows a range cuts) with rows not held whole
+        self._rest: list[tuple[Any, Any, Tensor, Tensor, int]] = []
 
     def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         check_flat(item.name, item.weight, item.grad)
-        one_pass = _phase(hp) == EVEN and whole_rows(seg.geometry)
-        (self._whole_rows if one_pass else self._jobs).append(_Job(item, seg, hp, slots))
+        one_pass = _phase(hp) == EVEN and one_run(seg.geometry)
+        (self._one_run_jobs if one_pass else self._jobs).append(_Job(item, seg, hp, slots))
 
     def prepare(self) -> None:
         """The kernel tables of the segments added so far (reads addresses, changes nothing: the
         step builds them while the finite check runs)."""
-        self._one_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batched(self._whole_rows).items()]
+        self._one_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batched(self._one_run_jobs).items()]
         self._two_pass += [(dtype, hp, jobs, *_tables(jobs)) for (dtype, hp), jobs in batched(self._jobs).items()]
-        self._whole_rows, self._jobs = [], []
+        self._one_run_jobs, self._jobs = [], []
 
     def route(self, schedules: list[Any]) -> Any:
         """The phase of each distinct schedule, in the items' order: it decides which segments
@@ -94,7 +98,7 @@ class CpuAlada:
         """M and the partial statistics, summed in tile order into the reducer's slots (and the
         one-pass steps of whole rows, whose statistics the slots then hold too)."""
         self.prepare()
-        self._step_whole_rows()
+        self._step_one_pass()
         kernels = cpu_kernels() if self._two_pass else None
         for dtype, hp, jobs, segs, runs, numel in self._two_pass:
             if self._report.executing:
@@ -112,10 +116,16 @@ class CpuAlada:
     def update(self) -> None:
         """After the all_reduce: refit every segment's p or q (float64), then update the weights."""
         kernels = cpu_kernels() if self._batches or self._rest else None
-        for hp, segs, runs in self._rest:
+        for dtype, hp, segs, runs, cut in self._rest:
             if self._report.executing:
                 kernels.alada_refit_rest(segs, runs, hp.beta2, hp.eps)
             self._report.record("alada_refit_rest", 0, 0)  # O(rows) float64, no element
+            if cut:  # at most two rows per segment: W and M read, W written
+                if self._report.executing:
+                    kernels.alada_update_cut_rows(segs, runs, dtype_code(dtype), hp.in_grad, hp.lr, hp.eps, hp.bias1, hp.bias2,
+                                                  *hp.start_decays, _decay(hp))
+                size = dtype.itemsize
+                self._report.record("alada_update_cut_rows", cut * (size + (size if hp.in_grad else 4)), cut * size)
         self._rest = []
         for dtype, hp, segs, runs, numel, factors in self._batches:
             if self._report.executing:
@@ -128,19 +138,22 @@ class CpuAlada:
             self._report.record("alada_update", numel * (size + momentum) + 2 * factors, numel * size + factors)
         self._batches = []
 
-    def _step_whole_rows(self) -> None:
-        """Even t, segments of whole rows: per row, V·q, p's refit and the update while the row is in L1."""
+    def _step_one_pass(self) -> None:
+        """Even t, segments of one run: per row held whole, V·q, p's refit and the update while the
+        row is in L1; the statistics of the rows the range cuts."""
         kernels = cpu_kernels() if self._one_pass else None
         for dtype, hp, jobs, segs, runs, numel in self._one_pass:
             if self._report.executing:
                 kernels.alada_even_rows(segs, runs, dtype_code(dtype), hp.in_grad, hp.beta1, hp.bias1, hp.beta2, hp.lr, hp.eps,
                                         hp.bias2, *hp.start_decays, _decay(hp))
             size, momentum = dtype.itemsize, 0 if hp.in_grad else numel * 4
-            # G, M, W read and M, W written once; p read and written, q read
+            # G, M read and M written once, W of the rows held whole read and written; p read and
+            # written, q read
             factors = _factor_bytes(jobs)
-            self._report.record("alada_even_rows", numel * 2 * size + momentum + factors, numel * size + momentum + factors)
-            if numel < sum(j.seg.geometry.rows * j.seg.geometry.cols for j in jobs):  # some rows are held elsewhere
-                self._rest.append((hp, segs, runs))
+            whole = sum(whole_row_elements(j.seg.geometry) for j in jobs)
+            self._report.record("alada_even_rows", (numel + whole) * size + momentum + factors, whole * size + momentum + factors)
+            if whole < sum(j.seg.geometry.rows * j.seg.geometry.cols for j in jobs):  # some rows are not held whole
+                self._rest.append((dtype, hp, segs, runs, numel - whole))
         self._one_pass = []
 
 

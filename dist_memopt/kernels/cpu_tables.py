@@ -19,7 +19,7 @@ from torch import Tensor
 
 from dist_memopt.shard.runs import runs_of
 
-__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "whole_rows", "int64_table", "check_flat", "batched", "grad_offsets",
+__all__ = ["DTYPE_CODES", "dtype_code", "address", "add_runs", "one_run", "whole_row_elements", "int64_table", "check_flat", "batched", "grad_offsets",
            "rebatched", "patch_grads"]
 
 #: element types the kernels load and store themselves (the C++ side's ``Dtype``)
@@ -46,14 +46,20 @@ def add_runs(runs: list[int], index: int, geometry: Any) -> int:
     return numel
 
 
-def whole_rows(geometry: Any) -> bool:
-    """Whether the segment holds whole rows of its (n, m) view, consecutive, as one run (a whole
-    tensor, or a range cut at row boundaries, as FSDP2 cuts a matrix along its first dimension)."""
+def one_run(geometry: Any) -> bool:
+    """Whether the segment's elements are one run of consecutive positions of its (n, m) view (a
+    whole tensor, or a range: FSDP's, ZeRO's, Megatron's), possibly cutting its first and last row."""
     rows, numel = _run_rows(geometry)
-    if len(rows) != 1 or numel == 0:
-        return False
-    start, length, _, count, _ = rows[0]
-    return count == 1 and start % geometry.cols == 0 and length % geometry.cols == 0
+    return len(rows) == 1 and numel > 0 and rows[0][3] == 1
+
+
+def whole_row_elements(geometry: Any) -> int:
+    """Elements of the rows a segment of :func:`one_run` holds whole (the rest lie in the at most
+    two rows its range cuts)."""
+    (start, length, *_), = _run_rows(geometry)[0]
+    m = geometry.cols
+    first = -(-start // m)
+    return max(0, (start + length) // m - first) * m
 
 
 def _run_rows(geometry: Any) -> tuple[tuple[tuple[int, ...], ...], int]:

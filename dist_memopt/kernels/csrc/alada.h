@@ -226,10 +226,12 @@ inline double alada_refit_scale(const double* other, int64_t len, double eps) {
     return 1.0 / (total + eps);
 }
 
-// Even t > 0 on a segment whose every row this process holds whole (no reduction): per row, its
-// V·q, p's refit and its update, the row still in L1. One pass, G, M, W read and M, W written, where
-// the statistics and update passes read M twice; the same operations in the same order, so the same
-// numbers. The row statistics also land in the segment's slot, as the statistics pass leaves them.
+// Even t > 0 on a segment of one run of consecutive positions: per row it holds whole (so the row's
+// statistic is complete here), its V·q, p's refit and its update, the row still in L1. One pass, G,
+// M, W read and M, W written, where the statistics and update passes read M twice; the same
+// operations in the same order, so the same numbers. The row statistics also land in the segment's
+// slot, as the statistics pass leaves them. A row the range cuts (its first or last) takes only the
+// statistics pass here: its p and weights wait for the completed statistic.
 template <typename T, bool IN_GRAD>
 void alada_even_rows_tile(const Tile& t, const int64_t* seg, const int64_t* run, const AladaStats& hs, const AladaUpdate& hu,
                           double beta2, double scale, std::vector<float>& q32, std::vector<float>& cols) {
@@ -244,6 +246,7 @@ void alada_even_rows_tile(const Tile& t, const int64_t* seg, const int64_t* run,
         const int64_t r = t.row0 + i;
         const float acc = alada_stats_row<T, IN_GRAD, EVEN>(seg, run, r, hs, 0.0f, q32.data(), nullptr, unused);
         stat[r] = acc;
+        if (whole_rows_at(run, seg[A_M], r, 1) < 0) continue;
         p[r] = alada_refit_one(p[r], static_cast<double>(acc), beta2, scale);
         alada_update_row<T, MT>(seg, run, r, hu, starts, p[r], cols.data());
     }

@@ -172,11 +172,10 @@ void alada_refit_all(const at::Tensor& segs_t, int64_t phase, double beta2, doub
     for_each_index(segs_t.size(0), [&](int64_t s) { alada_refit(segs + s * ALADA_FIELDS, static_cast<int>(phase), beta2, eps); });
 }
 
-void alada_update(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_dtype, bool in_grad, double lr, double eps,
-                  double bias1, double bias2, double power_p, double power_q, double decay) {
-    const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
-    const int64_t* runs = table(runs_t, RUN_FIELDS, "runs");
-    const Tiles plan = make_tiles(runs, runs_t.size(0), [&](int64_t s) { return segs[s * ALADA_FIELDS + A_M]; });
+// The weights of the elements of `run_count` run groups (after the refit)
+void alada_update_runs(const int64_t* segs, const int64_t* runs, int64_t run_count, int64_t w_dtype, bool in_grad, double lr, double eps,
+                       double bias1, double bias2, double power_p, double power_q, double decay) {
+    const Tiles plan = make_tiles(runs, run_count, [&](int64_t s) { return segs[s * ALADA_FIELDS + A_M]; });
     const AladaUpdate h{float(lr / bias1), float(eps), float(decay), eps, bias2, power_p, power_q};
     with_dtype(w_dtype, [&](auto w) {
         using W = decltype(w);
@@ -193,38 +192,61 @@ void alada_update(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_
     });
 }
 
-// The view rows [first, end) a segment of whole rows holds: its one run group of whole rows.
-std::pair<int64_t, int64_t> held_rows(const int64_t* seg, const int64_t* run) {
-    const int64_t m = seg[A_M];
-    return {run[1] / m, (run[1] + run[2]) / m};
+void alada_update(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_dtype, bool in_grad, double lr, double eps,
+                  double bias1, double bias2, double power_p, double power_q, double decay) {
+    alada_update_runs(table(segs_t, ALADA_FIELDS, "segments"), table(runs_t, RUN_FIELDS, "runs"), runs_t.size(0), w_dtype, in_grad, lr,
+                      eps, bias1, bias2, power_p, power_q, decay);
 }
 
-// Checks that each segment's elements are one run group of whole view rows; returns each
-// segment's run.
-std::vector<const int64_t*> whole_row_runs(const int64_t* segs, int64_t seg_count, const int64_t* runs, int64_t run_count) {
+// The view rows [first, end) a segment of one run holds whole (end = first where it holds none).
+std::pair<int64_t, int64_t> held_rows(const int64_t* seg, const int64_t* run) {
+    const int64_t m = seg[A_M];
+    const int64_t first = (run[1] + m - 1) / m;
+    return {first, std::max(first, (run[1] + run[2]) / m)};
+}
+
+// Checks that each segment's elements are one run of consecutive positions; returns each segment's run.
+std::vector<const int64_t*> single_runs(const int64_t* segs, int64_t seg_count, const int64_t* runs, int64_t run_count) {
     std::vector<const int64_t*> of(seg_count, nullptr);
     for (int64_t r = 0; r < run_count; ++r) {
         const int64_t* run = runs + r * RUN_FIELDS;
-        const int64_t m = segs[run[0] * ALADA_FIELDS + A_M];
-        TORCH_CHECK(run[4] == 1 && run[1] % m == 0 && run[2] % m == 0 && of[run[0]] == nullptr,
-                    "alada_even_rows takes segments of whole rows: one run group of whole view rows each");
+        TORCH_CHECK(run[4] == 1 && run[2] > 0 && of[run[0]] == nullptr,
+                    "alada_even_rows takes segments of one run of consecutive positions each");
         of[run[0]] = run;
     }
     for (const int64_t* run : of) TORCH_CHECK(run != nullptr, "alada_even_rows: a segment without elements");
     return of;
 }
 
-// Even t > 0 on segments of whole view rows (each row's statistic complete in this process):
-// statistics, refit and update of the rows held in one pass (alada_even_rows_tile). The statistic
-// slots hold those rows' V·q and zeros elsewhere, as alada_stats leaves them: after the all_reduce,
-// alada_refit_rest refits the rows other ranks hold. p and the weights end as alada_stats,
-// alada_refit and alada_update leave them.
+// The parts of rows a segment's run cuts (its first and last, where the range starts or ends
+// mid-row) as runs of their own, in segment order.
+std::vector<int64_t> cut_row_runs(const int64_t* segs, const std::vector<const int64_t*>& run_of) {
+    std::vector<int64_t> out;
+    auto add = [&](int64_t s, const int64_t* run, int64_t lo, int64_t hi) {
+        if (lo < hi) out.insert(out.end(), {s, lo, hi - lo, hi - lo, 1, run[5] + (lo - run[1])});
+    };
+    for (int64_t s = 0; s < static_cast<int64_t>(run_of.size()); ++s) {
+        const int64_t* run = run_of[s];
+        const int64_t m = segs[s * ALADA_FIELDS + A_M], start = run[1], end = run[1] + run[2];
+        const auto [first, last] = held_rows(segs + s * ALADA_FIELDS, run);
+        add(s, run, start, std::min(end, first * m));
+        add(s, run, std::max(start, last * m), end);
+    }
+    return out;
+}
+
+// Even t > 0 on segments of one run each (a whole tensor, an FSDP, ZeRO or Megatron range):
+// statistics, refit and update of the rows held whole in one pass (alada_even_rows_tile); the rows
+// the range cuts take the statistics only. The statistic slots hold the rows' V·q (partial in cut
+// rows) and zeros elsewhere, as alada_stats leaves them: after the all_reduce, alada_refit_rest
+// refits the rows not held whole and alada_update_cut_rows updates the cut rows' weights. p and
+// the weights end as alada_stats, alada_refit and alada_update leave them.
 void alada_even_rows(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t dtype, bool in_grad, double beta1, double bias1,
                      double beta2, double lr, double eps, double bias2, double power_p, double power_q, double decay) {
     const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
     const int64_t* runs = table(runs_t, RUN_FIELDS, "runs");
     const int64_t seg_count = segs_t.size(0);
-    const std::vector<const int64_t*> run_of = whole_row_runs(segs, seg_count, runs, runs_t.size(0));
+    const std::vector<const int64_t*> run_of = single_runs(segs, seg_count, runs, runs_t.size(0));
     std::vector<double> scales(seg_count);
     for (int64_t s = 0; s < seg_count; ++s) {
         const int64_t* seg = segs + s * ALADA_FIELDS;
@@ -250,12 +272,13 @@ void alada_even_rows(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t
     });
 }
 
-// After alada_even_rows and the all_reduce: p's refit of the rows each segment does not hold, from
-// the completed statistic (the same operations as the holder's, so p stays the same on every rank).
+// After alada_even_rows and the all_reduce: p's refit of the rows each segment does not hold whole,
+// from the completed statistic (the same operations as the holder's, so p stays the same on every
+// rank).
 void alada_refit_rest(const at::Tensor& segs_t, const at::Tensor& runs_t, double beta2, double eps) {
     const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
     const int64_t seg_count = segs_t.size(0);
-    const std::vector<const int64_t*> run_of = whole_row_runs(segs, seg_count, table(runs_t, RUN_FIELDS, "runs"), runs_t.size(0));
+    const std::vector<const int64_t*> run_of = single_runs(segs, seg_count, table(runs_t, RUN_FIELDS, "runs"), runs_t.size(0));
     for_each_index(seg_count, [&](int64_t s) {
         const int64_t* seg = segs + s * ALADA_FIELDS;
         auto* p = reinterpret_cast<double*>(seg[A_P]);
@@ -265,6 +288,15 @@ void alada_refit_rest(const at::Tensor& segs_t, const at::Tensor& runs_t, double
         for (int64_t i = 0; i < seg[A_N]; ++i)
             if (i < first || i >= end) p[i] = alada_refit_one(p[i], static_cast<double>(stat[i]), beta2, scale);
     });
+}
+
+// After alada_refit_rest: the weights of the rows alada_even_rows left cut.
+void alada_update_cut_rows(const at::Tensor& segs_t, const at::Tensor& runs_t, int64_t w_dtype, bool in_grad, double lr, double eps,
+                           double bias1, double bias2, double power_p, double power_q, double decay) {
+    const int64_t* segs = table(segs_t, ALADA_FIELDS, "segments");
+    const std::vector<int64_t> cut = cut_row_runs(segs, single_runs(segs, segs_t.size(0), table(runs_t, RUN_FIELDS, "runs"), runs_t.size(0)));
+    alada_update_runs(segs, cut.data(), static_cast<int64_t>(cut.size()) / RUN_FIELDS, w_dtype, in_grad, lr, eps, bias1, bias2, power_p,
+                      power_q, decay);
 }
 
 }  // namespace
@@ -411,6 +443,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     module.def("alada_update", &dmo::alada_update);
     module.def("alada_even_rows", &dmo::alada_even_rows);
     module.def("alada_refit_rest", &dmo::alada_refit_rest);
+    module.def("alada_update_cut_rows", &dmo::alada_update_cut_rows);
     module.def("tile_partials", &dmo::tile_partials);
     module.def("first_nonfinite", &dmo::first_nonfinite);
     module.def("first_nonfinite_during", &dmo::first_nonfinite_during);

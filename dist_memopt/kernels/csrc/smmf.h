@@ -235,13 +235,6 @@ inline void smmf_panel(WT* __restrict w, const GT* __restrict g, uint8_t* __rest
 }
 #endif
 
-// The local index of (r, 0) if rows [r, r + rows) lie whole in one run of consecutive positions, else -1.
-inline int64_t whole_rows_at(const int64_t* run, int64_t m, int64_t r, int64_t rows) {
-    const int64_t start = run[1], length = run[2], count = run[4], k0 = run[5];
-    if (count != 1 || r * m < start || (r + rows) * m > start + length) return -1;
-    return k0 + r * m - start;
-}
-
 template <typename WT, typename GT, bool HAS_M, bool COUPLED>
 void smmf_tile(const Tile& t, const int64_t* seg, const int64_t* run, const SmmfHyper h,
                float* row_v, float* row_m, float* col_v, float* col_m) {

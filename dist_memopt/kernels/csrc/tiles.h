@@ -61,6 +61,13 @@ Tiles make_tiles(const int64_t* runs, int64_t run_count, ColsOf cols_of) {
     return out;
 }
 
+// The local index of (r, 0) if rows [r, r + rows) lie whole in one run of consecutive positions, else -1.
+inline int64_t whole_rows_at(const int64_t* run, int64_t m, int64_t r, int64_t rows) {
+    const int64_t start = run[1], length = run[2], count = run[4], k0 = run[5];
+    if (count != 1 || r * m < start || (r + rows) * m > start + length) return -1;
+    return k0 + r * m - start;
+}
+
 // Calls f(c_lo, c_hi, k) for each span [c_lo, c_hi) of view row r held by run group `run`,
 // k the local index of column c_lo.
 template <typename F>

@@ -96,7 +96,7 @@ class CpuAlada:
 
     def statistics(self) -> None:
         """M and the partial statistics, summed in tile order into the reducer's slots (and the
-        one-pass steps of whole rows, whose statistics the slots then hold too)."""
+        one-pass steps of segments of one run, whose statistics the slots then hold too)."""
         self.prepare()
         self._step_one_pass()
         kernels = cpu_kernels() if self._two_pass else None

@@ -68,12 +68,12 @@ class Engine(ABC):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def state_bytes(self) -> int:
-        return state_bytes(self.optimizer)
-
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The optimizers that step this rank's parameters (Megatron's are inside its wrapper)."""
         return [self.optimizer]
+
+    def state_bytes(self) -> int:
+        return sum(state_bytes(optimizer) for optimizer in self.optimizers())
 
     def finish(self) -> None:
         """Complete the reductions SMMF leaves in flight after its last step: a gloo group
@@ -86,7 +86,7 @@ class Engine(ABC):
 
     def local_numel(self) -> int:
         """Elements this rank's optimizer steps on (AdamW would keep 8 bytes for each)."""
-        return sum(local_tensor(p).numel() for g in self.optimizer.param_groups for p in g["params"])
+        return sum(local_tensor(p).numel() for o in self.optimizers() for g in o.param_groups for p in g["params"])
 
     @abstractmethod
     def save(self, path: Path) -> None:

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_memopt.memory import state_bytes
 from dist_memopt.train.backends.base import Engine
 
 __all__ = ["MegatronEngine", "build", "check", "MEGATRON_OPTIMIZERS"]
@@ -104,9 +103,6 @@ class MegatronEngine(Engine):
         self.micro_batch_size = config.train.micro_batch_size
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return self._inner()
-
-    def _inner(self) -> list[torch.optim.Optimizer]:
         return [o.optimizer for o in self.megatron_optimizer.chained_optimizers if o.optimizer is not None]
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]], kind: str, num_micro: int) -> Optional[torch.Tensor]:
@@ -137,12 +133,6 @@ class MegatronEngine(Engine):
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-
-    def state_bytes(self) -> int:
-        return sum(state_bytes(inner) for inner in self._inner())
-
-    def local_numel(self) -> int:
-        return sum(p.numel() for inner in self._inner() for group in inner.param_groups for p in group["params"])
 
     def _sharded_state(self, is_loading: bool) -> dict[str, Any]:
         model_state = self.model.module.sharded_state_dict()

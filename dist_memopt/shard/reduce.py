@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dist_memopt.shard import running
+
 __all__ = ["StatReducer", "MAX_BUCKET_NUMEL", "group_chain"]
 
 # One collective carries at most this many floats (1 GiB); only a model with billions of rows and
@@ -117,8 +119,9 @@ class StatReducer:
         """Sum every buffer over its chain: one collective per group of the chain (and bucket).
 
         In a chain, each sum needs the previous one complete, so only the last is left running
-        with ``async_op``.
+        with ``async_op``, and held by :mod:`~dist_memopt.shard.running` as well as here.
         """
+        running.release_completed()
         for buf in self._buffers.values():
             if not buf.chain or buf.buffer is None:
                 continue
@@ -128,6 +131,7 @@ class StatReducer:
                     work = dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=group, async_op=async_op and last)
                     if async_op and last:
                         buf.works.append(work)
+                        running.hold(work, chunk)
 
     def wait(self) -> None:
         for buf in self._buffers.values():

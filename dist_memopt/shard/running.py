@@ -17,6 +17,7 @@ for every one still running.
 from __future__ import annotations
 
 import atexit
+import os
 import warnings
 from datetime import timedelta
 
@@ -29,6 +30,10 @@ __all__ = ["hold", "release_completed", "wait_all", "held_count", "running_count
 EXIT_WAIT = timedelta(seconds=60)
 
 _held: list[tuple[dist.Work, Tensor]] = []
+
+# a forked child (a data loader's worker) has none of the parent's collectives running, nor the
+# threads that would complete them: it must not wait for them at its exit
+os.register_at_fork(after_in_child=_held.clear)
 
 
 def hold(work: dist.Work, tensor: Tensor) -> None:

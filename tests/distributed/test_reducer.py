@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -73,19 +75,24 @@ def _held_past_the_optimizer(rank, world_size):
     model(torch.randn(4, 16)).sum().backward()
     optimizer.step()
     held = running.held_count()
+    child = os.fork()
+    if child == 0:  # a data loader's worker: holds nothing, so waits for nothing at its exit
+        os._exit(running.held_count())
+    held_in_child = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
     del optimizer
     gc.collect()
     held_after_free = running.held_count()
     running.wait_all()
-    return held, held_after_free, running.held_count(), running.running_count()
+    return held, held_in_child, held_after_free, running.held_count(), running.running_count()
 
 
 def test_a_running_reduction_is_held_past_its_optimizer_and_waited_for_at_exit():
     """The collective's work and tensor outlive a freed optimizer (gloo's worker thread must not
-    free them during finalization), and the exit hook completes it but keeps holding it."""
-    for held, held_after_free, held_after_wait, running_after_wait in run_distributed(_held_past_the_optimizer, 2):
-        assert held >= 1 and held_after_free == held
-        assert held_after_wait == held and running_after_wait == 0
+    free them during finalization), and the exit hook completes it but keeps holding it; a forked
+    child holds none of them."""
+    for held, in_child, after_free, after_wait, running_after_wait in run_distributed(_held_past_the_optimizer, 2):
+        assert held >= 1 and in_child == 0 and after_free == held
+        assert after_wait == held and running_after_wait == 0
 
 
 _EXITS_WITH_A_REDUCTION_RUNNING = """
@@ -116,7 +123,6 @@ def test_a_process_exits_cleanly_with_a_reduction_running():
     """A user's loop that ends on step() and destroys the group exits with code 0 on every rank
     (without the held collectives, 2 of 3 such runs aborted with "terminate called without an
     active exception")."""
-    import os
     import subprocess
     import sys
 

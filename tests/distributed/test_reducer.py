@@ -134,6 +134,10 @@ def test_a_process_exits_cleanly_with_a_reduction_running():
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in range(2)
     ]
-    outputs = [rank.communicate(timeout=180)[0] for rank in ranks]
+    try:
+        outputs = [rank.communicate(timeout=180)[0] for rank in ranks]
+    finally:  # a hang fails the test, and leaves no rank behind
+        for rank in ranks:
+            rank.kill()
     for rank, output in zip(ranks, outputs):
         assert rank.returncode == 0 and "terminate called" not in output, output

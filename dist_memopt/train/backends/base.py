@@ -76,8 +76,8 @@ class Engine(ABC):
         return sum(state_bytes(optimizer) for optimizer in self.optimizers())
 
     def finish(self) -> None:
-        """Complete the reductions SMMF leaves in flight after its last step: a gloo group
-        destroyed under one can abort the process at exit."""
+        """Complete the reductions SMMF leaves in flight after its last step, so the optimizer's
+        factors are final and no collective is running when the process group is destroyed."""
         from dist_memopt.optim.base import FactoredOptimizer
 
         for optimizer in self.optimizers():

@@ -20,7 +20,7 @@ from dist_memopt.bench.cli import main
 from dist_memopt.bench.memory import DEFAULT_OPTIMIZERS, _model_result, format_memory, measure_state_bytes, memory_benchmark
 from dist_memopt.bench.models import ModelShapes, model_shapes, shapes_of
 from dist_memopt.bench.optimizers import OPTIMIZERS, OptimizerSpec
-from dist_memopt.bench.step import format_step, step_benchmark, time_steps
+from dist_memopt.bench.step import _summary, format_step, step_benchmark, time_steps
 from models import AwkwardModel
 
 MIB = 2**20
@@ -108,6 +108,36 @@ def test_step_benchmark_interleaves_and_reports_ratios(tiny):
     assert results["verdicts"] == []  # the 1.5x target is for GPT-2-small shapes only
     text = format_step(results)
     assert "Transformer-base" in text and "1.33x" in text  # Table 5: 171 / 129
+
+
+def test_step_limit_pairs_each_step_with_its_rounds_bandwidth(tiny):
+    """The memory's speed is measured in every round; a step is compared with its own round's."""
+    bandwidths: list[float] = []
+    samples = time_steps(tiny, ["AdamW", "SMMF"], repeats=3, warmup=0, bandwidths=bandwidths)
+    assert len(bandwidths) == 3 and all(b > 0 for b in bandwidths)
+    assert all(len(times) == 3 for times in samples.values())
+    # the memory runs at 10 then 5 bytes/s, and the step of 10 bytes takes 1 then 2 s: at its limit in both
+    rows = _summary({"AdamW": [1.0, 2.0]}, {"AdamW": 10.0}, 10, [10.0, 5.0])
+    assert rows["AdamW"]["fraction_of_limit"] == pytest.approx(1.0)
+    assert rows["AdamW"]["limit_ms"] == pytest.approx(1e3 * 10 / 7.5)
+
+
+def test_step_rounds_pools_rounds_by_their_bandwidth(tmp_path):
+    """tools/step_rounds.py: each round's ratio lands in the band of that round's bandwidth."""
+    from tools.step_rounds import by_band, rounds
+
+    def run(bandwidths, adamw, smmf):
+        rows = {"AdamW": {"samples_ms": adamw}, "SMMF": {"samples_ms": smmf}}
+        return {"benchmarks": {"step": {"models": {"gpt2": {"bandwidth_gb_per_s": bandwidths, "optimizers": rows}}}}}
+
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    files[0].write_text(json.dumps(run([50.0, 100.0], [60.0, 40.0], [42.0, 40.0])))
+    files[1].write_text(json.dumps(run([55.0], [50.0], [35.0])))
+    pooled = rounds(files, "gpt2")
+    assert [b for b, _ in pooled] == [50.0, 100.0, 55.0]
+    header, slow, fast = by_band(pooled, [90.0])
+    assert slow.split()[:4] == ["<", "90", "2", "55.0"] and slow.endswith("0.70x")  # 42/60 and 35/50
+    assert fast.split()[:4] == [">=", "90", "1", "40.0"] and fast.endswith("1.00x")
 
 
 def test_step_benchmark_times_half_precision_parameters(tiny):

@@ -65,12 +65,30 @@ def tiny_costs():
     return kernel_costs("tiny", ["AdamW", "AdamW-foreach"] + list(PINNED))
 
 
-def test_fused_adamw_is_two_launches_of_32_bytes_per_element(tiny_costs):
+def test_fused_adamw_is_two_launches_of_28_bytes_per_element(tiny_costs):
     fused = tiny_costs["optimizers"]["AdamW"]
     assert fused["launches"] == 2 and fused["top_ops"] == {"_foreach_add_": 2, "_fused_adamw_": 2}
-    # weight, grad (a mutable argument of _fused_adamw_), exp_avg, exp_avg_sq: read and written
-    assert fused["bytes_per_element"] == pytest.approx(32.0, abs=0.02)  # + step counters
+    # weight, exp_avg, exp_avg_sq read and written, the gradient read
+    assert fused["bytes_per_element"] == pytest.approx(28.0, abs=0.02)  # + step counters
     assert fused["syncs"] == 0
+
+
+@pytest.mark.parametrize("grad_scale", [None, 4.0])
+def test_fused_adamw_writes_its_gradients_only_to_unscale_them(grad_scale):
+    """The schema marks the gradients written; the kernel writes them only with a grad_scale."""
+    from dist_memopt.bench.counting import StepCost
+
+    n = 1000
+    weights, grads, exp_avgs, exp_avg_sqs = ([torch.randn(n)] for _ in range(4))
+    exp_avg_sqs[0].abs_()
+    before = grads[0].clone()
+    scale = None if grad_scale is None else torch.tensor(grad_scale)
+    with StepCost() as cost:
+        torch._fused_adamw_(weights, grads, exp_avgs, exp_avg_sqs, [], [torch.tensor(1.0)], lr=1e-3, beta1=0.9,
+                            beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False, grad_scale=scale)
+    unscaled = not torch.equal(grads[0], before)
+    assert unscaled == (grad_scale is not None)
+    assert cost.bytes_written == 4 * n * (4 if unscaled else 3)
 
 
 @pytest.mark.parametrize("name", PINNED)

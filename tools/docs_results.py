@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,8 +72,11 @@ def _step(results: dict[str, Any]) -> str:
                  _number(row.get("limit_ms"), 1),
                  "—" if row.get("fraction_of_limit") is None else f"{row['fraction_of_limit']:.0%}"]
                 for name, row in model["optimizers"].items()]
-        triad = model.get("triad_gb_per_s") or []
-        note = f"; memory bandwidth (triad) {' / '.join(f'{b:.1f}' for b in triad)} GB/s" if triad else ""
+        bandwidth = model.get("bandwidth_gb_per_s") or []
+        note = ""
+        if bandwidth:
+            middle = statistics.median(bandwidth)
+            note = f"; memory bandwidth (in-place add, each repeat) {middle:.0f} GB/s ({min(bandwidth):.0f}–{max(bandwidth):.0f})"
         parts.append(f"**{model['title']}**, {model['numel']:,} {results['dtype']} parameters, {results['torch_threads']} threads, "
                      f"{results['repeats']} interleaved repeats{note}\n\n" + _table(headers, rows))
     verdicts = [f"- {'met' if v['ok'] else 'missed'}: {v['check']} (measured {v['measured']:.2f}×)" for v in results.get("verdicts", [])]

@@ -63,6 +63,11 @@ SYNC_OPS = {
 #: in-place ops that overwrite their first argument without reading it
 WRITE_ONLY = {"copy_", "fill_", "zero_", "_foreach_copy_", "_foreach_zero_", "normal_", "uniform_"}
 
+#: arguments the schema marks written that the kernel writes only when another argument is given:
+#: torch's fused Adam unscales the gradients in place only with a ``grad_scale`` (checked in
+#: tests/test_step_cost.py)
+WRITTEN_ONLY_WITH = {"_fused_adam_": ("grads", "grad_scale"), "_fused_adamw_": ("grads", "grad_scale")}
+
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     """Tensors in ``value``; a DTensor as its local shard (what the kernel touches)."""
@@ -144,11 +149,16 @@ class StepCost(TorchDispatchMode):
         schema = func._schema
         written_ids: set[int] = set()
         values = list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args) :]]
-        write_only = func.overloadpacket.__name__ in WRITE_ONLY
+        name = func.overloadpacket.__name__
+        write_only = name in WRITE_ONLY
+        conditional, condition = WRITTEN_ONLY_WITH.get(name, (None, None))
+        given = {a.name for a, v in zip(schema.arguments, values) if v is not None}
         for arg, value in zip(schema.arguments, values):
             if value is None:
                 continue
             mutated = arg.alias_info is not None and arg.alias_info.is_write
+            if arg.name == conditional and condition not in given:
+                mutated = False
             if mutated:
                 self.bytes_written += _nbytes(value)
                 written_ids.update(id(t) for t in _tensors(value))

@@ -6,10 +6,10 @@ gradients, interleaved (A B C A B C ...) so that machine noise hits them alike; 
 time and the median over repeats of the paired ratio t(optimizer) / t(AdamW) of the same repeat,
 where AdamW is torch's fused one (what torch users, HF Trainer's default and ZeRO-Offload's
 DeepSpeedCPUAdam give), with AdamW(foreach) and DeepSpeedCPUAdam beside it. On CPU the run also
-measures the machine's memory bandwidth (a triad, before and after the timings) and counts each
+measures the machine's memory bandwidth (an in-place add, once in each round) and counts each
 optimizer's bytes moved per step (:class:`~dist_memopt.bench.counting.StepCost`): bytes over
-bandwidth is the physical limit of a step, and its share of the measured time says how close an
-optimizer runs to it.
+the round's bandwidth is the physical limit of a step, and its share of the measured time says how
+close an optimizer runs to it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dist_memopt.bench.paper import STEP_MS
 from dist_memopt.bench.registry import Benchmark, int_at_least, register
 from dist_memopt.bench.report import format_table, load_average
 
-__all__ = ["DEFAULT_OPTIMIZERS", "BASELINES", "TARGETS", "measure_bandwidth", "step_bytes", "time_steps", "step_benchmark",
+__all__ = ["DEFAULT_OPTIMIZERS", "BASELINES", "TARGETS", "BandwidthProbe", "step_bytes", "time_steps", "step_benchmark",
            "format_step", "run"]
 
 DEFAULT_OPTIMIZERS = ("AdamW", "DeepSpeedCPUAdam", "AdamW-foreach", "SMMF", "SMMF-nocheck", "Alada", "Alada-nocheck",
@@ -55,19 +55,29 @@ def _fingerprint(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack([t.double().sum() for t in tensors]).cpu()
 
 
-def measure_bandwidth(device: torch.device | str = "cpu", numel: int = 1 << 25, repeats: int = 5) -> float:
-    """Bytes per second of a triad ``a = b + s·c`` (two streams read, one written), the best of
-    ``repeats``: what an optimizer step, a few streams per element, can move at most."""
-    device = torch.device(device)
-    a, b, c = (torch.rand(numel, device=device) for _ in range(3))
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first pass faults the pages in
-        _synchronize(device)
+class BandwidthProbe:
+    """Times an in-place add ``a += s·b`` of two 128 MiB arrays (two streams read, one written
+    back): what an optimizer step can move at most, since a step writes only lines it has read.
+
+    :func:`time_steps` runs it once per round beside the optimizers, so each step is compared
+    with the memory's speed in its own round (a shared machine's memory speeds up and slows down
+    within one run). A triad ``a = b + s·c`` into a third array also reads each line it writes
+    (write-allocate), uncounted: on a 2-core EPYC it runs a third slower than this add, below
+    the rate fused AdamW's step reaches.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", numel: int = 1 << 25) -> None:
+        self.device = torch.device(device)
+        self.a, self.b = (torch.rand(numel, device=self.device) for _ in range(2))
+        self()  # faults the pages in
+
+    def __call__(self) -> float:
+        """Bytes per second of one add."""
+        _synchronize(self.device)
         started = time.perf_counter()
-        torch.add(b, c, alpha=0.5, out=a)
-        _synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    return 3 * numel * a.element_size() / best
+        self.a.add_(self.b, alpha=1e-3)
+        _synchronize(self.device)
+        return 3 * self.a.numel() * self.a.element_size() / (time.perf_counter() - started)
 
 
 def step_bytes(optimizer: torch.optim.Optimizer, name: str, numel: int) -> Optional[float]:
@@ -95,9 +105,12 @@ def time_steps(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     moved: Optional[dict[str, Optional[float]]] = None,
+    bandwidths: Optional[list[float]] = None,
 ) -> dict[str, list[float]]:
     """Seconds of each timed ``step()`` per optimizer, ``repeats`` samples each, interleaved.
-    With ``moved``, each optimizer's bytes per step are counted into it after the timings."""
+    With ``moved``, each optimizer's bytes per step are counted into it after the timings; with
+    ``bandwidths``, the memory's bytes per second in each round (:class:`BandwidthProbe`) are
+    appended to it."""
     check_optimizer_names(optimizers)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -112,13 +125,17 @@ def time_steps(
         for optimizer in built.values():
             optimizer.step()
     samples: dict[str, list[float]] = {name: [] for name in built}
+    probe = None if bandwidths is None else BandwidthProbe(device)
     for _ in range(repeats):
+        if probe is not None:
+            bandwidths.append(probe())
         for name, optimizer in built.items():
             _synchronize(device)
             started = time.perf_counter()
             optimizer.step()
             _synchronize(device)
             samples[name].append(time.perf_counter() - started)
+    del probe
     if moved is not None:
         for name, optimizer in built.items():
             moved[name] = step_bytes(optimizer, name, shapes.numel)
@@ -128,12 +145,17 @@ def time_steps(
 
 
 def _summary(samples: dict[str, list[float]], moved: dict[str, Optional[float]], numel: int,
-             bandwidth: Optional[float]) -> dict[str, dict[str, Any]]:
+             bandwidths: Sequence[float]) -> dict[str, dict[str, Any]]:
+    """Per optimizer: times, the paired ratio to AdamW(fused), and its bytes against the memory's
+    speed in the same rounds (``fraction_of_limit``: median over rounds of limit / time)."""
     reference = samples.get(REFERENCE)
     rows = {}
     for name, times in samples.items():
         nbytes = moved.get(name)
-        limit = None if nbytes is None or not bandwidth else nbytes / bandwidth
+        limit = fraction = None
+        if nbytes is not None and bandwidths:
+            limit = nbytes / statistics.median(bandwidths)
+            fraction = statistics.median(nbytes / b / t for b, t in zip(bandwidths, times))
         paired = fastest = None
         if reference is not None:
             paired = statistics.median(t / r for t, r in zip(times, reference))
@@ -147,7 +169,7 @@ def _summary(samples: dict[str, list[float]], moved: dict[str, Optional[float]],
             "min_ratio_to_adamw": fastest,
             "bytes_per_element": None if nbytes is None else nbytes / max(1, numel),
             "limit_ms": None if limit is None else 1e3 * limit,
-            "fraction_of_limit": None if limit is None else limit / statistics.median(times),
+            "fraction_of_limit": fraction,
         }
     return rows
 
@@ -171,24 +193,24 @@ def step_benchmark(
         "warmup": warmup,
         "ratio": "ratio_to_adamw: median over repeats of t(optimizer)/t(AdamW(fused=True)) in the same repeat; "
         "min_ratio_to_adamw: fastest step / fastest AdamW step",
-        "limit": "limit_ms: bytes moved per step / measured triad bandwidth; fraction_of_limit: limit_ms / median step",
+        "limit": "bandwidth: an in-place add's bytes per second, once per repeat beside the optimizers; limit_ms: bytes "
+        "moved per step / median bandwidth; fraction_of_limit: median over repeats of (bytes / that repeat's bandwidth) / step time",
         "models": {},
         "verdicts": [],
     }
     for shapes in models:
         load_before = load_average()
-        bandwidths = [measure_bandwidth(device)] if device.type == "cpu" else []
+        on_cpu = device.type == "cpu"
         moved: dict[str, Optional[float]] = {}
-        samples = time_steps(shapes, optimizers, repeats, warmup, device, dtype, moved=moved if device.type == "cpu" else None)
-        if bandwidths:
-            bandwidths.append(measure_bandwidth(device))
-        bandwidth = statistics.median(bandwidths) if bandwidths else None
-        rows = _summary(samples, moved, shapes.numel, bandwidth)
+        bandwidths: list[float] = []
+        samples = time_steps(shapes, optimizers, repeats, warmup, device, dtype, moved=moved if on_cpu else None,
+                             bandwidths=bandwidths if on_cpu else None)
+        rows = _summary(samples, moved, shapes.numel, bandwidths)
         result = {
             "title": shapes.title,
             "numel": shapes.numel,
             "load_average_1min": [load_before, load_average()],
-            "triad_gb_per_s": [b / 1e9 for b in bandwidths],
+            "bandwidth_gb_per_s": [b / 1e9 for b in bandwidths],
             "optimizers": rows,
         }
         results["models"][shapes.key] = result
@@ -207,6 +229,11 @@ def step_benchmark(
         if echo:
             print(format_model(result, results), flush=True)
     return results
+
+
+def bandwidth_range(gb_per_s: Sequence[float]) -> str:
+    """"median GB/s (min–max)" of the rounds' bandwidths."""
+    return f"{statistics.median(gb_per_s):.0f} GB/s ({min(gb_per_s):.0f}–{max(gb_per_s):.0f})"
 
 
 def format_model(result: dict[str, Any], run: dict[str, Any]) -> str:
@@ -230,9 +257,10 @@ def format_model(result: dict[str, Any], run: dict[str, Any]) -> str:
     headers = ["optimizer", "median ms", "min–max ms", "vs AdamW", "min vs min", "B/elem", "limit ms", "of limit"]
     lines = [header, format_table(headers, rows)]
     lines.append("vs AdamW: median over repeats of t/t(AdamW(fused=True)) in the same repeat (the targets' measure)")
-    if result.get("triad_gb_per_s"):
-        lines.append(f"memory bandwidth (triad, before/after): {' / '.join(f'{b:.1f}' for b in result['triad_gb_per_s'])} GB/s; "
-                     "limit ms: bytes moved per step over that bandwidth; of limit: limit / median step")
+    if result.get("bandwidth_gb_per_s"):
+        lines.append(f"memory bandwidth (in-place add, each repeat): {bandwidth_range(result['bandwidth_gb_per_s'])}; "
+                     "limit ms: bytes moved per step over the median; of limit: median over repeats of limit / step, "
+                     "each with its repeat's bandwidth")
     loads = [x for x in result["load_average_1min"] if x is not None]
     cores = os.cpu_count() or 1
     if run["device"] == "cpu" and loads and max(loads) > cores:

@@ -35,6 +35,8 @@ def rounds(paths: list[Path], model: str) -> list[tuple[float, dict[str, float]]
 
 
 def by_band(pooled: list[tuple[float, dict[str, float]]], edges: list[float]) -> list[str]:
+    """A header and, per non-empty band between ``edges`` (GB/s), its rounds, fused AdamW's median
+    time and each optimizer's median ratio to it."""
     bounds = [0.0, *edges, float("inf")]
     names = [n for n in pooled[0][1] if n != REFERENCE]
     lines = [f"{'GB/s':>9}  {'rounds':>6}  {REFERENCE + ' ms':>9}  " + "  ".join(f"{n:>16}" for n in names)]

@@ -8,15 +8,18 @@ the GIL, and during the interpreter's finalization a thread that asks for it is 
 aborts the process ("terminate called without an active exception"), whether or not
 ``destroy_process_group()`` was called.
 
-So each collective's work and tensor are held here, not only by their reducer: until a later
-step's reduction (by then the worker thread has long released them) or, at exit, until the module
-is torn down, after :func:`wait_all` (an ``atexit`` hook, run before finalization) has waited
-for every one still running.
+So each collective's work and tensor are held here, not only by their reducer, until a later
+step's reduction (by then the worker thread has long released them). At exit, an ``atexit`` hook
+(run before finalization) waits for every one still running (:func:`wait_all`) and then keeps them
+for good: the worker thread marks a collective complete, which ends the wait, a moment before it
+drops its own reference, so the tensors must outlive the interpreter for that thread never to be
+the one that frees them.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import warnings
 from datetime import timedelta
@@ -24,7 +27,7 @@ from datetime import timedelta
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["hold", "release_completed", "wait_all", "held_count", "running_count", "EXIT_WAIT"]
+__all__ = ["hold", "release_completed", "wait_all", "keep_for_good", "held_count", "running_count", "EXIT_WAIT"]
 
 #: how long the interpreter's exit waits for the collectives still running
 EXIT_WAIT = timedelta(seconds=60)
@@ -59,19 +62,35 @@ def running_count() -> int:
     return sum(not w.is_completed() for w, _ in _held)
 
 
-@atexit.register
 def wait_all() -> None:
     """Wait for every held collective (at most :data:`EXIT_WAIT` each; a failure is a warning),
-    keeping them held: run at exit, before the interpreter finalizes."""
+    keeping them held. Run at exit, before the interpreter finalizes, then :func:`keep_for_good`."""
     for work, _ in _held:
         try:
             work.wait(EXIT_WAIT)
         except Exception as error:  # a peer that exited, or never posted the collective
             warnings.warn(
                 f"dist_memopt: at exit, the statistics all_reduce that the optimizer's last step left "
-                f"running did not complete ({error}); the process may abort. Call "
-                "optimizer.synchronize() before the process group is destroyed.",
+                f"running did not complete ({error}); call optimizer.synchronize() before the "
+                "process group is destroyed.",
                 RuntimeWarning,
                 stacklevel=1,
             )
             return
+
+
+def keep_for_good() -> None:
+    """Give every held work and tensor a reference that is never dropped (a leak of a few small
+    objects as the process ends): the interpreter's finalization then frees none of them, and the
+    worker thread's last release of a collective frees no Python object."""
+    for pair in _held:
+        for obj in pair:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+@atexit.register
+def _at_exit() -> None:
+    try:
+        wait_all()
+    finally:
+        keep_for_good()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -83,16 +84,24 @@ def _held_past_the_optimizer(rank, world_size):
     gc.collect()
     held_after_free = running.held_count()
     running.wait_all()
-    return held, held_in_child, held_after_free, running.held_count(), running.running_count()
+    objects = [obj for pair in running._held for obj in pair]
+    before = [sys.getrefcount(obj) for obj in objects]
+    running.keep_for_good()
+    after = [sys.getrefcount(obj) for obj in objects]
+    kept = [a - b for a, b in zip(after, before)]
+    return held, held_in_child, held_after_free, running.held_count(), running.running_count(), kept
 
 
 def test_a_running_reduction_is_held_past_its_optimizer_and_waited_for_at_exit():
     """The collective's work and tensor outlive a freed optimizer (gloo's worker thread must not
-    free them during finalization), and the exit hook completes it but keeps holding it; a forked
-    child holds none of them."""
-    for held, in_child, after_free, after_wait, running_after_wait in run_distributed(_held_past_the_optimizer, 2):
+    free them during finalization), and the exit hook completes it, then gives the work and the
+    tensor a reference never dropped (the worker releases its own only after the wait returns);
+    a forked child holds none of them."""
+    results = run_distributed(_held_past_the_optimizer, 2)
+    for held, in_child, after_free, after_wait, running_after_wait, kept in results:
         assert held >= 1 and in_child == 0 and after_free == held
         assert after_wait == held and running_after_wait == 0
+        assert kept == [1] * (2 * held)
 
 
 _EXITS_WITH_A_REDUCTION_RUNNING = """

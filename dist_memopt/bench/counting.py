@@ -151,14 +151,15 @@ class StepCost(TorchDispatchMode):
         values = list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args) :]]
         name = func.overloadpacket.__name__
         write_only = name in WRITE_ONLY
-        conditional, condition = WRITTEN_ONLY_WITH.get(name, (None, None))
-        given = {a.name for a, v in zip(schema.arguments, values) if v is not None}
+        unwritten = None  # the argument the schema marks written that this call leaves as it is
+        if name in WRITTEN_ONLY_WITH:
+            target, condition = WRITTEN_ONLY_WITH[name]
+            if all(v is None for a, v in zip(schema.arguments, values) if a.name == condition):
+                unwritten = target
         for arg, value in zip(schema.arguments, values):
             if value is None:
                 continue
-            mutated = arg.alias_info is not None and arg.alias_info.is_write
-            if arg.name == conditional and condition not in given:
-                mutated = False
+            mutated = arg.alias_info is not None and arg.alias_info.is_write and arg.name != unwritten
             if mutated:
                 self.bytes_written += _nbytes(value)
                 written_ids.update(id(t) for t in _tensors(value))

@@ -129,13 +129,16 @@ void alada_stats_tile(const Tile& t, const int64_t* seg, const int64_t* run, con
     const auto* p = reinterpret_cast<const double*>(seg[A_P]);
     if (PHASE == ODD) std::fill(col_out, col_out + seg[A_M], 0.0f);
     if (PHASE == EVEN) alada_q32(seg, q32);
+    SplitColumns cols(col_out, nullptr, 1, seg[A_M], PHASE == ODD ? t.rows : 1);
     float norm = 0.0f;
     for (int64_t i = 0; i < t.rows; ++i) {
         const int64_t r = t.row0 + i;
         const float pr = PHASE == ODD ? static_cast<float>(p[r]) : 0.0f;
-        const float acc = alada_stats_row<GT, IN_GRAD, PHASE>(seg, run, r, h, pr, q32.data(), col_out, norm);
+        const float acc = alada_stats_row<GT, IN_GRAD, PHASE>(seg, run, r, h, pr, q32.data(), cols.at(0), norm);
         if (PHASE != ODD) row_out[i] = acc;
+        cols.advance();
     }
+    cols.fold();
     *norm_out = norm;
 }
 

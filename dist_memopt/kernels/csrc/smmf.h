@@ -6,6 +6,7 @@
 // whole rows are stepped together (smmf_panel), their column values are summed before the partial.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <vector>
@@ -248,10 +249,13 @@ void smmf_tile(const Tile& t, const int64_t* seg, const int64_t* run, const Smmf
     const auto* cv = reinterpret_cast<const float*>(seg[S_CV]);
     const auto* rm = reinterpret_cast<const float*>(seg[S_RM]);
     const auto* cm = reinterpret_cast<const float*>(seg[S_CM]);
+#if DMO_AVX512
+    constexpr int PANEL = PANEL_ROWS;
+    SplitColumns cols(col_v, col_m, HAS_M ? 2 : 1, m, m % 64 == 0 ? t.rows / PANEL : 1);
+#endif
     for (int64_t i = 0; i < t.rows; ++i) {
         const int64_t r = t.row0 + i;
 #if DMO_AVX512
-        constexpr int PANEL = PANEL_ROWS;
         if (m % 64 == 0 && i + PANEL <= t.rows) {
             const int64_t k = whole_rows_at(run, m, r, PANEL);
             if (k >= 0 && k % 8 == 0) {
@@ -260,7 +264,9 @@ void smmf_tile(const Tile& t, const int64_t* seg, const int64_t* run, const Smmf
                     rv_p[j] = rv[r + j] * h.beta2;
                     rm_p[j] = HAS_M ? rm[r + j] * h.beta1 : 0.0f;
                 }
-                smmf_panel<WT, GT, HAS_M, COUPLED, PANEL>(w, g, sign, cv, cm, col_v, col_m, rv_p, rm_p, h, m, k, row_v + i, row_m + i);
+                smmf_panel<WT, GT, HAS_M, COUPLED, PANEL>(w, g, sign, cv, cm, cols.at(0), cols.at(HAS_M ? 1 : 0), rv_p, rm_p, h,
+                                                          m, k, row_v + i, row_m + i);
+                cols.advance();
                 i += PANEL - 1;
                 continue;
             }
@@ -274,6 +280,9 @@ void smmf_tile(const Tile& t, const int64_t* seg, const int64_t* run, const Smmf
         row_v[i] = sums.total_v();
         if (HAS_M) row_m[i] = sums.total_m();
     }
+#if DMO_AVX512
+    cols.fold();
+#endif
 }
 
 }  // namespace dmo

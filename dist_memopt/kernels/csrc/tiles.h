@@ -88,4 +88,48 @@ inline void for_each_span(const int64_t* run, int64_t m, int64_t r, F&& f) {
     }
 }
 
+// A tile's column partials of 1 or 2 statistics split over up to MAX_PARTS copies that consecutive
+// row groups take in turn, each statistic's copies summed in order into its first at the end. A
+// group's loads of a partial then come PART_SPACING columns or more after the stores that wrote
+// it: where memory is fast, loads that follow those stores by one row group of a view 768 wide
+// stalled the step (see docs/design.md, "Column partials").
+class SplitColumns {
+  public:
+    static constexpr int MAX_PARTS = 8;
+    static constexpr int64_t PART_SPACING = 16384;
+
+    SplitColumns(float* first0, float* first1, int stats, int64_t m, int64_t groups) : m_(m), stats_(stats) {
+        count_ = static_cast<int>(std::clamp<int64_t>(std::min((PART_SPACING + m - 1) / m, groups), 1, MAX_PARTS));
+        parts_[0][0] = first0;
+        parts_[0][1] = first1;
+        if (count_ == 1) return;
+        float* scratch = thread_scratch(int64_t(count_ - 1) * stats * m);
+        for (int j = 1; j < count_; ++j)
+            for (int s = 0; s < stats; ++s) {
+                parts_[j][s] = scratch + ((j - 1) * stats + s) * m;
+                std::fill(parts_[j][s], parts_[j][s] + m, 0.0f);
+            }
+    }
+    float* at(int stat) const { return parts_[turn_][stat]; }
+    void advance() { turn_ = turn_ + 1 == count_ ? 0 : turn_ + 1; }
+    void fold() const {
+        for (int j = 1; j < count_; ++j)
+            for (int s = 0; s < stats_; ++s)
+                for (int64_t c = 0; c < m_; ++c) parts_[0][s][c] += parts_[j][s][c];
+    }
+
+  private:
+    // this thread's scratch of at least `floats`, 64-byte aligned, kept between calls
+    static float* thread_scratch(int64_t floats) {
+        static thread_local std::vector<float> buffer;
+        if (static_cast<int64_t>(buffer.size()) < floats + 16) buffer.resize(floats + 16);
+        const auto misalign = reinterpret_cast<uintptr_t>(buffer.data()) % 64;
+        return buffer.data() + (misalign ? (64 - misalign) / sizeof(float) : 0);
+    }
+
+    float* parts_[MAX_PARTS][2] = {};
+    int64_t m_;
+    int stats_, count_ = 1, turn_ = 0;
+};
+
 }  // namespace dmo

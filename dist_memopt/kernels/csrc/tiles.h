@@ -92,7 +92,7 @@ inline void for_each_span(const int64_t* run, int64_t m, int64_t r, F&& f) {
 // row groups take in turn, each statistic's copies summed in order into its first at the end. A
 // group's loads of a partial then come PART_SPACING columns or more after the stores that wrote
 // it: where memory is fast, loads that follow those stores by one row group of a view 768 wide
-// stalled the step (see docs/design.md, "Column partials").
+// stalled the step (docs/design.md, "The fused CPU kernels").
 class SplitColumns {
   public:
     static constexpr int MAX_PARTS = 8;

@@ -282,3 +282,24 @@ def test_deepspeed_baseline_is_what_a_user_gets(offload):
     params = adamw["optimizer"]["params"]
     assert adamw["optimizer"]["type"] == "AdamW" and params.get("torch_adam", False) == params.get("fused", False) == (not offload)
     assert smmf["optimizer"]["type"] == "SMMF"
+
+
+def test_deepspeed_shm_buffers_of_a_run_are_removed_and_no_others(tmp_path):
+    """DeepSpeed's CPU all_reduce leaves a 66 MiB buffer per rank in /dev/shm; the DeepSpeed bench and
+    the test harness remove those of their own runs (by port, or by creation time) and no others."""
+    import time
+
+    from dist_memopt.train.distributed import remove_deepspeed_shm_buffers
+
+    uid = os.getuid()
+    ours = [tmp_path / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_4242_{rank}" for rank in (0, 1)]
+    other_port = tmp_path / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_4243_0"
+    other_kind = tmp_path / "mpich_shm_1_0"
+    for path in ours + [other_port, other_kind]:
+        path.write_bytes(b"x")
+    removed = remove_deepspeed_shm_buffers(port=4242, directory=str(tmp_path))
+    assert sorted(removed) == sorted(map(str, ours))
+    assert other_port.exists() and other_kind.exists()
+    assert remove_deepspeed_shm_buffers(since=time.time() + 60, directory=str(tmp_path)) == []
+    assert remove_deepspeed_shm_buffers(since=0, directory=str(tmp_path)) == [str(other_port)]
+    assert other_kind.exists()

@@ -149,7 +149,13 @@ def _launch(plan: dict[str, Any], ranks: int) -> dict[int, list[dict[str, Any]]]
         monitor_interval=1,
         start_method="spawn",
     )
-    return elastic_launch(config, _rank_main)(plan)
+    from dist_memopt.train.distributed import remove_deepspeed_shm_buffers
+
+    started = time.time()
+    try:
+        return elastic_launch(config, _rank_main)(plan)
+    finally:
+        remove_deepspeed_shm_buffers(since=started)
 
 
 def _combine(per_rank: dict[int, list[dict[str, Any]]], ranks: int) -> dict[str, Any]:

@@ -8,15 +8,17 @@ of 1. :func:`discover` only reads; :func:`init_process_group` creates the defaul
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "discover", "init_process_group", "free_port"]
+__all__ = ["DistEnv", "discover", "init_process_group", "free_port", "remove_deepspeed_shm_buffers"]
 
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 
@@ -88,3 +90,25 @@ def init_process_group(env: DistEnv, timeout_s: int = 600) -> None:
         torch.cuda.set_device(env.device)
     backend = "nccl" if env.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def remove_deepspeed_shm_buffers(port: Optional[int] = None, since: Optional[float] = None, addr: str = "127.0.0.1",
+                                 directory: str = "/dev/shm") -> list[str]:
+    """Delete the shared-memory buffers DeepSpeed's CPU all_reduce leaves behind; returns their paths.
+
+    With the CPU accelerator, each rank creates ``deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}``
+    (66 MiB) in ``/dev/shm`` and never unlinks it: memory held until reboot, one per rank and run.
+    ``port``: only the files of that MASTER_PORT; ``since``: only files created at or after that time
+    (seconds since the epoch), for launchers that pick the port themselves.
+    """
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{'*' if port is None else port}_*"
+    removed = []
+    for path in glob.glob(os.path.join(directory, pattern)):
+        try:
+            if since is not None and os.stat(path).st_ctime < since:
+                continue
+            os.unlink(path)
+            removed.append(path)
+        except OSError:  # gone already, or another user's
+            pass
+    return removed

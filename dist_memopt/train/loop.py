@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from dist_memopt.train import checkpoint, report
 from dist_memopt.train.config import RunConfig, config_to_dict, to_yaml
-from dist_memopt.train.distributed import DistEnv, discover, init_process_group
+from dist_memopt.train.distributed import DistEnv, discover, init_process_group, remove_deepspeed_shm_buffers
 
 __all__ = ["run"]
 
@@ -77,6 +77,8 @@ def run(config: RunConfig, resume: Optional[str | bool] = None) -> dict:
 
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+        if env.world_size > 1 and "MASTER_PORT" in os.environ:  # DeepSpeed's CPU all_reduce leaves them
+            remove_deepspeed_shm_buffers(port=int(os.environ["MASTER_PORT"]), addr=os.environ.get("MASTER_ADDR", "127.0.0.1"))
 
 
 @dataclass

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_memopt.train.distributed import remove_deepspeed_shm_buffers
 
 PRELOADED = ("torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "dist_memopt", "harness")
 
@@ -189,6 +190,7 @@ def _run_ranks(
             p.join(timeout=5 if len(outcomes) == world_size else 0.1)
             if p.is_alive() or not daemon:
                 _kill_group(p)
+        remove_deepspeed_shm_buffers(port=port)  # DeepSpeed's CPU all_reduce would leave them in /dev/shm
     failures = {r: tb for r, (ok, tb) in outcomes.items() if not ok}
     if failures:
         silent = [

@@ -251,7 +251,8 @@ void smmf_tile(const Tile& t, const int64_t* seg, const int64_t* run, const Smmf
     const auto* cm = reinterpret_cast<const float*>(seg[S_CM]);
 #if DMO_AVX512
     constexpr int PANEL = PANEL_ROWS;
-    SplitColumns cols(col_v, col_m, HAS_M ? 2 : 1, m, m % 64 == 0 ? t.rows / PANEL : 1);
+    // only a run of consecutive positions (run[4] == 1) has row pairs whole in it (whole_rows_at)
+    SplitColumns cols(col_v, col_m, HAS_M ? 2 : 1, m, m % 64 == 0 && run[4] == 1 ? t.rows / PANEL : 1);
 #endif
     for (int64_t i = 0; i < t.rows; ++i) {
         const int64_t r = t.row0 + i;

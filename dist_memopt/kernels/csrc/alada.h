@@ -91,6 +91,8 @@ inline float alada_stats_row(const int64_t* seg, const int64_t* run, int64_t r, 
 #if DMO_AVX2
         vf acc8 = _mm256_setzero_ps(), norm8 = _mm256_setzero_ps();
         for (; c + 8 <= end; c += 8, k += 8) {
+            prefetch_ahead<false>(g + k);  // a line twice: the spans' starts are not aligned
+            if (!IN_GRAD) prefetch_ahead<true>(moment + k);
             const vf gk = load8(g + k);
             vf mk = gk;
             if (!IN_GRAD) {
@@ -194,6 +196,8 @@ inline void alada_update_row(const int64_t* seg, const int64_t* run, int64_t r, 
 #endif
 #if DMO_AVX2
         for (; c + 8 <= end; c += 8, k += 8) {
+            prefetch_ahead<true>(w + k);
+            prefetch_ahead<false>(momentum + k);
             const vf refit = fma(splat(factor), loadf(col + c), splat(shift));
             const vf denominator = vsqrt(vmax(refit, splat(eps)));
             const vf wk = mul(load8(w + k), splat(decay));

@@ -108,6 +108,8 @@ def test_step_benchmark_interleaves_and_reports_ratios(tiny):
     assert results["verdicts"] == []  # the 1.5x target is for GPT-2-small shapes only
     text = format_step(results)
     assert "Transformer-base" in text and "1.33x" in text  # Table 5: 171 / 129
+    # the processor and the CPU kernels' blocks, which decide whether a step is bound by memory
+    assert f"CPU kernels: {results['cpu_kernels_simd']}" in text and results["cpu_kernels_simd"] in ("avx512", "avx2", "scalar")
 
 
 def test_step_limit_pairs_each_step_with_its_rounds_bandwidth(tiny):
@@ -215,6 +217,7 @@ def test_all_runs_every_registered_benchmark_and_writes_json(tmp_path, monkeypat
     document = json.loads(path.read_text())
     assert set(document["benchmarks"]) == {"memory", "step", "plugin"}
     assert document["environment"]["torch"] == torch.__version__
+    assert document["environment"]["cpu_kernels_simd"] in ("avx512", "avx2", "scalar") and document["environment"]["processor"]
     memory = document["benchmarks"]["memory"]["models"]["tiny"]["optimizers"]
     assert list(memory) == list(DEFAULT_OPTIMIZERS)
 

@@ -43,12 +43,15 @@ def load_average() -> float | None:
 def environment() -> dict[str, Any]:
     """Where and with what the numbers were measured."""
     import dist_memopt
+    from dist_memopt.kernels.cpu_build import processor_name, simd_level
 
     return {
         "dist_memopt": dist_memopt.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "processor": processor_name(),
+        "cpu_kernels_simd": simd_level(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": load_average(),

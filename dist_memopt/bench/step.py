@@ -187,6 +187,7 @@ def step_benchmark(
     device = torch.device(device)
     results: dict[str, Any] = {
         "device": str(device),
+        **(_cpu_description() if device.type == "cpu" else {}),
         "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "repeats": repeats,
@@ -236,9 +237,23 @@ def bandwidth_range(gb_per_s: Sequence[float]) -> str:
     return f"{statistics.median(gb_per_s):.0f} GB/s ({min(gb_per_s):.0f}–{max(gb_per_s):.0f})"
 
 
+def _cpu_description() -> dict[str, str]:
+    """The processor a CPU run timed on and the blocks the fused CPU kernels compile to there."""
+    from dist_memopt.kernels.cpu_build import processor_name, simd_level
+
+    return {"processor": processor_name(), "cpu_kernels_simd": simd_level()}
+
+
+def _processor(run: dict[str, Any]) -> str:
+    """" (processor; CPU kernels: blocks)" where the run recorded them."""
+    if "processor" not in run:
+        return ""
+    return f" ({run['processor']}; CPU kernels: {run.get('cpu_kernels_simd', '?')})"
+
+
 def format_model(result: dict[str, Any], run: dict[str, Any]) -> str:
     header = (
-        f"{result['title']}: {result['numel']:,} {run['dtype']} parameters; {run['device']}, {run['torch_threads']} threads, "
+        f"{result['title']}: {result['numel']:,} {run['dtype']} parameters; {run['device']}{_processor(run)}, {run['torch_threads']} threads, "
         f"{run['repeats']} interleaved repeats after {run['warmup']} warm-up steps"
     )
     rows = []

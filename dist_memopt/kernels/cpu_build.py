@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
-__all__ = ["cpu_kernels", "cpu_kernels_problem", "CpuKernelsUnavailable", "SOURCES"]
+__all__ = ["cpu_kernels", "cpu_kernels_problem", "CpuKernelsUnavailable", "SOURCES", "simd_level", "processor_name"]
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("ops.cpp",)
@@ -37,6 +37,33 @@ def _processor_features() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def simd_level() -> str:
+    """The blocks the kernels compile to on this processor (``-march=native``): ``"avx512"``
+    (sixteen lanes), ``"avx2"`` (eight; AVX2, FMA and F16C) or ``"scalar"``, as ``csrc/simd.h``
+    decides; read from the processor's flags, without building anything."""
+    flags = set(_processor_features().split())
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "avx512" if "avx512f" in flags else "avx2"
+    return "scalar"
+
+
+def processor_name() -> str:
+    """The processor's model name, family and model (``/proc/cpuinfo``), or what ``platform`` says."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+            if not line.strip() and fields:
+                break
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def _build_name() -> str:

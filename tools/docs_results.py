@@ -99,7 +99,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"memory": _memory, "ker
 
 def _environment(env: dict[str, Any]) -> str:
     command = " ".join(["python -m dist_memopt.bench"] + [str(a) for a in env.get("argv", [])[1:]])
-    device = env.get("cuda") or f"{env.get('machine')} CPU, {env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads"
+    processor = f" ({env['processor']}; CPU kernels: {env.get('cpu_kernels_simd')})" if env.get("processor") else ""
+    device = env.get("cuda") or f"{env.get('machine')} CPU{processor}, {env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads"
     return (f"Measured {env.get('finished')} on {device}; torch {env.get('torch')}, dist_memopt {env.get('dist_memopt')}, "
             f"load average {_number(env.get('load_average_1min'))}. Command: `{command}`")
 

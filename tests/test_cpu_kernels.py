@@ -154,11 +154,14 @@ WIDE_CONFIGS = {
 def test_rows_of_whole_blocks_match_the_float64_reference(config):
     """Views a multiple of 16 wide: every element in a whole block, no head or tail (the model of
     the other tests has none such): the float64 reference. Views a multiple of 64 wide step whole
-    rows in pairs (strips of wider views: test_fused_kernels.py's sharded layouts)."""
+    rows in pairs (strips of wider views: test_fused_kernels.py's sharded layouts), and with AVX2
+    alone so do views a multiple of 8 wide, whose rows end in a shorter sign word: (110, 96) and
+    (201, 200), an odd row left to the row-by-row code."""
     from reference import SMMFReference
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(131, 64)), torch.nn.Parameter(torch.randn(96, 64) * 0.1)]
+    params = [torch.nn.Parameter(torch.randn(131, 64)), torch.nn.Parameter(torch.randn(96, 64) * 0.1),
+              torch.nn.Parameter(torch.randn(110, 96)), torch.nn.Parameter(torch.randn(201, 200) * 0.1)]
     optimizer = dm.SMMF(params, kernel="cpu", **config)
     references = [SMMFReference(p, **config) for p in params]
     generator = torch.Generator().manual_seed(1)

@@ -170,6 +170,10 @@ inline void smmf_span(WT* __restrict w, const GT* __restrict g, uint8_t* __restr
 // of the step where memory is fast) are halved; four saved little more and were slower where
 // memory is slow, each row being a stream of its own.
 constexpr int PANEL_ROWS = 2;
+// What a view's width must be a multiple of for its rows to take smmf_panel: 64 with AVX-512 (four
+// sixteen-lane blocks per sign word), 8 with AVX2 (whole sign bytes; a row's last word may be
+// shorter)
+constexpr int64_t PANEL_WIDTH_UNIT = DMO_AVX512 ? 64 : 8;
 #endif
 
 #if DMO_AVX512
@@ -238,9 +242,9 @@ inline void smmf_panel(WT* __restrict w, const GT* __restrict g, uint8_t* __rest
     }
 }
 #elif DMO_AVX2
-// smmf_panel in eight-lane blocks, for processors without AVX-512: each row's eight sign bytes of 64
-// columns are loaded and stored once, a block's signs taken from them through sign_table (a
-// multiply by ±1, as smmf_span does). Where AVX2 is the widest, the step is held by its
+// smmf_panel in eight-lane blocks, for processors without AVX-512, m a multiple of 8: each row's
+// eight sign bytes of 64 columns (fewer at the row's end) are loaded and stored once, a block's
+// signs taken from them through sign_table (a multiply by ±1, as smmf_span does). Where AVX2 is the widest, the step is held by its
 // instructions as much as by memory: GPT-2 small's kernel took 51 ms on two threads through
 // smmf_span, with a sign byte and the column partials loaded and stored per row and eight
 // elements, and takes 37 ms in these panels.
@@ -257,13 +261,15 @@ inline void smmf_panel(WT* __restrict w, const GT* __restrict g, uint8_t* __rest
         rm8[i] = splat(HAS_M ? rm[i] : 0.0f);
         acc_v[i] = acc_m[i] = zero;
     }
-    for (int64_t c0 = 0; c0 < m; c0 += 64) {
+    // `blocks` blocks of eight columns from c0 and their sign bytes: 8, but in a row's last word
+    auto word = [&](const int64_t c0, const int blocks) __attribute__((always_inline)) {
         uint64_t bits[PANEL], fresh[PANEL];
         for (int i = 0; i < PANEL; ++i) {
-            if (HAS_M) std::memcpy(&bits[i], sign + ((k0 + i * m + c0) >> 3), 8);
-            fresh[i] = 0;
+            bits[i] = fresh[i] = 0;
+            if (HAS_M && blocks == 8) std::memcpy(&bits[i], sign + ((k0 + i * m + c0) >> 3), 8);
+            else if (HAS_M) std::memcpy(&bits[i], sign + ((k0 + i * m + c0) >> 3), blocks);
         }
-        for (int b = 0; b < 8; ++b) {
+        for (int b = 0; b < blocks; ++b) {
             const int64_t c = c0 + 8 * b;
             const vf cv_c = loadf(cv + c), cm_c = HAS_M ? loadf(cm + c) : zero;
             vf sum_v = zero, sum_m = zero;
@@ -293,9 +299,14 @@ inline void smmf_panel(WT* __restrict w, const GT* __restrict g, uint8_t* __rest
             storef(col_v + c, add(loadf(col_v + c), sum_v));
             if (HAS_M) storef(col_m + c, add(loadf(col_m + c), sum_m));
         }
-        if (HAS_M)
-            for (int i = 0; i < PANEL; ++i) std::memcpy(sign + ((k0 + i * m + c0) >> 3), &fresh[i], 8);
-    }
+        for (int i = 0; i < PANEL && HAS_M; ++i) {
+            if (blocks == 8) std::memcpy(sign + ((k0 + i * m + c0) >> 3), &fresh[i], 8);
+            else std::memcpy(sign + ((k0 + i * m + c0) >> 3), &fresh[i], blocks);
+        }
+    };
+    int64_t c0 = 0;
+    for (; c0 + 64 <= m; c0 += 64) word(c0, 8);
+    if (c0 < m) word(c0, static_cast<int>((m - c0) / 8));
     for (int i = 0; i < PANEL; ++i) {
         row_v[i] = hsum(acc_v[i]);
         if (HAS_M) row_m[i] = hsum(acc_m[i]);
@@ -319,12 +330,12 @@ void smmf_tile(const Tile& t, const int64_t* seg, const int64_t* run, const Smmf
 #if DMO_AVX2
     constexpr int PANEL = PANEL_ROWS;
     // only a run of consecutive positions (run[4] == 1) has row pairs whole in it (whole_rows_at)
-    SplitColumns cols(col_v, col_m, HAS_M ? 2 : 1, m, m % 64 == 0 && run[4] == 1 ? t.rows / PANEL : 1);
+    SplitColumns cols(col_v, col_m, HAS_M ? 2 : 1, m, m % PANEL_WIDTH_UNIT == 0 && run[4] == 1 ? t.rows / PANEL : 1);
 #endif
     for (int64_t i = 0; i < t.rows; ++i) {
         const int64_t r = t.row0 + i;
 #if DMO_AVX2
-        if (m % 64 == 0 && i + PANEL <= t.rows) {
+        if (m % PANEL_WIDTH_UNIT == 0 && i + PANEL <= t.rows) {
             const int64_t k = whole_rows_at(run, m, r, PANEL);
             if (k >= 0 && k % 8 == 0) {
                 float rv_p[PANEL], rm_p[PANEL];

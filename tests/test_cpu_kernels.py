@@ -80,6 +80,52 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path):
             assert torch.equal(a, b), name
 
 
+def _scalar_build():
+    """The kernels built with DMO_FORCE_SCALAR (cached like the real build, under its own name)."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(name=cpu_build._build_name() + "_scalar", sources=[str(cpu_build.CSRC / n) for n in cpu_build.SOURCES],
+                              extra_include_paths=[str(cpu_build.CSRC)], extra_cflags=cpu_build.FLAGS + ["-DDMO_FORCE_SCALAR"],
+                              extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def test_the_scalar_code_steps_as_the_vector_code_does(monkeypatch):
+    """Processors without AVX2 (aarch64, older x86) take the scalar code: built here with
+    DMO_FORCE_SCALAR, SMMF and Alada step the sharded layouts and views whose rows the vector
+    code steps in pairs to the vector build's numbers (the partial sums add in another order, so
+    to within rounding), and its finite scan finds what the vector one finds."""
+    from dist_memopt.kernels import alada_cpu, smmf_cpu
+    from kernel_cases import sharded_run
+
+    scalar = _scalar_build()
+    assert scalar.simd() == "scalar" and cpu_build.cpu_kernels().simd() != "scalar"
+
+    def run(module):
+        with monkeypatch.context() as patch:
+            for owner in (cpu_build, smmf_cpu, alada_cpu):
+                patch.setattr(owner, "cpu_kernels", lambda: module)
+            out = []
+            for cls in (dm.SMMF, dm.Alada):
+                params, optimizer = sharded_run("cpu", dict(weight_decay=0.1), steps=4, cls=cls)
+                wide = torch.nn.Parameter(torch.randn(201, 200, generator=torch.Generator().manual_seed(2)))
+                opt = cls([wide], kernel="cpu")
+                for step in range(4):
+                    wide.grad = torch.randn(wide.shape, generator=torch.Generator().manual_seed(3 + step))
+                    opt.step()
+                states = [*optimizer.state_dict()["state"].values(), *opt.state_dict()["state"].values()]
+                out += [p.detach().clone() for p in params] + [wide.detach().clone()] + [v for s in states for v in s.values()]
+            return out
+
+    for vector, plain in zip(run(cpu_build.cpu_kernels()), run(scalar)):
+        if vector.dtype == torch.uint8:  # SMMF's signs: a flip only where M rounds to about 0
+            assert (vector != plain).sum().item() <= vector.numel() // 1000
+        else:
+            torch.testing.assert_close(plain, vector, rtol=1e-5, atol=1e-6)
+    bad = [torch.randn(100), torch.randn(1 << 20)]
+    bad[1][777_777] = float("nan")
+    assert scalar.first_nonfinite(bad) == cpu_build.cpu_kernels().first_nonfinite(bad) == 1
+
+
 def test_a_failed_build_warns_and_takes_the_torch_path_under_auto_and_raises_when_asked(monkeypatch):
     reason = "the fused CPU kernels could not be built (FileNotFoundError: c++); they need a C++17 compiler"
     monkeypatch.setattr(cpu_build, "_load", lambda: (None, reason))

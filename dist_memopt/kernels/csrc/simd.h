@@ -13,7 +13,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// DMO_FORCE_SCALAR builds the scalar code on any processor: what machines without AVX2 (aarch64,
+// older x86) run, built and checked on those that have it (tests/test_cpu_kernels.py)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(DMO_FORCE_SCALAR)
 #include <immintrin.h>
 #define DMO_AVX2 1
 #else

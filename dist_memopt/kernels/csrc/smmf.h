@@ -244,10 +244,10 @@ inline void smmf_panel(WT* __restrict w, const GT* __restrict g, uint8_t* __rest
 #elif DMO_AVX2
 // smmf_panel in eight-lane blocks, for processors without AVX-512, m a multiple of 8: each row's
 // eight sign bytes of 64 columns (fewer at the row's end) are loaded and stored once, a block's
-// signs taken from them through sign_table (a multiply by ±1, as smmf_span does). Where AVX2 is the widest, the step is held by its
-// instructions as much as by memory: GPT-2 small's kernel took 51 ms on two threads through
-// smmf_span, with a sign byte and the column partials loaded and stored per row and eight
-// elements, and takes 37 ms in these panels.
+// signs taken from them through sign_table (a multiply by ±1, as smmf_span does). Where AVX2 is
+// the widest, the step is held by its instructions as much as by memory: GPT-2 small's kernel
+// took 51 ms on two threads through smmf_span, with a sign byte and the column partials loaded
+// and stored per row and eight elements, and takes 37 ms in these panels.
 template <typename WT, typename GT, bool HAS_M, bool COUPLED, int PANEL>
 inline void smmf_panel(WT* __restrict w, const GT* __restrict g, uint8_t* __restrict sign, const float* __restrict cv,
                        const float* __restrict cm, float* __restrict col_v, float* __restrict col_m, const float* rv,

@@ -82,11 +82,7 @@ def test_results_do_not_depend_on_the_thread_count(tmp_path):
 
 def _scalar_build():
     """The kernels built with DMO_FORCE_SCALAR (cached like the real build, under its own name)."""
-    from torch.utils import cpp_extension
-
-    return cpp_extension.load(name=cpu_build._build_name() + "_scalar", sources=[str(cpu_build.CSRC / n) for n in cpu_build.SOURCES],
-                              extra_include_paths=[str(cpu_build.CSRC)], extra_cflags=cpu_build.FLAGS + ["-DDMO_FORCE_SCALAR"],
-                              extra_ldflags=["-fopenmp"], verbose=False)
+    return cpu_build._compile(cpu_build._build_name() + "_scalar", cpu_build.FLAGS + ["-DDMO_FORCE_SCALAR"])
 
 
 def test_the_scalar_code_steps_as_the_vector_code_does(monkeypatch):

@@ -75,20 +75,24 @@ def _build_name() -> str:
     return f"dist_memopt_cpu_{digest.hexdigest()[:16]}"
 
 
+def _compile(name: str, flags: list[str]) -> ModuleType:
+    """``csrc/`` built with ``flags`` (cached under ``name``); raises what the build raised."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name=name,
+        sources=[str(CSRC / source) for source in SOURCES],
+        extra_include_paths=[str(CSRC)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[Optional[ModuleType], Optional[str]]:
     try:
-        from torch.utils import cpp_extension
-
-        module = cpp_extension.load(
-            name=_build_name(),
-            sources=[str(CSRC / name) for name in SOURCES],
-            extra_include_paths=[str(CSRC)],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-        return module, None
+        return _compile(_build_name(), FLAGS), None
     except Exception as error:  # a missing compiler or ninja, a failed build, an unloadable library
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return None, (f"the fused CPU kernels could not be built ({type(error).__name__}: {first}); they need a C++17 "

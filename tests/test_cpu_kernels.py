@@ -250,9 +250,11 @@ def _alada_steps(params, layouts, config, steps, monkeypatch, reduced: bool) -> 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", [dict(weight_decay=0.1), dict(momentum_in_grad=True)], ids=["state-momentum", "momentum-in-grad"])
 def test_alada_one_pass_even_steps_give_the_numbers_of_the_two_passes(config, dtype, monkeypatch):
-    """At even t, segments of one run take one pass over the rows they hold whole (the rows a range
-    cuts: statistics, then refit and update after the all_reduce): the same operations in the same
-    order as the two passes, so bit-identical weights and state."""
+    """At even t, segments of one run take one pass over the rows they hold whole, a row's update
+    beside the next row's statistics where both are whole (the rows a range cuts: statistics, then
+    refit and update after the all_reduce): the same operations in the same order as the two
+    passes, so bit-identical weights and state. Widths 77, 96 and 33 end in a part chunk, a part
+    block and single elements."""
     generator = torch.Generator().manual_seed(0)
     shapes = [(300, 77), (64, 64), (7,), (5, 3, 3, 3), (1031,), (128, 96), (), (6, 33), (6, 33), (17,), (193,), (40,)]
     params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in shapes]

@@ -27,81 +27,69 @@ struct AladaStats {
     float beta1, bias1, g0_div;
 };
 
-// One view row of the statistics pass: M updated in place (unless .grad holds it); returns the row's
-// V·q (even t) or rowsum(V) (t = 0), adds its Vᵀ·p (odd t) to col_out and its ‖G0‖² (t = 0) to norm.
+// The statistics pass on columns of view rows: M updated in place (unless .grad holds it), the
+// row's V·q (even t) or rowsum(V) (t = 0) summed into acc, its Vᵀ·p (odd t) added to col_out and
+// its ‖G0‖² (t = 0) to norm. blocks() takes the widest blocks the build has, finish() the rest
+// element by element and adds the blocks' sums: a span taken in chunks (alada_pair_rows) sums
+// exactly as the span taken whole.
 template <typename GT, bool IN_GRAD, int PHASE>
-inline float alada_stats_row(const int64_t* seg, const int64_t* run, int64_t r, const AladaStats& h, float pr,
-                             const float* q32, float* col_out, float& norm) {
-    const int64_t m = seg[A_M];
-    const auto* g = reinterpret_cast<const GT*>(seg[A_G]);
-    auto* momentum = reinterpret_cast<float*>(seg[A_MOM]);  // fp32 state (IN_GRAD: unused, g holds M)
-    const float unbias = 1.0f / h.bias1, keep = 1.0f - h.beta1;
-    float acc = 0.0f;
-    auto element = [&](int64_t c, int64_t k) {
-        const float gk = to_float(g[k]);
-        float mk = gk;
-        if (!IN_GRAD) {
-            mk = std::fma(momentum[k], h.beta1, keep * gk);
-            momentum[k] = mk;
-        }
-        float second = mk * unbias;
-        second = second * second;
-        if (PHASE == ODD) col_out[c] += second * pr;
-        else if (PHASE == FIRST) acc += second;
-        else acc += second * q32[c];
-        if (PHASE == FIRST) {
-            const float g0 = gk / h.g0_div;
-            norm += g0 * g0;
-        }
-    };
-    for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
-        // locals, not h's fields: stores through the float pointers could alias those
-        const float beta1 = h.beta1, g0_div = h.g0_div;
-        const float* __restrict q_cols = q32;
-        float* __restrict out = col_out;
-        float* __restrict moment = momentum;
+struct AladaStatsLanes {
+    // copies, not h's fields: stores through the float pointers could alias those
+    const GT* __restrict g;
+    float* __restrict momentum;  // fp32 state (IN_GRAD: unused, g holds M)
+    const float* __restrict q_cols;
+    float* __restrict col_out;
+    const float beta1, keep, unbias, pr, g0_div;
+    float acc = 0.0f, norm;
 #if DMO_AVX512
-        {
-            const vf16 beta16 = _mm512_set1_ps(beta1), keep16 = _mm512_set1_ps(keep), unbias16 = _mm512_set1_ps(unbias);
-            const vf16 pr16 = _mm512_set1_ps(pr), div16 = _mm512_set1_ps(g0_div);
-            vf16 acc16 = _mm512_setzero_ps(), norm16 = _mm512_setzero_ps();
-            for (; c + 16 <= end; c += 16, k += 16) {
-                prefetch_ahead<false>(g + k);
-                if (!IN_GRAD) prefetch_ahead<true>(moment + k);
-                const vf16 gk = load16(g + k);
-                vf16 mk = gk;
-                if (!IN_GRAD) {
-                    mk = _mm512_fmadd_ps(_mm512_loadu_ps(moment + k), beta16, _mm512_mul_ps(keep16, gk));
-                    _mm512_storeu_ps(moment + k, mk);
-                }
-                vf16 second = _mm512_mul_ps(mk, unbias16);
-                second = _mm512_mul_ps(second, second);
-                if (PHASE == ODD) _mm512_storeu_ps(out + c, _mm512_add_ps(_mm512_loadu_ps(out + c), _mm512_mul_ps(second, pr16)));
-                else if (PHASE == FIRST) acc16 = _mm512_add_ps(acc16, second);
-                else acc16 = _mm512_add_ps(acc16, _mm512_mul_ps(second, _mm512_loadu_ps(q_cols + c)));
-                if (PHASE == FIRST) {
-                    const vf16 g0 = _mm512_div_ps(gk, div16);
-                    norm16 = _mm512_add_ps(norm16, _mm512_mul_ps(g0, g0));
-                }
+    vf16 acc16 = _mm512_setzero_ps(), norm16 = _mm512_setzero_ps();
+#endif
+#if DMO_AVX2
+    vf acc8 = _mm256_setzero_ps(), norm8 = _mm256_setzero_ps();
+#endif
+
+    AladaStatsLanes(const int64_t* seg, const AladaStats& h, float pr, const float* q32, float* col_out, float norm)
+        : g(reinterpret_cast<const GT*>(seg[A_G])), momentum(reinterpret_cast<float*>(seg[A_MOM])), q_cols(q32), col_out(col_out),
+          beta1(h.beta1), keep(1.0f - h.beta1), unbias(1.0f / h.bias1), pr(pr), g0_div(h.g0_div), norm(norm) {}
+
+    // whole blocks of columns [c, end), local indices from k; c and k left past them
+    void blocks(int64_t& c, const int64_t end, int64_t& k) {
+#if DMO_AVX512
+        const vf16 beta16 = _mm512_set1_ps(beta1), keep16 = _mm512_set1_ps(keep), unbias16 = _mm512_set1_ps(unbias);
+        const vf16 pr16 = _mm512_set1_ps(pr), div16 = _mm512_set1_ps(g0_div);
+        for (; c + 16 <= end; c += 16, k += 16) {
+            prefetch_ahead<false>(g + k);
+            if (!IN_GRAD) prefetch_ahead<true>(momentum + k);
+            const vf16 gk = load16(g + k);
+            vf16 mk = gk;
+            if (!IN_GRAD) {
+                mk = _mm512_fmadd_ps(_mm512_loadu_ps(momentum + k), beta16, _mm512_mul_ps(keep16, gk));
+                _mm512_storeu_ps(momentum + k, mk);
             }
-            acc += hsum(acc16);
-            if (PHASE == FIRST) norm += hsum(norm16);
+            vf16 second = _mm512_mul_ps(mk, unbias16);
+            second = _mm512_mul_ps(second, second);
+            if (PHASE == ODD) _mm512_storeu_ps(col_out + c, _mm512_add_ps(_mm512_loadu_ps(col_out + c), _mm512_mul_ps(second, pr16)));
+            else if (PHASE == FIRST) acc16 = _mm512_add_ps(acc16, second);
+            else acc16 = _mm512_add_ps(acc16, _mm512_mul_ps(second, _mm512_loadu_ps(q_cols + c)));
+            if (PHASE == FIRST) {
+                const vf16 g0 = _mm512_div_ps(gk, div16);
+                norm16 = _mm512_add_ps(norm16, _mm512_mul_ps(g0, g0));
+            }
         }
 #endif
 #if DMO_AVX2
-        vf acc8 = _mm256_setzero_ps(), norm8 = _mm256_setzero_ps();
         for (; c + 8 <= end; c += 8, k += 8) {
             prefetch_ahead<false>(g + k);  // a line twice: the spans' starts are not aligned
-            if (!IN_GRAD) prefetch_ahead<true>(moment + k);
+            if (!IN_GRAD) prefetch_ahead<true>(momentum + k);
             const vf gk = load8(g + k);
             vf mk = gk;
             if (!IN_GRAD) {
-                mk = fma(loadf(moment + k), splat(beta1), mul(splat(keep), gk));
-                storef(moment + k, mk);
+                mk = fma(loadf(momentum + k), splat(beta1), mul(splat(keep), gk));
+                storef(momentum + k, mk);
             }
             vf second = mul(mk, splat(unbias));
             second = mul(second, second);
-            if (PHASE == ODD) storef(out + c, add(loadf(out + c), mul(second, splat(pr))));
+            if (PHASE == ODD) storef(col_out + c, add(loadf(col_out + c), mul(second, splat(pr))));
             else if (PHASE == FIRST) acc8 = add(acc8, second);
             else acc8 = add(acc8, mul(second, loadf(q_cols + c)));
             if (PHASE == FIRST) {
@@ -109,12 +97,53 @@ inline float alada_stats_row(const int64_t* seg, const int64_t* run, int64_t r, 
                 norm8 = add(norm8, mul(g0, g0));
             }
         }
+#endif
+    }
+
+    // the blocks' sums added, then columns [c, end) element by element; the blocks start again
+    void finish(int64_t c, const int64_t end, int64_t k) {
+#if DMO_AVX512
+        acc += hsum(acc16);
+        if (PHASE == FIRST) norm += hsum(norm16);
+        acc16 = norm16 = _mm512_setzero_ps();
+#endif
+#if DMO_AVX2
         acc += hsum(acc8);
         if (PHASE == FIRST) norm += hsum(norm8);
+        acc8 = norm8 = _mm256_setzero_ps();
 #endif
-        for (; c < end; ++c, ++k) element(c, k);
+        for (; c < end; ++c, ++k) {
+            const float gk = to_float(g[k]);
+            float mk = gk;
+            if (!IN_GRAD) {
+                mk = std::fma(momentum[k], beta1, keep * gk);
+                momentum[k] = mk;
+            }
+            float second = mk * unbias;
+            second = second * second;
+            if (PHASE == ODD) col_out[c] += second * pr;
+            else if (PHASE == FIRST) acc += second;
+            else acc += second * q_cols[c];
+            if (PHASE == FIRST) {
+                const float g0 = gk / g0_div;
+                norm += g0 * g0;
+            }
+        }
+    }
+};
+
+// One view row of the statistics pass (AladaStatsLanes over each span); returns the row's V·q
+// (even t) or rowsum(V) (t = 0), adds its Vᵀ·p (odd t) to col_out and its ‖G0‖² (t = 0) to norm.
+template <typename GT, bool IN_GRAD, int PHASE>
+inline float alada_stats_row(const int64_t* seg, const int64_t* run, int64_t r, const AladaStats& h, float pr,
+                             const float* q32, float* col_out, float& norm) {
+    AladaStatsLanes<GT, IN_GRAD, PHASE> lanes(seg, h, pr, q32, col_out, norm);
+    for_each_span(run, seg[A_M], r, [&](int64_t c, int64_t end, int64_t k) {
+        lanes.blocks(c, end, k);
+        lanes.finish(c, end, k);
     });
-    return acc;
+    norm = lanes.norm;
+    return lanes.acc;
 }
 
 // the q of the statistics pass in fp32 (even t), once per tile
@@ -168,48 +197,66 @@ inline void alada_cols(const int64_t* seg, const AladaStarts& s, std::vector<flo
     for (int64_t c = 0; c < m; ++c) cols[c] = static_cast<float>(q[c] - s.x_q);
 }
 
-// One view row of the update pass, W ← W·decay − (lr/bias1)·M/√max(Ũ + eps, eps), p_r its row's p.
+// The update pass on columns of a view row, W ← W·decay − (lr/bias1)·M/√max(Ũ + eps, eps), p_r the
+// row's p: blocks() the widest blocks the build has, finish() the rest element by element.
 template <typename WT, typename MT>
-inline void alada_update_row(const int64_t* seg, const int64_t* run, int64_t r, const AladaUpdate& h, const AladaStarts& s,
-                             double p_r, const float* cols) {
-    const int64_t m = seg[A_M];
-    auto* w = reinterpret_cast<WT*>(seg[A_W]);
-    const auto* momentum = reinterpret_cast<const MT*>(seg[A_MOM]);
-    const float shift = static_cast<float>((p_r - s.x_p) * s.shift_scale + h.eps64);
-    const float factor = static_cast<float>(p_r / h.bias2);
-    for_each_span(run, m, r, [&](int64_t c, int64_t end, int64_t k) {
-        const float eps = h.eps, decay = h.decay, step = h.lr_over_bias1;  // locals: see alada_stats_row
-        const float* __restrict col = cols;
+struct AladaUpdateLanes {
+    // copies, not h's fields: see AladaStatsLanes
+    WT* __restrict w;
+    const MT* __restrict momentum;
+    const float* __restrict cols;
+    const float factor, shift, eps, decay, step;
+
+    AladaUpdateLanes(const int64_t* seg, const AladaUpdate& h, const AladaStarts& s, double p_r, const float* cols)
+        : w(reinterpret_cast<WT*>(seg[A_W])), momentum(reinterpret_cast<const MT*>(seg[A_MOM])), cols(cols),
+          factor(static_cast<float>(p_r / h.bias2)), shift(static_cast<float>((p_r - s.x_p) * s.shift_scale + h.eps64)),
+          eps(h.eps), decay(h.decay), step(h.lr_over_bias1) {}
+
+    // whole blocks of columns [c, end), local indices from k; c and k left past them
+    void blocks(int64_t& c, const int64_t end, int64_t& k) {
 #if DMO_AVX512
-        {
-            const vf16 factor16 = _mm512_set1_ps(factor), shift16 = _mm512_set1_ps(shift), eps16 = _mm512_set1_ps(eps);
-            const vf16 decay16 = _mm512_set1_ps(decay), step16 = _mm512_set1_ps(step);
-            for (; c + 16 <= end; c += 16, k += 16) {
-                prefetch_ahead<true>(w + k);
-                prefetch_ahead<false>(momentum + k);
-                const vf16 refit = _mm512_fmadd_ps(factor16, _mm512_loadu_ps(col + c), shift16);
-                const vf16 denominator = _mm512_sqrt_ps(_mm512_max_ps(refit, eps16));
-                const vf16 wk = _mm512_mul_ps(load16(w + k), decay16);
-                store16(w + k, _mm512_sub_ps(wk, _mm512_mul_ps(step16, _mm512_div_ps(load16(momentum + k), denominator))));
-            }
+        const vf16 factor16 = _mm512_set1_ps(factor), shift16 = _mm512_set1_ps(shift), eps16 = _mm512_set1_ps(eps);
+        const vf16 decay16 = _mm512_set1_ps(decay), step16 = _mm512_set1_ps(step);
+        for (; c + 16 <= end; c += 16, k += 16) {
+            prefetch_ahead<true>(w + k);
+            prefetch_ahead<false>(momentum + k);
+            const vf16 refit = _mm512_fmadd_ps(factor16, _mm512_loadu_ps(cols + c), shift16);
+            const vf16 denominator = _mm512_sqrt_ps(_mm512_max_ps(refit, eps16));
+            const vf16 wk = _mm512_mul_ps(load16(w + k), decay16);
+            store16(w + k, _mm512_sub_ps(wk, _mm512_mul_ps(step16, _mm512_div_ps(load16(momentum + k), denominator))));
         }
 #endif
 #if DMO_AVX2
         for (; c + 8 <= end; c += 8, k += 8) {
             prefetch_ahead<true>(w + k);
             prefetch_ahead<false>(momentum + k);
-            const vf refit = fma(splat(factor), loadf(col + c), splat(shift));
+            const vf refit = fma(splat(factor), loadf(cols + c), splat(shift));
             const vf denominator = vsqrt(vmax(refit, splat(eps)));
             const vf wk = mul(load8(w + k), splat(decay));
             store8(w + k, sub(wk, mul(splat(step), div(load8(momentum + k), denominator))));
         }
 #endif
+    }
+
+    // columns [c, end) element by element
+    void finish(int64_t c, const int64_t end, int64_t k) {
         for (; c < end; ++c, ++k) {
-            const float refit = std::fma(factor, col[c], shift);
+            const float refit = std::fma(factor, cols[c], shift);
             const float denominator = std::sqrt(std::max(refit, eps));
             const float wk = to_float(w[k]) * decay;
             w[k] = from_float<WT>(wk - step * (to_float(momentum[k]) / denominator));
         }
+    }
+};
+
+// One view row of the update pass (AladaUpdateLanes over each span).
+template <typename WT, typename MT>
+inline void alada_update_row(const int64_t* seg, const int64_t* run, int64_t r, const AladaUpdate& h, const AladaStarts& s,
+                             double p_r, const float* cols) {
+    AladaUpdateLanes<WT, MT> lanes(seg, h, s, p_r, cols);
+    for_each_span(run, seg[A_M], r, [&](int64_t c, int64_t end, int64_t k) {
+        lanes.blocks(c, end, k);
+        lanes.finish(c, end, k);
     });
 }
 
@@ -233,29 +280,64 @@ inline double alada_refit_scale(const double* other, int64_t len, double eps) {
     return 1.0 / (total + eps);
 }
 
+// Columns chunked for alada_pair_rows: a multiple of every block width, short enough that the
+// two rows' chunks share the processor's instruction window.
+constexpr int64_t PAIR_CHUNK = 64;
+
+// Two whole rows of one run, the first at local index k: the first row's update interleaved, in
+// chunks of columns, with the second row's statistics (`next`, which then holds its sums). The
+// statistics stream G and M from memory while the update's square roots and divisions run; one row
+// after the other, each waits on the other (GPT-2 small's even-step kernel on two Zen 2 cores:
+// 48 ms row by row, 38 ms in pairs).
+template <typename T, typename MT, bool IN_GRAD>
+inline void alada_pair_rows(const int64_t m, const int64_t k, AladaUpdateLanes<T, MT>& update,
+                            AladaStatsLanes<T, IN_GRAD, EVEN>& next) {
+    int64_t cu = 0, ku = k, cs = 0, ks = k + m;
+    for (int64_t c0 = 0; c0 < m; c0 += PAIR_CHUNK) {
+        const int64_t c1 = std::min(c0 + PAIR_CHUNK, m);
+        update.blocks(cu, c1, ku);
+        next.blocks(cs, c1, ks);
+    }
+    update.finish(cu, m, ku);
+    next.finish(cs, m, ks);
+}
+
 // Even t > 0 on a segment of one run of consecutive positions: per row it holds whole (so the row's
 // statistic is complete here), its V·q, p's refit and its update, the row still in L1. One pass, G,
 // M, W read and M, W written, where the statistics and update passes read M twice; the same
-// operations in the same order, so the same numbers. The row statistics also land in the segment's
-// slot, as the statistics pass leaves them. A row the range cuts (its first or last) takes only the
-// statistics pass here: its p and weights wait for the completed statistic.
+// operations in the same order, so the same numbers. Where the next row is whole too, its
+// statistics run beside this row's update (alada_pair_rows). The row statistics also land in the
+// segment's slot, as the statistics pass leaves them. A row the range cuts (its first or last)
+// takes only the statistics pass here: its p and weights wait for the completed statistic.
 template <typename T, bool IN_GRAD>
 void alada_even_rows_tile(const Tile& t, const int64_t* seg, const int64_t* run, const AladaStats& hs, const AladaUpdate& hu,
                           double beta2, double scale, std::vector<float>& q32, std::vector<float>& cols) {
     using MT = std::conditional_t<IN_GRAD, T, float>;
     auto* p = reinterpret_cast<double*>(seg[A_P]);
     auto* stat = reinterpret_cast<float*>(seg[A_STAT]);
+    const int64_t m = seg[A_M];
     const AladaStarts starts(seg, hu);
     alada_q32(seg, q32);
     alada_cols(seg, starts, cols);
-    float unused = 0.0f;
+    float unused = 0.0f, next_acc = 0.0f;
+    bool have_next = false;  // next_acc holds row r's statistic, summed beside row r − 1's update
     for (int64_t i = 0; i < t.rows; ++i) {
         const int64_t r = t.row0 + i;
-        const float acc = alada_stats_row<T, IN_GRAD, EVEN>(seg, run, r, hs, 0.0f, q32.data(), nullptr, unused);
+        const float acc = have_next ? next_acc : alada_stats_row<T, IN_GRAD, EVEN>(seg, run, r, hs, 0.0f, q32.data(), nullptr, unused);
+        have_next = false;
         stat[r] = acc;
-        if (whole_rows_at(run, seg[A_M], r, 1) < 0) continue;
+        if (whole_rows_at(run, m, r, 1) < 0) continue;
         p[r] = alada_refit_one(p[r], static_cast<double>(acc), beta2, scale);
-        alada_update_row<T, MT>(seg, run, r, hu, starts, p[r], cols.data());
+        const int64_t k = i + 1 < t.rows ? whole_rows_at(run, m, r, 2) : -1;
+        if (k < 0) {
+            alada_update_row<T, MT>(seg, run, r, hu, starts, p[r], cols.data());
+            continue;
+        }
+        AladaUpdateLanes<T, MT> update(seg, hu, starts, p[r], cols.data());
+        AladaStatsLanes<T, IN_GRAD, EVEN> next(seg, hs, 0.0f, q32.data(), nullptr, 0.0f);
+        alada_pair_rows<T, MT, IN_GRAD>(m, k, update, next);
+        next_acc = next.acc;
+        have_next = true;
     }
 }
 

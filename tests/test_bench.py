@@ -19,8 +19,8 @@ from dist_memopt.bench import Benchmark, benchmarks, registry
 from dist_memopt.bench.cli import main
 from dist_memopt.bench.memory import DEFAULT_OPTIMIZERS, _model_result, format_memory, measure_state_bytes, memory_benchmark
 from dist_memopt.bench.models import ModelShapes, model_shapes, shapes_of
-from dist_memopt.bench.optimizers import OPTIMIZERS, OptimizerSpec
-from dist_memopt.bench.step import _summary, format_step, step_benchmark, time_steps
+from dist_memopt.bench.optimizers import OPTIMIZERS, OptimizerSpec, build_optimizer
+from dist_memopt.bench.step import STEPS_PER_SAMPLE, _summary, format_step, step_benchmark, time_steps
 from models import AwkwardModel
 
 MIB = 2**20
@@ -110,6 +110,26 @@ def test_step_benchmark_interleaves_and_reports_ratios(tiny):
     assert "Transformer-base" in text and "1.33x" in text  # Table 5: 171 / 129
     # the processor and the CPU kernels' blocks, which decide whether a step is bound by memory
     assert f"CPU kernels: {results['cpu_kernels_simd']}" in text and results["cpu_kernels_simd"] in ("avx512", "avx2", "scalar")
+
+
+def test_a_sample_is_an_odd_and_an_even_step(tiny, monkeypatch):
+    """Alada's steps alternate between two passes (odd t) and one (even t): each timed sample takes
+    STEPS_PER_SAMPLE = 2 consecutive steps of every optimizer, whatever the warm-up's parity."""
+    from dist_memopt.bench import step as step_module
+
+    assert STEPS_PER_SAMPLE == 2
+    counts: dict[str, int] = {}
+
+    def counted(name, params):
+        optimizer = build_optimizer(name, params)
+        counts[name] = 0
+        optimizer.register_step_post_hook(lambda *_: counts.__setitem__(name, counts[name] + 1))
+        return optimizer
+
+    monkeypatch.setattr(step_module, "build_optimizer", counted)
+    samples = time_steps(tiny, ["AdamW", "Alada"], repeats=3, warmup=1)
+    assert counts == {"AdamW": 1 + 3 * STEPS_PER_SAMPLE, "Alada": 1 + 3 * STEPS_PER_SAMPLE}
+    assert all(len(times) == 3 for times in samples.values())
 
 
 def test_step_limit_pairs_each_step_with_its_rounds_bandwidth(tiny):
@@ -250,9 +270,10 @@ def test_module_entry_point_runs():
     assert "memory" in done.stdout and "step" in done.stdout
 
 
-def test_interleaved_steps_step_every_optimizer_once_per_round(tmp_path):
-    """`bench sharded`'s timing on a one-rank gloo group: each optimizer steps once per round (a
-    reduction left in flight included), and the ratios are taken within rounds."""
+def test_interleaved_steps_step_every_optimizer_its_sample_per_round(tmp_path):
+    """`bench sharded`'s timing on a one-rank gloo group: each optimizer takes STEPS_PER_SAMPLE
+    consecutive steps per round (a reduction left in flight included), and the ratios are taken
+    within rounds."""
     import torch.distributed as dist
 
     import dist_memopt as dm
@@ -269,7 +290,7 @@ def test_interleaved_steps_step_every_optimizer_once_per_round(tmp_path):
         timing = interleaved_steps(optimizers, repeats=3)
     finally:
         dist.destroy_process_group()
-    assert steps == {"AdamW": 3, "SMMF": 3}
+    assert steps == {"AdamW": 3 * STEPS_PER_SAMPLE, "SMMF": 3 * STEPS_PER_SAMPLE}
     assert timing["AdamW"]["vs_baseline"] == 1.0
     assert all(t["step_seconds"] > 0 and t["vs_baseline"] > 0 for t in timing.values())
 

@@ -78,7 +78,7 @@ def _step(results: dict[str, Any]) -> str:
             middle = statistics.median(bandwidth)
             note = f"; memory bandwidth (in-place add, each repeat) {middle:.0f} GB/s ({min(bandwidth):.0f}–{max(bandwidth):.0f})"
         parts.append(f"**{model['title']}**, {model['numel']:,} {results['dtype']} parameters, {results['torch_threads']} threads, "
-                     f"{results['repeats']} interleaved repeats{note}\n\n" + _table(headers, rows))
+                     f"{results['repeats']} interleaved repeats{_of_steps(results)}{note}\n\n" + _table(headers, rows))
     verdicts = [f"- {'met' if v['ok'] else 'missed'}: {v['check']} (measured {v['measured']:.2f}×)" for v in results.get("verdicts", [])]
     return "\n\n".join(parts + (["\n".join(verdicts)] if verdicts else []))
 
@@ -91,7 +91,14 @@ def _deepspeed(results: dict[str, Any]) -> str:
     first = results["configurations"][0]
     offload = ' with `"offload_optimizer": {"device": "cpu"}`' if results.get("offload") else ""
     return (f"**{results['model_title']}**, {first['numel']:,} parameters, {results['ranks']} CPU ranks (gloo, 1 thread each){offload}; "
-            f"median `engine.step()` of {results['repeats']} after {results['warmup']} warm-up steps, slowest rank\n\n" + _table(headers, rows))
+            f"median `engine.step()` of {results['repeats']} samples{_of_steps(results)} after {results['warmup']} warm-up steps, slowest rank\n\n"
+            + _table(headers, rows))
+
+
+def _of_steps(results: dict[str, Any]) -> str:
+    """How many consecutive steps a sample took, where the run says (each sample's time is per step)."""
+    steps = results.get("steps_per_sample")
+    return f" of {steps} consecutive steps each" if steps else ""
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"memory": _memory, "kernels": _kernels, "step": _step, "deepspeed": _deepspeed}

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist_memopt.bench.step import STEPS_PER_SAMPLE
+
 __all__ = ["OPTIMIZERS", "CollectiveBytes", "make_optimizer", "spawn_ranks", "timed_step", "interleaved_steps"]
 
 OPTIMIZERS = ("AdamW", "AdamW-foreach", "SMMF", "Alada")
@@ -82,21 +84,24 @@ def spawn_ranks(target, world_size: int, args: argparse.Namespace) -> list[dict]
 
 
 def _one_step(optimizer: torch.optim.Optimizer) -> float:
-    """Seconds of one step, started together on every rank and ended when every rank has finished
-    it (barriers), a reduction the optimizer leaves in flight included: what a data-parallel loop
-    pays before its next collective, for an optimizer that communicates or one that does not."""
+    """Seconds per step of :data:`~dist_memopt.bench.step.STEPS_PER_SAMPLE` consecutive steps
+    (Alada's alternate between two passes and one), started together on every rank and ended when
+    every rank has finished them (barriers), a reduction the optimizer leaves in flight included:
+    what a data-parallel loop pays before its next collective, for an optimizer that communicates
+    or one that does not."""
     dist.barrier()
     start = time.perf_counter()
-    optimizer.step()
+    for _ in range(STEPS_PER_SAMPLE):
+        optimizer.step()
     if hasattr(optimizer, "synchronize"):
         optimizer.synchronize()
     dist.barrier()
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / STEPS_PER_SAMPLE
 
 
 def interleaved_steps(optimizers: dict[str, torch.optim.Optimizer], repeats: int, baseline: str = "AdamW") -> dict[str, dict[str, float]]:
     """Per optimizer: the median step seconds and the median over ``repeats`` rounds of its time
-    over ``baseline``'s in the same round (every optimizer steps once per round, in turn), so that
+    over ``baseline``'s in the same round (every optimizer takes its sample's steps in turn), so that
     a slow stretch of a shared machine weighs on both sides of a ratio, as in ``bench step``."""
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(repeats):
@@ -112,5 +117,5 @@ def interleaved_steps(optimizers: dict[str, torch.optim.Optimizer], repeats: int
 
 
 def timed_step(optimizer: torch.optim.Optimizer, repeats: int) -> float:
-    """Median seconds of ``repeats`` steps (see :func:`_one_step`)."""
+    """Median seconds per step of ``repeats`` samples (see :func:`_one_step`)."""
     return statistics.median(_one_step(optimizer) for _ in range(repeats))

@@ -2,8 +2,11 @@
 
 All optimizers step the same real parameters of a model's shapes with the same fixed random
 gradients, interleaved (A B C A B C ...) so that machine noise hits them alike; each gets
-``warmup`` untimed steps first (state allocation, Alada's first step). Reported: the median step
-time and the median over repeats of the paired ratio t(optimizer) / t(AdamW) of the same repeat,
+``warmup`` untimed steps first (state allocation, Alada's first step). A sample is
+:data:`STEPS_PER_SAMPLE` consecutive steps, reported per step: Alada's steps alternate between two
+passes over the elements (odd t) and one (even t), and a sample of one step would time whichever
+kind its round fell on. Reported: the median step time and the median over repeats of the paired
+ratio t(optimizer) / t(AdamW) of the same repeat,
 where AdamW is torch's fused one (what torch users, HF Trainer's default and ZeRO-Offload's
 DeepSpeedCPUAdam give), with AdamW(foreach) and DeepSpeedCPUAdam beside it. On CPU the run also
 measures the machine's memory bandwidth (an in-place add, once in each round) and counts each
@@ -29,8 +32,8 @@ from dist_memopt.bench.paper import STEP_MS
 from dist_memopt.bench.registry import Benchmark, int_at_least, register
 from dist_memopt.bench.report import format_table, load_average
 
-__all__ = ["DEFAULT_OPTIMIZERS", "BASELINES", "TARGETS", "BandwidthProbe", "step_bytes", "time_steps", "step_benchmark",
-           "format_step", "run"]
+__all__ = ["DEFAULT_OPTIMIZERS", "BASELINES", "TARGETS", "STEPS_PER_SAMPLE", "BandwidthProbe", "step_bytes", "time_steps",
+           "step_benchmark", "format_step", "run"]
 
 DEFAULT_OPTIMIZERS = ("AdamW", "DeepSpeedCPUAdam", "AdamW-foreach", "SMMF", "SMMF-nocheck", "Alada", "Alada-nocheck",
                       "SMMF-torch", "Alada-torch")
@@ -44,6 +47,8 @@ TARGET_MODEL = "gpt2"
 #: bytes an Adam step moves per element by its algorithm (weight, gradient, two moments read; weight
 #: and moments written), for optimizers whose kernels cannot be counted (DeepSpeedCPUAdam's C++)
 ADAM_BYTES_PER_ELEMENT = 28
+#: consecutive steps per timed sample (an odd and an even one), reported per step
+STEPS_PER_SAMPLE = 2
 
 
 def _synchronize(device: torch.device) -> None:
@@ -107,7 +112,8 @@ def time_steps(
     moved: Optional[dict[str, Optional[float]]] = None,
     bandwidths: Optional[list[float]] = None,
 ) -> dict[str, list[float]]:
-    """Seconds of each timed ``step()`` per optimizer, ``repeats`` samples each, interleaved.
+    """Seconds per ``step()`` of each optimizer, ``repeats`` samples each, interleaved: a sample is
+    :data:`STEPS_PER_SAMPLE` consecutive steps, divided by their count.
     With ``moved``, each optimizer's bytes per step are counted into it after the timings; with
     ``bandwidths``, the memory's bytes per second in each round (:class:`BandwidthProbe`) are
     appended to it."""
@@ -132,9 +138,10 @@ def time_steps(
         for name, optimizer in built.items():
             _synchronize(device)
             started = time.perf_counter()
-            optimizer.step()
+            for _ in range(STEPS_PER_SAMPLE):
+                optimizer.step()
             _synchronize(device)
-            samples[name].append(time.perf_counter() - started)
+            samples[name].append((time.perf_counter() - started) / STEPS_PER_SAMPLE)
     del probe
     if moved is not None:
         for name, optimizer in built.items():
@@ -192,6 +199,7 @@ def step_benchmark(
         "torch_threads": torch.get_num_threads(),
         "repeats": repeats,
         "warmup": warmup,
+        "steps_per_sample": STEPS_PER_SAMPLE,
         "ratio": "ratio_to_adamw: median over repeats of t(optimizer)/t(AdamW(fused=True)) in the same repeat; "
         "min_ratio_to_adamw: fastest step / fastest AdamW step",
         "limit": "bandwidth: an in-place add's bytes per second, once per repeat beside the optimizers; limit_ms: bytes "
@@ -254,7 +262,7 @@ def _processor(run: dict[str, Any]) -> str:
 def format_model(result: dict[str, Any], run: dict[str, Any]) -> str:
     header = (
         f"{result['title']}: {result['numel']:,} {run['dtype']} parameters; {run['device']}{_processor(run)}, {run['torch_threads']} threads, "
-        f"{run['repeats']} interleaved repeats after {run['warmup']} warm-up steps"
+        f"{run['repeats']} interleaved repeats of {run.get('steps_per_sample', 1)} steps after {run['warmup']} warm-up steps"
     )
     rows = []
     for name, row in result["optimizers"].items():

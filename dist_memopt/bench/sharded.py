@@ -4,8 +4,8 @@ For AdamW, SMMF and Alada, each at 2 and 4 ranks: the optimizer-state bytes each
 the bytes the optimizer puts into all_reduce per step against the bytes FSDP2 reduce-scatters for
 the gradients in the same step (both counted at the collective calls of a real training step), and
 the median optimizer.step() time relative to AdamW under the same wrapping (the optimizers step
-in turn, one model each, each taking two consecutive steps per round, and a ratio is taken within
-each round). Then the same for
+in turn, one model each, each taking :data:`~dist_memopt.bench.step.STEPS_PER_SAMPLE` consecutive
+steps per round, and a ratio is taken within each round). Then the same for
 GPT-2 small's blocks under FSDP2 × tensor parallelism (:mod:`dist_memopt.bench.sharded_2d`).
 """
 
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from dist_memopt.bench.ranks import OPTIMIZERS, CollectiveBytes, interleaved_steps, make_optimizer, spawn_ranks
 from dist_memopt.bench.registry import Benchmark, register
 from dist_memopt.bench.step import STEPS_PER_SAMPLE
+
 
 def _gpt2(seq_length: int):
     from transformers import GPT2Config, GPT2LMHeadModel

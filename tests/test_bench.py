@@ -160,6 +160,14 @@ def test_step_rounds_pools_rounds_by_their_bandwidth(tmp_path):
     header, slow, fast = by_band(pooled, [90.0])
     assert slow.split()[:4] == ["<", "90", "2", "55.0"] and slow.endswith("0.70x")  # 42/60 and 35/50
     assert fast.split()[:4] == [">=", "90", "1", "40.0"] and fast.endswith("1.00x")
+    # --pair: a file of one-step rounds joins each round with the next (an odd last round left out);
+    # a file whose rounds already take two steps is left as it is
+    paired = rounds(files, "gpt2", pair=True)
+    assert paired == [(75.0, {"AdamW": 50.0, "SMMF": 41.0})]
+    two_step_rounds = run([55.0], [50.0], [35.0])
+    two_step_rounds["benchmarks"]["step"]["steps_per_sample"] = 2
+    files[1].write_text(json.dumps(two_step_rounds))
+    assert rounds(files, "gpt2", pair=True)[1] == (55.0, {"AdamW": 50.0, "SMMF": 35.0})
 
 
 def test_step_benchmark_times_half_precision_parameters(tiny):

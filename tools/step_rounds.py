@@ -5,7 +5,11 @@ every round (``bandwidth_gb_per_s``, an in-place add). This pools the rounds of 
 files and prints, per band of that bandwidth, the median over rounds of each optimizer's time over
 fused AdamW's in the same round::
 
-    python tools/step_rounds.py run1.json run2.json ... [--model gpt2] [--bands 60,75,90]
+    python tools/step_rounds.py run1.json run2.json ... [--model gpt2] [--bands 60,75,90] [--pair]
+
+``--pair`` joins each round with the next (their mean time and bandwidth) in files whose rounds
+time one step each (no ``steps_per_sample`` recorded): Alada's steps alternate between two passes
+over the elements and one, and a pair holds one of each, as ``bench step``'s rounds do.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 REFERENCE = "AdamW"
 
 
-def rounds(paths: list[Path], model: str) -> list[tuple[float, dict[str, float]]]:
-    """(bandwidth GB/s, {optimizer: step ms}) for every round of every file."""
+def rounds(paths: list[Path], model: str, pair: bool = False) -> list[tuple[float, dict[str, float]]]:
+    """(bandwidth GB/s, {optimizer: step ms}) for every round of every file; with ``pair``, for
+    every two consecutive rounds of files of one-step rounds (an odd last round left out)."""
     pooled = []
     for path in paths:
         data: dict[str, Any] = json.loads(path.read_text())
@@ -30,7 +35,11 @@ def rounds(paths: list[Path], model: str) -> list[tuple[float, dict[str, float]]
         if not bandwidths:
             raise SystemExit(f"{path}: no per-round bandwidth (run bench step on CPU with this release)")
         times = {name: row["samples_ms"] for name, row in entry["optimizers"].items()}
-        pooled += [(b, {name: t[i] for name, t in times.items()}) for i, b in enumerate(bandwidths)]
+        found = [(b, {name: t[i] for name, t in times.items()}) for i, b in enumerate(bandwidths)]
+        if pair and result.get("steps_per_sample", 1) == 1:
+            found = [((b0 + b1) / 2, {name: (t0[name] + t1[name]) / 2 for name in t0})
+                     for (b0, t0), (b1, t1) in zip(found[0::2], found[1::2])]
+        pooled += found
     return pooled
 
 
@@ -56,9 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("files", nargs="+", type=Path, help="bench step --json result files")
     parser.add_argument("--model", default="gpt2")
     parser.add_argument("--bands", default="60,75,90", help="band edges in GB/s, comma-separated")
+    parser.add_argument("--pair", action="store_true", help="join each one-step round with the next (see above)")
     args = parser.parse_args(argv)
     edges = sorted(float(x) for x in args.bands.split(","))
-    print("\n".join(by_band(rounds(args.files, args.model), edges)))
+    print("\n".join(by_band(rounds(args.files, args.model, args.pair), edges)))
 
 
 if __name__ == "__main__":

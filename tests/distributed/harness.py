@@ -12,7 +12,8 @@ Everything a test configures (environment, process group, threads) still happens
 A rank killed by a signal (a native crash: heap corruption, a segfault) leaves no traceback, so each
 rank keeps a crash log: ``faulthandler`` writes every thread's Python stack there on a fatal signal,
 and the cases it started are marked in it. The report of a rank that exited without a result ends
-with that log.
+with that log. A run that times out asks every rank still running for its threads' stacks
+(SIGUSR1, which ``faulthandler`` answers in the crash log) before killing it, and reports them.
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def _mark(line: str) -> None:
         _crash_log.flush()
 
 
+def _log_tail(log_path: str) -> str:
+    """The end of a rank's crash log ("" where it has none)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            return f.read()[-6000:]
+    except OSError:
+        return ""
+
+
 def _exit_description(code: int, log_path: str) -> str:
     """``code N``, or the signal that killed the rank, and the end of its crash log."""
     text = f"code {code}"
@@ -72,12 +82,26 @@ def _exit_description(code: int, log_path: str) -> str:
             text = f"killed by {signal.Signals(-code).name}"
         except ValueError:
             text = f"killed by signal {-code}"
-    try:
-        with open(log_path, errors="replace") as f:
-            log = f.read()[-6000:]
-    except OSError:
-        log = ""
+    log = _log_tail(log_path)
     return f"{text}; its crash log:\n{log}" if log.strip() else text
+
+
+#: how long a rank asked for its stacks has to write them
+STACKS_WAIT_S = 2.0
+
+
+def _stacks_of_waiting_ranks(procs: list, outcomes: dict, log_paths: list[str]) -> str:
+    """Each rank still running: where its threads are (faulthandler answers SIGUSR1 in its crash
+    log), so a hang says where it hangs."""
+    waiting = [r for r, p in enumerate(procs) if r not in outcomes and p.is_alive()]
+    for r in waiting:
+        try:
+            os.kill(procs[r].pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    if waiting:
+        time.sleep(STACKS_WAIT_S)
+    return "".join(f"\nrank {r}'s crash log and threads:\n{_log_tail(log_paths[r])}" for r in waiting)
 
 
 def free_port() -> int:
@@ -93,6 +117,7 @@ def _worker(
     os.setpgrp()  # the rank and any process it starts form one group, killed together
     _crash_log = open(log_path, "w")
     faulthandler.enable(file=_crash_log, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=_crash_log, all_threads=True)  # asked on a timeout
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -178,7 +203,7 @@ def _run_ranks(
                         break  # a failure, and the other ranks have said (or shown) all they will
                     raise TimeoutError(
                         f"distributed run of {fn.__name__} on {world_size} ranks did not finish within "
-                        f"{timeout}s; ranks done: {sorted(outcomes)}"
+                        f"{timeout}s; ranks done: {sorted(outcomes)}" + _stacks_of_waiting_ranks(procs, outcomes, log_paths)
                     ) from None
                 continue
             outcomes[rank] = (ok, payload)

@@ -76,9 +76,14 @@ def test_a_native_crash_reports_its_signal_case_and_python_stack():
     assert "in _abort_on_one" in crash_log  # the crashing rank's own stack, innermost frame first
 
 
-def test_a_hang_becomes_a_timeout():
-    with pytest.raises(TimeoutError, match="did not finish"):
+def test_a_hang_becomes_a_timeout_that_says_where_each_rank_waits():
+    with pytest.raises(TimeoutError, match="did not finish") as timeout:
         run_distributed(_hang, 2, timeout=8)
+    report = str(timeout.value)
+    # both ranks' threads, the innermost frame first: rank 0 in the barrier, rank 1 asleep
+    rank0, rank1 = report.split("rank 0's crash log and threads:", 1)[1].split("rank 1's crash log and threads:", 1)
+    assert "in barrier" in rank0 and "in _hang" in rank0
+    assert "in _hang" in rank1 and "in barrier" not in rank1
 
 
 def _fail_on_case_b(rank, world_size, tag):

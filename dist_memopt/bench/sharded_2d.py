@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_memopt.bench.ranks import OPTIMIZERS, CollectiveBytes, interleaved_steps, make_optimizer, spawn_ranks, timed_step
+from dist_memopt.bench.step import STEPS_PER_SAMPLE
 
 WIDTH, HIDDEN = 768, 3072
 
@@ -119,7 +120,8 @@ def run_2d(args: argparse.Namespace) -> dict[str, Any]:
     per_rank = spawn_ranks(_rank_main, args.tp_ranks, args)
     lines = [
         f"{args.tp_layers} GPT-2-small blocks (nn.Linear) under FSDP2 x TP, mesh (dp={args.tp_ranks // args.tp}, "
-        f"tp={args.tp}) on CPU/gloo; per rank (worst rank for bytes, median rank time; vs AdamW: within each round)",
+        f"tp={args.tp}) on CPU/gloo; per rank (worst rank for bytes, median rank time per step of rounds of {STEPS_PER_SAMPLE} consecutive steps; "
+        "vs AdamW: within each round)",
         f"{'optimizer':<13} {'state MiB':>10} {'vs AdamW':>9} {'opt all_reduce':>15} {'grad reduce-scatter':>20} "
         f"{'extra comm':>10} {'step s':>8} {'vs AdamW':>9} {'row/col-wise':>13}",
     ]

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
-__all__ = ["cpu_kernels", "cpu_kernels_problem", "CpuKernelsUnavailable", "SOURCES", "simd_level", "processor_name"]
+__all__ = ["cpu_kernels", "cpu_kernels_problem", "loaded_cpu_kernels", "CpuKernelsUnavailable", "SOURCES", "simd_level", "processor_name"]
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("ops.cpp",)
@@ -105,6 +105,11 @@ def cpu_kernels() -> ModuleType:
     if module is None:
         raise CpuKernelsUnavailable(problem)
     return module
+
+
+def loaded_cpu_kernels() -> Optional[ModuleType]:
+    """The compiled module where this process has already loaded it, else None (builds nothing)."""
+    return _load()[0] if _load.cache_info().currsize else None
 
 
 def cpu_kernels_problem() -> Optional[str]:

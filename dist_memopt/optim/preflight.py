@@ -5,8 +5,9 @@ device. A step needs at most one: the verdict "is any gradient inf/NaN?", read a
 per-group all_reduce that carries it together with the layout fingerprint. Without
 ``check_finite`` and once the ranks have agreed on a layout, it needs none: the fingerprint is
 verified again only when this rank's layout (or set of groups) changes. Step counters stay
-CPU tensors (as in torch.optim) but are advanced with one foreach op, and their values are
-remembered instead of read back each step.
+CPU tensors (as in torch.optim) but are advanced in one call (one foreach op, or the fused CPU
+kernels' module where the process has it), and their values are remembered instead of read back
+each step.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class StepCounts:
             steps.append(state["step"])
         values = upcoming if upcoming is not None else [self._value(step) + 1 for step in steps]
         if steps:
-            torch._foreach_add_(steps, 1.0)
+            _add_one(steps)
         for step, value in zip(steps, values):
             self._known[id(step)] = (step, step._version, value)
         return values
@@ -190,3 +191,13 @@ class StepCounts:
         value = int(step.item())
         self._known[id(step)] = (step, step._version, value)  # read once
         return value
+
+
+def _add_one(steps: list[Tensor]) -> None:
+    """``torch._foreach_add_(steps, 1.0)``; through the fused CPU kernels' module where this process
+    has loaded it (no build for that), which adds to CPU float32 counters without a dispatch each."""
+    from dist_memopt.kernels.cpu_build import loaded_cpu_kernels
+
+    kernels = loaded_cpu_kernels()
+    if kernels is None or not kernels.advance_steps(steps, 1.0):
+        torch._foreach_add_(steps, 1.0)

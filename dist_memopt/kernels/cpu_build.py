@@ -89,10 +89,15 @@ def _compile(name: str, flags: list[str]) -> ModuleType:
     )
 
 
+_loaded: Optional[ModuleType] = None  # the module once this process has loaded it
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[Optional[ModuleType], Optional[str]]:
+    global _loaded
     try:
-        return _compile(_build_name(), FLAGS), None
+        _loaded = _compile(_build_name(), FLAGS)
+        return _loaded, None
     except Exception as error:  # a missing compiler or ninja, a failed build, an unloadable library
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return None, (f"the fused CPU kernels could not be built ({type(error).__name__}: {first}); they need a C++17 "
@@ -109,7 +114,7 @@ def cpu_kernels() -> ModuleType:
 
 def loaded_cpu_kernels() -> Optional[ModuleType]:
     """The compiled module where this process has already loaded it, else None (builds nothing)."""
-    return _load()[0] if _load.cache_info().currsize else None
+    return _loaded
 
 
 def cpu_kernels_problem() -> Optional[str]:

@@ -5,6 +5,8 @@ gradient kept alive between steps."""
 from __future__ import annotations
 
 import gc
+import importlib.util
+import os
 import weakref
 
 import pytest
@@ -13,6 +15,8 @@ import torch
 import dist_memopt as dm
 from dist_memopt.kernels import alada_cpu, smmf_cpu
 from dist_memopt.shard.spec import Segment, ShardSpec, set_layout
+
+_INTERPRETED = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 SHAPES = [(64, 48), (300,), (5, 3, 3, 3), (), (129, 257), (40, 33)]
 
@@ -35,7 +39,7 @@ def _grads(params, optimizer, step: int, in_grad: bool) -> None:
             p.grad = (0.1 * torch.randn(p.shape, generator=generator)).to(p.dtype)
 
 
-def _train(name: str, dtype: torch.dtype, rebuild: bool):
+def _train(name: str, dtype: torch.dtype, rebuild: bool, kernel: str = "cpu"):
     """Steps with the events a cached step must notice; ``rebuild`` drops the caches before
     every step, so every step builds its bookkeeping afresh."""
     cls, config = CASES[name]
@@ -44,7 +48,8 @@ def _train(name: str, dtype: torch.dtype, rebuild: bool):
     params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in SHAPES]
     set_layout(params[-1], [Segment(0, ShardSpec((40, 33), 10 * 33 + 5, 16 * 33 + 5))])  # a range cut mid-row
     # two groups of equal settings: their segments share the kernel calls while their schedules agree
-    optimizer = cls([{"params": params[:3]}, {"params": params[3:]}], lr=1e-2, kernel="cpu", **config)
+    optimizer = cls([{"params": params[:3]}, {"params": params[3:]}], lr=1e-2, kernel=kernel, **config)
+    optimizer.triton_devices = ("cuda", "cpu")  # kernel="triton": interpreted on CPU tensors
     late = torch.nn.Parameter(torch.randn((24, 20), generator=generator).to(dtype))
     for step in range(30):  # events at steps 3, 7, 11, 14, 17, 20, 23 and 26, plain steps between
         if step == 3:  # a group whose step counts are three behind the others': Alada's odd and
@@ -83,16 +88,22 @@ def _train(name: str, dtype: torch.dtype, rebuild: bool):
 
 
 def _count_table_builds(monkeypatch) -> dict[str, int]:
-    """Calls of the CPU runners' table builders, by optimizer ("smmf", "alada")."""
+    """Calls of the runners' table builders, by runner ("smmf", "alada": CPU; "smmf_triton")."""
     built = {"smmf": 0, "alada": 0}
-    for key, module in (("smmf", smmf_cpu), ("alada", alada_cpu)):
-        build = module._tables
+    builders = [("smmf", smmf_cpu, "_tables"), ("alada", alada_cpu, "_tables")]
+    if _INTERPRETED:
+        from dist_memopt.kernels import smmf_triton
+
+        built["smmf_triton"] = 0
+        builders.append(("smmf_triton", smmf_triton, "_build"))
+    for key, module, name in builders:
+        build = getattr(module, name)
 
         def counted(jobs, build=build, key=key):
             built[key] += 1
             return build(jobs)
 
-        monkeypatch.setattr(module, "_tables", counted)
+        monkeypatch.setattr(module, name, counted)
     return built
 
 
@@ -110,6 +121,41 @@ def test_a_step_that_takes_the_previous_bookkeeping_again_gives_the_same_numbers
     # the cached run built its tables only after something changed: fewer times than the run that
     # builds them at every step
     assert built_cached < built_afresh, (built_cached, built_afresh)
+
+
+def _train_triton(rebuild: bool) -> list[torch.Tensor]:
+    """SMMF through the interpreted Triton kernels: new gradients and learning rates every step;
+    from step 4 the second group's rate differs from the first's, with whose (24, 20) matrix its
+    own shared a launch."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(24, 20), (7, 5, 3), (24, 20), (16, 33)]]
+    set_layout(params[3], [Segment(0, ShardSpec((40, 33), 10 * 33 + 5, 26 * 33 + 5))])  # a range cut mid-row
+    optimizer = dm.SMMF([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2, weight_decay=0.1, kernel="triton")
+    optimizer.triton_devices = ("cuda", "cpu")
+    for step in range(6):
+        for index, group in enumerate(optimizer.param_groups):
+            group["lr"] = 1e-2 / (step + 1) * (0.5 if index == 1 and step >= 4 else 1.0)
+        if rebuild:
+            optimizer.__dict__.pop("_step_caches", None)
+        for p in params:
+            p.grad = 0.1 * torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    return [p.detach() for p in params] + [v for s in optimizer.state_dict()["state"].values() for v in s.values()]
+
+
+@pytest.mark.skipif(not _INTERPRETED, reason="needs triton and TRITON_INTERPRET=1")
+def test_the_triton_runner_takes_its_tables_again_to_the_same_numbers(monkeypatch):
+    """SMMF's Triton runner keeps its launch table and writes only the new gradients' offsets
+    into it (the interpreter's guard checks every access against the tensors it was given)."""
+    built = _count_table_builds(monkeypatch)
+    rebuilt = _train_triton(rebuild=True)  # first: a process's first kernel step also steps a probe (kernels.verify)
+    before = built["smmf_triton"]
+    cached = _train_triton(rebuild=False)
+    for a, b in zip(cached, rebuilt, strict=True):
+        assert torch.equal(a, b)
+    # built at step 0 (the state is new), step 1 (kept from then on) and step 4 (a launch's
+    # segments no longer share one schedule); taken again at steps 2, 3 and 5
+    assert built["smmf_triton"] - before == 3
 
 
 def _steps_with_new_gradients(optimizer, params, steps: int):

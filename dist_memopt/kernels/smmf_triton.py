@@ -22,7 +22,10 @@ table and set of launches per dtype pair), the math is fp32.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Optional
+
+import numpy as np
 
 import torch
 import triton
@@ -32,7 +35,7 @@ from torch import Tensor
 from dist_memopt.kernels import launch
 from dist_memopt.kernels.jobs import SMMFJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
-from dist_memopt.kernels.tiles import BitOffsets, Offsets, holding, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import BitOffsets, GradFields, Offsets, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedSMMF"]
 
@@ -166,92 +169,109 @@ def _finish_kernel(OUT, F, SEGS, SHAPES, BLOCK: tl.constexpr):
             tl.store(F + col_out + lanes, x / col_scale, mask=lanes < m)
 
 
+@dataclass
+class _Batch:
+    """One tile launch and one reduce launch: segments of one (n, m) view, device and schedule."""
+
+    n: int
+    m: int
+    hp: Any
+    index: dict[str, int]
+    tiles_at: int
+    tile_count: int
+    seg_at: int
+    seg_count: int
+    numel: int
+    jobs: list[_Job]
+
+
+@dataclass
+class _Table:
+    """The launches of one dtype pair and the int64 table they share, built on the host."""
+
+    jobs: list[_Job]
+    holder: int  # the job whose tensors are the base pointers
+    bases: dict[str, Tensor]
+    words_shift: int
+    table: Tensor  # CPU int64
+    batches: list[_Batch]
+    segs_at: int
+    shapes_at: int
+    seg_count: int
+    moved: int
+    grads: GradFields
+
+
 class FusedSMMF:
     """One step's fused segments: :meth:`run` steps them, :meth:`finish` stores their factors.
 
     Jobs with the same (n, m) view, device and schedule make one batch: one tile launch and one
-    reduce launch, whatever the number of segments. All launches of the step share one int64
-    table (one host-to-device copy).
+    reduce launch, whatever the number of segments. All launches of a dtype pair share one int64
+    table (one host-to-device copy), built by :meth:`prepare` before the step's checks and kept
+    by the optimizer for the next step of the same segments (:meth:`reuse`), which writes only
+    the new gradients' offsets into it.
     """
 
     def __init__(self, observer: Optional[KernelObserver] = None) -> None:
         self._report = Reporter(observer, "triton.")  # see dist_memopt.kernels.launch
         self._jobs: list[_Job] = []
+        self._tables: list[_Table] = []
         self._finish: list[tuple[dict[str, Tensor], Tensor, Tensor, int, int]] = []  # per dtype pair
 
     def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         self._jobs.append(_Job(item, seg, hp, slots))
 
     def prepare(self) -> None:
-        """Nothing to build before the checks: the launches' table is built and copied to the
-        device in one go when they run."""
-
-    def run(self) -> None:
-        """Launch every batch; weights and gradients of one dtype pair share a table (the kernels
-        address them as offsets from one pointer of that dtype)."""
+        """The launch tables of the segments added so far, per dtype pair (weights and gradients
+        of one pair are addressed as offsets from one pointer of that dtype): reads addresses,
+        changes nothing."""
         by_dtype: dict[tuple, list[_Job]] = defaultdict(list)
         for job in self._jobs:
             by_dtype[(job.item.weight.dtype, job.item.grad.dtype)].append(job)
-        for jobs in by_dtype.values():
-            self._run(jobs)
+        self._tables += [_build(jobs) for jobs in by_dtype.values()]
+        self._jobs = []
 
-    def _run(self, jobs_of_dtype: list[_Job]) -> None:
-        first = holding(jobs_of_dtype)
-        signs = [j.item.state["sign"] for j in jobs_of_dtype if "sign" in j.item.state and j.item.state["sign"].numel()]
-        sign_base = min(signs, key=Tensor.data_ptr) if signs else first.item.state["row_v"]
-        bases = dict(W=first.item.weight, G=first.item.grad, F=first.item.state["row_v"], OUT=first.slots.view("row_v"), S=sign_base)
-        bit_at = BitOffsets(sign_base)  # the lowest sign byte: every sign offset is >= 0
-        w_at, g_at, f_at, out_at = (Offsets(bases[k]) for k in ("W", "G", "F", "OUT"))
-        batches: dict[tuple, list[_Job]] = defaultdict(list)
-        for job in jobs_of_dtype:
-            geo = job.seg.geometry
-            batches[(geo.rows, geo.cols, job.item.weight.device, job.hp)].append(job)
-        table: list[int] = []
-        launches = []
-        all_segs: list[int] = []
-        shapes: list[int] = []
-        for (n, m, _, hp), jobs in batches.items():
-            rows_per_tile, _ = tiles_shape(m)
-            tiles: list[int] = []
-            segs: list[int] = []
-            numel = 0
-            for job in jobs:
-                tile_lo = len(tiles) // NF
-                state, seg = job.item.state, job.seg
-                local_w, local_g = seg.local(job.item.weight), seg.local(job.item.grad)
-                bit = -1
-                if hp.beta1 is not None:
-                    bit = bit_at(seg.bits(state["sign"]))
-                head = [w_at(local_w), g_at(local_g), bit, f_at(seg.rows(state["row_v"])), f_at(seg.cols(state["col_v"]))]
-                if hp.beta1 is not None:
-                    head += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))]
-                else:
-                    head += [0, 0]
-                for fields in tile_pieces(seg.geometry, rows_per_tile):
-                    tiles += head + fields
-                numel += seg.segment.numel
-                rv, cv, rm, cm = (job.slots.view(name) for name in ("row_v", "col_v", "row_m", "col_m"))
-                entry = [tile_lo, len(tiles) // NF, out_at(rv), out_at(cv), out_at(rm), out_at(cm)]
-                entry += [f_at(seg.rows(state["row_v"])), f_at(seg.cols(state["col_v"]))]
-                entry += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))] if rm is not None else [0, 0]
-                segs += entry
-                shapes += [n, m, 1 if rm is None else 2]
-            index = index_math((job.seg.geometry for job in jobs), tiles_shape(m)[1])
-            launches.append((n, m, hp, index, len(table), len(tiles) // NF, len(table) + len(tiles), len(jobs), numel))
-            all_segs += segs
-            table += tiles + segs
-        segs_at = len(table)
-        table += all_segs
-        shapes_at = len(table)
-        table += shapes
-        device = first.item.weight.device
-        cpu = torch.tensor(table, dtype=torch.int64)
-        tensor = cpu.to(device)
-        self._report.record("copy_table", 0, cpu.numel() * 8)
-        for n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel in launches:
-            self._launch(bases, bit_at.shift, tensor, n, m, hp, index, tiles_at, tile_count, seg_at, seg_count, numel)
-        moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (2 if "row_m" in j.slots.sizes else 1) for j in jobs_of_dtype)
-        self._finish.append((bases, tensor[segs_at:shapes_at], tensor[shapes_at:], len(all_segs) // NS, moved))
+    def route(self, schedules: list[Any]) -> Any:
+        """What decides which tables a step builds besides its segments: nothing for SMMF."""
+        return None
+
+    def prepared(self) -> list[_Table]:
+        """The tables :meth:`prepare` built, for :meth:`reuse` at a later step of the same segments."""
+        return list(self._tables)
+
+    def reuse(self, prepared: list[_Table], schedule_of: dict[int, Any]) -> bool:
+        """Take :meth:`prepared` tables again with this step's gradients and schedules
+        (``schedule_of``: by id of item); False, with nothing taken, where a batch's segments no
+        longer share one schedule."""
+        schedules = [[schedule_of[id(job.item)] for job in batch.jobs] for table in prepared for batch in table.batches]
+        if any(hp is not mine[0] and hp != mine[0] for mine in schedules for hp in mine):
+            return False
+        batches = (batch for table in prepared for batch in table.batches)
+        for batch, mine in zip(batches, schedules):
+            batch.hp = mine[0]
+            for job in batch.jobs:
+                job.hp = batch.hp
+        for table in prepared:
+            table.bases["G"] = table.jobs[table.holder].item.grad
+            table.grads.patch(table.table, table.jobs, table.bases["G"])
+        self._tables += prepared
+        return True
+
+    def run(self) -> None:
+        """Launch every batch of every table."""
+        self.prepare()
+        for table in self._tables:
+            self._run(table)
+        self._tables = []
+
+    def _run(self, table: _Table) -> None:
+        bases = table.bases
+        device = bases["W"].device
+        tensor = table.table.to(device)
+        self._report.record("copy_table", 0, table.table.numel() * 8)
+        for b in table.batches:
+            self._launch(bases, table.words_shift, tensor, b.n, b.m, b.hp, b.index, b.tiles_at, b.tile_count, b.seg_at, b.seg_count, b.numel)
+        self._finish.append((bases, tensor[table.segs_at : table.shapes_at], tensor[table.shapes_at :], table.seg_count, table.moved))
 
     def _launch(self, bases: dict[str, Tensor], words_shift: int, table: Tensor, n: int, m: int, hp: Any, index: dict[str, int],
                 tiles_at: int, tile_count: int, seg_at: int, seg_count: int, numel: int) -> None:
@@ -291,3 +311,64 @@ class FusedSMMF:
                 _finish_kernel[(count, 2)](bases["OUT"], bases["F"], segs, shapes, BLOCK=256, **launch.OPTIONS)
             self._report.record("smmf_finish", moved, moved // 2)
         self._finish = []
+
+
+def _build(jobs_of_dtype: list[_Job]) -> _Table:
+    """The table of one dtype pair's launches: per batch its tiles (:data:`NF` fields each) and
+    segments (:data:`NS`), then every segment again for the finish launch, then their shapes."""
+    holder = next((i for i, j in enumerate(jobs_of_dtype) if j.item.weight.numel()), 0)  # see tiles.holding
+    first = jobs_of_dtype[holder]
+    signs = [j.item.state["sign"] for j in jobs_of_dtype if "sign" in j.item.state and j.item.state["sign"].numel()]
+    sign_base = min(signs, key=Tensor.data_ptr) if signs else first.item.state["row_v"]
+    bases = dict(W=first.item.weight, G=first.item.grad, F=first.item.state["row_v"], OUT=first.slots.view("row_v"), S=sign_base)
+    bit_at = BitOffsets(sign_base)  # the lowest sign byte: every sign offset is >= 0
+    w_at, g_at, f_at, out_at = (Offsets(bases[k]) for k in ("W", "G", "F", "OUT"))
+    grouped: dict[tuple, list[int]] = defaultdict(list)
+    for index, job in enumerate(jobs_of_dtype):
+        geo = job.seg.geometry
+        grouped[(geo.rows, geo.cols, job.item.weight.device, job.hp)].append(index)
+    table: list[int] = []
+    batches = []
+    all_segs: list[int] = []
+    shapes: list[int] = []
+    grads = GradFields()
+    for (n, m, _, hp), members in grouped.items():
+        rows_per_tile, _ = tiles_shape(m)
+        tiles: list[int] = []
+        segs: list[int] = []
+        numel = 0
+        for index in members:
+            job = jobs_of_dtype[index]
+            tile_lo = len(tiles) // NF
+            state, seg = job.item.state, job.seg
+            local_w, local_g = seg.local(job.item.weight), seg.local(job.item.grad)
+            bit = -1
+            if hp.beta1 is not None:
+                bit = bit_at(seg.bits(state["sign"]))
+            head = [w_at(local_w), g_at(local_g), bit, f_at(seg.rows(state["row_v"])), f_at(seg.cols(state["col_v"]))]
+            if hp.beta1 is not None:
+                head += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))]
+            else:
+                head += [0, 0]
+            for fields in tile_pieces(seg.geometry, rows_per_tile):
+                grads.add(len(table) + len(tiles) + 1, index)
+                tiles += head + fields
+            numel += seg.segment.numel
+            rv, cv, rm, cm = (job.slots.view(name) for name in ("row_v", "col_v", "row_m", "col_m"))
+            entry = [tile_lo, len(tiles) // NF, out_at(rv), out_at(cv), out_at(rm), out_at(cm)]
+            entry += [f_at(seg.rows(state["row_v"])), f_at(seg.cols(state["col_v"]))]
+            entry += [f_at(seg.rows(state["row_m"])), f_at(seg.cols(state["col_m"]))] if rm is not None else [0, 0]
+            segs += entry
+            shapes += [n, m, 1 if rm is None else 2]
+        jobs = [jobs_of_dtype[i] for i in members]
+        index_constexpr = index_math((job.seg.geometry for job in jobs), tiles_shape(m)[1])
+        batches.append(_Batch(n, m, hp, index_constexpr, len(table), len(tiles) // NF, len(table) + len(tiles), len(jobs), numel, jobs))
+        all_segs += segs
+        table += tiles + segs
+    segs_at = len(table)
+    table += all_segs
+    shapes_at = len(table)
+    table += shapes
+    moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 4 * (2 if "row_m" in j.slots.sizes else 1) for j in jobs_of_dtype)
+    cpu = torch.from_numpy(np.array(table, dtype=np.int64))
+    return _Table(jobs_of_dtype, holder, bases, bit_at.shift, cpu, batches, segs_at, shapes_at, len(all_segs) // NS, moved, grads)

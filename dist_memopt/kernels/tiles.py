@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
+import numpy as np
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -21,7 +22,7 @@ from dist_memopt.kernels import launch
 from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.runs import RunsGeometry, runs_of
 
-__all__ = ["TILE_FIELDS", "CONTIGUOUS", "STRIDED", "DIVIDED", "tiles_shape", "tile_warps", "launched", "Offsets", "tile_pieces",
+__all__ = ["TILE_FIELDS", "CONTIGUOUS", "STRIDED", "DIVIDED", "tiles_shape", "tile_warps", "launched", "Offsets", "GradFields", "tile_pieces",
            "index_math", "runs_cursor", "runs_advance", "tile_elements", "load_block", "store_block", "to_dtype_of"]
 
 TILE_FIELDS = 6  # start, run length, stride, count, first local index of the piece, first row
@@ -90,6 +91,29 @@ class BitOffsets:
         delta = t.data_ptr() - self._word_at
         assert delta >= 0, "sign tensors lie at or above the base"
         return delta * 8
+
+
+class GradFields:
+    """The places of a launch table that hold gradient offsets, so that a table kept from the
+    previous step can take this step's gradients: after each backward they are new tensors, while
+    everything else the table addresses (weights, state, statistic slots) stays where it was."""
+
+    def __init__(self) -> None:
+        self._places: list[int] = []  # positions in the table
+        self._owners: list[int] = []  # the job (index in the runner's list) each place belongs to
+
+    def add(self, place: int, job: int) -> None:
+        """Position ``place`` of the table holds the gradient offset of job ``job`` (its segment's
+        first element, from the base gradient)."""
+        self._places.append(place)
+        self._owners.append(job)
+
+    def patch(self, table: Tensor, jobs: list[Any], base: Tensor) -> None:
+        """Write each job's gradient offset from ``base`` (this step's tensors) into ``table``, a
+        CPU int64 tensor, through numpy (no tensor op)."""
+        at = Offsets(base)
+        offsets = np.fromiter((at(job.item.grad) + job.seg.segment.offset for job in jobs), dtype=np.int64, count=len(jobs))
+        table.numpy()[np.asarray(self._places, dtype=np.int64)] = offsets[np.asarray(self._owners, dtype=np.int64)]
 
 
 def holding(jobs: list[Any]) -> Any:

@@ -304,8 +304,10 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         kernel_items = [item for item in items if item.kernel]
         fused = fused_step(kernel_items, self.kernel_family, self.kernel_observer)
         by_item = {id(item): hp for item, hp in zip(items, schedules)}
-        # only steps whose every segment the CPU kernels take are kept: no torch path, no Triton
-        cacheable = fused is not None and all(item.kernel == "cpu" for item in items)
+        # only steps whose every segment one kernel family takes are kept, where its runner can take
+        # its tables again (the torch path's works are built every step)
+        families = {item.kernel for item in items}
+        cacheable = fused is not None and len(families) == 1 and None not in families and callable(getattr(type(fused), "reuse", None))
         route, plans = None, self._caches()[1]
         if not cacheable:
             plans.clear()

@@ -92,10 +92,10 @@ def _count_table_builds(monkeypatch) -> dict[str, int]:
     built = {"smmf": 0, "alada": 0}
     builders = [("smmf", smmf_cpu, "_tables"), ("alada", alada_cpu, "_tables")]
     if _INTERPRETED:
-        from dist_memopt.kernels import smmf_triton
+        from dist_memopt.kernels import alada_triton, smmf_triton
 
-        built["smmf_triton"] = 0
-        builders.append(("smmf_triton", smmf_triton, "_build"))
+        built["smmf_triton"] = built["alada_triton"] = 0
+        builders += [("smmf_triton", smmf_triton, "_build"), ("alada_triton", alada_triton, "_build")]
     for key, module, name in builders:
         build = getattr(module, name)
 
@@ -123,14 +123,14 @@ def test_a_step_that_takes_the_previous_bookkeeping_again_gives_the_same_numbers
     assert built_cached < built_afresh, (built_cached, built_afresh)
 
 
-def _train_triton(rebuild: bool) -> list[torch.Tensor]:
-    """SMMF through the interpreted Triton kernels: new gradients and learning rates every step;
+def _train_triton(cls: type, rebuild: bool) -> list[torch.Tensor]:
+    """Steps through the interpreted Triton kernels: new gradients and learning rates every step;
     from step 4 the second group's rate differs from the first's, with whose (24, 20) matrix its
     own shared a launch."""
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(24, 20), (7, 5, 3), (24, 20), (16, 33)]]
     set_layout(params[3], [Segment(0, ShardSpec((40, 33), 10 * 33 + 5, 26 * 33 + 5))])  # a range cut mid-row
-    optimizer = dm.SMMF([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2, weight_decay=0.1, kernel="triton")
+    optimizer = cls([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2, weight_decay=0.1, kernel="triton")
     optimizer.triton_devices = ("cuda", "cpu")
     for step in range(6):
         for index, group in enumerate(optimizer.param_groups):
@@ -144,18 +144,22 @@ def _train_triton(rebuild: bool) -> list[torch.Tensor]:
 
 
 @pytest.mark.skipif(not _INTERPRETED, reason="needs triton and TRITON_INTERPRET=1")
-def test_the_triton_runner_takes_its_tables_again_to_the_same_numbers(monkeypatch):
-    """SMMF's Triton runner keeps its launch table and writes only the new gradients' offsets
-    into it (the interpreter's guard checks every access against the tensors it was given)."""
+@pytest.mark.parametrize("cls, builds", [(dm.SMMF, 3), (dm.Alada, 5)], ids=["smmf", "alada"])
+def test_the_triton_runners_take_their_tables_again_to_the_same_numbers(cls, builds, monkeypatch):
+    """The Triton runners keep their launch table and write only the new gradients' offsets into
+    it (the interpreter's guard checks every access against the tensors it was given)."""
     built = _count_table_builds(monkeypatch)
-    rebuilt = _train_triton(rebuild=True)  # first: a process's first kernel step also steps a probe (kernels.verify)
-    before = built["smmf_triton"]
-    cached = _train_triton(rebuild=False)
+    key = f"{cls.__name__.lower()}_triton"
+    rebuilt = _train_triton(cls, rebuild=True)  # first: a process's first kernel step also steps a probe (kernels.verify)
+    before = built[key]
+    cached = _train_triton(cls, rebuild=False)
     for a, b in zip(cached, rebuilt, strict=True):
         assert torch.equal(a, b)
-    # built at step 0 (the state is new), step 1 (kept from then on) and step 4 (a launch's
-    # segments no longer share one schedule); taken again at steps 2, 3 and 5
-    assert built["smmf_triton"] - before == 3
+    # SMMF: built at step 0 (the state is new), step 1 (kept from then on) and step 4 (a launch's
+    # segments no longer share one schedule), taken again at steps 2, 3 and 5. Alada keeps a table
+    # per phase: built at steps 0 (t = 0), 1 (odd), 2 (even), 4 and 5 (split schedules), taken
+    # again at step 3
+    assert built[key] - before == builds
 
 
 def _steps_with_new_gradients(optimizer, params, steps: int):
@@ -181,10 +185,12 @@ def test_a_steady_loop_builds_its_kernel_tables_once_per_kind_of_step(monkeypatc
         assert after_warmup <= (2 if key == "smmf" else 4), (key, built)
 
 
+@pytest.mark.parametrize("kernel", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(not _INTERPRETED, reason="needs triton and TRITON_INTERPRET=1"))])
 @pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
-def test_the_optimizer_keeps_no_gradient_alive_between_steps(cls):
+def test_the_optimizer_keeps_no_gradient_alive_between_steps(cls, kernel):
     params = [torch.nn.Parameter(torch.randn(16, 12)) for _ in range(3)]
-    optimizer = cls(params, kernel="cpu")
+    optimizer = cls(params, kernel=kernel)
+    optimizer.triton_devices = ("cuda", "cpu")
     for _ in _steps_with_new_gradients(optimizer, params, 4):
         pass
     watched = [weakref.ref(p.grad) for p in params]

@@ -16,8 +16,10 @@ that form Ũ from them).
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -26,7 +28,7 @@ from torch import Tensor
 from dist_memopt.kernels import launch
 from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
-from dist_memopt.kernels.tiles import TILE_FIELDS, Offsets, holding, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import TILE_FIELDS, Batch, GradFields, Offsets, holding, launched, index_math, load_block, reschedule, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedAlada"]
 
@@ -192,77 +194,96 @@ def _update_kernel(F, W, G, P64, TILES, n, m, lr, eps, eps64: tl.float64, bias1,
         store_block(W + w_off + k, to_dtype_of(tl.where(held, w, 0.0), W), held)
 
 
+@dataclass
+class _Batch(Batch):
+    """A statistics, a reduce and an update launch (segments of one dtype pair too)."""
+
+    at: int  # the batch's tiles, then its segments, in the table
+    holder: int  # the job whose weight and gradient are the batch's base pointers
+    w_base: Tensor  # (the gradients' base is this step's, read from the holder's item, never kept)
+    grads: GradFields
+
+
+@dataclass
+class _Table:
+    """Every launch of one step's segments and the int64 table they share, built on the host."""
+
+    jobs: list[_Job]
+    f32: Tensor
+    p64: Tensor
+    table: Tensor  # CPU int64
+    batches: list[_Batch]
+    refits: list[tuple[tuple, int, int]]  # (parity, first step, β2, eps), where, segments
+
+
 class FusedAlada:
     """One step's fused segments: :meth:`statistics` before the all_reduce, :meth:`update` after.
 
     Segments with the same (n, m) view, device and schedule make one batch (a statistics, a
     reduce and an update launch); the refit is one launch per (parity, first step, β2, eps),
-    in practice one per step. All launches share one int64 table (one host-to-device copy).
+    in practice one per step. All launches share one int64 table (one host-to-device copy),
+    built by :meth:`prepare` before the step's checks and kept by the optimizer for the next step
+    of the same segments and phases (:meth:`reuse`), which writes only the new gradients' offsets
+    into it.
     """
 
     def __init__(self, observer: Optional[KernelObserver] = None) -> None:
         self._report = Reporter(observer, "triton.")  # see dist_memopt.kernels.launch
         self._jobs: list[_Job] = []
+        self._table: Optional[_Table] = None
         self._batches: list[tuple] = []
         self._refits: list[tuple] = []
+        self._bases: Optional[tuple[Tensor, Tensor]] = None
+        self._stepped: list[_Job] = []
 
     def add(self, item: Any, seg: Any, hp: Any, slots: StatSlots) -> None:
         self._jobs.append(_Job(item, seg, hp, slots))
 
     def prepare(self) -> None:
-        """Nothing to build before the checks: the launches' table is built and copied to the
-        device in one go when they run."""
+        """The launch table of the segments added so far: reads addresses, changes nothing."""
+        if self._jobs:
+            assert self._table is None, "one table per step"
+            self._table = _build(self._jobs)
+            self._jobs = []
+
+    def route(self, schedules: list[Any]) -> Any:
+        """The phase (first step, odd, even) of each distinct schedule, in the items' order: it
+        decides which statistic each segment's entries name and how the refits group."""
+        return tuple((hp.t == 0, hp.t % 2 == 1) for hp in {id(hp): hp for hp in schedules}.values())
+
+    def prepared(self) -> Optional[_Table]:
+        """The table :meth:`prepare` built, for :meth:`reuse` at a later step of the same segments and phases."""
+        return self._table
+
+    def reuse(self, prepared: Optional[_Table], schedule_of: dict[int, Any]) -> bool:
+        """Take a :meth:`prepared` table again with this step's gradients and schedules
+        (``schedule_of``: by id of item); False, with nothing taken, where a batch's segments no
+        longer share one schedule."""
+        if prepared is None:
+            return False
+        if not reschedule(prepared.batches, schedule_of):
+            return False
+        for batch in prepared.batches:
+            batch.grads.patch(prepared.table, batch.jobs, batch.jobs[batch.holder].item.grad)
+        self._table = prepared
+        return True
 
     def statistics(self) -> None:
-        if not self._jobs:
+        self.prepare()
+        if self._table is None:
             return
-        first = self._jobs[0]
-        f32, p64 = first.stat, first.item.state["row"]
-        f_at, p_at = Offsets(f32), Offsets(p64)
-        batches: dict[tuple, list[_Job]] = defaultdict(list)
-        for job in self._jobs:
-            geo, item = job.seg.geometry, job.item
-            batches[(geo.rows, geo.cols, item.weight.device, item.weight.dtype, item.grad.dtype, job.hp)].append(job)
-        table: list[int] = []
-        plans = []
-        refits: dict[tuple, list[int]] = defaultdict(list)
-        for (n, m, _, _, _, hp), jobs in batches.items():
-            rows_per_tile, _ = tiles_shape(m)
-            held = holding(jobs)
-            w_base, g_base = held.item.weight, held.item.grad  # this batch's dtypes
-            w_at, g_at = Offsets(w_base), Offsets(g_base)
-            tiles: list[int] = []
-            segs: list[int] = []
-            for job in jobs:
-                state, seg = job.item.state, job.seg
-                grad = seg.local(job.item.grad)
-                momentum = g_at(grad) if hp.in_grad else f_at(seg.elems(state["exp_avg"]))
-                p, q, v0 = seg.rows(state["row"]), seg.cols(state["col"]), state["v0"][seg.factor_index : seg.factor_index + 1]
-                head = [w_at(seg.local(job.item.weight)), g_at(grad), momentum, p_at(p), p_at(q), p_at(v0)]
-                lo = len(tiles) // NF
-                for fields in tile_pieces(seg.geometry, rows_per_tile):
-                    tiles += head + fields
-                entry = [lo, len(tiles) // NF, f_at(job.stat), f_at(job.norm), p_at(p), p_at(q), p_at(v0), n, m]
-                segs += entry
-                refits[(hp.t % 2 == 1, hp.t == 0, hp.beta2, hp.eps)] += entry
-            numel = sum(j.seg.segment.numel for j in jobs)
-            index = index_math((job.seg.geometry for job in jobs), tiles_shape(m)[1])
-            plans.append((n, m, hp, index, w_base, g_base, len(table), len(tiles) // NF, len(jobs), numel))
-            table += tiles + segs
-        refit_at = []
-        for key, entries in refits.items():
-            refit_at.append((key, len(table), len(entries) // NS))
-            table += entries
-        cpu = torch.tensor(table, dtype=torch.int64)
-        device_table = cpu.to(f32.device)
-        self._report.record("copy_table", 0, cpu.numel() * 8)
-        for n, m, hp, index, w_base, g_base, at, tile_count, seg_count, numel in plans:
-            tiles = device_table[at : at + tile_count * NF]
-            segs = device_table[at + tile_count * NF : at + tile_count * NF + seg_count * NS]
-            self._statistics(f32, g_base, p64, tiles, segs, n, m, hp, index, tile_count, seg_count, numel)
-            self._batches.append((n, m, hp, index, w_base, g_base, tiles, tile_count, numel))
-        self._refits = [(key, device_table[at : at + count * NS], count) for key, at, count in refit_at]
-        self._bases = (f32, p64)
+        built, self._table = self._table, None
+        device_table = built.table.to(built.f32.device)
+        self._report.record("copy_table", 0, built.table.numel() * 8)
+        for b in built.batches:
+            g_base = b.jobs[b.holder].item.grad
+            tiles = device_table[b.at : b.at + b.tile_count * NF]
+            segs = device_table[b.at + b.tile_count * NF : b.at + b.tile_count * NF + b.seg_count * NS]
+            self._statistics(built.f32, g_base, built.p64, tiles, segs, b.n, b.m, b.hp, b.index, b.tile_count, b.seg_count, b.numel)
+            self._batches.append((b.n, b.m, b.hp, b.index, b.w_base, g_base, tiles, b.tile_count, b.numel))
+        self._refits = [(key, device_table[at : at + count * NS], count) for key, at, count in built.refits]
+        self._bases = (built.f32, built.p64)
+        self._stepped = built.jobs
 
     def _statistics(self, f32: Tensor, grads: Tensor, p64: Tensor, tiles: Tensor, segs: Tensor, n: int, m: int, hp: Any, index: dict[str, int],
                     tile_count: int, seg_count: int, numel: int) -> None:
@@ -291,13 +312,13 @@ class FusedAlada:
 
     def update(self) -> None:
         """After the all_reduce: refit every segment's p or q, then update the weights."""
-        if not self._jobs:
+        if self._bases is None:
             return
         f32, p64 = self._bases
         for (odd, first, beta2, eps), segs, count in self._refits:
             if self._report.executing:
                 _refit_kernel[(count,)](f32, p64, segs, beta2, eps, ODD=odd, FIRST=first, BLOCK=256, **launch.OPTIONS)
-            moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 8 for j in self._jobs) // len(self._refits)
+            moved = sum(2 * (j.seg.geometry.rows + j.seg.geometry.cols) * 8 for j in self._stepped) // len(self._refits)
             self._report.record("alada_refit", moved, moved // 2)
         for n, m, hp, index, w_base, g_base, tiles, tile_count, numel in self._batches:
             if not tile_count:
@@ -316,3 +337,52 @@ class FusedAlada:
             m_size = g_base.element_size() if hp.in_grad else 4
             factors = tile_count * (rows_per_tile + m) * 8
             self._report.record("alada_update", numel * (w_size + m_size) + factors + tile_count * NF * 8, numel * w_size)
+
+
+def _build(jobs: list[_Job]) -> _Table:
+    """The table of a step's launches: per batch its tiles (:data:`NF` fields each) and segments
+    (:data:`NS`), then each refit group's segments again."""
+    first = jobs[0]
+    f32, p64 = first.stat, first.item.state["row"]
+    f_at, p_at = Offsets(f32), Offsets(p64)
+    grouped: dict[tuple, list[_Job]] = defaultdict(list)
+    for job in jobs:
+        geo, item = job.seg.geometry, job.item
+        grouped[(geo.rows, geo.cols, item.weight.device, item.weight.dtype, item.grad.dtype, job.hp)].append(job)
+    table: list[int] = []
+    batches = []
+    refits: dict[tuple, list[int]] = defaultdict(list)
+    for (n, m, _, _, _, hp), members in grouped.items():
+        rows_per_tile, _ = tiles_shape(m)
+        holder = holding(members)
+        w_base, g_base = members[holder].item.weight, members[holder].item.grad  # this batch's dtypes
+        w_at, g_at = Offsets(w_base), Offsets(g_base)
+        tiles: list[int] = []
+        segs: list[int] = []
+        grads = GradFields()
+        for index, job in enumerate(members):
+            state, seg = job.item.state, job.seg
+            grad = seg.local(job.item.grad)
+            momentum = g_at(grad) if hp.in_grad else f_at(seg.elems(state["exp_avg"]))
+            p, q, v0 = seg.rows(state["row"]), seg.cols(state["col"]), state["v0"][seg.factor_index : seg.factor_index + 1]
+            head = [w_at(seg.local(job.item.weight)), g_at(grad), momentum, p_at(p), p_at(q), p_at(v0)]
+            lo = len(tiles) // NF
+            for fields in tile_pieces(seg.geometry, rows_per_tile):
+                place = len(table) + len(tiles)
+                grads.add(place + 1, index)
+                if hp.in_grad:
+                    grads.add(place + 2, index)  # M in .grad: addressed from G too
+                tiles += head + fields
+            entry = [lo, len(tiles) // NF, f_at(job.stat), f_at(job.norm), p_at(p), p_at(q), p_at(v0), n, m]
+            segs += entry
+            refits[(hp.t % 2 == 1, hp.t == 0, hp.beta2, hp.eps)] += entry
+        numel = sum(j.seg.segment.numel for j in members)
+        index_constexpr = index_math((job.seg.geometry for job in members), tiles_shape(m)[1])
+        batches.append(_Batch(n=n, m=m, hp=hp, index=index_constexpr, tile_count=len(tiles) // NF, seg_count=len(members), numel=numel, jobs=members,
+                              at=len(table), holder=holder, w_base=w_base, grads=grads))
+        table += tiles + segs
+    refit_at = []
+    for key, entries in refits.items():
+        refit_at.append((key, len(table), len(entries) // NS))
+        table += entries
+    return _Table(jobs, f32, p64, torch.from_numpy(np.array(table, dtype=np.int64)), batches, refit_at)

@@ -35,7 +35,7 @@ from torch import Tensor
 from dist_memopt.kernels import launch
 from dist_memopt.kernels.jobs import SMMFJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
-from dist_memopt.kernels.tiles import BitOffsets, GradFields, Offsets, launched, index_math, load_block, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import Batch, BitOffsets, GradFields, Offsets, holding, launched, index_math, load_block, reschedule, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
 __all__ = ["FusedSMMF"]
 
@@ -170,19 +170,11 @@ def _finish_kernel(OUT, F, SEGS, SHAPES, BLOCK: tl.constexpr):
 
 
 @dataclass
-class _Batch:
-    """One tile launch and one reduce launch: segments of one (n, m) view, device and schedule."""
+class _Batch(Batch):
+    """One tile launch and one reduce launch."""
 
-    n: int
-    m: int
-    hp: Any
-    index: dict[str, int]
     tiles_at: int
-    tile_count: int
     seg_at: int
-    seg_count: int
-    numel: int
-    jobs: list[_Job]
 
 
 @dataclass
@@ -191,7 +183,7 @@ class _Table:
 
     jobs: list[_Job]
     holder: int  # the job whose tensors are the base pointers
-    bases: dict[str, Tensor]
+    bases: dict[str, Tensor]  # but the gradients' (G): this step's, read from the holder's item, never kept
     words_shift: int
     table: Tensor  # CPU int64
     batches: list[_Batch]
@@ -243,17 +235,10 @@ class FusedSMMF:
         """Take :meth:`prepared` tables again with this step's gradients and schedules
         (``schedule_of``: by id of item); False, with nothing taken, where a batch's segments no
         longer share one schedule."""
-        schedules = [[schedule_of[id(job.item)] for job in batch.jobs] for table in prepared for batch in table.batches]
-        if any(hp is not mine[0] and hp != mine[0] for mine in schedules for hp in mine):
+        if not reschedule((batch for table in prepared for batch in table.batches), schedule_of):
             return False
-        batches = (batch for table in prepared for batch in table.batches)
-        for batch, mine in zip(batches, schedules):
-            batch.hp = mine[0]
-            for job in batch.jobs:
-                job.hp = batch.hp
         for table in prepared:
-            table.bases["G"] = table.jobs[table.holder].item.grad
-            table.grads.patch(table.table, table.jobs, table.bases["G"])
+            table.grads.patch(table.table, table.jobs, table.jobs[table.holder].item.grad)
         self._tables += prepared
         return True
 
@@ -265,7 +250,7 @@ class FusedSMMF:
         self._tables = []
 
     def _run(self, table: _Table) -> None:
-        bases = table.bases
+        bases = {**table.bases, "G": table.jobs[table.holder].item.grad}
         device = bases["W"].device
         tensor = table.table.to(device)
         self._report.record("copy_table", 0, table.table.numel() * 8)
@@ -316,13 +301,14 @@ class FusedSMMF:
 def _build(jobs_of_dtype: list[_Job]) -> _Table:
     """The table of one dtype pair's launches: per batch its tiles (:data:`NF` fields each) and
     segments (:data:`NS`), then every segment again for the finish launch, then their shapes."""
-    holder = next((i for i, j in enumerate(jobs_of_dtype) if j.item.weight.numel()), 0)  # see tiles.holding
+    holder = holding(jobs_of_dtype)
     first = jobs_of_dtype[holder]
     signs = [j.item.state["sign"] for j in jobs_of_dtype if "sign" in j.item.state and j.item.state["sign"].numel()]
     sign_base = min(signs, key=Tensor.data_ptr) if signs else first.item.state["row_v"]
-    bases = dict(W=first.item.weight, G=first.item.grad, F=first.item.state["row_v"], OUT=first.slots.view("row_v"), S=sign_base)
+    bases = dict(W=first.item.weight, F=first.item.state["row_v"], OUT=first.slots.view("row_v"), S=sign_base)
     bit_at = BitOffsets(sign_base)  # the lowest sign byte: every sign offset is >= 0
-    w_at, g_at, f_at, out_at = (Offsets(bases[k]) for k in ("W", "G", "F", "OUT"))
+    w_at, f_at, out_at = (Offsets(bases[k]) for k in ("W", "F", "OUT"))
+    g_at = Offsets(first.item.grad)
     grouped: dict[tuple, list[int]] = defaultdict(list)
     for index, job in enumerate(jobs_of_dtype):
         geo = job.seg.geometry
@@ -362,7 +348,8 @@ def _build(jobs_of_dtype: list[_Job]) -> _Table:
             shapes += [n, m, 1 if rm is None else 2]
         jobs = [jobs_of_dtype[i] for i in members]
         index_constexpr = index_math((job.seg.geometry for job in jobs), tiles_shape(m)[1])
-        batches.append(_Batch(n, m, hp, index_constexpr, len(table), len(tiles) // NF, len(table) + len(tiles), len(jobs), numel, jobs))
+        batches.append(_Batch(n=n, m=m, hp=hp, index=index_constexpr, tile_count=len(tiles) // NF, seg_count=len(jobs), numel=numel, jobs=jobs,
+                              tiles_at=len(table), seg_at=len(table) + len(tiles)))
         all_segs += segs
         table += tiles + segs
     segs_at = len(table)

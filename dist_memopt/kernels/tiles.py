@@ -11,6 +11,7 @@ every segment of a batch wherever its tensors live.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
@@ -22,7 +23,7 @@ from dist_memopt.kernels import launch
 from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.runs import RunsGeometry, runs_of
 
-__all__ = ["TILE_FIELDS", "CONTIGUOUS", "STRIDED", "DIVIDED", "tiles_shape", "tile_warps", "launched", "Offsets", "GradFields", "tile_pieces",
+__all__ = ["TILE_FIELDS", "CONTIGUOUS", "STRIDED", "DIVIDED", "tiles_shape", "tile_warps", "launched", "Offsets", "GradFields", "Batch", "reschedule", "tile_pieces",
            "index_math", "runs_cursor", "runs_advance", "tile_elements", "load_block", "store_block", "to_dtype_of"]
 
 TILE_FIELDS = 6  # start, run length, stride, count, first local index of the piece, first row
@@ -116,10 +117,38 @@ class GradFields:
         table.numpy()[np.asarray(self._places, dtype=np.int64)] = offsets[np.asarray(self._owners, dtype=np.int64)]
 
 
-def holding(jobs: list[Any]) -> Any:
-    """The first job whose weight has elements (else the first): a batch's base pointers are taken
-    from it, and an empty tensor has no address (``data_ptr()`` is 0)."""
-    return next((j for j in jobs if j.item.weight.numel()), jobs[0])
+@dataclass
+class Batch:
+    """A runner's launches for segments of one (n, m) view, device and schedule (and dtypes)."""
+
+    n: int
+    m: int
+    hp: Any  # the schedule its jobs share
+    index: dict[str, int]  # index_math's constexpr
+    tile_count: int
+    seg_count: int
+    numel: int
+    jobs: list[Any]
+
+
+def reschedule(batches: Iterable[Batch], schedule_of: dict[int, Any]) -> bool:
+    """Give each kept batch, and its jobs, this step's schedule (``schedule_of``: by id of item);
+    False, changing nothing, where a batch's jobs no longer share one (its launch would mix them)."""
+    batches = list(batches)
+    schedules = [[schedule_of[id(job.item)] for job in batch.jobs] for batch in batches]
+    if any(hp is not mine[0] and hp != mine[0] for mine in schedules for hp in mine):
+        return False
+    for batch, mine in zip(batches, schedules):
+        batch.hp = mine[0]
+        for job in batch.jobs:
+            job.hp = batch.hp
+    return True
+
+
+def holding(jobs: list[Any]) -> int:
+    """The index of the first job whose weight has elements (else 0): a batch's base pointers are
+    taken from its tensors, and an empty tensor has no address (``data_ptr()`` is 0)."""
+    return next((i for i, j in enumerate(jobs) if j.item.weight.numel()), 0)
 
 
 def tile_pieces(geometry: Union[RangeGeometry, RunsGeometry], rows_per_tile: int) -> Iterator[list[int]]:

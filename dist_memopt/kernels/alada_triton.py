@@ -214,6 +214,7 @@ class _Table:
     table: Tensor  # CPU int64
     batches: list[_Batch]
     refits: list[tuple[tuple, int, int]]  # (parity, first step, β2, eps), where, segments
+    on_device: Optional[Tensor] = None  # the table's copy the kernels read, while it matches the host's
 
 
 class FusedAlada:
@@ -264,7 +265,8 @@ class FusedAlada:
         if not reschedule(prepared.batches, schedule_of):
             return False
         for batch in prepared.batches:
-            batch.grads.patch(prepared.table, batch.jobs, batch.jobs[batch.holder].item.grad)
+            if batch.grads.patch(prepared.table, batch.jobs, batch.jobs[batch.holder].item.grad):
+                prepared.on_device = None
         self._table = prepared
         return True
 
@@ -273,8 +275,10 @@ class FusedAlada:
         if self._table is None:
             return
         built, self._table = self._table, None
-        device_table = built.table.to(built.f32.device)
-        self._report.record("copy_table", 0, built.table.numel() * 8)
+        if built.on_device is None or built.on_device.device != built.f32.device:
+            built.on_device = built.table.to(built.f32.device)  # on CPU the host's table itself
+            self._report.record("copy_table", 0, built.table.numel() * 8)
+        device_table = built.on_device
         for b in built.batches:
             g_base = b.jobs[b.holder].item.grad
             tiles = device_table[b.at : b.at + b.tile_count * NF]

@@ -192,6 +192,7 @@ class _Table:
     seg_count: int
     moved: int
     grads: GradFields
+    on_device: Optional[Tensor] = None  # the table's copy the kernels read, while it matches the host's
 
 
 class FusedSMMF:
@@ -238,7 +239,8 @@ class FusedSMMF:
         if not reschedule((batch for table in prepared for batch in table.batches), schedule_of):
             return False
         for table in prepared:
-            table.grads.patch(table.table, table.jobs, table.jobs[table.holder].item.grad)
+            if table.grads.patch(table.table, table.jobs, table.jobs[table.holder].item.grad):
+                table.on_device = None
         self._tables += prepared
         return True
 
@@ -252,8 +254,10 @@ class FusedSMMF:
     def _run(self, table: _Table) -> None:
         bases = {**table.bases, "G": table.jobs[table.holder].item.grad}
         device = bases["W"].device
-        tensor = table.table.to(device)
-        self._report.record("copy_table", 0, table.table.numel() * 8)
+        if table.on_device is None or table.on_device.device != device:
+            table.on_device = table.table.to(device)  # on CPU the host's table itself
+            self._report.record("copy_table", 0, table.table.numel() * 8)
+        tensor = table.on_device
         for b in table.batches:
             self._launch(bases, table.words_shift, tensor, b.n, b.m, b.hp, b.index, b.tiles_at, b.tile_count, b.seg_at, b.seg_count, b.numel)
         self._finish.append((bases, tensor[table.segs_at : table.shapes_at], tensor[table.shapes_at :], table.seg_count, table.moved))

@@ -109,12 +109,18 @@ class GradFields:
         self._places.append(place)
         self._owners.append(job)
 
-    def patch(self, table: Tensor, jobs: list[Any], base: Tensor) -> None:
+    def patch(self, table: Tensor, jobs: list[Any], base: Tensor) -> bool:
         """Write each job's gradient offset from ``base`` (this step's tensors) into ``table``, a
-        CPU int64 tensor, through numpy (no tensor op)."""
+        CPU int64 tensor, through numpy (no tensor op); whether any changed (a GPU's allocator
+        often hands the gradients the same places again: the device's copy of the table then serves)."""
         at = Offsets(base)
         offsets = np.fromiter((at(job.item.grad) + job.seg.segment.offset for job in jobs), dtype=np.int64, count=len(jobs))
-        table.numpy()[np.asarray(self._places, dtype=np.int64)] = offsets[np.asarray(self._owners, dtype=np.int64)]
+        places, values = np.asarray(self._places, dtype=np.int64), offsets[np.asarray(self._owners, dtype=np.int64)]
+        host = table.numpy()
+        if np.array_equal(host[places], values):
+            return False
+        host[places] = values
+        return True
 
 
 @dataclass

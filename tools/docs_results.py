@@ -47,12 +47,12 @@ def _memory(results: dict[str, Any]) -> str:
 
 
 def _cost_rows(optimizers: dict[str, Any]) -> list[list[Any]]:
-    return [[name, _number(row["launches"], 0), _number(row["bytes_per_element"], 1), _number(row["syncs"], 0)]
+    return [[name, _number(row["launches"], 0), _number(row["bytes_per_element"], 1), _number(row["syncs"], 0), _number(row.get("host_ms"), 1)]
             for name, row in optimizers.items()]
 
 
 def _kernels(results: dict[str, Any]) -> str:
-    headers = ["optimizer", "launches / step", "bytes read + written / element", "host syncs / step"]
+    headers = ["optimizer", "launches / step", "bytes read + written / element", "host syncs / step", "host ms / step (dry run)"]
     parts = [f"**{model['title']}**, one process\n\n" + _table(headers, _cost_rows(model["optimizers"]))
              for model in results.get("models", {}).values()]
     parts += [f"**GPT-2 small under FSDP2, {size} CPU ranks** (rank 0, per local element)\n\n" + _table(headers, _cost_rows(rows))

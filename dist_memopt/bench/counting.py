@@ -16,6 +16,7 @@ tensors), and cache reuse is ignored (every op reads its inputs from memory).
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
@@ -181,7 +182,9 @@ def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, st
     """Launches, bytes per element and host syncs of ``steps`` steps (after ``warmup``), per step.
 
     ``execute=False`` counts the fused kernels without running them, warm-up included
-    (interpreting GPT-2 small's kernels on CPU takes many minutes; the counts are the same).
+    (interpreting GPT-2 small's kernels on CPU takes many minutes; the counts are the same), and
+    where fused kernels take part times ``steps`` more such steps: ``host_ms``, the host's Python
+    per step besides the kernels (on a GPU, what the host spends before they are queued).
 
     ``optimizer`` must not hold state yet: its state is dropped afterwards (the bench shares parameters).
     The torch path steps in the chunks it would take on a GPU (:func:`default_chunk_numel` of
@@ -202,6 +205,14 @@ def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, st
             if hasattr(optimizer, "synchronize"):
                 optimizer.synchronize()
         costs.append(cost)
+    host_ms = None
+    fused = any(op.startswith(("triton.", "cpu.")) for c in costs for op in c.ops)
+    if fused and not execute:  # the dry run's steps, timed outside the counter: the Python a step costs the host
+        optimizer.kernel_observer = StepCost(execute=False)  # the counter's exit took its own away
+        started = time.perf_counter()
+        for _ in range(steps):
+            optimizer.step()
+        host_ms = (time.perf_counter() - started) / steps * 1e3
     optimizer.state.clear()
     ops = sum((c.ops for c in costs), start=type(costs[0].ops)())
     moved = sum(c.bytes_read + c.bytes_written for c in costs)
@@ -211,6 +222,7 @@ def count_step(optimizer: torch.optim.Optimizer, numel: int, warmup: int = 2, st
         "bytes_per_element": moved / steps / max(1, numel),
         "read_per_element": sum(c.bytes_read for c in costs) / steps / max(1, numel),
         "syncs": sum(c.sync_count for c in costs) / steps,
+        "host_ms": host_ms,
         "top_ops": dict(ops.most_common(8)),
         "ops": dict(ops),
     }

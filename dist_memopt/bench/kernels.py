@@ -50,10 +50,11 @@ def kernel_costs(
 def format_costs(title: str, rows: dict[str, dict[str, Any]]) -> str:
     table = [
         [name, f"{r['launches']:g}", f"{r['bytes_per_element']:.1f}", f"{r['read_per_element']:.1f}", f"{r['syncs']:g}",
+         "—" if r.get("host_ms") is None else f"{r['host_ms']:.1f}",
          ", ".join(f"{op} {n / len(r['launches_per_step']):g}" for op, n in list(r["top_ops"].items())[:4])]
         for name, r in rows.items()
     ]
-    headers = ["optimizer", "launches/step", "B/elem r+w", "of which read", "host syncs", "most launched"]
+    headers = ["optimizer", "launches/step", "B/elem r+w", "of which read", "host syncs", "host ms", "most launched"]
     return f"{title}\n{format_table(headers, table)}\n"
 
 
@@ -93,7 +94,9 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             results["fsdp2"][str(world_size)] = rows
             print(format_costs(f"GPT-2 small under FSDP2, {world_size} CPU ranks (rank 0; per local element)", rows), flush=True)
     if options.kernel_device == "cpu" and not options.triton_execute:
-        print("*-triton rows on CPU: launches recorded, kernels not run (--triton-execute interprets them).")
+        print("*-triton rows on CPU: launches recorded, kernels not run (--triton-execute interprets them). host ms: a step "
+              "whose fused kernels are not run, timed on its own: the host's Python per step besides the launches (the "
+              "*-triton rows with the check also compute its norms here, which a GPU queues).")
     print("launches: aten ops that run a kernel on a GPU (views and allocations excluded) plus Triton launches; "
           "a foreach op counts once. Bytes: each op's tensor inputs read and outputs written, per parameter element. "
           "The torch path is counted in the chunks it takes on a GPU (64M elements; 512K on CPU).")

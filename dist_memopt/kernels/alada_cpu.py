@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots
+from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots, alada_route
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.cpu_build import cpu_kernels
 from dist_memopt.kernels.cpu_tables import add_runs, address, batched, check_flat, dtype_code, grad_offsets, int64_table, one_run, patch_grads, rebatched, whole_row_elements
@@ -69,9 +69,8 @@ class CpuAlada:
         self._one_run_jobs, self._jobs = [], []
 
     def route(self, schedules: list[Any]) -> Any:
-        """The phase of each distinct schedule, in the items' order: it decides which segments
-        take one pass and which statistic each table names."""
-        return tuple(_phase(hp) for hp in {id(hp): hp for hp in schedules}.values())
+        """The phases of the schedules (:func:`~dist_memopt.kernels.jobs.alada_route`)."""
+        return alada_route(schedules)
 
     def prepared(self) -> tuple[list[tuple], list[tuple]]:
         """The tables :meth:`prepare` built, for :meth:`reuse` at a later step of the same segments

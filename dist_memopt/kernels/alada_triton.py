@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_memopt.kernels import launch
-from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots
+from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots, alada_route
 from dist_memopt.kernels.launch import KernelObserver, Reporter
 from dist_memopt.kernels.tiles import TILE_FIELDS, Batch, GradFields, Offsets, holding, launched, index_math, load_block, reschedule, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
 
@@ -248,9 +248,8 @@ class FusedAlada:
             self._jobs = []
 
     def route(self, schedules: list[Any]) -> Any:
-        """The phase (first step, odd, even) of each distinct schedule, in the items' order: it
-        decides which statistic each segment's entries name and how the refits group."""
-        return tuple((hp.t == 0, hp.t % 2 == 1) for hp in {id(hp): hp for hp in schedules}.values())
+        """The phases of the schedules (:func:`~dist_memopt.kernels.jobs.alada_route`)."""
+        return alada_route(schedules)
 
     def prepared(self) -> Optional[_Table]:
         """The table :meth:`prepare` built, for :meth:`reuse` at a later step of the same segments and phases."""

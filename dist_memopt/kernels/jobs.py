@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-__all__ = ["StatSlots", "SMMFJob", "AladaJob", "alada_statistic"]
+__all__ = ["StatSlots", "SMMFJob", "AladaJob", "alada_statistic", "alada_route"]
 
 
 class StatSlots:
@@ -47,6 +47,13 @@ def alada_statistic(t: int) -> str:
     """The statistic Alada's step ``t`` (from 0) refits with: ``col`` (Vᵀ·p, for q) at odd t,
     ``row`` (V·q, for p) at even t."""
     return "col" if t % 2 == 1 else "row"
+
+
+def alada_route(schedules: list[Any]) -> tuple[tuple[bool, bool], ...]:
+    """The phase (first step, odd t) of each distinct schedule, in the items' order: what decides,
+    besides its segments, which tables an Alada runner builds (which statistic each segment names,
+    which segments take one pass, how the refits group), so one table is kept per route."""
+    return tuple((hp.t == 0, hp.t % 2 == 1) for hp in {id(hp): hp for hp in schedules}.values())
 
 
 @dataclass

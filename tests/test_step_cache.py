@@ -39,7 +39,7 @@ def _grads(params, optimizer, step: int, in_grad: bool) -> None:
             p.grad = (0.1 * torch.randn(p.shape, generator=generator)).to(p.dtype)
 
 
-def _train(name: str, dtype: torch.dtype, rebuild: bool, kernel: str = "cpu"):
+def _train(name: str, dtype: torch.dtype, rebuild: bool):
     """Steps with the events a cached step must notice; ``rebuild`` drops the caches before
     every step, so every step builds its bookkeeping afresh."""
     cls, config = CASES[name]
@@ -48,8 +48,7 @@ def _train(name: str, dtype: torch.dtype, rebuild: bool, kernel: str = "cpu"):
     params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in SHAPES]
     set_layout(params[-1], [Segment(0, ShardSpec((40, 33), 10 * 33 + 5, 16 * 33 + 5))])  # a range cut mid-row
     # two groups of equal settings: their segments share the kernel calls while their schedules agree
-    optimizer = cls([{"params": params[:3]}, {"params": params[3:]}], lr=1e-2, kernel=kernel, **config)
-    optimizer.triton_devices = ("cuda", "cpu")  # kernel="triton": interpreted on CPU tensors
+    optimizer = cls([{"params": params[:3]}, {"params": params[3:]}], lr=1e-2, kernel="cpu", **config)
     late = torch.nn.Parameter(torch.randn((24, 20), generator=generator).to(dtype))
     for step in range(30):  # events at steps 3, 7, 11, 14, 17, 20, 23 and 26, plain steps between
         if step == 3:  # a group whose step counts are three behind the others': Alada's odd and
@@ -88,7 +87,7 @@ def _train(name: str, dtype: torch.dtype, rebuild: bool, kernel: str = "cpu"):
 
 
 def _count_table_builds(monkeypatch) -> dict[str, int]:
-    """Calls of the runners' table builders, by runner ("smmf", "alada": CPU; "smmf_triton")."""
+    """Calls of the runners' table builders, by runner ("smmf", "alada": CPU; "smmf_triton", "alada_triton")."""
     built = {"smmf": 0, "alada": 0}
     builders = [("smmf", smmf_cpu, "_tables"), ("alada", alada_cpu, "_tables")]
     if _INTERPRETED:

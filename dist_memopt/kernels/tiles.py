@@ -102,6 +102,7 @@ class GradFields:
     def __init__(self) -> None:
         self._places: list[int] = []  # positions in the table
         self._owners: list[int] = []  # the job (index in the runner's list) each place belongs to
+        self._arrays: Optional[tuple[np.ndarray, np.ndarray]] = None  # both, once the table is built
 
     def add(self, place: int, job: int) -> None:
         """Position ``place`` of the table holds the gradient offset of job ``job`` (its segment's
@@ -115,7 +116,10 @@ class GradFields:
         often hands the gradients the same places again: the device's copy of the table then serves)."""
         at = Offsets(base)
         offsets = np.fromiter((at(job.item.grad) + job.seg.segment.offset for job in jobs), dtype=np.int64, count=len(jobs))
-        places, values = np.asarray(self._places, dtype=np.int64), offsets[np.asarray(self._owners, dtype=np.int64)]
+        if self._arrays is None:
+            self._arrays = (np.asarray(self._places, dtype=np.int64), np.asarray(self._owners, dtype=np.int64))
+        places, owners = self._arrays
+        values = offsets[owners]
         host = table.numpy()
         if np.array_equal(host[places], values):
             return False

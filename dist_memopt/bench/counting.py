@@ -7,7 +7,9 @@ arguments written, a mutated argument that is not write-only (``add_`` but not `
 is read too. Fused kernels report themselves with the bytes of their own loads and stores:
 a :class:`StepCost` is the :class:`~dist_memopt.kernels.launch.KernelObserver` of the optimizers
 it is given. Ops that make the host wait for the device
-(``.item()``, ``bool(t)``, ``.tolist()``, data-dependent shapes) are counted as syncs.
+(``.item()``, ``bool(t)``, ``.tolist()``, data-dependent shapes) are counted as syncs, and
+tensors made from host data (``torch.tensor(...)``) as uploads: on an accelerator each is a
+host-to-device copy from pageable memory, which waits for the device's queue as a sync does.
 
 These are counts, not times: a foreach op is one launch here (a few on CUDA, one per ~tens of
 tensors), and cache reuse is ignored (every op reads its inputs from memory).
@@ -88,6 +90,8 @@ class StepCost(TorchDispatchMode):
     ``triton.<kernel>``), ``syncs`` per sync op; ``tolist`` calls are counted by patching
     ``Tensor.tolist`` for the duration (it reads the data without dispatching an op).
 
+    ``uploads`` counts tensors made from host data during the ``with``.
+
     ``optimizers``: those whose fused kernel runners report to this count, as its
     ``kernel_observer`` for the duration. ``execute=False`` makes their runners launch nothing (a
     dry run, see :mod:`dist_memopt.kernels.launch`): the counts are a real step's, the results not.
@@ -99,6 +103,8 @@ class StepCost(TorchDispatchMode):
         self._optimizers = optimizers
         self.ops: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
+        #: tensors made from host data (``aten.lift_fresh``): a blocking copy on an accelerator
+        self.uploads = 0
         self.bytes_read = 0
         self.bytes_written = 0
         self._tolist = None
@@ -140,6 +146,8 @@ class StepCost(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func in SYNC_OPS:
             self.syncs[func.overloadpacket.__name__] += 1
+        if func is aten.lift_fresh.default:
+            self.uploads += 1
         if func in NO_KERNEL or func.is_view or func is aten._local_scalar_dense.default:
             return out  # no kernel (a scalar read is a copy, counted as a sync above)
         self.ops[func.overloadpacket.__name__] += 1

@@ -28,7 +28,7 @@ from torch import Tensor
 from dist_memopt.kernels import launch
 from dist_memopt.kernels.jobs import AladaJob as _Job, StatSlots, alada_route
 from dist_memopt.kernels.launch import KernelObserver, Reporter
-from dist_memopt.kernels.tiles import TILE_FIELDS, Batch, GradFields, Offsets, holding, launched, index_math, load_block, reschedule, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import TILE_FIELDS, Batch, GradFields, Offsets, holding, launched, index_math, load_block, reschedule, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of, upload
 
 __all__ = ["FusedAlada"]
 
@@ -275,7 +275,7 @@ class FusedAlada:
             return
         built, self._table = self._table, None
         if built.on_device is None or built.on_device.device != built.f32.device:
-            built.on_device = built.table.to(built.f32.device)  # on CPU the host's table itself
+            built.on_device = upload(built.table, built.f32.device)
             self._report.record("copy_table", 0, built.table.numel() * 8)
         device_table = built.on_device
         for b in built.batches:

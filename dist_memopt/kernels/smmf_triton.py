@@ -35,7 +35,7 @@ from torch import Tensor
 from dist_memopt.kernels import launch
 from dist_memopt.kernels.jobs import SMMFJob as _Job, StatSlots
 from dist_memopt.kernels.launch import KernelObserver, Reporter
-from dist_memopt.kernels.tiles import Batch, BitOffsets, GradFields, Offsets, holding, launched, index_math, load_block, reschedule, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of
+from dist_memopt.kernels.tiles import Batch, BitOffsets, GradFields, Offsets, holding, launched, index_math, load_block, reschedule, runs_advance, runs_cursor, store_block, tile_elements, tile_pieces, tile_warps, tiles_shape, to_dtype_of, upload
 
 __all__ = ["FusedSMMF"]
 
@@ -255,7 +255,7 @@ class FusedSMMF:
         bases = {**table.bases, "G": table.jobs[table.holder].item.grad}
         device = bases["W"].device
         if table.on_device is None or table.on_device.device != device:
-            table.on_device = table.table.to(device)  # on CPU the host's table itself
+            table.on_device = upload(table.table, device)
             self._report.record("copy_table", 0, table.table.numel() * 8)
         tensor = table.on_device
         for b in table.batches:

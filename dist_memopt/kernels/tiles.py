@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -23,7 +24,7 @@ from dist_memopt.kernels import launch
 from dist_memopt.shard.geometry import RangeGeometry
 from dist_memopt.shard.runs import RunsGeometry, runs_of
 
-__all__ = ["TILE_FIELDS", "CONTIGUOUS", "STRIDED", "DIVIDED", "tiles_shape", "tile_warps", "launched", "Offsets", "GradFields", "Batch", "reschedule", "tile_pieces",
+__all__ = ["TILE_FIELDS", "CONTIGUOUS", "STRIDED", "DIVIDED", "tiles_shape", "tile_warps", "launched", "Offsets", "GradFields", "upload", "Batch", "reschedule", "tile_pieces",
            "index_math", "runs_cursor", "runs_advance", "tile_elements", "load_block", "store_block", "to_dtype_of"]
 
 TILE_FIELDS = 6  # start, run length, stride, count, first local index of the piece, first row
@@ -125,6 +126,21 @@ class GradFields:
             return False
         host[places] = values
         return True
+
+
+def upload(table: Tensor, device: torch.device) -> Tensor:
+    """The host's launch table on ``device``, without making the host wait for the device.
+
+    ``table.to(device)`` would copy from pageable memory, which waits for every queued kernel
+    (a host sync). The copy goes through a pinned copy of the table instead, asynchronously:
+    torch's caching host allocator keeps that pinned memory until the copy is done, and
+    :meth:`GradFields.patch` may change the host's table meanwhile. On CPU, the table itself.
+    """
+    if device.type == "cpu":
+        return table
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
 
 
 @dataclass

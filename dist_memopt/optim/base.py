@@ -276,7 +276,7 @@ class FactoredOptimizer(StateDictMixin, Optimizer):
         if not items:
             return loss
         try:
-            check = GradientCheck(items, self.param_groups, self.kernel_observer)
+            check = GradientCheck(items, self.param_groups, self.kernel_observer, self.__dict__.setdefault("_check_kept", {}))
             work = check.during(lambda: self._plan_step(items))  # the bookkeeping overlaps the finite check
             self._preflight(items, work.reducer, check)
             for item in items:

@@ -43,7 +43,10 @@ class GradientCheck:
     Elsewhere the verdict comes from norms (:func:`nonfinite_candidate`), kept on the device.
     """
 
-    def __init__(self, items: list[Any], param_groups: list[dict[str, Any]], observer: Optional[KernelObserver] = None) -> None:
+    def __init__(self, items: list[Any], param_groups: list[dict[str, Any]], observer: Optional[KernelObserver] = None,
+                 kept: Optional[dict[Any, Tensor]] = None) -> None:
+        """``kept``: the optimizer's dict in which :func:`nonfinite_candidate` keeps its index tensor."""
+        self._kept = {} if kept is None else kept
         self.checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
         self.verdict = any(g.get("check_finite", True) for g in param_groups)  # the same on every rank
         self.grads = [items[i].grad for i in self.checked]
@@ -59,7 +62,7 @@ class GradientCheck:
         if not self.verdict:
             return prologue()
         if not self._on_cpu_kernels:
-            self.candidate = nonfinite_candidate(self.grads, self.checked, self._device)
+            self.candidate = nonfinite_candidate(self.grads, self.checked, self._device, self._kept)
             return prologue()
         self._report.record("finite_check", sum(t.numel() * t.element_size() for t in self.grads), 0)
         if not self._report.executing:
@@ -68,7 +71,7 @@ class GradientCheck:
             from dist_memopt.kernels.cpu_build import cpu_kernels
 
             first, result = cpu_kernels().first_nonfinite_during(self.grads, prologue)
-        self.candidate = torch.tensor(math.inf if first < 0 else float(self.checked[first]), dtype=torch.float64)
+        self.candidate = torch.full((), math.inf if first < 0 else float(self.checked[first]), dtype=torch.float64)
         return result
 
 
@@ -119,17 +122,25 @@ def check_step(kind: str, items: list[Any], reducer: Any, agreed: dict[int, int]
         )
 
 
-def nonfinite_candidate(tensors: list[Tensor], indices: list[int], device: torch.device) -> Tensor:
+def nonfinite_candidate(tensors: list[Tensor], indices: list[int], device: torch.device, kept: Optional[dict[Any, Tensor]] = None) -> Tensor:
     """0-d float64 tensor on ``device``: the first ``indices[i]`` whose tensor's 2-norm is not
     finite, inf if none (no sync).
 
     A finite norm proves a tensor finite; a non-finite one is a real inf/NaN or finite values
     whose squares overflow, which :func:`first_nonfinite` tells apart (only then, off the fast path).
+    ``indices`` go to the device once and are kept in ``kept`` while they stay the same: on an
+    accelerator, a tensor made from host data is a blocking copy, a host sync each step.
     """
     if not tensors:
         return torch.full((), math.inf, dtype=torch.float64, device=device)
     norms = torch.stack(torch._foreach_norm(tensors, 2)).to(device)
-    where = torch.tensor(indices, dtype=torch.float64, device=device)
+    key = (device, tuple(indices))
+    where = None if kept is None else kept.get(key)
+    if where is None:
+        where = torch.tensor(indices, dtype=torch.float64, device=device)
+        if kept is not None:
+            kept.clear()  # one set of indices at a time: the layout of the step before
+            kept[key] = where
     finite = (norms - norms) == 0  # isfinite in two ops: inf - inf and nan - nan are nan
     return torch.where(finite, math.inf, where).min()
 

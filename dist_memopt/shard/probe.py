@@ -23,7 +23,10 @@ def agree(value: Tensor, fingerprint: int, group: dist.ProcessGroup, device: tor
 
     Returns the group's minimum of ``value`` and whether every rank posted the same fingerprint.
     """
-    probe = torch.cat([value.to(device, torch.float64).view(1), torch.tensor([fingerprint, -fingerprint], dtype=torch.float64, device=device)])
+    # filled, not made from host data: on an accelerator torch.tensor(...) is a blocking copy
+    probe = torch.full((3,), float(fingerprint), dtype=torch.float64, device=device)
+    probe[0].copy_(value.view(()))
+    probe[2].neg_()
     dist.all_reduce(probe, op=dist.ReduceOp.MIN, group=group)
     smallest, low, neg_high = probe.tolist()
     return smallest, low == -neg_high

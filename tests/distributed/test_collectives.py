@@ -73,15 +73,15 @@ def test_collectives_per_step_do_not_grow_with_parameters(two_ranks):
         assert counts[cls_name, 2] == counts[cls_name, 12] == [2, 2, 2, 2], counts
 
 
-def _unchecked_steps(rank, world_size):
+def _probed_steps(rank, world_size, check_finite):
     from dist_memopt.bench.counting import StepCost
 
     model = _stack(3)
     for layer in model:
         fully_shard(layer)
     fully_shard(model)
-    optimizer = dm.SMMF(model.parameters(), lr=1e-2, check_finite=False)
-    collectives, syncs = [], []
+    optimizer = dm.SMMF(model.parameters(), lr=1e-2, check_finite=check_finite)
+    collectives, syncs, uploads = [], [], []
     for step in range(4):
         optimizer.zero_grad()
         model(torch.randn(4, 7, generator=torch.Generator().manual_seed(step))).square().mean().backward()
@@ -89,14 +89,24 @@ def _unchecked_steps(rank, world_size):
             optimizer.step()
         collectives.append(counter.calls)
         syncs.append(cost.sync_count)
-    return collectives, syncs
+        uploads.append(cost.uploads)
+    return collectives, syncs, uploads
 
 
 def test_without_check_finite_the_layout_is_agreed_once(two_ranks):
     """check_finite=False: the probe runs on the first step only (layouts known), no host syncs after."""
-    for collectives, syncs in two_ranks.case("unchecked steps"):
+    for collectives, syncs, _ in two_ranks.case("unchecked steps"):
         assert collectives == [2, 1, 1, 1]
         assert syncs[1:] == [0, 0, 0]  # the first step also resolves the layouts
+
+
+def test_the_probe_of_a_checked_step_is_its_one_sync(two_ranks):
+    """check_finite=True: the probe runs every step; reading its verdict is the step's one host
+    sync, and the probe is filled on the device, not made from host data (a blocking copy to a GPU)."""
+    for collectives, syncs, uploads in two_ranks.case("checked steps"):
+        assert collectives == [2, 2, 2, 2]
+        assert syncs[1:] == [1, 1, 1]
+        assert uploads[2:] == [0, 0]  # the CPU kernels' host tables are built at the first two steps
 
 
 def _ddp_run(rank, world_size):
@@ -189,7 +199,8 @@ def test_bad_input_fails_on_every_rank_without_hanging_or_changing_state(two_ran
 def two_ranks():
     cases = {
         "collectives per step": (_collectives_per_step, ()),
-        "unchecked steps": (_unchecked_steps, ()),
+        "unchecked steps": (_probed_steps, (False,)),
+        "checked steps": (_probed_steps, (True,)),
         "ddp": (_ddp_run, ()),
         "per-rank state": (_per_rank_state, ()),
         "bad input": (_bad_input, ()),  # a hang in any case times the launch out and fails every test

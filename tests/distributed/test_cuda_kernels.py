@@ -2,12 +2,14 @@
 
 On a GPU, compiled rather than interpreted: ``kernel="triton"`` against the float64 references on
 the fidelity model and on Alada's rare rows (where fp32 scalars would lose Ũ), against the torch
-path on GPT-2-sized shapes (fp32 and bf16) and on shard and tensor-parallel layouts, bit-identical across two runs, and FSDP2 over NCCL with the Triton kernels against one process; FSDP2 with
+path on GPT-2-sized shapes (fp32 and bf16) and on shard and tensor-parallel layouts, bit-identical across two runs, at most one host sync per step (the verdict's read), and FSDP2 over NCCL with the Triton kernels against one process; FSDP2 with
 ``CPUOffloadPolicy`` (which needs an accelerator) stepping its host shards with the fused CPU
 kernels against one process.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -98,6 +100,33 @@ def test_cuda_triton_is_bit_identical_across_runs(cls):
     for a, b in zip(first, second):
         assert torch.equal(a, b)
         assert all(torch.equal(first_opt.state[a][k], second_opt.state[b][k]) for k in first_opt.state[a])
+
+
+@pytest.mark.parametrize("kernel", ["triton", "torch"])
+@pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
+@pytest.mark.parametrize("check_finite, syncs", [(True, 1), (False, 0)])
+def test_a_cuda_step_waits_for_the_device_only_to_read_its_verdict(cls, kernel, check_finite, syncs):
+    """torch's sync debug mode warns at each call that makes the host wait for the device (a read
+    of a value, a copy from pageable host memory): reading the non-finite verdict is a step's one
+    wait, and there is none without check_finite. The gradients of each step are new tensors at
+    new places (the old ones are held), so the Triton runners copy their kept tables every step."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda").mul_(0.02)) for s in SHAPES]
+    optimizer = cls(params, kernel=kernel, check_finite=check_finite)
+    held, waits = [], []
+    for _ in range(6):
+        held.append([torch.randn(p.shape, device="cuda").mul_(1e-3) for p in params])
+        for p, grad in zip(params, held[-1]):
+            p.grad = grad
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                optimizer.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        waits.append(sum("synchronizing" in str(w.message) for w in caught))
+    assert waits[3:] == [syncs] * 3, waits  # after the state and both of Alada's phases are built
 
 
 def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check, for the day a CUDA machine is lent: install from carried wheels (no network), run the
-# CUDA test tier and the step benchmarks on CUDA, write everything under $OUT. About 5-8 minutes.
+# The GPU check: install from carried wheels (no network), run the CUDA test tier and the step
+# benchmarks on CUDA, write everything under $OUT. About 5-8 minutes.
 #
 #   bash launch/gpu_check.sh --pack   # where the registries are reachable: $WHEELS gets the project's wheel and
 #                                     # what the GPU image lacks, built for its Python ($GPU_PYTHON_VERSION, 3.12)
 #   bash launch/gpu_check.sh          # on the GPU machine: install, test, benchmark
 #
-# With the device tool: run(command="bash launch/gpu_check.sh", carry=["wheelhouse"], timeout_s=540).
-# The image there (../.library/device/KINDS.md) has python3 3.12 with torch, triton, transformers,
-# pytest and pytest-timeout, but not megatron-core. Nothing is installed into that python: the wheels
-# go to a folder of their own on PYTHONPATH (a venv made from it would not see its torch, itself a venv's).
+# On a GPU machine without network, carry wheelhouse/ beside the checkout. The check expects a python3
+# 3.12 with torch, triton, transformers, pytest and pytest-timeout; megatron-core comes from the wheels.
+# Nothing is installed into that python: the wheels go to a folder of their own on PYTHONPATH (a venv
+# made from it would not see its torch where that python is itself a venv's).
 # Without CUDA it installs, reports and exits 0 having run nothing on a GPU: that is the CPU dry run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ if [ "${1:-}" = "--pack" ]; then
 fi
 
 mkdir -p "$OUT"
-LOG="$OUT/gpu_check.log"  # one log and four JSON files: the device tool returns at most 8 files
+LOG="$OUT/gpu_check.log"  # one log and four JSON files
 : >"$LOG"
 say() { echo "gpu_check: $*" | tee -a "$LOG"; }
 START=$(date +%s)

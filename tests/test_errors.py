@@ -8,6 +8,7 @@ import torch
 import dist_memopt as dm
 from dist_memopt import NonFiniteGradientError
 from dist_memopt.optim.base import first_nonfinite
+from dist_memopt.shard.probe import kept_upload
 from models import AwkwardModel, loss_fn
 
 
@@ -147,6 +148,32 @@ def test_non_finite_check_can_be_switched_off():
     p.grad = torch.full_like(p, math.nan)
     optimizer.step()  # no error: the user asked for speed over the check
     assert torch.isnan(p).all()
+
+
+@pytest.mark.parametrize("cls", [dm.SMMF, dm.Alada])
+def test_the_checked_parameters_are_named_right_after_they_change(cls):
+    """The torch path keeps the checked parameters' indices on the device between steps; a group
+    that stops checking changes them, and the error must still name the bad parameter."""
+    a, b, c = _param(), _param(), _param()
+    optimizer = cls([{"params": [a]}, {"params": [b]}, {"params": [c]}], kernel="torch")
+    for _ in range(2):
+        for p in (a, b, c):
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    optimizer.param_groups[0]["check_finite"] = False
+    a.grad, b.grad, c.grad = torch.full_like(a, math.nan), torch.randn_like(b), torch.full_like(c, math.inf)
+    with pytest.raises(NonFiniteGradientError, match="param_groups\\[2\\]\\['params'\\]\\[0\\]"):
+        optimizer.step()
+
+
+def test_kept_uploads_are_made_again_when_their_values_change():
+    kept: dict = {}
+    first = kept_upload(kept, "slot", (1.0, 2.0), torch.device("cpu"))
+    assert kept_upload(kept, "slot", (1.0, 2.0), torch.device("cpu")) is first
+    assert kept_upload(kept, "other", (1.0, 2.0), torch.device("cpu")) is not first
+    again = kept_upload(kept, "slot", (1.0, 3.0), torch.device("cpu"))
+    assert again is not first and again.tolist() == [1.0, 3.0]
+    assert kept_upload(None, "slot", (1.0, 3.0), torch.device("cpu")) is not again
 
 
 def test_unnamed_parameters_are_located_by_group_and_index():

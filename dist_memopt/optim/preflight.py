@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dist_memopt.kernels.launch import KernelObserver, Reporter
-from dist_memopt.shard.probe import agree, distinct_groups, group_device, with_signatures
+from dist_memopt.shard.probe import agree, distinct_groups, group_device, kept_upload, with_signatures
 
 __all__ = ["NonFiniteGradientError", "GradientCheck", "check_step", "nonfinite_candidate", "first_nonfinite", "StepCounts"]
 
@@ -44,9 +44,10 @@ class GradientCheck:
     """
 
     def __init__(self, items: list[Any], param_groups: list[dict[str, Any]], observer: Optional[KernelObserver] = None,
-                 kept: Optional[dict[Any, Tensor]] = None) -> None:
-        """``kept``: the optimizer's dict in which :func:`nonfinite_candidate` keeps its index tensor."""
-        self._kept = {} if kept is None else kept
+                 kept: Optional[dict[Any, Any]] = None) -> None:
+        """``kept``: the optimizer's dict where the check's constants stay on the device between
+        steps (:func:`~dist_memopt.shard.probe.kept_upload`)."""
+        self.kept = {} if kept is None else kept
         self.checked = [i for i, it in enumerate(items) if it.group.get("check_finite", True) and it.grad.numel() > 0]
         self.verdict = any(g.get("check_finite", True) for g in param_groups)  # the same on every rank
         self.grads = [items[i].grad for i in self.checked]
@@ -62,7 +63,7 @@ class GradientCheck:
         if not self.verdict:
             return prologue()
         if not self._on_cpu_kernels:
-            self.candidate = nonfinite_candidate(self.grads, self.checked, self._device, self._kept)
+            self.candidate = nonfinite_candidate(self.grads, self.checked, self._device, self.kept)
             return prologue()
         self._report.record("finite_check", sum(t.numel() * t.element_size() for t in self.grads), 0)
         if not self._report.executing:
@@ -93,7 +94,7 @@ def check_step(kind: str, items: list[Any], reducer: Any, agreed: dict[int, int]
         fingerprint = fingerprints.get(id(group), 0)
         if not verdict and agreed.get(id(group)) == fingerprint:
             continue
-        smallest, same = agree(candidate, fingerprint, group, group_device(group))
+        smallest, same = agree(candidate, fingerprint, group, group_device(group), check.kept)
         if not same:
             raise RuntimeError(
                 f"{kind}: the ranks of a process group (this is rank {dist.get_rank()}) step different "
@@ -122,25 +123,18 @@ def check_step(kind: str, items: list[Any], reducer: Any, agreed: dict[int, int]
         )
 
 
-def nonfinite_candidate(tensors: list[Tensor], indices: list[int], device: torch.device, kept: Optional[dict[Any, Tensor]] = None) -> Tensor:
+def nonfinite_candidate(tensors: list[Tensor], indices: list[int], device: torch.device, kept: Optional[dict[Any, Any]] = None) -> Tensor:
     """0-d float64 tensor on ``device``: the first ``indices[i]`` whose tensor's 2-norm is not
     finite, inf if none (no sync).
 
     A finite norm proves a tensor finite; a non-finite one is a real inf/NaN or finite values
     whose squares overflow, which :func:`first_nonfinite` tells apart (only then, off the fast path).
-    ``indices`` go to the device once and are kept in ``kept`` while they stay the same: on an
-    accelerator, a tensor made from host data is a blocking copy, a host sync each step.
+    ``indices`` go to the device once and stay in ``kept`` while they are the same.
     """
     if not tensors:
         return torch.full((), math.inf, dtype=torch.float64, device=device)
     norms = torch.stack(torch._foreach_norm(tensors, 2)).to(device)
-    key = (device, tuple(indices))
-    where = None if kept is None else kept.get(key)
-    if where is None:
-        where = torch.tensor(indices, dtype=torch.float64, device=device)
-        if kept is not None:
-            kept.clear()  # one set of indices at a time: the layout of the step before
-            kept[key] = where
+    where = kept_upload(kept, "checked", tuple(map(float, indices)), device)
     finite = (norms - norms) == 0  # isfinite in two ops: inf - inf and nan - nan are nan
     return torch.where(finite, math.inf, where).min()
 

@@ -9,27 +9,40 @@ other parameters would post reductions of other sizes and hang; here it becomes 
 from __future__ import annotations
 
 import zlib
-from typing import Any, Iterable
+from typing import Any, Hashable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["agree", "group_device", "distinct_groups", "with_signatures"]
+__all__ = ["agree", "kept_upload", "group_device", "distinct_groups", "with_signatures"]
 
 
-def agree(value: Tensor, fingerprint: int, group: dist.ProcessGroup, device: torch.device) -> tuple[float, bool]:
+def agree(value: Tensor, fingerprint: int, group: dist.ProcessGroup, device: torch.device,
+          kept: Optional[dict[Hashable, Any]] = None) -> tuple[float, bool]:
     """All-reduce ``value`` (MIN) and a layout fingerprint over ``group``: one collective, one sync.
 
     Returns the group's minimum of ``value`` and whether every rank posted the same fingerprint.
+    ``kept``: where the fingerprint's part of the probe stays on the device between calls.
     """
-    # filled, not made from host data: on an accelerator torch.tensor(...) is a blocking copy
-    probe = torch.full((3,), float(fingerprint), dtype=torch.float64, device=device)
-    probe[0].copy_(value.view(()))
-    probe[2].neg_()
+    posted = kept_upload(kept, ("probe", id(group)), (float(fingerprint), float(-fingerprint)), device)
+    probe = torch.cat([value.to(device, torch.float64).view(1), posted])
     dist.all_reduce(probe, op=dist.ReduceOp.MIN, group=group)
     smallest, low, neg_high = probe.tolist()
     return smallest, low == -neg_high
+
+
+def kept_upload(kept: Optional[dict[Hashable, Any]], slot: Hashable, values: tuple[float, ...], device: torch.device) -> Tensor:
+    """``values`` as a float64 tensor on ``device``, made once and kept in ``kept[slot]`` while
+    they stay the same: on an accelerator a tensor made from host data is a blocking copy (a host
+    sync) each time. The caller must not change the tensor."""
+    entry = None if kept is None else kept.get(slot)
+    if entry is not None and entry[0] == (device, values):
+        return entry[1]
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if kept is not None:
+        kept[slot] = ((device, values), tensor)
+    return tensor
 
 
 def group_device(group: dist.ProcessGroup) -> torch.device:

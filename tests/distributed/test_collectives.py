@@ -102,7 +102,8 @@ def test_without_check_finite_the_layout_is_agreed_once(two_ranks):
 
 def test_the_probe_of_a_checked_step_is_its_one_sync(two_ranks):
     """check_finite=True: the probe runs every step; reading its verdict is the step's one host
-    sync, and the probe is filled on the device, not made from host data (a blocking copy to a GPU)."""
+    sync, and the probe's fingerprint stays on the device, not made from host data each step (a
+    blocking copy to a GPU)."""
     for collectives, syncs, uploads in two_ranks.case("checked steps"):
         assert collectives == [2, 2, 2, 2]
         assert syncs[1:] == [1, 1, 1]

@@ -16,6 +16,7 @@ def _wrapped_sites():
     for module_name, owner_name, attr in cpu_shims.CUDA_TYPE_NAME_SITES + cpu_shims.CUDA_COPY_SITES:
         owner = importlib.import_module(module_name)
         yield (getattr(owner, owner_name) if owner_name else owner), attr
+    yield importlib.import_module(cpu_shims.COALESCING_SITE), "_coalescing_manager"
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def pristine(monkeypatch):
         monkeypatch.setattr(importlib.import_module(name), "torch", torch)
     for owner, attr in _wrapped_sites():
         fn = getattr(owner, attr)
-        monkeypatch.setattr(owner, attr, getattr(fn, "__wrapped__", fn))
+        monkeypatch.setattr(owner, attr, fn.__wrapped__ if getattr(fn, cpu_shims._MARK, False) else fn)  # only a shim's
     return original
 
 
@@ -139,3 +140,29 @@ def test_cuda_copies_stay_on_the_cpu_only_inside_the_shimmed_sites(pristine):
     shimmed = LanguageModule.setup_embeddings_and_output_layer
     cpu_shims.install_cpu_shims()
     assert LanguageModule.setup_embeddings_and_output_layer is shimmed and shimmed.__wrapped__ is original  # wrapped once
+
+
+def test_synchronous_bucket_collectives_over_gloo_run_one_by_one(pristine, tmp_path):
+    """Coalesced, an all-gather inside the manager is only recorded and runs at its exit; shimmed,
+    a synchronous one runs at once (an asynchronous one is still coalesced)."""
+    import torch.distributed as dist
+
+    buckets = importlib.import_module(cpu_shims.COALESCING_SITE)
+    original = buckets._coalescing_manager
+    cpu_shims.install_cpu_shims()
+    shimmed = buckets._coalescing_manager
+    cpu_shims.install_cpu_shims()
+    assert buckets._coalescing_manager is shimmed and shimmed.__wrapped__ is original  # wrapped once
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        for manager, async_ops, at_once in ((original, False, False), (shimmed, False, True), (shimmed, True, False)):
+            out = torch.zeros(3)
+            with manager(group, async_ops=async_ops) as cm:
+                dist.all_gather_into_tensor(out, torch.ones(3), group=group, async_op=async_ops)
+                assert torch.equal(out, torch.ones(3)) is at_once, (manager, async_ops)
+            if async_ops:
+                cm.wait()
+            assert torch.equal(out, torch.ones(3))
+    finally:
+        dist.destroy_process_group()
